@@ -1,0 +1,82 @@
+// Fused β-LASSO step on CPU: every tensor of one dtype in one call, parallel over fixed-size
+// chunks of all tensors, non-zeros counted per chunk as a by-product of the write.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../beta_lasso_args.h"
+
+namespace regkernels {
+namespace {
+
+constexpr int64_t kChunk = 1 << 15;  // elements per work item: amortises scheduling, fits an int32 count
+
+template <bool WD, bool MOM, bool NES, bool FIRST, typename scalar_t, typename T>
+int32_t update_range(scalar_t* __restrict__ p, const scalar_t* __restrict__ g, scalar_t* __restrict__ buf,
+                     int64_t n, const core::BetaLassoHyper<T>& h) {
+  // an int32 counter (a chunk has < 2^31 elements) keeps the loop vectorizable: gcc does not
+  // mix 64-bit integer lanes with float lanes here
+  int32_t count = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    T b = (MOM && !FIRST) ? static_cast<T>(buf[i]) : T(0);
+    const scalar_t out = static_cast<scalar_t>(
+        core::beta_lasso_element<WD, MOM, NES, FIRST, T>(static_cast<T>(p[i]), static_cast<T>(g[i]), b, h));
+    if (MOM) buf[i] = static_cast<scalar_t>(b);
+    p[i] = out;
+    count += static_cast<T>(out) != T(0);  // counted on the stored value (a NaN counts, as in count_nonzero)
+  }
+  return count;
+}
+
+struct Chunk {
+  int64_t tensor;
+  int64_t begin;
+  int64_t end;
+};
+
+template <typename scalar_t>
+void step_cpu(at::TensorList params, at::TensorList grads, at::TensorList bufs, at::ArrayRef<double> hyper,
+              at::ArrayRef<int64_t> flags, int64_t* nnz) {
+  using T = at::opmath_type<scalar_t>;
+  std::vector<Chunk> chunks;
+  for (int64_t t = 0; t < static_cast<int64_t>(params.size()); ++t) {
+    const int64_t n = params[t].numel();
+    for (int64_t b = 0; b < n; b += kChunk) chunks.push_back({t, b, std::min(n, b + kChunk)});
+  }
+  std::vector<int64_t> counts(chunks.size(), 0);
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t c = lo; c < hi; ++c) {
+      const Chunk& ch = chunks[c];
+      const auto h = beta_lasso_hyper<T>(hyper, ch.tensor);
+      const auto f = beta_lasso_flags(hyper, flags, ch.tensor);
+      scalar_t* p = params[ch.tensor].data_ptr<scalar_t>() + ch.begin;
+      const scalar_t* g = grads[ch.tensor].data_ptr<scalar_t>() + ch.begin;
+      scalar_t* b = f.momentum ? bufs[ch.tensor].data_ptr<scalar_t>() + ch.begin : nullptr;
+      const int64_t len = ch.end - ch.begin;
+      counts[c] = dispatch_beta_lasso_flags(f, [&]<bool WD, bool MOM, bool NES, bool FIRST>() {
+        return update_range<WD, MOM, NES, FIRST, scalar_t, T>(p, g, b, len, h);
+      });
+    }
+  });
+  for (size_t c = 0; c < chunks.size(); ++c) nnz[chunks[c].tensor] += counts[c];
+}
+
+at::Tensor beta_lasso_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList bufs,
+                               at::ArrayRef<double> hyper, at::ArrayRef<int64_t> flags) {
+  check_beta_lasso_args(params, grads, bufs, hyper, flags);
+  auto nnz = at::zeros({static_cast<int64_t>(params.size())}, at::TensorOptions().dtype(at::kLong));
+  if (params.empty()) return nnz;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "beta_lasso_step_cpu", [&] {
+    step_cpu<scalar_t>(params, grads, bufs, hyper, flags, nnz.data_ptr<int64_t>());
+  });
+  return nnz;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(regkernels, CPU, m) { m.impl("beta_lasso_step_", &beta_lasso_step_cpu); }
+
+}  // namespace regkernels

@@ -1,0 +1,33 @@
+// Every op schema of regkernels._C, in one place (DESIGN.md). Implementations live in
+// cpu/<op>_cpu.cpp and cuda/<op>_cuda.cu; fake (meta) implementations are registered in Python.
+#include <Python.h>
+#include <torch/library.h>
+
+namespace regkernels {
+
+bool built_with_cuda() {
+#ifdef REGKERNELS_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace regkernels
+
+TORCH_LIBRARY(regkernels, m) {
+  m.def("built_with_cuda() -> bool", &regkernels::built_with_cuda);
+  // Fused β-LASSO step (SPEC §4) over all tensors of one (device, dtype). Per tensor i:
+  // hyper[6i:6i+6] = (lr, lam, beta·lam, momentum, 1 − dampening, weight_decay),
+  // flags[3i:3i+3] = (use momentum, nesterov, first step). Updates params and bufs in place
+  // and returns the int64 count of non-zeros of each updated parameter.
+  m.def(
+      "beta_lasso_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] bufs, float[] hyper, int[] flags) "
+      "-> Tensor");
+}
+
+// Importable as the Python module regkernels._C; importing it runs the registrations above.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}

@@ -1,0 +1,42 @@
+"""Loading of the compiled extension ``regkernels._C``.
+
+Importing regkernels never fails because the extension is missing: the ops fall
+back to their pure-torch references and one warning says so.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+_LOAD_ERROR: str | None = None
+try:  # the import registers the C++ ops under torch.ops.regkernels
+    from regkernels import _C  # noqa: F401
+
+    HAS_C = True
+except ImportError as exc:  # pragma: no cover - depends on the build
+    HAS_C = False
+    _LOAD_ERROR = str(exc)
+    warnings.warn(
+        f"regkernels: compiled extension not available ({exc}); using the pure-torch references",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def has_cpp_kernel(name: str) -> bool:
+    """True when the compiled extension registers ``torch.ops.regkernels.<name>``."""
+    return HAS_C and hasattr(torch.ops.regkernels, name)
+
+
+def has_cuda_kernels() -> bool:
+    """True when the extension was built with its CUDA sources."""
+    return HAS_C and bool(torch.ops.regkernels.built_with_cuda())
+
+
+def has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -1,0 +1,1 @@
+"""The benchmark runner: ``python -m regkernels.bench`` (see runner.py)."""

@@ -1,0 +1,5 @@
+import sys
+
+from regkernels.bench.runner import main
+
+sys.exit(main())

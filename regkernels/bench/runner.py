@@ -1,0 +1,285 @@
+"""``python -m regkernels.bench``: time every op against its eager reference and torch.compile.
+
+For each case and provider (``eager``, ``compile``, ``regkernels``): one first call (compiles
+where needed; its output is checked against float64), warm-up calls, then timed calls with a
+device sync around each; median and p20/p80 in ms, peak memory of one call, and the ratios of
+the regkernels provider against the other two measured in the same run. The machine's own
+ceilings (copy bandwidth, matmul rate) are measured first, and cases that declare their bytes
+or flops report % of them. Results go to ``--json PATH`` with the machine and versions.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import sys
+import time
+from typing import Any, Callable
+
+import torch
+
+from regkernels.bench.cases import Case, all_cases
+
+PROVIDERS = ("eager", "compile", "regkernels")
+
+
+# ---------------------------------------------------------------- timing and memory
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn: Callable[[], Any], device: torch.device, *, min_reps: int, max_reps: int,
+               budget_s: float) -> list[float]:
+    """Wall times in ms of individual calls, each bracketed by device syncs."""
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < budget_s):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def _quantile(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    pos = q * (len(s) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def _rss_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def peak_memory(fn: Callable[[], Any], device: torch.device) -> int | None:
+    """Bytes of memory one call needs above what was allocated before it.
+
+    CUDA: the caching allocator's peak. CPU (Linux): the peak resident set size, reset through
+    /proc/self/clear_refs, minus the resident size before the call (includes allocator caching).
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device) - base)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+    except OSError:
+        return None
+    base = _rss_kib("VmRSS")
+    fn()
+    peak = _rss_kib("VmHWM")
+    if base is None or peak is None:
+        return None
+    return max(0, peak - base) * 1024
+
+
+# ---------------------------------------------------------------- machine ceilings
+def measure_ceilings(device: torch.device, quick: bool) -> dict:
+    """Copy bandwidth (bytes read + written per second) and float32 matmul rate."""
+    n = (1 << 26) if device.type == "cuda" else (1 << 25)  # 256 / 128 MiB of float32
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    t = time_calls(lambda: dst.copy_(src), device, min_reps=5, max_reps=50, budget_s=1.0 if quick else 3.0)
+    copy_gbs = 2 * src.numel() * 4 / (_quantile(t, 0.5) * 1e-3) / 1e9
+    del src, dst
+    m = 4096 if device.type == "cuda" else 1024
+    a = torch.randn(m, m, device=device)
+    b = torch.randn(m, m, device=device)
+    t = time_calls(lambda: a @ b, device, min_reps=3, max_reps=30, budget_s=1.0 if quick else 3.0)
+    mm = 2 * m ** 3 / (_quantile(t, 0.5) * 1e-3) / 1e9
+    out = {"copy_bandwidth_GBps": round(copy_gbs, 2), "matmul_fp32_GFLOPs": round(mm, 1),
+           "matmul_size": m, "copy_bytes": 2 * n * 4}
+    if device.type == "cuda":
+        out["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
+    return out
+
+
+def machine_info(device: torch.device) -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "device": str(device)}
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        if names:
+            info["cpu"] = names[0]
+    except OSError:
+        pass
+    mem = _rss_kib("MemTotal")
+    try:
+        with open("/proc/meminfo") as f:
+            mem = int(f.readline().split()[1])
+        info["memory_GiB"] = round(mem / 2 ** 20, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info["gpu"] = props.name
+        info["gpu_memory_GiB"] = round(props.total_memory / 2 ** 30, 1)
+        info["sm_count"] = props.multi_processor_count
+    return info
+
+
+def versions() -> dict:
+    import regkernels
+    from regkernels import _ext
+
+    out = {"torch": torch.__version__, "cuda": torch.version.cuda, "regkernels": regkernels.__version__,
+           "extension": _ext.HAS_C, "extension_cuda": _ext.has_cuda_kernels() if _ext.HAS_C else False}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = None
+    return out
+
+
+# ---------------------------------------------------------------- running cases
+def run_case(case: Case, device: torch.device, ceilings: dict, quick: bool, log: Callable[[str], None]) -> list[dict]:
+    rows: list[dict] = []
+    try:
+        prep = case.setup(device)
+    except Exception as exc:  # a case that cannot be built here is recorded, not fatal
+        return [{"op": case.op, "case": case.name, "provider": p, "error": f"setup: {type(exc).__name__}: {exc}"}
+                for p in PROVIDERS]
+    for provider in PROVIDERS:
+        fn = prep.providers.get(provider)
+        row: dict[str, Any] = {"op": case.op, "case": case.name, "provider": provider}
+        if fn is None:
+            row["error"] = "no such provider for this case"
+            rows.append(row)
+            continue
+        try:
+            t0 = time.perf_counter()
+            out = fn()  # first call: compiles for the compile provider
+            _sync(device)
+            row["first_call_ms"] = round((time.perf_counter() - t0) * 1e3, 3)
+            row["max_rel_err"] = prep.error(out) if prep.error is not None else None
+            del out
+            time_calls(fn, device, min_reps=1 if quick else 3, max_reps=5, budget_s=0.5)  # warm-up
+            times = time_calls(fn, device, min_reps=5 if quick else 10, max_reps=30 if quick else 200,
+                               budget_s=1.0 if quick else 4.0)
+            row.update(median_ms=round(_quantile(times, 0.5), 4), p20_ms=round(_quantile(times, 0.2), 4),
+                       p80_ms=round(_quantile(times, 0.8), 4), reps=len(times),
+                       peak_mem_bytes=peak_memory(fn, device))
+            sec = row["median_ms"] * 1e-3
+            if prep.bytes_moved:
+                row["GBps"] = round(prep.bytes_moved / sec / 1e9, 2)
+                row["pct_copy_bandwidth"] = round(100 * row["GBps"] / ceilings["copy_bandwidth_GBps"], 1)
+            if prep.flops:
+                row["GFLOPs"] = round(prep.flops / sec / 1e9, 2)
+                row["pct_matmul_fp32"] = round(100 * row["GFLOPs"] / ceilings["matmul_fp32_GFLOPs"], 1)
+        except Exception as exc:
+            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:500]
+        log(f"  {case.op:28s} {case.name:24s} {provider:10s} "
+            + (f"{row['median_ms']:10.3f} ms" if "median_ms" in row else f"error: {row.get('error')}"))
+        rows.append(row)
+    _add_ratios(rows)
+    if prep.note:
+        for r in rows:
+            r["note"] = prep.note
+    return rows
+
+
+def _add_ratios(rows: list[dict]) -> None:
+    """Speedups of the regkernels provider over eager and compile from the same run."""
+    by = {r["provider"]: r for r in rows if "median_ms" in r}
+    k = by.get("regkernels")
+    if k is None:
+        return
+    for other in ("eager", "compile"):
+        if other in by:
+            k[f"speedup_vs_{other}"] = round(by[other]["median_ms"] / k["median_ms"], 3)
+
+
+def select_cases(ops: list[str] | None, quick: bool, device: torch.device) -> list[Case]:
+    cases = [c for c in all_cases() if device.type in c.devices]
+    if ops:
+        known = sorted({c.op for c in cases})
+        unknown = [o for o in ops if o not in known]
+        if unknown:
+            raise SystemExit(f"regkernels.bench: unknown --op {', '.join(unknown)}; known ops: {', '.join(known)}")
+        cases = [c for c in cases if c.op in ops]
+    if quick:
+        cases = [c for c in cases if c.quick]
+    return cases
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m regkernels.bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--op", action="append", help="public op name to run (repeatable); default: all")
+    ap.add_argument("--quick", action="store_true", help="the small case of every op, few repetitions")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                    help="default: cuda when available, else cpu")
+    ap.add_argument("--json", metavar="PATH", help="write the results JSON here")
+    ap.add_argument("--list", action="store_true", help="list the cases and exit")
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("regkernels.bench: --device cuda but no CUDA device is available")
+    cases = select_cases(args.op, args.quick, device)
+    if args.list:
+        for c in cases:
+            print(f"{c.op:28s} {c.name:24s}{'  (quick)' if c.quick else ''}")
+        return 0
+
+    tty = sys.stderr.isatty()
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr if tty else sys.stdout, flush=True)
+
+    log(f"regkernels.bench on {device}: {len(cases)} cases" + (" (quick)" if args.quick else ""))
+    ceilings = measure_ceilings(device, args.quick)
+    log(f"  ceilings: copy {ceilings['copy_bandwidth_GBps']} GB/s, fp32 matmul {ceilings['matmul_fp32_GFLOPs']} GFLOP/s")
+    results: list[dict] = []
+    for case in cases:
+        results += run_case(case, device, ceilings, args.quick, log)
+
+    doc = {"machine": machine_info(device), "versions": versions(), "ceilings": ceilings,
+           "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+           "command": "python -m regkernels.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "results": results}
+    _print_summary(results)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=1)
+        print(f"wrote {args.json}")
+    failed = [r for r in results if r["provider"] == "regkernels" and "error" in r]
+    return 1 if failed and not all("setup" in r["error"] or "ValueError" in r["error"] for r in failed) else 0
+
+
+def _print_summary(results: list[dict]) -> None:
+    print(f"{'op':28s} {'case':24s} {'eager ms':>10s} {'compile ms':>11s} {'regk ms':>10s} "
+          f"{'vs eager':>9s} {'vs comp':>8s} {'max rel err':>12s}")
+    cases: dict[tuple[str, str], dict[str, dict]] = {}
+    for r in results:
+        cases.setdefault((r["op"], r["case"]), {})[r["provider"]] = r
+
+    def ms(r):
+        return f"{r['median_ms']:.3f}" if r and "median_ms" in r else "err"
+
+    for (op, name), by in cases.items():
+        k = by.get("regkernels", {})
+        err = k.get("max_rel_err")
+        print(f"{op:28s} {name:24s} {ms(by.get('eager')):>10s} {ms(by.get('compile')):>11s} {ms(k):>10s} "
+              f"{k.get('speedup_vs_eager', float('nan')):9.2f} {k.get('speedup_vs_compile', float('nan')):8.2f} "
+              f"{(f'{err:.2e}' if isinstance(err, float) else '-'):>12s}")

@@ -1,0 +1,95 @@
+"""Validation and backend selection shared by every public op (SPEC §7).
+
+Every public op takes ``backend=None|"reference"|"triton"|"cuda"|"cpu"``:
+``None`` picks the fastest implementation that exists for the input's device,
+``"reference"`` pins the pure-torch reference, and naming a kernel backend that the
+op does not have (yet) for that device raises ``ValueError`` listing what exists.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+
+BACKENDS = ("reference", "triton", "cuda", "cpu")
+
+
+def resolve_backend(op: str, backend: str | None, device: torch.device, available: Iterable[str]) -> str:
+    """Return the backend to run ``op`` with on ``device``.
+
+    ``available`` lists the kernel backends that exist for this op on this device, best
+    first (the reference is always available and is the fallback for ``None``).
+    """
+    avail = [b for b in available if b != "reference"]
+    if backend is None:
+        return avail[0] if avail else "reference"
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of None, {', '.join(map(repr, BACKENDS))}; got {backend!r}")
+    if backend == "reference" or backend in avail:
+        return backend
+    have = ", ".join(["'reference'"] + [repr(b) for b in avail])
+    raise ValueError(f"{op}: no {backend!r} kernel for {device.type} tensors; available backends: {have}")
+
+
+def check_tensor(op: str, name: str, x, *, min_ndim: int | None = None, ndim: int | Sequence[int] | None = None,
+                 floating: bool = True, form: str = "") -> torch.Tensor:
+    """Check that ``x`` is a tensor of a floating dtype with the expected number of dims.
+
+    Raises TypeError for a non-tensor or non-floating dtype and ValueError for a wrong
+    ndim; every message names the op, the argument and the expected form.
+    """
+    what = f" {form}" if form else ""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor{what}; got {type(x).__name__}")
+    if floating and not x.dtype.is_floating_point:
+        raise TypeError(f"{op}: {name} must have a floating dtype (float16, bfloat16, float32, float64); got {x.dtype}")
+    if min_ndim is not None and x.dim() < min_ndim:
+        raise ValueError(f"{op}: {name} must have at least {min_ndim} dims{what}; got shape {tuple(x.shape)}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if x.dim() not in allowed:
+            raise ValueError(f"{op}: {name} must have {' or '.join(map(str, allowed))} dims{what}; got shape {tuple(x.shape)}")
+    return x
+
+
+def check_matrix(op: str, name: str, x) -> torch.Tensor:
+    """A (..., m, n) floating tensor."""
+    return check_tensor(op, name, x, min_ndim=2, form="(..., m, n)")
+
+
+def check_same_device(op: str, **tensors: torch.Tensor) -> torch.device:
+    devs = {k: t.device for k, t in tensors.items() if isinstance(t, torch.Tensor)}
+    uniq = set(devs.values())
+    if len(uniq) > 1:
+        listing = ", ".join(f"{k} on {d}" for k, d in devs.items())
+        raise ValueError(f"{op}: all tensors must be on one device; got {listing}")
+    return next(iter(uniq)) if uniq else torch.device("cpu")
+
+
+def check_side(op: str, side: str) -> str:
+    if side not in ("auto", "rows", "cols"):
+        raise ValueError(f"{op}: side must be 'auto', 'rows' or 'cols'; got {side!r}")
+    return side
+
+
+def check_bounds(op: str, lo_name: str, lo: float, hi_name: str, hi: float, *, nonneg: bool = True) -> None:
+    """``0 ≤ lo ≤ hi`` (or just ``lo ≤ hi`` with nonneg=False), finite numbers."""
+    for n, v in ((lo_name, lo), (hi_name, hi)):
+        if isinstance(v, torch.Tensor) or not isinstance(v, (int, float)) or v != v:
+            raise TypeError(f"{op}: {n} must be a real number; got {v!r}")
+    if nonneg and lo < 0:
+        raise ValueError(f"{op}: {lo_name} must be >= 0; got {lo_name}={lo}")
+    if lo > hi:
+        raise ValueError(f"{op}: need {lo_name} <= {hi_name}; got {lo_name}={lo}, {hi_name}={hi}")
+
+
+def check_number(op: str, name: str, v, *, lo: float | None = None, hi: float | None = None, integer: bool = False):
+    kind = "an integer" if integer else "a real number"
+    ok = isinstance(v, int) if integer else isinstance(v, (int, float))
+    if isinstance(v, bool) or not ok or (not integer and v != v):
+        raise TypeError(f"{op}: {name} must be {kind}; got {v!r}")
+    if lo is not None and v < lo:
+        raise ValueError(f"{op}: {name} must be >= {lo}; got {v}")
+    if hi is not None and v > hi:
+        raise ValueError(f"{op}: {name} must be <= {hi}; got {v}")
+    return v

@@ -1,0 +1,158 @@
+"""``BetaLasso``: SGD with an L1 term and hard thresholding (SPEC §4), fused.
+
+All parameters of one (device, dtype) are updated by one kernel launch (CPU or CUDA) that also
+counts each tensor's non-zeros, so ``nonzeros()`` costs no extra pass over memory.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Callable, Iterable
+
+import torch
+from torch.optim import Optimizer
+
+from regkernels.ops.beta_lasso import FUSED_DTYPES, beta_lasso_step_, fused_backend_for, pack_hyper
+from regkernels.reference.beta_lasso import beta_lasso_update_
+
+__all__ = ["BetaLasso"]
+
+_BACKENDS = (None, "reference", "cpu", "cuda")
+
+
+class BetaLasso(Optimizer):
+    r"""β-LASSO (Neyshabur 2020) with optional momentum, Nesterov and weight decay.
+
+    For every parameter θ with a gradient g (parameters without one are skipped)::
+
+        d = g + weight_decay·θ                                  (if weight_decay)
+        buf = d (first step) | momentum·buf + (1 − dampening)·d (if momentum)
+        d = d + momentum·buf (nesterov) | buf (momentum) | d
+        θ = θ − lr·(d + lam·sign(θ))      # sign of θ before this step, sign(0) = 0
+        θ = θ · [|θ| ≥ beta·lam]
+
+    The L1 term stays outside the momentum buffer; ``beta = 0`` never zeroes. With the
+    defaults this is the paper's algorithm.
+
+    Args:
+        params: iterable of parameters or of param-group dicts (``torch.optim`` convention).
+        lr: learning rate (≥ 0).
+        lam: L1 strength λ (≥ 0).
+        beta: threshold factor: entries with ``|θ| < beta·lam`` become 0 after the step (≥ 0).
+        momentum, dampening, weight_decay, nesterov: as in ``torch.optim.SGD``.
+        backend: ``None`` (fused kernel where one exists for the device and dtype, otherwise
+            the reference), ``"reference"`` (per-tensor torch ops), ``"cpu"`` or ``"cuda"``
+            (the fused kernel; an error if it cannot run the parameters).
+
+    float16/bfloat16 parameters are updated in float32 math; in float32 the fused CPU update
+    equals the reference bit for bit.
+    """
+
+    def __init__(self, params: Iterable, lr: float, lam: float, beta: float, momentum: float = 0.0,
+                 dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False, *,
+                 backend: str | None = None):
+        for name, value in (("lr", lr), ("lam", lam), ("beta", beta), ("momentum", momentum),
+                            ("weight_decay", weight_decay)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"BetaLasso: {name} must be a number >= 0; got {value!r}")
+        if isinstance(dampening, bool) or not isinstance(dampening, (int, float)) or dampening != dampening:
+            raise ValueError(f"BetaLasso: dampening must be a number; got {dampening!r}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("BetaLasso: nesterov=True requires momentum > 0 and dampening = 0; "
+                             f"got momentum={momentum}, dampening={dampening}")
+        if backend not in _BACKENDS:
+            raise ValueError(f"BetaLasso: backend must be one of None, 'reference', 'cpu', 'cuda'; got {backend!r}")
+        defaults = dict(lr=lr, lam=lam, beta=beta, momentum=momentum, dampening=dampening,
+                        weight_decay=weight_decay, nesterov=nesterov)
+        super().__init__(params, defaults)
+        self.backend = backend
+        # counts of the last step: (params updated by one launch, their int64 counts tensor)
+        self._counts: list[tuple[list[torch.Tensor], torch.Tensor]] = []
+
+    def _kernel_for(self, p: torch.Tensor) -> str | None:
+        """The fused backend that updates ``p``, or None for the reference path."""
+        if self.backend == "reference":
+            return None
+        kernel = fused_backend_for(p.device)
+        usable = (kernel is not None and p.dtype in FUSED_DTYPES and p.is_contiguous()
+                  and p.grad.is_contiguous() and p.grad.dtype == p.dtype)
+        if self.backend is None:
+            return kernel if usable else None
+        if not usable or kernel != self.backend:
+            raise ValueError(
+                f"BetaLasso: backend={self.backend!r} cannot update a {p.dtype} parameter on {p.device} "
+                f"(contiguous={p.is_contiguous()}); the fused kernels take contiguous {', '.join(map(str, FUSED_DTYPES))} "
+                "tensors on the device they were built for")
+        return kernel
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):
+        """One update of every parameter that has a gradient; returns ``closure()``'s loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._counts = []
+        fused: dict[tuple[torch.device, torch.dtype], list] = defaultdict(list)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("BetaLasso does not support sparse gradients")
+                if self._kernel_for(p) is None:
+                    self._reference_update(p, group)
+                else:
+                    fused[(p.device, p.dtype)].append((p, group))
+        for items in fused.values():
+            self._fused_update(items)
+        return loss
+
+    def _reference_update(self, p: torch.Tensor, group: dict) -> None:
+        state = self.state[p]
+        buf = beta_lasso_update_(p, p.grad, state.get("momentum_buffer"), lr=group["lr"], lam=group["lam"],
+                                 beta=group["beta"], momentum=group["momentum"], dampening=group["dampening"],
+                                 weight_decay=group["weight_decay"], nesterov=group["nesterov"])
+        if buf is not None:
+            state["momentum_buffer"] = buf
+        self._counts.append(([p], torch.count_nonzero(p).reshape(1)))
+
+    def _fused_update(self, items: list) -> None:
+        """One launch for every parameter of one (device, dtype)."""
+        params, grads, bufs, hyper, flags = [], [], [], [], []
+        placeholder = None
+        for p, group in items:
+            state = self.state[p]
+            first = False
+            if group["momentum"] != 0:
+                buf = state.get("momentum_buffer")
+                if buf is None:
+                    buf = torch.empty_like(p, memory_format=torch.contiguous_format)
+                    state["momentum_buffer"] = buf
+                    first = True  # the kernel writes buf = d
+                elif not buf.is_contiguous():
+                    buf = state["momentum_buffer"] = buf.contiguous()
+            else:
+                if placeholder is None:
+                    placeholder = p.new_empty(0)
+                buf = placeholder
+            h, f = pack_hyper(group["lr"], group["lam"], group["beta"], group["momentum"], group["dampening"],
+                              group["weight_decay"], group["nesterov"], first)
+            params.append(p)
+            grads.append(p.grad)
+            bufs.append(buf)
+            hyper += h
+            flags += f
+        counts = beta_lasso_step_(params, grads, bufs, hyper, flags)
+        self._counts.append((params, counts))
+
+    def nonzeros(self) -> list[list[int | None]]:
+        """Non-zero count of every parameter after the last ``step()``, per param group.
+
+        ``None`` for parameters the last step skipped (no gradient). The counts were made by
+        the update itself; reading them synchronizes with the device once per launch.
+        """
+        by_param: dict[int, int] = {}
+        for params, counts in self._counts:
+            for p, c in zip(params, counts.tolist()):
+                by_param[id(p)] = int(c)
+        return [[by_param.get(id(p)) for p in group["params"]] for group in self.param_groups]
