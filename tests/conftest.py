@@ -1,5 +1,5 @@
 """Test setup: Triton kernels run interpreted on CPU tensors (set before triton is imported);
-tests marked ``cuda`` skip visibly without a GPU."""
+tests marked ``cuda`` (declared in pytest.ini) skip visibly without a GPU."""
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -8,10 +8,6 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
 
 
 def pytest_collection_modifyitems(config, items):

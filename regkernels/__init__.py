@@ -1,0 +1,38 @@
+"""regkernels: fast, exact kernels for neural-network weight regularizers.
+
+Ops follow ``SPEC.md``; every op takes ``backend=None|"reference"|"triton"|"cuda"|"cpu"``.
+"""
+__version__ = "0.1.0"
+
+from regkernels._ext import HAS_C as _HAS_C  # noqa: F401, E402  (loads the extension or warns once)
+from regkernels.ops.gram import (
+    as_matrix,
+    diversity_penalty,
+    frame_bounds,
+    frame_penalty,
+    gershgorin_bounds,
+    mhe_penalty,
+    orthogonality_penalty,
+    penalty_multi,
+    srip_penalty,
+)
+from regkernels.ops.conv import (
+    clip_conv_singular_values,
+    conv_frame_penalty,
+    conv_gershgorin_bounds,
+    conv_orthogonality_penalty,
+    conv_singular_values,
+    conv_to_matrix,
+)
+from regkernels.ops.svd import batched_svd, clamp_singular_values, svb_
+from regkernels.ops.jacobian import jacobian_penalty
+from regkernels import optim, reference  # noqa: E402
+
+__all__ = [
+    "as_matrix", "frame_penalty", "gershgorin_bounds", "frame_bounds", "diversity_penalty",
+    "orthogonality_penalty", "mhe_penalty", "srip_penalty", "penalty_multi",
+    "conv_to_matrix", "conv_frame_penalty", "conv_gershgorin_bounds", "conv_orthogonality_penalty",
+    "conv_singular_values", "clip_conv_singular_values",
+    "batched_svd", "clamp_singular_values", "svb_", "jacobian_penalty",
+    "optim", "reference",
+]

@@ -1,0 +1,150 @@
+"""Benchmark cases for the Gram-matrix penalties (SPEC §1): single layers and whole models.
+
+Single-layer cases time forward + backward of one ``(m, n)`` weight per op at the
+shapes of real layers (conv weights as matrices: 64×576 is a 64-filter 3×3 conv over
+64 channels, …; 1024×1024 and 4096×1024 are MLP layers). The model cases time
+``penalty_multi(kind="frame")`` over every conv / linear weight of ResNet-18 and
+ResNet-50 (shapes written out from the torchvision architectures).
+
+Weights are seeded ``N(0, 1/n)`` so every row has norm ≈ 1, like an initialised layer.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from regkernels.bench.cases import Case, Prepared, compiled, max_rel_err, penalty_case, register
+from regkernels.ops import gram as G
+from regkernels.reference import gram as R
+
+SHAPES = {
+    "64x576": (64, 576),
+    "128x1152": (128, 1152),
+    "256x2304": (256, 2304),
+    "512x4608": (512, 4608),
+    "1024x1024": (1024, 1024),
+    "4096x1024": (4096, 1024),
+}
+QUICK = "64x576"
+SEED = 0
+# SRIP's start vector b comes from this seed, both for the reference (given b) and for
+# the public op (a generator seeded alike draws the identical float32 b).
+SRIP_SEED = 1234
+FRAME_A, FRAME_B = 0.5, 2.0
+
+
+def _weight(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    fan_in = math.prod(shape[1:])
+    w = torch.randn(shape, generator=gen, dtype=torch.float64) / math.sqrt(fan_in)
+    return w.to(device=device, dtype=dtype)
+
+
+def _srip_b(device: torch.device, k: int) -> torch.Tensor:
+    return torch.rand(k, generator=torch.Generator(device=device).manual_seed(SRIP_SEED),
+                      device=device, dtype=torch.float32)
+
+
+def _srip_public(W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    # b is the start the generator below draws; the op draws it again itself
+    return G.srip_penalty(W, generator=torch.Generator(device=W.device).manual_seed(SRIP_SEED))
+
+
+def _gram_flops(m: int, n: int, k: int) -> int:
+    # one k×k Gram from (m, n): 2·m·n·k; the backward's product with the Gram gradient costs as much
+    return 2 * (2 * m * n * k)
+
+
+def _register_single_layer() -> None:
+    for name, (m, n) in SHAPES.items():
+        k = min(m, n)
+
+        def make(device, dtype, m=m, n=n):
+            return (_weight((m, n), device, dtype, SEED),)
+
+        def make_srip(device, dtype, m=m, n=n, k=k):
+            return (_weight((m, n), device, dtype, SEED), _srip_b(device, k))
+
+        quick = name == QUICK
+        penalty_case("frame_penalty", name, R.frame_penalty, G.frame_penalty, make,
+                     kwargs={"A": FRAME_A, "B": FRAME_B}, quick=quick, flops=_gram_flops(m, n, k))
+        penalty_case("diversity_penalty", name, R.diversity_penalty, G.diversity_penalty, make,
+                     kwargs={"tau": 0.1}, quick=quick, flops=_gram_flops(m, n, m))
+        penalty_case("orthogonality_penalty", name, R.orthogonality_penalty, G.orthogonality_penalty, make,
+                     quick=quick, flops=_gram_flops(m, n, k))
+        penalty_case("mhe_penalty", name, R.mhe_penalty, G.mhe_penalty, make,
+                     quick=quick, flops=_gram_flops(m, n, m))
+        # M x costs 4·m·n (W x and Wᵀ·, matrix-free); n_iter = 1 means 2 applications; ×2 backward
+        penalty_case("srip_penalty", name, R.srip_penalty, _srip_public, make_srip,
+                     quick=quick, flops=2 * 2 * (4 * m * n))
+
+
+def _resnet18_shapes() -> list[tuple[int, ...]]:
+    """Conv / linear weight shapes of torchvision's resnet18 (BasicBlock, [2, 2, 2, 2])."""
+    shapes: list[tuple[int, ...]] = [(64, 3, 7, 7)]
+    c_in = 64
+    for c, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        for block in range(2):
+            shapes += [(c, c_in, 3, 3), (c, c, 3, 3)]
+            if block == 0 and (stride != 1 or c_in != c):
+                shapes.append((c, c_in, 1, 1))  # downsample projection
+            c_in = c
+    return shapes + [(1000, 512)]
+
+
+def _resnet50_shapes() -> list[tuple[int, ...]]:
+    """Conv / linear weight shapes of torchvision's resnet50 (Bottleneck ×4, [3, 4, 6, 3])."""
+    shapes: list[tuple[int, ...]] = [(64, 3, 7, 7)]
+    c_in = 64
+    for width, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
+        c_out = 4 * width
+        for block in range(blocks):
+            shapes += [(width, c_in, 1, 1), (width, width, 3, 3), (c_out, width, 1, 1)]
+            if block == 0:
+                shapes.append((c_out, c_in, 1, 1))  # downsample projection
+            c_in = c_out
+    return shapes + [(1000, 2048)]
+
+
+def _multi_flops(shapes: list[tuple[int, ...]]) -> int:
+    total = 0
+    for s in shapes:
+        m, n = s[0], math.prod(s[1:])
+        total += _gram_flops(m, n, min(m, n))
+    return total
+
+
+def _multi_case(name: str, shapes: list[tuple[int, ...]], quick: bool) -> Case:
+    """``penalty_multi(weights, "frame", A, B)`` forward + backward over a whole model's weights."""
+    kw = {"A": FRAME_A, "B": FRAME_B}
+
+    def runner(fn: Callable, weights: list[torch.Tensor]) -> Callable:
+        def call():
+            leaves = [w.detach().requires_grad_(True) for w in weights]
+            out = fn(leaves, "frame", **kw)
+            out.sum().backward()
+            return out.detach(), [w.grad for w in leaves]
+        return call
+
+    def setup(device: torch.device) -> Prepared:
+        weights = [_weight(s, device, torch.float32, SEED + i) for i, s in enumerate(shapes)]
+        truth = runner(R.penalty_multi, [w.to(torch.float64) for w in weights])()
+        return Prepared(
+            providers={
+                "eager": runner(R.penalty_multi, weights),
+                "compile": runner(compiled(R.penalty_multi), weights),
+                "regkernels": runner(G.penalty_multi, weights),
+            },
+            error=lambda out: max_rel_err(out, truth),
+            flops=_multi_flops(shapes),
+            note=f"{len(shapes)} weights, kind=frame, A={FRAME_A}, B={FRAME_B}",
+        )
+
+    return register(Case(op="penalty_multi", name=name, setup=setup, quick=quick))
+
+
+_register_single_layer()
+_multi_case("resnet18", _resnet18_shapes(), quick=True)
+_multi_case("resnet50", _resnet50_shapes(), quick=False)

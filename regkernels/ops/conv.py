@@ -1,0 +1,235 @@
+"""Public ops on convolutions viewed as linear operators (SPEC §1.6, §2).
+
+Each op validates its arguments (SPEC §7: every message names the op, the argument
+and the expected form), picks a backend and calls it. Only the pure-torch reference
+exists for this family so far; kernel backends plug into ``_IMPLS``.
+
+Shapes: ``weight`` is ``(C_out, C_in/groups, *k)`` with 1, 2 or 3 spatial dims ``d``;
+``input_size`` is the spatial size ``(n_1, …, n_d)`` of one input sample (weights are
+single layers, not batched). stride / padding / dilation are an int or a d-tuple.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from regkernels.ops._common import check_bounds, check_number, check_side, check_tensor, resolve_backend
+from regkernels.reference import conv as R
+
+__all__ = [
+    "conv_to_matrix",
+    "conv_frame_penalty",
+    "conv_gershgorin_bounds",
+    "conv_orthogonality_penalty",
+    "conv_singular_values",
+    "clip_conv_singular_values",
+]
+
+# op -> backend -> implementation (same signature as the reference, without backend).
+_IMPLS: dict[str, dict[str, Callable]] = {name: {"reference": getattr(R, name)} for name in __all__}
+# the device type each kernel backend runs on
+_BACKEND_DEVICE = {"cpu": "cpu", "cuda": "cuda", "triton": "cuda"}
+
+_WEIGHT_FORM = "(C_out, C_in/groups, *kernel) with 1, 2 or 3 spatial dims"
+
+
+def _implementation(op: str, backend: str | None, device: torch.device) -> Callable:
+    """The one dispatch point of every op in this module."""
+    kernels = [b for b in _IMPLS[op] if _BACKEND_DEVICE.get(b) == device.type]
+    return _IMPLS[op][resolve_backend(op, backend, device, kernels)]
+
+
+def _check_weight(op: str, weight) -> int:
+    """A floating ``(C_out, C_in/groups, *k)`` weight; returns the number of spatial dims."""
+    check_tensor(op, "weight", weight, ndim=(3, 4, 5), form=_WEIGHT_FORM)
+    if any(k < 1 for k in weight.shape[2:]):
+        raise ValueError(f"{op}: weight must have kernel sizes >= 1 {_WEIGHT_FORM}; got shape {tuple(weight.shape)}")
+    return weight.dim() - 2
+
+
+def _check_input_size(op: str, input_size, d: int) -> tuple[int, ...]:
+    form = f"a sequence of {d} positive ints (the spatial size of one input, matching the weight's {d} spatial dims)"
+    if isinstance(input_size, torch.Tensor) or not isinstance(input_size, Sequence) \
+            or not all(isinstance(n, int) and not isinstance(n, bool) for n in input_size):
+        raise TypeError(f"{op}: input_size must be {form}; got {input_size!r}")
+    if len(input_size) != d or any(n < 1 for n in input_size):
+        raise ValueError(f"{op}: input_size must be {form}; got {tuple(input_size)}")
+    return tuple(input_size)
+
+
+def _check_ints(op: str, name: str, value, d: int, lo: int) -> tuple[int, ...]:
+    """An int or a d-tuple of ints, each >= lo."""
+    form = f"an int or a sequence of {d} ints, each >= {lo}"
+    items = (value,) if isinstance(value, int) else value
+    if isinstance(value, torch.Tensor) or not isinstance(items, Sequence) \
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+        raise TypeError(f"{op}: {name} must be {form}; got {value!r}")
+    if (not isinstance(value, int) and len(value) != d) or any(v < lo for v in items):
+        raise ValueError(f"{op}: {name} must be {form}; got {value!r}")
+    return tuple(items) * d if isinstance(value, int) else tuple(value)
+
+
+def _check_geometry(op: str, weight, input_size, stride, padding, dilation, groups, padding_mode) -> None:
+    """Everything that defines the operator T of SPEC §2.1."""
+    d = _check_weight(op, weight)
+    size = _check_input_size(op, input_size, d)
+    s = _check_ints(op, "stride", stride, d, 1)
+    p = _check_ints(op, "padding", padding, d, 0)
+    dl = _check_ints(op, "dilation", dilation, d, 1)
+    check_number(op, "groups", groups, lo=1, integer=True)
+    if weight.shape[0] % groups:
+        raise ValueError(f"{op}: groups must divide the output channels C_out = weight.shape[0] = "
+                         f"{weight.shape[0]}; got groups={groups}")
+    if padding_mode not in ("zeros", "circular"):
+        raise ValueError(f"{op}: padding_mode must be 'zeros' or 'circular'; got {padding_mode!r}")
+    if padding_mode == "circular" and any(pi > n for pi, n in zip(p, size)):
+        raise ValueError(f"{op}: padding must be <= input_size per dim for padding_mode='circular' (circular "
+                         f"padding wraps at most once, as torch's); got padding={p}, input_size={size}")
+    out = R.conv_output_size(size, weight.shape[2:], s, p, dl)
+    if any(o < 1 for o in out):
+        raise ValueError(f"{op}: the output size must be >= 1 per dim, i.e. input_size + 2·padding >= "
+                         f"dilation·(kernel − 1) + 1; got output size {out} for input_size={size}, "
+                         f"kernel={tuple(weight.shape[2:])}, padding={p}, dilation={dl}, stride={s}")
+
+
+def _check_circular_fit(op: str, weight, input_size) -> None:
+    d = _check_weight(op, weight)
+    size = _check_input_size(op, input_size, d)
+    if any(k > n for k, n in zip(weight.shape[2:], size)):
+        raise ValueError(f"{op}: weight's kernel {tuple(weight.shape[2:])} must fit the circular input: need "
+                         f"kernel size <= input_size per dim; got input_size={size}")
+
+
+def conv_to_matrix(weight: torch.Tensor, input_size: Sequence[int], stride=1, padding=0, dilation=1,
+                   groups: int = 1, padding_mode: str = "zeros", layout: str = "dense",
+                   max_dense_bytes: int | None = None, *, backend: str | None = None) -> torch.Tensor:
+    """The matrix ``T`` of a convolution on inputs of spatial size ``input_size`` (SPEC §2.1).
+
+    ``T @ x.reshape(-1) == conv(x[None], weight, None, stride, padding, dilation, groups).reshape(-1)``
+    for ``x`` of shape ``(C_in, *input_size)``; ``padding_mode="circular"`` is circular
+    padding then a conv with padding 0 (entries wrapping onto one input position add up).
+
+    Args:
+        weight: ``(C_out, C_in/groups, *k)``, 1–3 spatial dims, floating.
+        input_size: ``(n_1, …, n_d)`` positive ints.
+        layout: ``"dense"``, ``"coo"`` or ``"csr"`` (sparse: exactly the structural nonzeros).
+        max_dense_bytes: size limit of the dense layout (default ``MAX_DENSE_BYTES`` = 2 GiB).
+
+    Returns:
+        ``(C_out·∏out_size, C_in·∏input_size)``, rows ``(o, y, x)`` and columns ``(c, u, v)``
+        row-major; the weight's dtype; differentiable w.r.t. ``weight``.
+
+    Raises:
+        TypeError / ValueError: bad arguments (SPEC §7); ValueError for a dense result
+        over ``max_dense_bytes`` (before allocating).
+    """
+    op = "conv_to_matrix"
+    _check_geometry(op, weight, input_size, stride, padding, dilation, groups, padding_mode)
+    if layout not in ("dense", "coo", "csr"):
+        raise ValueError(f"{op}: layout must be 'dense', 'coo' or 'csr'; got {layout!r}")
+    if max_dense_bytes is not None:
+        check_number(op, "max_dense_bytes", max_dense_bytes, lo=0, integer=True)
+    impl = _implementation(op, backend, weight.device)
+    return impl(weight, input_size, stride, padding, dilation, groups, padding_mode, layout, max_dense_bytes)
+
+
+def conv_frame_penalty(weight: torch.Tensor, input_size: Sequence[int], A: float, B: float, stride=1, padding=0,
+                       dilation=1, groups: int = 1, padding_mode: str = "zeros", side: str = "auto", *,
+                       backend: str | None = None) -> torch.Tensor:
+    """Frame penalty of the convolution operator ``T`` (SPEC §2.2).
+
+    ``= frame_penalty(conv_to_matrix(weight, input_size, …), A, B, side)``:
+    ``V = Gram(T, side)``, ``d_i = V_ii``, ``r_i = Σ_{j≠i}|V_ij|``,
+    ``R = (1/k)·Σ_i [max(0, A − (d_i − r_i))² + max(0, d_i + r_i − B)²]`` (SPEC §1.1).
+
+    Args:
+        weight: ``(C_out, C_in/groups, *k)``; input_size: ``(n_1, …, n_d)``; ``0 ≤ A ≤ B``.
+        side: ``"auto"``, ``"rows"`` (``T Tᵀ``) or ``"cols"`` (``Tᵀ T``).
+
+    Returns:
+        0-dim tensor, the weight's dtype (float16/bfloat16 computed in float32); 0 for an
+        empty Gram (k = 0). The reference backend forms T explicitly and raises
+        ValueError when T plus its Gram exceed 2 GiB.
+    """
+    op = "conv_frame_penalty"
+    _check_geometry(op, weight, input_size, stride, padding, dilation, groups, padding_mode)
+    check_bounds(op, "A", A, "B", B)
+    check_side(op, side)
+    impl = _implementation(op, backend, weight.device)
+    return impl(weight, input_size, A, B, stride, padding, dilation, groups, padding_mode, side)
+
+
+def conv_gershgorin_bounds(weight: torch.Tensor, input_size: Sequence[int], stride=1, padding=0, dilation=1,
+                           groups: int = 1, padding_mode: str = "zeros", side: str = "auto", *,
+                           backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gershgorin bounds ``(min_i(d_i − r_i), max_i(d_i + r_i))`` of ``Gram(T, side)``
+    (SPEC §1.1 companion on the operator of SPEC §2.1): two 0-dim tensors enclosing
+    every eigenvalue of the Gram matrix; ``(+inf, −inf)`` for an empty Gram."""
+    op = "conv_gershgorin_bounds"
+    _check_geometry(op, weight, input_size, stride, padding, dilation, groups, padding_mode)
+    check_side(op, side)
+    impl = _implementation(op, backend, weight.device)
+    return impl(weight, input_size, stride, padding, dilation, groups, padding_mode, side)
+
+
+def conv_orthogonality_penalty(weight: torch.Tensor, stride=1, padding=None, *,
+                               backend: str | None = None) -> torch.Tensor:
+    """OCNN kernel orthogonality penalty (SPEC §1.6).
+
+    ``P = ⌊(k−1)/S⌋·S`` unless given; ``O = conv(K, K, stride=S, padding=P)`` ``(o, o, *s)``;
+    target ``I_o`` at the spatial centre ``⌊s/2⌋``; ``R = ‖O − target‖_F²``.
+
+    Args:
+        weight: ``(o, c, *k)``, 1–3 spatial dims; stride: int or d-tuple >= 1;
+            padding: None, or int / d-tuple >= 0 (``padding=1`` reproduces the official code).
+
+    Returns:
+        0-dim tensor in the weight's dtype (float16/bfloat16 computed in float32).
+    """
+    op = "conv_orthogonality_penalty"
+    d = _check_weight(op, weight)
+    _check_ints(op, "stride", stride, d, 1)
+    if padding is not None:
+        _check_ints(op, "padding", padding, d, 0)
+    impl = _implementation(op, backend, weight.device)
+    return impl(weight, stride, padding)
+
+
+def conv_singular_values(weight: torch.Tensor, input_size: Sequence[int], *,
+                         backend: str | None = None) -> torch.Tensor:
+    """Singular values of the circular stride-1 convolution on ``input_size`` (SPEC §2.3).
+
+    ``F = fftn(weight, s=input_size)`` over the spatial dims → one ``C_out × C_in``
+    matrix per frequency → its singular values.
+
+    Args:
+        weight: ``(C_out, C_in, *k)`` with ``k_i ≤ n_i``; input_size: ``(n_1, …, n_d)``.
+
+    Returns:
+        ``(∏input_size, min(C_out, C_in))``, row f = frequency f (row-major fftn order),
+        descending within a row; real, the weight's dtype.
+    """
+    op = "conv_singular_values"
+    _check_circular_fit(op, weight, input_size)
+    impl = _implementation(op, backend, weight.device)
+    return impl(weight, input_size)
+
+
+def clip_conv_singular_values(weight: torch.Tensor, input_size: Sequence[int], lo: float, hi: float, *,
+                              backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clamp the circular operator's singular values into ``[lo, hi]`` (SPEC §2.3).
+
+    Per frequency ``U diag(clamp(σ, lo, hi)) Vᴴ``, inverse FFT, real part, truncated to the
+    kernel's support — an APPROXIMATE projection because of the truncation (exact when
+    the kernel has the input's size).
+
+    Returns:
+        ``(new_weight, singular_values)``: the weight's shape and dtype, and the
+        ``(∏input_size, min(C_out, C_in))`` singular values of ``new_weight``.
+    """
+    op = "clip_conv_singular_values"
+    _check_circular_fit(op, weight, input_size)
+    check_bounds(op, "lo", lo, "hi", hi)
+    impl = _implementation(op, backend, weight.device)
+    return impl(weight, input_size, lo, hi)

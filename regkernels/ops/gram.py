@@ -1,0 +1,309 @@
+"""Public Gram-matrix penalty ops (SPEC §0, §1): validation, then dispatch.
+
+Every op takes ``W`` of shape ``(..., m, n)`` (rows are filters) and returns one value
+per matrix, shape ``(...)``; float16 / bfloat16 are computed in float32 and returned in
+the input dtype. Each op checks its arguments (SPEC §7: the messages name the op, the
+argument and the expected form), then ``_implementation`` picks the code for the
+tensor's device: a registered kernel, or the pure-torch reference in
+``regkernels.reference.gram`` (autograd through torch ops, exact gradients).
+Inputs are never modified; non-contiguous and expanded inputs are fine.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from regkernels.ops._common import (
+    check_bounds,
+    check_matrix,
+    check_number,
+    check_same_device,
+    check_side,
+    check_tensor,
+    resolve_backend,
+)
+from regkernels.reference import gram as R
+
+__all__ = [
+    "as_matrix", "frame_penalty", "gershgorin_bounds", "frame_bounds", "diversity_penalty",
+    "orthogonality_penalty", "mhe_penalty", "srip_penalty", "penalty_multi",
+]
+
+# Kernels by (op name, device type) → {backend: implementation}, best first. An
+# implementation takes the reference's arguments. With none registered for a device,
+# every op runs its reference; kernel modules add their entries here.
+_KERNELS: dict[tuple[str, str], dict[str, Callable]] = {}
+
+
+def _implementation(op: str, backend: str | None, device: torch.device) -> Callable:
+    """The function that computes ``op`` on ``device`` for the requested ``backend``."""
+    kernels = _KERNELS.get((op, device.type), {})
+    chosen = resolve_backend(op, backend, device, kernels)
+    return getattr(R, op) if chosen == "reference" else kernels[chosen]
+
+
+# ----------------------------------------------------------------------------- checks
+
+def _check_W(op: str, W, name: str = "W") -> torch.Tensor:
+    """A floating ``(..., m, n)`` tensor with m, n ≥ 1 (a zero-size batch is fine)."""
+    check_matrix(op, name, W)
+    if W.shape[-2] == 0 or W.shape[-1] == 0:
+        raise ValueError(f"{op}: {name} must have m >= 1 rows and n >= 1 columns (..., m, n); "
+                         f"got shape {tuple(W.shape)}")
+    return W
+
+
+def _check_bool(op: str, name: str, v) -> bool:
+    if not isinstance(v, bool):
+        raise TypeError(f"{op}: {name} must be True or False; got {v!r}")
+    return v
+
+
+def _check_groups(op: str, name: str, weight: torch.Tensor, groups) -> None:
+    check_number(op, "groups", groups, lo=1, integer=True)
+    if weight.dim() == 2 and groups != 1:
+        raise ValueError(f"{op}: groups must be 1 for a 2-D (Linear) {name}; got groups={groups}")
+    if weight.shape[0] % groups:
+        raise ValueError(f"{op}: groups must divide the output channels of {name} "
+                         f"(dim 0 of shape {tuple(weight.shape)}); got groups={groups}")
+
+
+def _frame_args(op: str, A: float, B: float, side: str = "auto") -> dict:
+    check_bounds(op, "A", A, "B", B)
+    check_side(op, side)
+    return {"A": A, "B": B, "side": side}
+
+
+def _diversity_args(op: str, tau: float, inclusive: bool = True) -> dict:
+    check_number(op, "tau", tau, lo=0.0, hi=1.0)
+    _check_bool(op, "inclusive", inclusive)
+    return {"tau": tau, "inclusive": inclusive}
+
+
+def _orthogonality_args(op: str, side: str = "auto", squared: bool = True) -> dict:
+    check_side(op, side)
+    _check_bool(op, "squared", squared)
+    return {"side": side, "squared": squared}
+
+
+def _mhe_args(op: str, s: int = 2, half: bool = False, eps: float = 1e-4) -> dict:
+    check_number(op, "s", s, integer=True)
+    if s not in (0, 1, 2):
+        raise ValueError(f"{op}: s must be 0 (log energy), 1 or 2 (inverse power); got s={s}")
+    _check_bool(op, "half", half)
+    check_number(op, "eps", eps)
+    if not eps > 0:
+        raise ValueError(f"{op}: eps must be > 0; got eps={eps}")
+    return {"s": s, "half": half, "eps": eps}
+
+
+def _check_mhe_rows(op: str, name: str, W: torch.Tensor, half: bool) -> None:
+    # the energy is a mean over pairs of rows: a single row has none unless [W; −W]
+    if W.shape[-2] < 2 and not half:
+        raise ValueError(f"{op}: {name} needs at least 2 rows (filters) to form a pair, or half=True; "
+                         f"got shape {tuple(W.shape)}")
+
+
+def _srip_args(op: str, n_iter: int = 1, generator: torch.Generator | None = None) -> dict:
+    check_number(op, "n_iter", n_iter, lo=1, integer=True)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"{op}: generator must be a torch.Generator or None; got {type(generator).__name__}")
+    return {"n_iter": n_iter, "generator": generator}
+
+
+def _start_vector(W: torch.Tensor, generator: torch.Generator | None, op: str) -> torch.Tensor:
+    """SRIP start vector ``b ~ U(0,1)^k``, one per matrix: ``(..., m, n)`` → ``(..., k)``.
+
+    Drawn in float32 whatever W's dtype, so a seed gives the same start in every dtype.
+    """
+    if generator is not None and generator.device.type != W.device.type:
+        raise ValueError(f"{op}: generator must be on W's device ({W.device.type}); got a "
+                         f"{generator.device.type} generator")
+    k = min(W.shape[-2], W.shape[-1])
+    return torch.rand(*W.shape[:-2], k, generator=generator, device=W.device, dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------- ops
+
+def as_matrix(weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """A layer weight as the matrix the penalties act on (SPEC §0); a reshape, no kernel.
+
+    Linear ``(out, in)`` → unchanged. Conv ``(out, in/g, *kernel)`` →
+    ``(g, out/g, in/g · prod(kernel))``, one matrix per group, filters as rows; for
+    ``groups == 1`` the group dim is dropped: ``(out, in · prod(kernel))``.
+    """
+    op = "as_matrix"
+    check_tensor(op, "weight", weight, min_ndim=2, form="(out, in) or (out, in/groups, *kernel)")
+    _check_groups(op, "weight", weight, groups)
+    return R.as_matrix(weight, groups)
+
+
+def frame_penalty(W: torch.Tensor, A: float, B: float, side: str = "auto", *,
+                  backend: str | None = None) -> torch.Tensor:
+    """Frame regularizer (SPEC §1.1): ``W (..., m, n)`` → ``(...)``.
+
+    ``V = Gram(W, side)`` (k×k), ``d_i = V_ii``, ``r_i = Σ_{j≠i} |V_ij|``::
+
+        R(W) = (1/k) Σ_i max(0, A − (d_i − r_i))² + max(0, (d_i + r_i) − B)²
+
+    Zero certifies ``A ≤ λ(V) ≤ B``. Needs ``0 ≤ A ≤ B``. ``side``: "auto" (the k×k Gram,
+    k = min(m, n)), "rows" (W Wᵀ) or "cols" (Wᵀ W).
+    """
+    op = "frame_penalty"
+    _check_W(op, W)
+    args = _frame_args(op, A, B, side)
+    return _implementation(op, backend, W.device)(W, **args)
+
+
+def gershgorin_bounds(W: torch.Tensor, side: str = "auto", *,
+                      backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gershgorin bounds on the eigenvalues of ``Gram(W, side)``: ``(lo, hi)``, each ``W.shape[:-2]``.
+
+    ``lo = min_i (d_i − r_i)``, ``hi = max_i (d_i + r_i)`` with d, r as in ``frame_penalty``.
+    """
+    op = "gershgorin_bounds"
+    _check_W(op, W)
+    check_side(op, side)
+    return _implementation(op, backend, W.device)(W, side)
+
+
+def frame_bounds(W: torch.Tensor, *, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact frame bounds ``(σ_min², σ_max²)`` over the k = min(m, n) singular values of W.
+
+    ``W (..., m, n)`` → two tensors of shape ``(...)``.
+    """
+    op = "frame_bounds"
+    _check_W(op, W)
+    return _implementation(op, backend, W.device)(W)
+
+
+def diversity_penalty(W: torch.Tensor, tau: float, inclusive: bool = True, *,
+                      backend: str | None = None) -> torch.Tensor:
+    """DiReAL filter diversity (SPEC §1.2): ``W (..., m, n)`` → ``(...)``.
+
+    ``C = Ŵ Ŵᵀ`` of the rows normalised by ``max(‖w_i‖, 1e-12)``;
+    ``R = ½ Σ_{i≠j, |C_ij| ≥ tau} C_ij²`` (``inclusive=False``: ``|C_ij| > tau``); the
+    mask carries no gradient. Needs ``0 ≤ tau ≤ 1``.
+    """
+    op = "diversity_penalty"
+    _check_W(op, W)
+    args = _diversity_args(op, tau, inclusive)
+    return _implementation(op, backend, W.device)(W, **args)
+
+
+def orthogonality_penalty(W: torch.Tensor, side: str = "auto", squared: bool = True, *,
+                          backend: str | None = None) -> torch.Tensor:
+    """Soft orthogonality (SPEC §1.3): ``‖Gram(W, side) − I‖_F²`` (``squared=False``: the norm).
+
+    ``W (..., m, n)`` → ``(...)``.
+    """
+    op = "orthogonality_penalty"
+    _check_W(op, W)
+    args = _orthogonality_args(op, side, squared)
+    return _implementation(op, backend, W.device)(W, **args)
+
+
+def mhe_penalty(W: torch.Tensor, s: int = 2, half: bool = False, eps: float = 1e-4, *,
+                backend: str | None = None) -> torch.Tensor:
+    """Minimum hyperspherical energy (SPEC §1.4): ``W (..., m, n)`` → ``(...)``.
+
+    ``δ_ij = 2 − 2·w_i·w_j / (ν_i ν_j)`` with ``ν_i = sqrt(‖w_i‖² + eps)``; the energy
+    ``−log δ`` (s=0), ``δ^(−1/2)`` (s=1) or ``δ^(−1)`` (s=2) is averaged over the pairs
+    i < j of the rows (``half=True``: of ``[W; −W]``). Needs ``eps > 0`` and at least
+    2 rows unless ``half``. Duplicate filters give δ that rounds to 0 and an infinite
+    energy; this is deliberately not clamped.
+    """
+    op = "mhe_penalty"
+    _check_W(op, W)
+    args = _mhe_args(op, s, half, eps)
+    _check_mhe_rows(op, "W", W, half)
+    return _implementation(op, backend, W.device)(W, **args)
+
+
+def srip_penalty(W: torch.Tensor, n_iter: int = 1, generator: torch.Generator | None = None, *,
+                 backend: str | None = None) -> torch.Tensor:
+    """Spectral restricted isometry penalty (SPEC §1.5): ``W (..., m, n)`` → ``(...)``.
+
+    ``M = Gram(W, "auto") − I``; ``b ~ U(0,1)^k`` is drawn with ``torch.rand`` from
+    ``generator`` (one per matrix, in float32, on W's device); ``n_iter`` power steps
+    ``v = M b / ‖M b‖, b = v`` then ``R = ‖M v‖²``. ``M x`` is computed matrix-free
+    (``Wᵀ(W x) − x`` or ``W(Wᵀ x) − x``) and gradients flow through v.
+    """
+    op = "srip_penalty"
+    _check_W(op, W)
+    args = _srip_args(op, n_iter, generator)
+    b = _start_vector(W, args["generator"], op)
+    return _implementation(op, backend, W.device)(W, b, n_iter)
+
+
+# ----------------------------------------------------------------------------- multi
+
+# kind → (keyword arguments it takes, the required ones, their checker)
+_KINDS: dict[str, tuple[tuple[str, ...], tuple[str, ...], Callable[..., dict]]] = {
+    "frame": (("A", "B", "side"), ("A", "B"), _frame_args),
+    "diversity": (("tau", "inclusive"), ("tau",), _diversity_args),
+    "orthogonality": (("side", "squared"), (), _orthogonality_args),
+    "mhe": (("s", "half", "eps"), (), _mhe_args),
+    "srip": (("n_iter", "generator"), (), _srip_args),
+}
+
+
+def _multi_args(op: str, kind, kw: dict) -> dict:
+    """Check ``kind`` and its keyword arguments; returns the checked arguments."""
+    if not isinstance(kind, str) or kind not in _KINDS:
+        raise ValueError(f"{op}: kind must be one of {', '.join(map(repr, _KINDS))}; got {kind!r}")
+    params, required, checker = _KINDS[kind]
+    unknown = [k for k in kw if k not in params]
+    missing = [k for k in required if k not in kw]
+    if unknown or missing:
+        raise TypeError(f"{op}: kind={kind!r} takes keyword arguments {', '.join(params)} (required: "
+                        f"{', '.join(required) or 'none'}) and groups; got unknown {unknown}, missing {missing}")
+    return checker(op, **kw)
+
+
+def _check_weights(op: str, weights, groups, kind: str, args: dict) -> list[int]:
+    """Check the weight list and ``groups``; returns one groups value per weight."""
+    if not isinstance(weights, (list, tuple)):
+        raise TypeError(f"{op}: weights must be a list or tuple of weight tensors (out, in) or "
+                        f"(out, in/groups, *kernel); got {type(weights).__name__}")
+    if isinstance(groups, (list, tuple)):
+        per_weight = list(groups)
+        if len(per_weight) != len(weights):
+            raise ValueError(f"{op}: groups must be one int or one per weight ({len(weights)}); "
+                             f"got {len(per_weight)} values")
+    else:
+        per_weight = [groups] * len(weights)
+    for i, (w, g) in enumerate(zip(weights, per_weight)):
+        name = f"weights[{i}]"
+        check_tensor(op, name, w, min_ndim=2, form="(out, in) or (out, in/groups, *kernel)")
+        _check_groups(op, name, w, g)
+        mat = R.as_matrix(w, g)
+        _check_W(op, mat, f"as_matrix({name})")
+        if kind == "mhe":
+            _check_mhe_rows(op, f"as_matrix({name})", mat, args["half"])
+    check_same_device(op, **{f"weights[{i}]": w for i, w in enumerate(weights)})
+    return per_weight
+
+
+def penalty_multi(weights: Sequence[torch.Tensor], kind: str, backend: str | None = None,
+                  **kw) -> torch.Tensor:
+    """Per-layer penalty values for many weights of different shapes (SPEC §1.7).
+
+    ``weights``: list of Linear ``(out, in)`` / conv ``(out, in/g, *kernel)`` tensors on
+    one device → ``(len(weights),)``, entry i = the ``kind`` penalty of
+    ``as_matrix(weights[i], groups[i])`` (the mean over groups for a grouped conv).
+    ``kind``: "frame" (A, B, side), "diversity" (tau, inclusive), "orthogonality"
+    (side, squared), "mhe" (s, half, eps) or "srip" (n_iter, generator: one start vector
+    per weight, drawn in list order); ``groups``: one int or one per weight (default 1).
+    """
+    op = "penalty_multi"
+    groups = kw.pop("groups", 1)
+    args = _multi_args(op, kind, kw)
+    per_weight = _check_weights(op, weights, groups, kind, args)
+    device = weights[0].device if weights else torch.device("cpu")
+    impl = _implementation(op, backend, device)
+    if kind == "srip":
+        gen = args.pop("generator")
+        args["b"] = [_start_vector(R.as_matrix(w, g), gen, op) for w, g in zip(weights, per_weight)]
+    return impl(list(weights), kind, per_weight, **args)

@@ -1,0 +1,410 @@
+"""Pure-torch references for convolutions viewed as linear operators (SPEC §1.6, §2).
+
+These are the test oracles, the CPU fallback and the benchmark baselines, written
+for reading rather than speed:
+
+* ``conv_to_matrix`` — the explicit (block-Toeplitz / block-circulant) matrix ``T`` of
+  a convolution layer acting on inputs of a fixed size (SPEC §2.1), dense or sparse.
+* ``conv_frame_penalty`` / ``conv_gershgorin_bounds`` — the frame penalty of ``T``
+  computed EXPLICITLY from the dense matrix (SPEC §2.2). Memory grows with
+  ``(C·H·W)²``, so a size guard refuses large layers with a ``ValueError``.
+* ``conv_orthogonality_penalty`` — the OCNN kernel orthogonality penalty (SPEC §1.6).
+* ``conv_singular_values`` / ``clip_conv_singular_values`` — the singular values of a
+  circular, stride-1 convolution through the FFT (Sedghi et al., SPEC §2.3).
+
+Conventions shared by every function here: ``weight`` is ``(C_out, C_in/groups, *k)``
+with 1, 2 or 3 spatial dims ``d``; ``input_size`` is the spatial size ``(n_1, …, n_d)``
+of one input sample; stride / padding / dilation are an int or a d-tuple.
+Low-precision weights (float16 / bfloat16) are handled by computing in float32 and
+returning the input dtype, except ``conv_to_matrix`` whose entries are copies of the
+weights and keep their dtype.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "MAX_DENSE_BYTES",
+    "conv_output_size",
+    "conv_to_matrix",
+    "conv_frame_penalty",
+    "conv_gershgorin_bounds",
+    "conv_orthogonality_penalty",
+    "conv_singular_values",
+    "clip_conv_singular_values",
+]
+
+# Largest dense matrix (in bytes) the explicit references build; over it they raise
+# ValueError before allocating. For the explicit frame penalty the count includes the
+# Gram matrix and its absolute value (see ``_frame_working_bytes``).
+MAX_DENSE_BYTES = 2**31
+
+
+def _expand(value, d: int) -> tuple[int, ...]:
+    """An int or a length-d sequence of ints as a d-tuple (the one normaliser for
+    stride / padding / dilation / kernel arguments)."""
+    if isinstance(value, int):
+        return (value,) * d
+    return tuple(int(v) for v in value)
+
+
+def _low_precision(x: torch.Tensor) -> bool:
+    return x.dtype in (torch.float16, torch.bfloat16)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    # float16 / bfloat16 are computed in float32 (Gram sums, FFTs and SVDs lose too
+    # much in 8–11 mantissa bits; CPU FFTs do not support them at all).
+    return torch.float32 if _low_precision(x) else x.dtype
+
+
+def conv_output_size(input_size: Sequence[int], kernel: Sequence[int], stride, padding, dilation) -> tuple[int, ...]:
+    """Spatial output size of a convolution, per dim
+    ``⌊(n + 2p − dil·(k − 1) − 1) / s⌋ + 1`` (the formula of ``nn.Conv2d``).
+    May be < 1 for impossible configurations; callers validate."""
+    d = len(input_size)
+    s, p, dl = _expand(stride, d), _expand(padding, d), _expand(dilation, d)
+    return tuple((n + 2 * pi - di * (k - 1) - 1) // si + 1
+                 for n, k, si, pi, di in zip(input_size, kernel, s, p, dl))
+
+
+def _check_dense_size(op: str, what: str, nbytes: int, limit: int | None, advice: str) -> None:
+    limit = MAX_DENSE_BYTES if limit is None else limit
+    if nbytes > limit:
+        raise ValueError(f"{op}: {what} needs {nbytes} bytes ({nbytes / 2**30:.2f} GiB), over the dense size "
+                         f"limit max_dense_bytes={limit}; {advice}")
+
+
+def _spatial_index_map(input_size: tuple[int, ...], kernel: tuple[int, ...], stride: tuple[int, ...],
+                       padding: tuple[int, ...], dilation: tuple[int, ...], circular: bool,
+                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index map of the spatial part of a convolution.
+
+    Returns ``(col, valid)``, both ``(P_out, K)`` with ``P_out = ∏ out_size`` and
+    ``K = ∏ kernel``: for output position ``p`` (row-major over ``out_size``) and kernel
+    tap ``t`` (row-major over ``kernel``), ``col[p, t]`` is the flat (row-major) input
+    position the tap reads and ``valid[p, t]`` says whether it lies inside the input.
+
+    Per dim ``i``: ``u = y·s_i − p_i + t·dil_i`` (output position y, tap t). Zero padding:
+    valid iff ``0 ≤ u < n_i``. Circular padding: ``u mod n_i``, always valid; two taps of
+    one output can then land on the same input position (their entries add up in T).
+    """
+    d = len(input_size)
+    out_size = conv_output_size(input_size, kernel, stride, padding, dilation)
+    col = torch.zeros((), dtype=torch.long, device=device)
+    valid = torch.ones((), dtype=torch.bool, device=device)
+    in_stride = 1
+    for i in reversed(range(d)):  # reversed: row-major flat index, last dim fastest
+        y = torch.arange(out_size[i], device=device)[:, None]
+        t = torch.arange(kernel[i], device=device)[None, :]
+        u = y * stride[i] - padding[i] + t * dilation[i]  # (out_i, k_i)
+        ok = (u >= 0) & (u < input_size[i])
+        if circular:
+            u, ok = u.remainder(input_size[i]), torch.ones_like(ok)
+        else:
+            u = torch.where(ok, u, 0)  # dummy in-range position for taps in the zero padding
+        # place (out_i, k_i) at axes (i, d + i) of a 2d-dim tensor ordered (y_1..y_d, t_1..t_d)
+        shape = [1] * (2 * d)
+        shape[i], shape[d + i] = out_size[i], kernel[i]
+        col = col + u.reshape(shape) * in_stride
+        valid = valid & ok.reshape(shape)
+        in_stride *= input_size[i]
+    full, flat = (*out_size, *kernel), (math.prod(out_size), math.prod(kernel))
+    return col.expand(full).reshape(flat), valid.expand(full).reshape(flat)
+
+
+def _matrix_entries(weight: torch.Tensor, input_size, stride, padding, dilation, groups: int, padding_mode: str):
+    """All (row, col, value, valid) entries of T, each ``(C_out, C_in/g, P_out, K)``.
+
+    Row of entry (o, c', p, t) = ``o·P_out + p``; column = ``(g(o)·C_in/g + c')·P_in + col[p, t]``
+    with ``g(o) = o // (C_out/g)`` the group of filter o; value = ``weight[o, c', t]``.
+    Invalid (zero-padding) entries keep a dummy in-range index and value 0, so the
+    shapes never depend on data (which keeps the dense path traceable by torch.compile).
+    """
+    d = weight.dim() - 2
+    c_out, c_in_g = weight.shape[0], weight.shape[1]
+    kernel = tuple(weight.shape[2:])
+    stride, padding, dilation = _expand(stride, d), _expand(padding, d), _expand(dilation, d)
+    col_sp, valid = _spatial_index_map(tuple(input_size), kernel, stride, padding, dilation,
+                                       padding_mode == "circular", weight.device)
+    p_out, k = col_sp.shape
+    p_in = math.prod(input_size)
+    dev = weight.device
+    o = torch.arange(c_out, device=dev).view(-1, 1, 1, 1)
+    c = torch.arange(c_in_g, device=dev).view(1, -1, 1, 1)
+    chan = (o // max(c_out // groups, 1)) * c_in_g + c  # input channel of (o, c')
+    rows = (o * p_out + torch.arange(p_out, device=dev).view(1, 1, -1, 1)).expand(c_out, c_in_g, p_out, k)
+    cols = chan * p_in + col_sp[None, None]
+    w = weight.reshape(c_out, c_in_g, 1, k)
+    vals = torch.where(valid[None, None], w, torch.zeros((), dtype=weight.dtype, device=dev))
+    return rows, cols, vals, valid[None, None].expand(c_out, c_in_g, p_out, k)
+
+
+def conv_to_matrix(weight: torch.Tensor, input_size: Sequence[int], stride=1, padding=0, dilation=1,
+                   groups: int = 1, padding_mode: str = "zeros", layout: str = "dense",
+                   max_dense_bytes: int | None = None) -> torch.Tensor:
+    """The matrix ``T`` of a convolution acting on inputs of spatial size ``input_size``.
+
+    formula: SPEC §2.1 — for every ``x`` of shape ``(C_in, *input_size)``
+    ``T @ x.reshape(-1) == conv(x[None], weight, None, stride, padding, dilation, groups).reshape(-1)``
+    (``conv`` = F.conv1d/2d/3d; ``"circular"`` = circular padding then conv with padding 0).
+
+    Args:
+        weight: ``(C_out, C_in/groups, *k)``, d = 1, 2 or 3 spatial dims.
+        input_size: ``(n_1, …, n_d)``.
+        layout: ``"dense"`` (a strided tensor), ``"coo"`` (coalesced sparse COO) or
+            ``"csr"`` (sparse CSR); the sparse layouts hold exactly the structural
+            nonzeros (one per distinct (row, col) the index map reaches) and are built
+            directly from the index map, without a dense intermediate.
+        max_dense_bytes: size limit of the dense layout (default ``MAX_DENSE_BYTES``).
+
+    Returns:
+        ``T`` of shape ``(C_out·∏out_size, C_in·∏input_size)``; rows ordered ``(o, y, x)``
+        and columns ``(c, u, v)`` row-major. Differentiable w.r.t. ``weight`` (the
+        sparse layouts through their values).
+
+    Raises:
+        ValueError: a dense ``T`` over ``max_dense_bytes`` (before allocating).
+    """
+    out_size = conv_output_size(input_size, weight.shape[2:], stride, padding, dilation)
+    c_in = weight.shape[1] * groups
+    shape = (weight.shape[0] * math.prod(out_size), c_in * math.prod(input_size))
+    if layout == "dense":
+        _check_dense_size("conv_to_matrix", f"the dense matrix of shape {shape}",
+                          shape[0] * shape[1] * weight.element_size(), max_dense_bytes,
+                          "use layout='coo' or layout='csr' (built without a dense intermediate) "
+                          "or a larger max_dense_bytes")
+    rows, cols, vals, valid = _matrix_entries(weight, tuple(input_size), stride, padding, dilation,
+                                              groups, padding_mode)
+    if layout == "dense":
+        # scatter with accumulation: circular entries that wrap onto one column add up;
+        # invalid entries add 0 to a dummy position.
+        flat = (rows * shape[1] + cols).reshape(-1)
+        out = weight.new_zeros(shape[0] * shape[1])
+        return out.index_put((flat,), vals.reshape(-1), accumulate=True).view(shape)
+    return _sparse_matrix(rows[valid], cols[valid], vals[valid], shape, layout)
+
+
+def _sparse_matrix(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, shape: tuple[int, int],
+                   layout: str) -> torch.Tensor:
+    """Coalesced COO (or CSR) from possibly repeated (row, col) entries.
+
+    The structure is coalesced by hand (unique keys + index_add of the values) so the
+    values stay an ordinary differentiable function of the weight.
+    """
+    keys, inverse = torch.unique(rows * shape[1] + cols, sorted=True, return_inverse=True)
+    values = vals.new_zeros(keys.numel()).index_add(0, inverse, vals)
+    r, c = keys // shape[1], keys % shape[1]
+    if layout == "coo":
+        return torch.sparse_coo_tensor(torch.stack([r, c]), values, shape, is_coalesced=True,
+                                       check_invariants=False)
+    # CSR: keys are sorted row-major, so the column/value order is already CSR order
+    counts = torch.bincount(r, minlength=shape[0])
+    crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    return torch.sparse_csr_tensor(crow, c, values, shape, check_invariants=False)
+
+
+def _frame_terms(T: torch.Tensor, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(d, r)`` of ``V = Gram(T, side)``: diagonal and Gershgorin radii
+    ``r_i = Σ_{j≠i} |V_ij|`` (formula: SPEC §1.1). Private on purpose: this module
+    stands alone, independent of the matrix-penalty references."""
+    m, n = T.shape
+    rows = side == "rows" or (side == "auto" and m < n)
+    V = T @ T.mT if rows else T.mT @ T
+    d = V.diagonal()
+    off = ~torch.eye(V.shape[0], dtype=torch.bool, device=V.device)
+    # zero the diagonal instead of subtracting |V_ii| from the full row sum: no
+    # cancellation, and |x| has subgradient 0 at 0 (SPEC §1)
+    r = torch.where(off, V.abs(), torch.zeros((), dtype=V.dtype, device=V.device)).sum(-1)
+    return d, r
+
+
+def _frame_working_bytes(weight: torch.Tensor, input_size, stride, padding, dilation, groups: int,
+                         side: str) -> tuple[tuple[int, int], int]:
+    """Shape of T and the bytes of the explicit path: T plus the Gram V and |V| (k×k)."""
+    out_size = conv_output_size(input_size, weight.shape[2:], stride, padding, dilation)
+    m = weight.shape[0] * math.prod(out_size)
+    n = weight.shape[1] * groups * math.prod(input_size)
+    k = m if side == "rows" else n if side == "cols" else min(m, n)
+    itemsize = torch.empty((), dtype=_compute_dtype(weight)).element_size()
+    return (m, n), (m * n + 2 * k * k) * itemsize
+
+
+def _explicit_frame(op: str, weight, input_size, stride, padding, dilation, groups, padding_mode, side):
+    shape, nbytes = _frame_working_bytes(weight, input_size, stride, padding, dilation, groups, side)
+    _check_dense_size(op, f"the explicit reference (dense T of shape {shape} plus its Gram matrix)", nbytes,
+                      None, "use a smaller layer or input_size (conv_to_matrix(..., layout='coo' or "
+                      "layout='csr') gives T without the dense matrix)")
+    T = conv_to_matrix(weight.to(_compute_dtype(weight)), input_size, stride, padding, dilation, groups,
+                       padding_mode, max_dense_bytes=nbytes)
+    return _frame_terms(T, side)
+
+
+def conv_frame_penalty(weight: torch.Tensor, input_size: Sequence[int], A: float, B: float, stride=1, padding=0,
+                       dilation=1, groups: int = 1, padding_mode: str = "zeros", side: str = "auto") -> torch.Tensor:
+    """Frame penalty of the convolution operator, computed explicitly from the dense ``T``.
+
+    formula: SPEC §2.2 = SPEC §1.1 applied to ``T = conv_to_matrix(weight, input_size, …)``:
+    ``V = Gram(T, side)`` (k×k), ``d_i = V_ii``, ``r_i = Σ_{j≠i}|V_ij|``,
+    ``R = (1/k)·Σ_i [max(0, A − (d_i − r_i))² + max(0, d_i + r_i − B)²]``.
+
+    Args:
+        weight: ``(C_out, C_in/groups, *k)``; input_size: ``(n_1, …, n_d)``; ``0 ≤ A ≤ B``.
+        side: ``"auto"`` (the smaller Gram), ``"rows"`` (``T Tᵀ``) or ``"cols"`` (``Tᵀ T``).
+
+    Returns:
+        A 0-dim tensor in the weight's dtype (float16/bfloat16 computed in float32). An
+        operator whose chosen Gram is empty (k = 0, e.g. no output channels with
+        ``side="auto"``) has penalty 0.
+
+    Raises:
+        ValueError: when T plus its Gram matrix would exceed ``MAX_DENSE_BYTES`` (the
+        explicit path's memory grows with ``(C·∏n)²``).
+    """
+    d, r = _explicit_frame("conv_frame_penalty", weight, input_size, stride, padding, dilation, groups,
+                           padding_mode, side)
+    lower = torch.clamp(A - (d - r), min=0) ** 2
+    upper = torch.clamp((d + r) - B, min=0) ** 2
+    total = (lower + upper).sum()
+    return (total / max(d.numel(), 1)).to(weight.dtype)
+
+
+def conv_gershgorin_bounds(weight: torch.Tensor, input_size: Sequence[int], stride=1, padding=0, dilation=1,
+                           groups: int = 1, padding_mode: str = "zeros",
+                           side: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Gershgorin bounds of ``Gram(T, side)``: ``(min_i(d_i − r_i), max_i(d_i + r_i))``.
+
+    formula: SPEC §1.1 companion, on the explicit ``T`` of SPEC §2.1 (same arguments and
+    size guard as ``conv_frame_penalty``). Two 0-dim tensors in the weight's dtype;
+    every eigenvalue of ``V`` lies in ``[lo, hi]``. For an empty Gram (k = 0) the
+    bounds are the identities of min and max: ``(+inf, −inf)``.
+    """
+    d, r = _explicit_frame("conv_gershgorin_bounds", weight, input_size, stride, padding, dilation, groups,
+                           padding_mode, side)
+    if d.numel() == 0:
+        inf = torch.tensor(float("inf"), dtype=weight.dtype, device=weight.device)
+        return inf, -inf
+    return (d - r).min().to(weight.dtype), (d + r).max().to(weight.dtype)
+
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def conv_orthogonality_penalty(weight: torch.Tensor, stride=1, padding=None) -> torch.Tensor:
+    """OCNN kernel orthogonality penalty (Wang et al., "Orthogonal Convolutional Neural Networks").
+
+    formula: SPEC §1.6 — ``P = ⌊(k−1)/S⌋·S`` per dim unless given,
+    ``O = conv(K, K, stride=S, padding=P)`` of shape ``(o, o, *s)`` (the filters used as a
+    batch of o inputs, ``s = ⌊2P/S⌋ + 1``), target ``T`` = ``I_o`` at the spatial centre
+    ``⌊s/2⌋`` and 0 elsewhere, ``R = ‖O − T‖_F²``.
+
+    Args:
+        weight: ``(o, c, *k)`` with 1, 2 or 3 spatial dims (OCNN uses conv2d).
+        padding: None for the default rule; ``padding=1`` reproduces the official code
+            (whose centre is misplaced for stride 2). The official code returns the norm,
+            not its square.
+
+    Returns:
+        A 0-dim tensor in the weight's dtype (float16/bfloat16 computed in float32).
+    """
+    d = weight.dim() - 2
+    if weight.shape[0] == 0:
+        return weight.sum()  # no filters: an empty sum, 0, still attached to the graph
+    S = _expand(stride, d)
+    P = tuple((k - 1) // s * s for k, s in zip(weight.shape[2:], S)) if padding is None else _expand(padding, d)
+    K = weight.to(_compute_dtype(weight))
+    O = _CONV[d](K, K, stride=S, padding=P)
+    o = weight.shape[0]
+    centre = (slice(None), slice(None)) + tuple(s // 2 for s in O.shape[2:])
+    target = torch.zeros_like(O)
+    target[centre] = torch.eye(o, dtype=O.dtype, device=O.device)
+    return ((O - target) ** 2).sum().to(weight.dtype)
+
+
+def _check_fits(op: str, weight: torch.Tensor, input_size: Sequence[int]) -> None:
+    kernel = tuple(weight.shape[2:])
+    if any(k > n for k, n in zip(kernel, input_size)):
+        raise ValueError(f"{op}: the kernel {kernel} must fit the circular input: need kernel size <= input_size "
+                         f"per dim; got input_size={tuple(input_size)}")
+
+
+def _frequency_matrices(weight: torch.Tensor, input_size: Sequence[int], onesided: bool = False) -> torch.Tensor:
+    """``(F, C_out, C_in)`` complex: the DFT of the zero-padded kernel at every frequency,
+    frequencies in row-major ``fftn`` order (``F = ∏n``). The circular stride-1 operator
+    is block-diagonalised by the d-dim DFT into exactly these blocks (Sedghi et al., Thm. 6).
+
+    ``onesided=True`` keeps only the ``rfftn`` half (last dim ``n_d//2 + 1``): a real kernel's
+    blocks at ``−f`` are the conjugates of those at ``f`` and carry no new information.
+    """
+    d = weight.dim() - 2
+    spatial = tuple(range(2, 2 + d))
+    transform = torch.fft.rfftn if onesided else torch.fft.fftn
+    Fk = transform(weight.to(_compute_dtype(weight)), s=tuple(input_size), dim=spatial)
+    return Fk.permute(*range(2, 2 + d), 0, 1).reshape(-1, weight.shape[0], weight.shape[1])
+
+
+def conv_singular_values(weight: torch.Tensor, input_size: Sequence[int]) -> torch.Tensor:
+    """Singular values of the circular, stride-1 convolution on inputs of size ``input_size``.
+
+    formula: SPEC §2.3 — ``F = fftn(weight, s=input_size)`` over the spatial dims gives
+    one ``C_out × C_in`` complex matrix per frequency; the union of their singular
+    values is the spectrum of the operator (for odd kernels that is
+    ``conv_to_matrix(weight, input_size, padding=k//2, padding_mode="circular")``; the
+    shift by the padding multiplies each block by a unit phase and leaves the singular
+    values unchanged).
+
+    Args:
+        weight: ``(C_out, C_in, *k)`` with ``k_i ≤ n_i``; input_size: ``(n_1, …, n_d)``.
+
+    Returns:
+        ``(∏n, min(C_out, C_in))``: row ``f`` holds the singular values of frequency ``f``
+        (row-major over the ``fftn`` frequency grid), in descending order. Real dtype of
+        the weight (float16/bfloat16 computed in float32).
+    """
+    _check_fits("conv_singular_values", weight, input_size)
+    if weight.numel() == 0:  # no channels: nothing to transform (FFT backends reject empty inputs)
+        return weight.new_zeros((math.prod(input_size), min(weight.shape[0], weight.shape[1])))
+    return torch.linalg.svdvals(_frequency_matrices(weight, input_size)).to(weight.dtype)
+
+
+def clip_conv_singular_values(weight: torch.Tensor, input_size: Sequence[int], lo: float,
+                              hi: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clamp the operator's singular values into ``[lo, hi]`` (Sedghi et al., SPEC §2.3).
+
+    Per frequency ``F_f = U diag(σ) Vᴴ`` → ``U diag(clamp(σ, lo, hi)) Vᴴ``; the inverse
+    FFT of the clipped blocks is a kernel of the full input size, whose real part is
+    truncated back to the kernel's support ``k`` (computed on the ``rfftn`` half of the
+    frequencies, which gives that real part directly). The truncation makes this an
+    APPROXIMATE projection: the returned singular values (those of the truncated kernel)
+    can leave ``[lo, hi]`` again unless ``k = input_size``.
+
+    Args:
+        weight: ``(C_out, C_in, *k)`` with ``k_i ≤ n_i``; input_size: ``(n_1, …, n_d)``;
+            ``0 ≤ lo ≤ hi``.
+
+    Returns:
+        ``(new_weight, singular_values)``: ``new_weight`` has the weight's shape and
+        dtype; ``singular_values`` is ``conv_singular_values(new_weight, input_size)``,
+        shape ``(∏n, min(C_out, C_in))``. The input is not modified.
+    """
+    _check_fits("clip_conv_singular_values", weight, input_size)
+    if weight.numel() == 0:
+        return weight.clone(), conv_singular_values(weight, input_size)
+    d = weight.dim() - 2
+    # one-sided: clamping commutes with conjugation, so the clipped blocks keep the
+    # Hermitian symmetry of a real kernel and irfftn returns the real part of ifftn of
+    # the full set, at half the SVDs
+    Fk = _frequency_matrices(weight, input_size, onesided=True)
+    U, S, Vh = torch.linalg.svd(Fk, full_matrices=False)
+    clipped = (U * S.clamp(lo, hi).to(U.dtype)[..., None, :]) @ Vh
+    # back to (C_out, C_in, n_1, …, n_d//2 + 1) and through the inverse DFT
+    half = (*input_size[:-1], input_size[-1] // 2 + 1)
+    blocks = clipped.reshape(*half, weight.shape[0], weight.shape[1]).permute(d, d + 1, *range(d))
+    full = torch.fft.irfftn(blocks, s=tuple(input_size), dim=tuple(range(2, 2 + d)))
+    support = (slice(None), slice(None)) + tuple(slice(0, k) for k in weight.shape[2:])
+    new_weight = full[support].to(weight.dtype)
+    return new_weight, conv_singular_values(new_weight, input_size)

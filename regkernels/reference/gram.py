@@ -1,0 +1,269 @@
+"""Pure-torch references for the Gram-matrix penalties (SPEC §0, §1).
+
+These functions are the test oracle, the fallback for devices without a kernel and
+the benchmark baseline, so they are written to be read next to the SPEC: one formula
+per function, autograd through plain torch ops (the gradients are exact).
+
+Conventions shared by every function here:
+
+* ``W`` has shape ``(..., m, n)``; rows are filters / output units. Every op is applied
+  to each matrix of the batch and the result has shape ``(...)``.
+* ``Gram(W, side)``: ``"rows"`` → ``W Wᵀ`` (m×m), ``"cols"`` → ``Wᵀ W`` (n×n),
+  ``"auto"`` → the smaller one (``Wᵀ W`` when m ≥ n), size ``k = min(m, n)``.
+* float32 / float64 are computed natively. float16 / bfloat16 are computed in float32
+  (Gram sums of hundreds of products overflow or lose all precision in half types)
+  and the result is returned in the input dtype; gradients flow through the casts.
+* ``|x|`` is ``torch.abs``, whose subgradient is ``sign(x)`` with ``sign(0) = 0``.
+
+No argument checking happens here beyond what the formulas need; the public ops in
+``regkernels.ops.gram`` validate their inputs and then call these functions.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "as_matrix", "gram", "frame_penalty", "gershgorin_bounds", "frame_bounds", "diversity_penalty",
+    "orthogonality_penalty", "mhe_penalty", "srip_penalty", "penalty_multi", "PENALTY_KINDS",
+]
+
+# DiReAL normalises rows as F.normalize does: w / max(‖w‖₂, 1e-12) (SPEC §1.2).
+_NORMALIZE_EPS = 1e-12
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float16 / bfloat16 are computed in float32; other floating dtypes natively."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _upcast(W: torch.Tensor) -> torch.Tensor:
+    return W.to(_compute_dtype(W.dtype))
+
+
+def _resolve_side(W: torch.Tensor, side: str) -> str:
+    """``"auto"`` → ``"cols"`` (Wᵀ W) when m ≥ n, else ``"rows"`` (W Wᵀ): the k×k Gram, k = min(m, n)."""
+    if side != "auto":
+        return side
+    m, n = W.shape[-2:]
+    return "cols" if m >= n else "rows"
+
+
+def as_matrix(weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """A layer weight as the matrix (or per-group matrices) the penalties act on (SPEC §0).
+
+    Linear ``(out, in)`` is returned unchanged. Conv ``(out, in/g, *kernel)`` becomes
+    ``(g, out/g, in/g · prod(kernel))``, one matrix per group with the filters as rows;
+    for ``groups == 1`` the group dim is dropped: ``(out, in · prod(kernel))``.
+    The result is a view of ``weight`` whenever ``reshape`` can make one.
+    """
+    if weight.dim() <= 2:
+        return weight
+    out = weight.shape[0]
+    if groups == 1:
+        return weight.reshape(out, -1)
+    # torch convs store output channels group-major: group i owns out/g consecutive filters
+    return weight.reshape(groups, out // groups, -1)
+
+
+def gram(W: torch.Tensor, side: str = "auto") -> torch.Tensor:
+    """``Gram(W, side)``: ``(..., m, n)`` → ``(..., m, m)`` for "rows", ``(..., n, n)`` for "cols".
+
+    ``"auto"`` picks the k×k one, ``k = min(m, n)`` (``Wᵀ W`` when m ≥ n).
+    """
+    if _resolve_side(W, side) == "rows":
+        return W @ W.mT
+    return W.mT @ W
+
+
+def _diag_and_radius(W: torch.Tensor, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Diagonal ``d_i = V_ii`` and Gershgorin radius ``r_i = Σ_{j≠i} |V_ij|`` of ``V = Gram(W, side)``.
+
+    ``W (..., m, n)`` → two ``(..., k)`` tensors. ``d_i`` is computed as the squared norm
+    of row i ("rows") or column i ("cols") of W, the same number as ``V_ii``: under
+    torch.compile (inductor, torch 2.14, CPU) the backward of ``V.diagonal()`` feeding the
+    hinges was miscompiled at some shapes (2 % gradient error at 64×576). The diagonal
+    is masked out of ``r`` rather than subtracted (``Σ_j |V_ij| − |V_ii|``) so that a
+    large diagonal does not cancel the radius's low bits.
+    """
+    V = gram(W, side)
+    d = W.square().sum(-1) if _resolve_side(W, side) == "rows" else W.square().sum(-2)
+    eye = torch.eye(V.shape[-1], dtype=torch.bool, device=V.device)
+    r = V.abs().masked_fill(eye, 0).sum(-1)
+    return d, r
+
+
+def frame_penalty(W: torch.Tensor, A: float, B: float, side: str = "auto") -> torch.Tensor:
+    """Frame regularizer (SPEC §1.1): ``(..., m, n)`` → ``(...)``.
+
+    With ``V = Gram(W, side)`` (k×k), ``d_i = V_ii`` and ``r_i = Σ_{j≠i} |V_ij|``::
+
+        R(W) = (1/k) Σ_i  max(0, A − (d_i − r_i))² + max(0, (d_i + r_i) − B)²
+
+    Zero certifies ``A ≤ λ(V) ≤ B`` (``V − A·I`` and ``B·I − V`` diagonally dominant).
+    """
+    # formula: SPEC §1.1
+    d, r = _diag_and_radius(_upcast(W), side)
+    lower = torch.relu(A - (d - r)).square()
+    upper = torch.relu((d + r) - B).square()
+    return (lower + upper).mean(-1).to(W.dtype)
+
+
+def gershgorin_bounds(W: torch.Tensor, side: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Gershgorin enclosure of the eigenvalues of ``Gram(W, side)`` (SPEC §1.1 companion).
+
+    Returns ``(lo, hi)``, each of shape ``W.shape[:-2]``::
+
+        lo = min_i (d_i − r_i),   hi = max_i (d_i + r_i)
+    """
+    # formula: SPEC §1.1 (companion)
+    d, r = _diag_and_radius(_upcast(W), side)
+    return (d - r).amin(-1).to(W.dtype), (d + r).amax(-1).to(W.dtype)
+
+
+def frame_bounds(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact frame bounds ``(σ_min², σ_max²)`` of ``W``, each of shape ``W.shape[:-2]``.
+
+    ``σ`` are the ``k = min(m, n)`` singular values (``torch.linalg.svdvals``, descending),
+    so these are the extreme eigenvalues of the k×k Gram ``Gram(W, "auto")``.
+    """
+    # formula: SPEC §1.1 (companion)
+    s = torch.linalg.svdvals(_upcast(W))
+    return s[..., -1].square().to(W.dtype), s[..., 0].square().to(W.dtype)
+
+
+def diversity_penalty(W: torch.Tensor, tau: float, inclusive: bool = True) -> torch.Tensor:
+    """DiReAL filter-diversity penalty (SPEC §1.2): ``(..., m, n)`` → ``(...)``.
+
+    Rows only. ``ŵ_i = w_i / max(‖w_i‖₂, 1e-12)``, ``C = Ŵ Ŵᵀ``::
+
+        mask_ij = [i ≠ j] · [|C_ij| ≥ tau]          (inclusive=False: |C_ij| > tau)
+        R(W)    = ½ Σ_{i,j} mask_ij · C_ij²         (the sum over unordered pairs)
+
+    The mask is a constant for autograd.
+    """
+    # formula: SPEC §1.2
+    Wn = F.normalize(_upcast(W), dim=-1, eps=_NORMALIZE_EPS)
+    C = Wn @ Wn.mT
+    a = C.detach().abs()
+    over = a >= tau if inclusive else a > tau
+    eye = torch.eye(C.shape[-1], dtype=torch.bool, device=C.device)
+    mask = over & ~eye
+    return (0.5 * (C.square() * mask).sum((-2, -1))).to(W.dtype)
+
+
+def orthogonality_penalty(W: torch.Tensor, side: str = "auto", squared: bool = True) -> torch.Tensor:
+    """Soft orthogonality (SPEC §1.3): ``(..., m, n)`` → ``(...)``.
+
+    ``R(W) = ‖Gram(W, side) − I‖_F²``; ``squared=False`` returns ``‖Gram(W, side) − I‖_F``.
+    With ``side="cols"`` on a wide matrix (m < n) the rank of ``Wᵀ W`` is at most m < n,
+    so the penalty can never reach zero; ``"auto"`` uses the k×k Gram.
+    """
+    # formula: SPEC §1.3
+    V = gram(_upcast(W), side)
+    eye = torch.eye(V.shape[-1], dtype=V.dtype, device=V.device)
+    dist2 = (V - eye).square().sum((-2, -1))
+    return (dist2 if squared else dist2.sqrt()).to(W.dtype)
+
+
+def mhe_penalty(W: torch.Tensor, s: int = 2, half: bool = False, eps: float = 1e-4) -> torch.Tensor:
+    """Minimum hyperspherical energy (SPEC §1.4): ``(..., m, n)`` → ``(...)``.
+
+    Rows ``w_i`` (``half=True``: the 2m rows ``[W; −W]``), ``ν_i = sqrt(‖w_i‖² + eps)``::
+
+        cos_ij = w_i·w_j / (ν_i ν_j),   δ_ij = 2 − 2·cos_ij
+        e_ij   = −log δ_ij (s=0),  δ_ij^(−1/2) (s=1),  δ_ij^(−1) (s=2)
+        R(W)   = mean of e_ij over the unordered pairs i < j
+
+    Duplicate filters have ``δ = 2·eps / (‖w‖² + eps)``, which rounds to exactly 0 once
+    ``‖w‖² ≫ eps``; the energy is then ``+inf`` (s = 0: ``-log 0``). This is not clamped.
+    """
+    # formula: SPEC §1.4
+    X = _upcast(W)
+    if half:
+        X = torch.cat([X, -X], dim=-2)
+    p = X.shape[-2]
+    nu = (X.square().sum(-1) + eps).sqrt()
+    cos = (X @ X.mT) / (nu[..., :, None] * nu[..., None, :])
+    i, j = torch.triu_indices(p, p, offset=1, device=X.device)
+    delta = 2 - 2 * cos[..., i, j]  # (..., p(p−1)/2), the pairs i < j
+    if s == 0:
+        energy = -torch.log(delta)
+    elif s == 1:
+        energy = torch.rsqrt(delta)
+    else:
+        energy = torch.reciprocal(delta)
+    return energy.mean(-1).to(W.dtype)
+
+
+def _gram_minus_identity_times(W: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``M x`` with ``M = Gram(W, "auto") − I``, matrix-free: ``(..., m, n)``, ``(..., k)`` → ``(..., k)``.
+
+    ``Wᵀ (W x) − x`` when m ≥ n, ``W (Wᵀ x) − x`` otherwise: 4·m·n flops, no k×k Gram.
+    """
+    col = x.unsqueeze(-1)
+    if _resolve_side(W, "auto") == "cols":
+        return (W.mT @ (W @ col)).squeeze(-1) - x
+    return (W @ (W.mT @ col)).squeeze(-1) - x
+
+
+def srip_penalty(W: torch.Tensor, b: torch.Tensor, n_iter: int = 1) -> torch.Tensor:
+    """Spectral restricted isometry penalty (SPEC §1.5): ``(..., m, n)`` → ``(...)``.
+
+    ``M = Gram(W, "auto") − I`` (k×k); ``b`` is the start vector, shape ``(..., k)``
+    broadcastable against ``W.shape[:-2]`` (the public op draws ``b ~ U(0,1)^k``)::
+
+        repeat n_iter times:  v = M b / ‖M b‖,  b = v
+        R(W) = ‖M v‖²
+
+    Gradients flow through ``v`` (as in the official SRIP code, which does not detach
+    the power iteration). ``M x`` is computed matrix-free, never forming the Gram.
+    """
+    # formula: SPEC §1.5
+    X = _upcast(W)
+    v = b.to(X.dtype)
+    for _ in range(n_iter):
+        u = _gram_minus_identity_times(X, v)
+        v = u / torch.linalg.vector_norm(u, dim=-1, keepdim=True)
+    return _gram_minus_identity_times(X, v).square().sum(-1).to(W.dtype)
+
+
+PENALTY_KINDS = {
+    "frame": frame_penalty,
+    "diversity": diversity_penalty,
+    "orthogonality": orthogonality_penalty,
+    "mhe": mhe_penalty,
+    "srip": srip_penalty,
+}
+
+
+def penalty_multi(weights: Sequence[torch.Tensor], kind: str, groups: int | Sequence[int] = 1,
+                  **kw) -> torch.Tensor:
+    """One penalty value per layer weight (SPEC §1.7): list of weights → ``(len(weights),)``.
+
+    Each weight is turned into a matrix with ``as_matrix`` (conv weights, ndim > 2; a
+    2-D weight is one Linear matrix, never a batch) and penalised with the ``kind``
+    reference (``"frame"``, ``"diversity"``, ``"orthogonality"``, ``"mhe"``, ``"srip"``)
+    called with ``**kw``. A grouped conv gives ``(g, out/g, ·)`` matrices; its value is
+    the mean over the groups (SPEC §0). ``groups`` is one int for all weights or one
+    per weight. For ``"srip"``, ``kw["b"]`` is a list with one start vector per weight,
+    shaped ``(k,)`` or ``(g, k)`` like the weight's matrices.
+
+    The values are returned in the promoted dtype of the weights; an empty list gives
+    an empty float32 tensor.
+    """
+    # formula: SPEC §1.7 (per layer) and §0 (mean over groups)
+    fn = PENALTY_KINDS[kind]
+    per_weight_groups = [groups] * len(weights) if isinstance(groups, int) else list(groups)
+    starts = kw.pop("b", None)
+    values = []
+    for idx, (w, g) in enumerate(zip(weights, per_weight_groups)):
+        extra = {"b": starts[idx]} if kind == "srip" else {}
+        values.append(fn(as_matrix(w, g), **extra, **kw).reshape(-1).mean())
+    if not values:
+        return torch.empty(0)
+    dtype = functools.reduce(torch.promote_types, [v.dtype for v in values])
+    return torch.stack([v.to(dtype) for v in values])
