@@ -5,7 +5,6 @@ counts each tensor's non-zeros, so ``nonzeros()`` costs no extra pass over memor
 """
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Callable, Iterable
 
 import torch
@@ -17,6 +16,20 @@ from regkernels.reference.beta_lasso import beta_lasso_update_
 __all__ = ["BetaLasso"]
 
 _BACKENDS = (None, "reference", "cpu", "cuda")
+
+
+class _Launch:
+    """Argument lists of one fused launch: every parameter of one (device, dtype)."""
+
+    __slots__ = ("params", "grads", "bufs", "hyper", "flags", "placeholder")
+
+    def __init__(self, placeholder: torch.Tensor):
+        self.params: list[torch.Tensor] = []
+        self.grads: list[torch.Tensor] = []
+        self.bufs: list[torch.Tensor] = []
+        self.hyper: list[float] = []
+        self.flags: list[int] = []
+        self.placeholder = placeholder  # stands in for the buffer of tensors without momentum
 
 
 class BetaLasso(Optimizer):
@@ -68,13 +81,16 @@ class BetaLasso(Optimizer):
         # counts of the last step: (params updated by one launch, their int64 counts tensor)
         self._counts: list[tuple[list[torch.Tensor], torch.Tensor]] = []
 
-    def _kernel_for(self, p: torch.Tensor) -> str | None:
+    def _kernel_for(self, p: torch.Tensor, kernels: dict) -> str | None:
         """The fused backend that updates ``p``, or None for the reference path."""
         if self.backend == "reference":
             return None
-        kernel = fused_backend_for(p.device)
-        usable = (kernel is not None and p.dtype in FUSED_DTYPES and p.is_contiguous()
-                  and p.grad.is_contiguous() and p.grad.dtype == p.dtype)
+        if p.device not in kernels:
+            kernels[p.device] = fused_backend_for(p.device)
+        kernel = kernels[p.device]
+        g = p.grad
+        usable = (kernel is not None and p.dtype in FUSED_DTYPES and g.dtype == p.dtype and p.is_contiguous()
+                  and g.is_contiguous())
         if self.backend is None:
             return kernel if usable else None
         if not usable or kernel != self.backend:
@@ -92,19 +108,43 @@ class BetaLasso(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._counts = []
-        fused: dict[tuple[torch.device, torch.dtype], list] = defaultdict(list)
+        # (device, dtype) → the fused op's argument lists, filled in one pass over the params
+        launches: dict[tuple[torch.device, torch.dtype], _Launch] = {}
+        kernels: dict[torch.device, str | None] = {}
         for group in self.param_groups:
+            hyper, flags = pack_hyper(group["lr"], group["lam"], group["beta"], group["momentum"],
+                                      group["dampening"], group["weight_decay"], group["nesterov"], False)
+            flags_first = flags[:2] + [1]
+            momentum = group["momentum"] != 0
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("BetaLasso does not support sparse gradients")
-                if self._kernel_for(p) is None:
+                if self._kernel_for(p, kernels) is None:
                     self._reference_update(p, group)
-                else:
-                    fused[(p.device, p.dtype)].append((p, group))
-        for items in fused.values():
-            self._fused_update(items)
+                    continue
+                launch = launches.get((p.device, p.dtype))
+                if launch is None:
+                    launch = launches[(p.device, p.dtype)] = _Launch(p.new_empty(0))
+                buf, first = launch.placeholder, False
+                if momentum:
+                    state = self.state[p]
+                    buf = state.get("momentum_buffer")
+                    if buf is None:
+                        # the kernel writes buf = d on this first step
+                        buf = state["momentum_buffer"] = torch.empty_like(p, memory_format=torch.contiguous_format)
+                        first = True
+                    elif not buf.is_contiguous():
+                        buf = state["momentum_buffer"] = buf.contiguous()
+                launch.params.append(p)
+                launch.grads.append(p.grad)
+                launch.bufs.append(buf)
+                launch.hyper += hyper
+                launch.flags += flags_first if first else flags
+        for launch in launches.values():
+            counts = beta_lasso_step_(launch.params, launch.grads, launch.bufs, launch.hyper, launch.flags)
+            self._counts.append((launch.params, counts))
         return loss
 
     def _reference_update(self, p: torch.Tensor, group: dict) -> None:
@@ -115,35 +155,6 @@ class BetaLasso(Optimizer):
         if buf is not None:
             state["momentum_buffer"] = buf
         self._counts.append(([p], torch.count_nonzero(p).reshape(1)))
-
-    def _fused_update(self, items: list) -> None:
-        """One launch for every parameter of one (device, dtype)."""
-        params, grads, bufs, hyper, flags = [], [], [], [], []
-        placeholder = None
-        for p, group in items:
-            state = self.state[p]
-            first = False
-            if group["momentum"] != 0:
-                buf = state.get("momentum_buffer")
-                if buf is None:
-                    buf = torch.empty_like(p, memory_format=torch.contiguous_format)
-                    state["momentum_buffer"] = buf
-                    first = True  # the kernel writes buf = d
-                elif not buf.is_contiguous():
-                    buf = state["momentum_buffer"] = buf.contiguous()
-            else:
-                if placeholder is None:
-                    placeholder = p.new_empty(0)
-                buf = placeholder
-            h, f = pack_hyper(group["lr"], group["lam"], group["beta"], group["momentum"], group["dampening"],
-                              group["weight_decay"], group["nesterov"], first)
-            params.append(p)
-            grads.append(p.grad)
-            bufs.append(buf)
-            hyper += h
-            flags += f
-        counts = beta_lasso_step_(params, grads, bufs, hyper, flags)
-        self._counts.append((params, counts))
 
     def nonzeros(self) -> list[list[int | None]]:
         """Non-zero count of every parameter after the last ``step()``, per param group.
