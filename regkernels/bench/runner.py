@@ -111,7 +111,6 @@ def measure_ceilings(device: torch.device, quick: bool) -> dict:
 
     out = {"copy_bandwidth_GBps": rate(lambda: dst.copy_(src), 2 * n * 4),
            "inplace_add_bandwidth_GBps": rate(lambda: dst.add_(src), 3 * n * 4), "stream_bytes": n * 4}
-    del src, dst
     m = 4096 if device.type == "cuda" else 1024
     a = torch.randn(m, m, device=device)
     b = torch.randn(m, m, device=device)

@@ -7,7 +7,8 @@ op does not have (yet) for that device raises ``ValueError`` listing what exists
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from types import ModuleType
+from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -29,6 +30,31 @@ def resolve_backend(op: str, backend: str | None, device: torch.device, availabl
         return backend
     have = ", ".join(["'reference'"] + [repr(b) for b in avail])
     raise ValueError(f"{op}: no {backend!r} kernel for {device.type} tensors; available backends: {have}")
+
+
+class KernelTable:
+    """Where one op family's kernels register, and the family's single dispatch point.
+
+    ``register(op, device_type, backend, fn)`` adds a kernel taking the reference's arguments;
+    kernels registered earlier for the same (op, device type) are preferred. ``implementation``
+    returns the kernel ``resolve_backend`` picks for the device, else ``getattr(reference, op)``.
+    """
+
+    def __init__(self, reference: ModuleType):
+        self._reference = reference
+        self._kernels: dict[tuple[str, str], dict[str, Callable]] = {}
+
+    def register(self, op: str, device_type: str, backend: str, fn: Callable) -> None:
+        if backend not in BACKENDS or backend == "reference":
+            raise ValueError(f"KernelTable.register: backend must be one of {BACKENDS[1:]}; got {backend!r}")
+        self._kernels.setdefault((op, device_type), {})[backend] = fn
+
+    def implementation(self, op: str, backend: str | None, device: torch.device, *,
+                       name: str | None = None) -> Callable:
+        """The function computing ``op`` on ``device``; ``name`` is the public op named in errors."""
+        kernels = self._kernels.get((op, device.type), {})
+        chosen = resolve_backend(name or op, backend, device, kernels)
+        return getattr(self._reference, op) if chosen == "reference" else kernels[chosen]
 
 
 def check_tensor(op: str, name: str, x, *, min_ndim: int | None = None, ndim: int | Sequence[int] | None = None,

@@ -2,7 +2,7 @@
 
 Each op validates its arguments (SPEC §7: every message names the op, the argument
 and the expected form), picks a backend and calls it. Only the pure-torch reference
-exists for this family so far; kernel backends plug into ``_IMPLS``.
+exists for this family so far; kernel backends register in ``_TABLE``.
 
 Shapes: ``weight`` is ``(C_out, C_in/groups, *k)`` with 1, 2 or 3 spatial dims ``d``;
 ``input_size`` is the spatial size ``(n_1, …, n_d)`` of one input sample (weights are
@@ -10,11 +10,11 @@ single layers, not batched). stride / padding / dilation are an int or a d-tuple
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
-from regkernels.ops._common import check_bounds, check_number, check_side, check_tensor, resolve_backend
+from regkernels.ops._common import KernelTable, check_bounds, check_number, check_side, check_tensor
 from regkernels.reference import conv as R
 
 __all__ = [
@@ -26,18 +26,11 @@ __all__ = [
     "clip_conv_singular_values",
 ]
 
-# op -> backend -> implementation (same signature as the reference, without backend).
-_IMPLS: dict[str, dict[str, Callable]] = {name: {"reference": getattr(R, name)} for name in __all__}
-# the device type each kernel backend runs on
-_BACKEND_DEVICE = {"cpu": "cpu", "cuda": "cuda", "triton": "cuda"}
+# Kernels of this family register here (none yet: every op runs its reference).
+_TABLE = KernelTable(R)
+_implementation = _TABLE.implementation
 
 _WEIGHT_FORM = "(C_out, C_in/groups, *kernel) with 1, 2 or 3 spatial dims"
-
-
-def _implementation(op: str, backend: str | None, device: torch.device) -> Callable:
-    """The one dispatch point of every op in this module."""
-    kernels = [b for b in _IMPLS[op] if _BACKEND_DEVICE.get(b) == device.type]
-    return _IMPLS[op][resolve_backend(op, backend, device, kernels)]
 
 
 def _check_weight(op: str, weight) -> int:

@@ -15,13 +15,13 @@ from typing import Callable, Sequence
 import torch
 
 from regkernels.ops._common import (
+    KernelTable,
     check_bounds,
     check_matrix,
     check_number,
     check_same_device,
     check_side,
     check_tensor,
-    resolve_backend,
 )
 from regkernels.reference import gram as R
 
@@ -30,17 +30,9 @@ __all__ = [
     "orthogonality_penalty", "mhe_penalty", "srip_penalty", "penalty_multi",
 ]
 
-# Kernels by (op name, device type) → {backend: implementation}, best first. An
-# implementation takes the reference's arguments. With none registered for a device,
-# every op runs its reference; kernel modules add their entries here.
-_KERNELS: dict[tuple[str, str], dict[str, Callable]] = {}
-
-
-def _implementation(op: str, backend: str | None, device: torch.device) -> Callable:
-    """The function that computes ``op`` on ``device`` for the requested ``backend``."""
-    kernels = _KERNELS.get((op, device.type), {})
-    chosen = resolve_backend(op, backend, device, kernels)
-    return getattr(R, op) if chosen == "reference" else kernels[chosen]
+# Kernels of this family register here (none yet: every op runs its reference).
+_TABLE = KernelTable(R)
+_implementation = _TABLE.implementation
 
 
 # ----------------------------------------------------------------------------- checks

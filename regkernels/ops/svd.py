@@ -1,39 +1,25 @@
 """Public batched-SVD ops (SPEC §3): validation → backend choice → implementation.
 
 ``batched_svd``, ``clamp_singular_values`` and ``svb_`` validate their arguments (SPEC §7)
-and dispatch through ``_pick``. No kernel exists for this family yet, so every call runs
-the pure-torch reference; a kernel backend registers itself in ``_SVD_KERNELS`` /
-``_CLAMP_KERNELS`` (name → (applies to device?, implementation)) and nothing else changes.
+and dispatch through ``_TABLE`` (a ``KernelTable``). No kernel exists for this family yet,
+so every call runs the pure-torch reference; a kernel backend registers itself there and
+nothing else changes.
 """
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Callable
 
 import torch
 from torch import nn
 
-from regkernels.ops._common import check_bounds, check_matrix, check_number, check_tensor, resolve_backend
+from regkernels.ops._common import KernelTable, check_bounds, check_matrix, check_number, check_tensor
 from regkernels.reference import svd as _ref
 
 __all__ = ["batched_svd", "clamp_singular_values", "svb_"]
 
-Kernels = dict[str, tuple[Callable[[torch.device], bool], Callable]]
-
-# backend name -> (applies(device), implementation); filled by the kernel issues
-_SVD_KERNELS: Kernels = {}
-_CLAMP_KERNELS: Kernels = {}
-
-
-def _pick(op: str, backend: str | None, device: torch.device, kernels: Kernels, reference: Callable) -> Callable:
-    """The implementation of ``op`` for ``device``: a kernel that applies, else the reference.
-
-    Naming a backend that has no kernel here raises resolve_backend's ValueError, which
-    lists the available backends.
-    """
-    available = [name for name, (applies, _) in kernels.items() if applies(device)]
-    name = resolve_backend(op, backend, device, available)
-    return reference if name == "reference" else kernels[name][1]
+# Kernels of this family register here (none yet: every op runs its reference); svb_ runs on
+# the batched_svd kernel.
+_TABLE = KernelTable(_ref)
 
 
 def batched_svd(X: torch.Tensor, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -45,7 +31,7 @@ def batched_svd(X: torch.Tensor, backend: str | None = None) -> tuple[torch.Tens
     Differentiable. Formula and accuracy: SPEC §3.1.
     """
     check_matrix("batched_svd", "X", X)
-    return _pick("batched_svd", backend, X.device, _SVD_KERNELS, _ref.batched_svd)(X)
+    return _TABLE.implementation("batched_svd", backend, X.device)(X)
 
 
 def clamp_singular_values(X: torch.Tensor, lo: float, hi: float, backend: str | None = None) -> torch.Tensor:
@@ -56,7 +42,7 @@ def clamp_singular_values(X: torch.Tensor, lo: float, hi: float, backend: str | 
     """
     check_matrix("clamp_singular_values", "X", X)
     check_bounds("clamp_singular_values", "lo", lo, "hi", hi)
-    return _pick("clamp_singular_values", backend, X.device, _CLAMP_KERNELS, _ref.clamp_singular_values)(X, lo, hi)
+    return _TABLE.implementation("clamp_singular_values", backend, X.device)(X, lo, hi)
 
 
 def _svb_weights(weights_or_module) -> list[torch.Tensor]:
@@ -116,7 +102,7 @@ def svb_(weights_or_module: nn.Module | torch.Tensor | Iterable[torch.Tensor], e
     weights = _svb_weights(weights_or_module)
     # an unknown or missing backend fails before any weight changes
     for device in {w.device for w in weights} or {torch.device("cpu")}:
-        _pick("svb_", backend, device, _SVD_KERNELS, _ref.batched_svd)
+        _TABLE.implementation("batched_svd", backend, device, name="svb_")
     if not isinstance(weights_or_module, (nn.Module, torch.Tensor)):
         weights_or_module = weights  # a one-shot iterator was consumed by the checks above
     return _ref.svb_(weights_or_module, eps, operator=operator, input_size=input_size,
