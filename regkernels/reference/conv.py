@@ -27,6 +27,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from regkernels.reference._dtypes import compute_dtype, upcast
+
 __all__ = [
     "MAX_DENSE_BYTES",
     "conv_output_size",
@@ -50,16 +52,6 @@ def _expand(value, d: int) -> tuple[int, ...]:
     if isinstance(value, int):
         return (value,) * d
     return tuple(int(v) for v in value)
-
-
-def _low_precision(x: torch.Tensor) -> bool:
-    return x.dtype in (torch.float16, torch.bfloat16)
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    # float16 / bfloat16 are computed in float32 (Gram sums, FFTs and SVDs lose too
-    # much in 8–11 mantissa bits; CPU FFTs do not support them at all).
-    return torch.float32 if _low_precision(x) else x.dtype
 
 
 def conv_output_size(input_size: Sequence[int], kernel: Sequence[int], stride, padding, dilation) -> tuple[int, ...]:
@@ -230,7 +222,7 @@ def _frame_working_bytes(weight: torch.Tensor, input_size, stride, padding, dila
     m = weight.shape[0] * math.prod(out_size)
     n = weight.shape[1] * groups * math.prod(input_size)
     k = m if side == "rows" else n if side == "cols" else min(m, n)
-    itemsize = torch.empty((), dtype=_compute_dtype(weight)).element_size()
+    itemsize = torch.empty((), dtype=compute_dtype(weight.dtype)).element_size()
     return (m, n), (m * n + 2 * k * k) * itemsize
 
 
@@ -239,7 +231,7 @@ def _explicit_frame(op: str, weight, input_size, stride, padding, dilation, grou
     _check_dense_size(op, f"the explicit reference (dense T of shape {shape} plus its Gram matrix)", nbytes,
                       None, "use a smaller layer or input_size (conv_to_matrix(..., layout='coo' or "
                       "layout='csr') gives T without the dense matrix)")
-    T = conv_to_matrix(weight.to(_compute_dtype(weight)), input_size, stride, padding, dilation, groups,
+    T = conv_to_matrix(upcast(weight), input_size, stride, padding, dilation, groups,
                        padding_mode, max_dense_bytes=nbytes)
     return _frame_terms(T, side)
 
@@ -316,7 +308,7 @@ def conv_orthogonality_penalty(weight: torch.Tensor, stride=1, padding=None) -> 
         return weight.sum()  # no filters: an empty sum, 0, still attached to the graph
     S = _expand(stride, d)
     P = tuple((k - 1) // s * s for k, s in zip(weight.shape[2:], S)) if padding is None else _expand(padding, d)
-    K = weight.to(_compute_dtype(weight))
+    K = upcast(weight)
     O = _CONV[d](K, K, stride=S, padding=P)
     o = weight.shape[0]
     centre = (slice(None), slice(None)) + tuple(s // 2 for s in O.shape[2:])
@@ -343,7 +335,7 @@ def _frequency_matrices(weight: torch.Tensor, input_size: Sequence[int], oneside
     d = weight.dim() - 2
     spatial = tuple(range(2, 2 + d))
     transform = torch.fft.rfftn if onesided else torch.fft.fftn
-    Fk = transform(weight.to(_compute_dtype(weight)), s=tuple(input_size), dim=spatial)
+    Fk = transform(upcast(weight), s=tuple(input_size), dim=spatial)
     return Fk.permute(*range(2, 2 + d), 0, 1).reshape(-1, weight.shape[0], weight.shape[1])
 
 

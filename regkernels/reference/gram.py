@@ -26,6 +26,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from regkernels.reference._dtypes import upcast
+
 __all__ = [
     "as_matrix", "gram", "frame_penalty", "gershgorin_bounds", "frame_bounds", "diversity_penalty",
     "orthogonality_penalty", "mhe_penalty", "srip_penalty", "penalty_multi", "PENALTY_KINDS",
@@ -33,15 +35,6 @@ __all__ = [
 
 # DiReAL normalises rows as F.normalize does: w / max(‖w‖₂, 1e-12) (SPEC §1.2).
 _NORMALIZE_EPS = 1e-12
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float16 / bfloat16 are computed in float32; other floating dtypes natively."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def _upcast(W: torch.Tensor) -> torch.Tensor:
-    return W.to(_compute_dtype(W.dtype))
 
 
 def _resolve_side(W: torch.Tensor, side: str) -> str:
@@ -106,7 +99,7 @@ def frame_penalty(W: torch.Tensor, A: float, B: float, side: str = "auto") -> to
     Zero certifies ``A ≤ λ(V) ≤ B`` (``V − A·I`` and ``B·I − V`` diagonally dominant).
     """
     # formula: SPEC §1.1
-    d, r = _diag_and_radius(_upcast(W), side)
+    d, r = _diag_and_radius(upcast(W), side)
     lower = torch.relu(A - (d - r)).square()
     upper = torch.relu((d + r) - B).square()
     return (lower + upper).mean(-1).to(W.dtype)
@@ -120,7 +113,7 @@ def gershgorin_bounds(W: torch.Tensor, side: str = "auto") -> tuple[torch.Tensor
         lo = min_i (d_i − r_i),   hi = max_i (d_i + r_i)
     """
     # formula: SPEC §1.1 (companion)
-    d, r = _diag_and_radius(_upcast(W), side)
+    d, r = _diag_and_radius(upcast(W), side)
     return (d - r).amin(-1).to(W.dtype), (d + r).amax(-1).to(W.dtype)
 
 
@@ -131,7 +124,7 @@ def frame_bounds(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     so these are the extreme eigenvalues of the k×k Gram ``Gram(W, "auto")``.
     """
     # formula: SPEC §1.1 (companion)
-    s = torch.linalg.svdvals(_upcast(W))
+    s = torch.linalg.svdvals(upcast(W))
     return s[..., -1].square().to(W.dtype), s[..., 0].square().to(W.dtype)
 
 
@@ -146,7 +139,7 @@ def diversity_penalty(W: torch.Tensor, tau: float, inclusive: bool = True) -> to
     The mask is a constant for autograd.
     """
     # formula: SPEC §1.2
-    Wn = F.normalize(_upcast(W), dim=-1, eps=_NORMALIZE_EPS)
+    Wn = F.normalize(upcast(W), dim=-1, eps=_NORMALIZE_EPS)
     C = Wn @ Wn.mT
     a = C.detach().abs()
     over = a >= tau if inclusive else a > tau
@@ -163,7 +156,7 @@ def orthogonality_penalty(W: torch.Tensor, side: str = "auto", squared: bool = T
     so the penalty can never reach zero; ``"auto"`` uses the k×k Gram.
     """
     # formula: SPEC §1.3
-    V = gram(_upcast(W), side)
+    V = gram(upcast(W), side)
     eye = torch.eye(V.shape[-1], dtype=V.dtype, device=V.device)
     dist2 = (V - eye).square().sum((-2, -1))
     return (dist2 if squared else dist2.sqrt()).to(W.dtype)
@@ -182,7 +175,7 @@ def mhe_penalty(W: torch.Tensor, s: int = 2, half: bool = False, eps: float = 1e
     ``‖w‖² ≫ eps``; the energy is then ``+inf`` (s = 0: ``-log 0``). This is not clamped.
     """
     # formula: SPEC §1.4
-    X = _upcast(W)
+    X = upcast(W)
     if half:
         X = torch.cat([X, -X], dim=-2)
     p = X.shape[-2]
@@ -223,7 +216,7 @@ def srip_penalty(W: torch.Tensor, b: torch.Tensor, n_iter: int = 1) -> torch.Ten
     the power iteration). ``M x`` is computed matrix-free, never forming the Gram.
     """
     # formula: SPEC §1.5
-    X = _upcast(W)
+    X = upcast(W)
     v = b.to(X.dtype)
     for _ in range(n_iter):
         u = _gram_minus_identity_times(X, v)

@@ -12,6 +12,7 @@ from typing import Callable, Union
 import torch
 from torch import nn
 
+from regkernels.reference._dtypes import compute_dtype, upcast
 from regkernels.reference.gram import as_matrix
 
 __all__ = ["batched_svd", "clamp_singular_values", "svb_", "collect_svb_weights", "SVB_LAYERS"]
@@ -22,14 +23,6 @@ InputSize = Union[int, Sequence[int], Mapping[torch.Tensor, Union[int, Sequence[
 # Layers whose weight svb_ projects when given a module. ConvTranspose is left out on
 # purpose: its weight is (in, out/g, *k), so the as_matrix rows would not be filters.
 SVB_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp16/bf16 are computed in float32 (SPEC §3.1); float32/float64 as they are."""
-    return torch.float32 if dtype in _LOW_PRECISION else dtype
-
 
 def _svd(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD of ``X (..., m, n)`` in X's own (float32/float64) dtype.
@@ -54,7 +47,7 @@ def batched_svd(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     that matrix only; an empty batch gives empty factors. Differentiable like
     ``torch.linalg.svd`` (formula: SPEC §3.1).
     """
-    U, S, Vh = _svd(X.to(_compute_dtype(X.dtype)))
+    U, S, Vh = _svd(upcast(X))
     return U.to(X.dtype), S.to(X.dtype), Vh.to(X.dtype)
 
 
@@ -159,7 +152,7 @@ class _ClampSingularValues(torch.autograd.Function):
 
     @staticmethod
     def forward(X: torch.Tensor, lo: float, hi: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        U, S, Vh = _svd(X.to(_compute_dtype(X.dtype)))
+        U, S, Vh = _svd(upcast(X))
         Y = (U * S.clamp(lo, hi)[..., None, :]) @ Vh
         return Y.to(X.dtype), U, S, Vh
 
@@ -246,7 +239,7 @@ def _svb_matrices(items: list[tuple[torch.Tensor, int]], lo: float, hi: float, s
     count = 0
     for key, members in groups.items():
         stacks = [as_matrix(w, g).reshape(-1, *key[0]) for w, g in members]
-        X = torch.cat(stacks).to(_compute_dtype(members[0][0].dtype))
+        X = torch.cat(stacks).to(compute_dtype(members[0][0].dtype))
         Y = _bound(X, lo, hi, svd).to(members[0][0].dtype)
         for (w, _), part in zip(members, Y.split([s.shape[0] for s in stacks])):
             w.copy_(part.reshape(w.shape))
