@@ -83,3 +83,24 @@ def test_main_writes_json_schema(tmp_path, capsys):
     assert doc["results"] and all(keys <= set(r) for r in doc["results"])
     assert {r["provider"] for r in doc["results"]} == {"eager", "compile", "regkernels"}
     assert "orthogonality_penalty" in capsys.readouterr().out
+
+
+def test_reset_runs_before_each_providers_first_call():
+    """Providers that share mutable buffers start from the same state (β-LASSO cases)."""
+    state = {"x": 0, "resets": 0}
+
+    def reset():
+        state["x"] = 0
+        state["resets"] += 1
+
+    def step():
+        state["x"] += 1
+        return torch.tensor([float(state["x"])])
+
+    seen = []
+    prep = C.Prepared(providers={p: step for p in R.PROVIDERS},
+                      error=lambda out: seen.append(float(out[0])) or 0.0, reset=reset)
+    case = C.Case(op="tiny_op", name="stateful", setup=lambda device: prep)
+    R.run_case(case, torch.device("cpu"), {"copy_bandwidth_GBps": 1, "matmul_fp32_GFLOPs": 1}, quick=True,
+               log=lambda m: None)
+    assert state["resets"] == 3 and seen == [1.0, 1.0, 1.0]

@@ -28,6 +28,9 @@ class Prepared:
     bytes_moved: int | None = None
     flops: int | None = None
     note: str = ""
+    # called before each provider's first call: providers that share (and mutate) one set of
+    # buffers all start from the same state, so their errors compare like with like
+    reset: Callable[[], None] | None = None
 
 
 @dataclass

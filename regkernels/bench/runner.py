@@ -1,8 +1,9 @@
 """``python -m regkernels.bench``: time every op against its eager reference and torch.compile.
 
 For each case and provider (``eager``, ``compile``, ``regkernels``): one first call (compiles
-where needed; its output is checked against float64), warm-up calls, then timed calls with a
-device sync around each; median and p20/p80 in ms, peak memory of one call, and the ratios of
+where needed; its output is checked against float64) and warm-up calls; then the providers are
+timed round-robin, one call each per round with a device sync around each call, so drift of
+the machine falls on all alike; median and p20/p80 in ms, peak memory of one call, and the ratios of
 the regkernels provider against the other two measured in the same run. The machine's own
 ceilings (copy bandwidth, matmul rate) are measured first, and cases that declare their bytes
 or flops report % of them. Results go to ``--json PATH`` with the machine and versions.
@@ -162,21 +163,46 @@ def versions() -> dict:
 
 
 # ---------------------------------------------------------------- running cases
+def _error_text(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:500]
+
+
+def time_interleaved(fns: dict[str, Callable[[], Any]], device: torch.device, *, min_reps: int, max_reps: int,
+                     budget_s: float) -> dict[str, list[float]]:
+    """Round-robin timing: one call of each provider per round, so a drift of the machine
+    (frequency, neighbours on a shared host) affects all providers alike."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < max_reps and (rounds < min_reps or time.perf_counter() - start < budget_s):
+        for name, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+        rounds += 1
+    return times
+
+
 def run_case(case: Case, device: torch.device, ceilings: dict, quick: bool, log: Callable[[str], None]) -> list[dict]:
-    rows: list[dict] = []
+    """Rows of one case: per provider a checked first call and warm-up, then interleaved timing."""
     try:
         prep = case.setup(device)
     except Exception as exc:  # a case that cannot be built here is recorded, not fatal
-        return [{"op": case.op, "case": case.name, "provider": p, "error": f"setup: {type(exc).__name__}: {exc}"}
+        return [{"op": case.op, "case": case.name, "provider": p, "error": f"setup: {_error_text(exc)}"}
                 for p in PROVIDERS]
+    rows = {p: {"op": case.op, "case": case.name, "provider": p} for p in PROVIDERS}
+    ready: dict[str, Callable[[], Any]] = {}
     for provider in PROVIDERS:
         fn = prep.providers.get(provider)
-        row: dict[str, Any] = {"op": case.op, "case": case.name, "provider": provider}
+        row = rows[provider]
         if fn is None:
             row["error"] = "no such provider for this case"
-            rows.append(row)
             continue
         try:
+            if prep.reset is not None:
+                prep.reset()
             t0 = time.perf_counter()
             out = fn()  # first call: compiles for the compile provider
             _sync(device)
@@ -184,29 +210,38 @@ def run_case(case: Case, device: torch.device, ceilings: dict, quick: bool, log:
             row["max_rel_err"] = prep.error(out) if prep.error is not None else None
             del out
             time_calls(fn, device, min_reps=1 if quick else 3, max_reps=5, budget_s=0.5)  # warm-up
-            times = time_calls(fn, device, min_reps=5 if quick else 10, max_reps=30 if quick else 200,
-                               budget_s=1.0 if quick else 4.0)
-            row.update(median_ms=round(_quantile(times, 0.5), 4), p20_ms=round(_quantile(times, 0.2), 4),
-                       p80_ms=round(_quantile(times, 0.8), 4), reps=len(times),
-                       peak_mem_bytes=peak_memory(fn, device))
-            sec = row["median_ms"] * 1e-3
-            if prep.bytes_moved:
-                row["GBps"] = round(prep.bytes_moved / sec / 1e9, 2)
-                row["pct_copy_bandwidth"] = round(100 * row["GBps"] / ceilings["copy_bandwidth_GBps"], 1)
-                row["pct_inplace_add_bandwidth"] = round(100 * row["GBps"] / ceilings["inplace_add_bandwidth_GBps"], 1)
-            if prep.flops:
-                row["GFLOPs"] = round(prep.flops / sec / 1e9, 2)
-                row["pct_matmul_fp32"] = round(100 * row["GFLOPs"] / ceilings["matmul_fp32_GFLOPs"], 1)
+            ready[provider] = fn
         except Exception as exc:
-            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:500]
-        log(f"  {case.op:28s} {case.name:24s} {provider:10s} "
+            row["error"] = _error_text(exc)
+    try:
+        times = time_interleaved(ready, device, min_reps=5 if quick else 10, max_reps=30 if quick else 200,
+                                 budget_s=len(ready) * (1.0 if quick else 4.0))
+    except Exception as exc:
+        times = {}
+        for provider in ready:
+            rows[provider]["error"] = _error_text(exc)
+    for provider, ts in times.items():
+        row = rows[provider]
+        row.update(median_ms=round(_quantile(ts, 0.5), 4), p20_ms=round(_quantile(ts, 0.2), 4),
+                   p80_ms=round(_quantile(ts, 0.8), 4), reps=len(ts),
+                   peak_mem_bytes=peak_memory(ready[provider], device))
+        sec = row["median_ms"] * 1e-3
+        if prep.bytes_moved:
+            row["GBps"] = round(prep.bytes_moved / sec / 1e9, 2)
+            row["pct_copy_bandwidth"] = round(100 * row["GBps"] / ceilings["copy_bandwidth_GBps"], 1)
+            row["pct_inplace_add_bandwidth"] = round(100 * row["GBps"] / ceilings["inplace_add_bandwidth_GBps"], 1)
+        if prep.flops:
+            row["GFLOPs"] = round(prep.flops / sec / 1e9, 2)
+            row["pct_matmul_fp32"] = round(100 * row["GFLOPs"] / ceilings["matmul_fp32_GFLOPs"], 1)
+    out_rows = [rows[p] for p in PROVIDERS]
+    for row in out_rows:
+        log(f"  {case.op:28s} {case.name:24s} {row['provider']:10s} "
             + (f"{row['median_ms']:10.3f} ms" if "median_ms" in row else f"error: {row.get('error')}"))
-        rows.append(row)
-    _add_ratios(rows)
+    _add_ratios(out_rows)
     if prep.note:
-        for r in rows:
+        for r in out_rows:
             r["note"] = prep.note
-    return rows
+    return out_rows
 
 
 def _add_ratios(rows: list[dict]) -> None:
