@@ -24,11 +24,6 @@ except ImportError as exc:  # pragma: no cover - depends on the build
     )
 
 
-def has_cpp_kernel(name: str) -> bool:
-    """True when the compiled extension registers ``torch.ops.regkernels.<name>``."""
-    return HAS_C and hasattr(torch.ops.regkernels, name)
-
-
 def has_cuda_kernels() -> bool:
     """True when the extension was built with its CUDA sources."""
     return HAS_C and bool(torch.ops.regkernels.built_with_cuda())

@@ -132,7 +132,6 @@ def machine_info(device: torch.device) -> dict:
             info["cpu"] = names[0]
     except OSError:
         pass
-    mem = _rss_kib("MemTotal")
     try:
         with open("/proc/meminfo") as f:
             mem = int(f.readline().split()[1])
