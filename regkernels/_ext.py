@@ -5,6 +5,7 @@ back to their pure-torch references and one warning says so.
 """
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -35,3 +36,12 @@ def has_triton() -> bool:
     except ImportError:
         return False
     return True
+
+
+def triton_interpreted() -> bool:
+    """True when Triton kernels run on CPU tensors: Triton importable and ``TRITON_INTERPRET=1``.
+
+    That is how CI checks the Triton kernels without a GPU (tests/conftest.py sets it); users
+    never need it.
+    """
+    return os.environ.get("TRITON_INTERPRET") == "1" and has_triton()

@@ -10,6 +10,7 @@ Inputs are never modified; non-contiguous and expanded inputs are fine.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Sequence
 
 import torch
@@ -23,6 +24,7 @@ from regkernels.ops._common import (
     check_side,
     check_tensor,
 )
+from regkernels import _ext
 from regkernels.reference import gram as R
 
 __all__ = [
@@ -30,7 +32,7 @@ __all__ = [
     "orthogonality_penalty", "mhe_penalty", "srip_penalty", "penalty_multi",
 ]
 
-# Kernels of this family register here (none yet: every op runs its reference).
+# Kernels of this family register here (see the end of this module).
 _TABLE = KernelTable(R)
 _implementation = _TABLE.implementation
 
@@ -299,3 +301,280 @@ def penalty_multi(weights: Sequence[torch.Tensor], kind: str, backend: str | Non
         gen = args.pop("generator")
         args["b"] = [_start_vector(R.as_matrix(w, g), gen, op) for w, g in zip(weights, per_weight)]
     return impl(list(weights), kind, per_weight, **args)
+
+
+# ----------------------------------------------------------------------------- kernels
+#
+# The fused kernels compute one penalty over a list of matrices ``mats[i]`` of shape
+# ``(batch_i, m_i, n_i)`` per call (a single op is a list of one; penalty_multi is a whole
+# model), "sides" 0 = rows (W Wᵀ) / 1 = cols (Wᵀ W), and the kind's scalar params:
+#   frame (A, B) · diversity (tau, inclusive) · orthogonality (squared) · mhe (s, half, eps).
+# CPU: the C++ custom op ``regkernels::gram_penalty_fwd`` (csrc/cpu/gram_cpu.cpp): BLAS Gram, one
+# fused epilogue that also leaves the k×k gradient coefficients P for the backward
+# ``regkernels::gram_penalty_bwd`` (dW = P·W, one BLAS product). SRIP has no kernel: it is
+# matrix-free already and runs its reference.
+
+KERNEL_KINDS = ("frame", "diversity", "orthogonality", "mhe")
+_ROWS_ONLY = ("diversity", "mhe")
+
+
+def _kernel_params(kind: str, args: dict) -> list[float]:
+    if kind == "frame":
+        return [float(args["A"]), float(args["B"])]
+    if kind == "diversity":
+        return [float(args["tau"]), float(args["inclusive"])]
+    if kind == "orthogonality":
+        return [float(args["squared"])]
+    return [float(args["s"]), float(args["half"]), float(args["eps"])]
+
+
+def _side_code(W: torch.Tensor, kind: str, args: dict) -> int:
+    if kind in _ROWS_ONLY:
+        return 0
+    return 0 if R._resolve_side(W, args.get("side", "auto")) == "rows" else 1
+
+
+def _as_batch(W: torch.Tensor) -> torch.Tensor:
+    """``(..., m, n)`` → ``(B, m, n)`` (a view when possible; B may be 0)."""
+    m, n = W.shape[-2:]
+    batch = 1
+    for d in W.shape[:-2]:
+        batch *= d
+    return W.reshape(batch, m, n)
+
+
+if _ext.HAS_C:
+
+    def _math_dtype(mats) -> torch.dtype:
+        return torch.float64 if mats and mats[0].dtype == torch.float64 else torch.float32
+
+    @torch.library.register_fake("regkernels::gram_penalty_fwd")
+    def _gram_penalty_fwd_fake(mats, kind, sides, params, need_grad):
+        dtype = _math_dtype(mats)
+        device = mats[0].device if mats else torch.device("cpu")
+        values = torch.empty(sum(w.shape[0] for w in mats), dtype=dtype, device=device)
+        coefs = []
+        for w, side in zip(mats, sides):
+            m, n = w.shape[1], w.shape[2]
+            k = min(m, n) if kind == "orthogonality" else (m if side == 0 else n)
+            shape = (w.shape[0], k, k) if need_grad else (0,)
+            coefs.append(torch.empty(shape, dtype=dtype, device=device))
+        return values, coefs
+
+    @torch.library.register_fake("regkernels::gram_penalty_bwd")
+    def _gram_penalty_bwd_fake(mats, coefs, sides, grad):
+        return [torch.empty_like(w, memory_format=torch.contiguous_format) for w in mats]
+
+    def _gram_penalty_setup(ctx, inputs, output):
+        mats, _kind, sides, _params, need_grad = inputs
+        ctx.sides, ctx.count, ctx.need_grad = list(sides), len(mats), need_grad
+        ctx.save_for_backward(*mats, *output[1])
+
+    def _gram_penalty_backward(ctx, grad_values, _grad_coefs):
+        if not ctx.need_grad:
+            raise RuntimeError("regkernels::gram_penalty_fwd was called with need_grad=False; "
+                               "its backward needs the coefficients need_grad=True keeps")
+        saved = ctx.saved_tensors
+        mats, coefs = list(saved[:ctx.count]), list(saved[ctx.count:])
+        grads = torch.ops.regkernels.gram_penalty_bwd(mats, coefs, ctx.sides, grad_values)
+        return list(grads), None, None, None, None
+
+    torch.library.register_autograd("regkernels::gram_penalty_fwd", _gram_penalty_backward,
+                                    setup_context=_gram_penalty_setup)
+
+
+# Triton (regkernels/triton/gram.py): flash-style, no k×k array in memory; the forward keeps
+# O(k) row statistics per matrix and the backward recomputes the Gram tiles. Python custom ops
+# (the launchers build a problem table on the host); CUDA tensors, or CPU tensors when
+# interpreted (TRITON_INTERPRET=1, how CI runs them). float16 / bfloat16 / float32 only.
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+if _ext.has_triton():
+
+    def _triton_stats_numel(mats, kind, sides, params) -> int:
+        # 2 floats per Gram row of every matrix; MHE with half has the 2m rows [W; −W]
+        rows_factor = 2 if kind == "mhe" and params[1] != 0 else 1
+        return sum(2 * (w.shape[1] if side == 0 else w.shape[2]) * rows_factor * w.shape[0]
+                   for w, side in zip(mats, sides))
+
+    @torch.library.custom_op("regkernels::gram_penalty_triton", mutates_args=())
+    def _gram_penalty_triton(mats: list[torch.Tensor], kind: str, sides: list[int],
+                             params: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+        from regkernels.triton import gram as TG
+
+        return TG.gram_penalty_forward(mats, kind, sides, params)
+
+    @_gram_penalty_triton.register_fake
+    def _gram_penalty_triton_fake(mats, kind, sides, params):
+        device = mats[0].device if mats else torch.device("cpu")
+        values = torch.empty(sum(w.shape[0] for w in mats), dtype=torch.float32, device=device)
+        stats = torch.empty(_triton_stats_numel(mats, kind, sides, params), dtype=torch.float32, device=device)
+        return values, stats
+
+    @torch.library.custom_op("regkernels::gram_penalty_triton_bwd", mutates_args=())
+    def _gram_penalty_triton_bwd(mats: list[torch.Tensor], kind: str, sides: list[int], params: list[float],
+                                 stats: torch.Tensor, grad: torch.Tensor) -> list[torch.Tensor]:
+        from regkernels.triton import gram as TG
+
+        grads = TG.gram_penalty_backward(mats, kind, sides, params, stats, grad)
+        # the launcher's gradients are views of one float32 buffer; outputs must not alias
+        return [d.to(w.dtype) if w.dtype != d.dtype or len(grads) == 1 else d.clone() for w, d in zip(mats, grads)]
+
+    @_gram_penalty_triton_bwd.register_fake
+    def _gram_penalty_triton_bwd_fake(mats, kind, sides, params, stats, grad):
+        return [torch.empty_like(w, memory_format=torch.contiguous_format) for w in mats]
+
+    def _gram_penalty_triton_setup(ctx, inputs, output):
+        mats, kind, sides, params = inputs
+        ctx.kind, ctx.sides, ctx.params = kind, list(sides), list(params)
+        ctx.save_for_backward(output[1], *mats)
+
+    def _gram_penalty_triton_backward(ctx, grad_values, _grad_stats):
+        stats, *mats = ctx.saved_tensors
+        grads = torch.ops.regkernels.gram_penalty_triton_bwd(mats, ctx.kind, ctx.sides, ctx.params, stats,
+                                                            grad_values)
+        # an empty params list (orthogonality) is a pytree node, not a leaf: mirror it
+        return list(grads), None, None, ([] if not ctx.params else None)
+
+    _gram_penalty_triton.register_autograd(_gram_penalty_triton_backward, setup_context=_gram_penalty_triton_setup)
+
+
+def _triton_values(mats: list[torch.Tensor], kind: str, sides: list[int], params: list[float]) -> torch.Tensor:
+    if kind == "orthogonality":  # the kernel computes ‖V − I‖²; the norm is its sqrt (autograd)
+        values, _ = torch.ops.regkernels.gram_penalty_triton(mats, kind, sides, [])
+        return values if params[0] else values.sqrt()
+    values, _ = torch.ops.regkernels.gram_penalty_triton(mats, kind, sides, params)
+    return values
+
+
+def _needs_grad(mats: Sequence[torch.Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(w.requires_grad for w in mats)
+
+
+def _cpu_values(mats: list[torch.Tensor], kind: str, sides: list[int], params: list[float]) -> torch.Tensor:
+    values, _ = torch.ops.regkernels.gram_penalty_fwd(mats, kind, sides, params, _needs_grad(mats))
+    return values
+
+
+def _single_kernel(kind: str, run: Callable, dtypes) -> Callable:
+    """A registered kernel for one matrix op: ``W (..., m, n)`` → ``(...)`` via the list form.
+
+    Dtypes the kernel does not take (Triton: float64) run the reference.
+    """
+    def impl(W: torch.Tensor, **args) -> torch.Tensor:
+        if W.dtype not in dtypes:
+            return getattr(R, _PUBLIC_OF_KIND[kind])(W, **args)
+        values = run([_as_batch(W)], kind, [_side_code(W, kind, args)], _kernel_params(kind, args))
+        return values.reshape(W.shape[:-2]).to(W.dtype)
+    impl.__name__ = f"{kind}_penalty_{run.__name__.strip('_')}"
+    return impl
+
+
+def _multi_kernel(run: Callable, dtypes) -> Callable:
+    """A registered kernel for ``penalty_multi``: every weight of the list in one call of ``run``."""
+    def impl(weights: list[torch.Tensor], kind: str, groups, **args) -> torch.Tensor:
+        if kind == "srip":  # matrix-free: no Gram to fuse; each weight through the SRIP kernel
+            values = [_srip_kernel(R.as_matrix(w, g), b, args["n_iter"]).reshape(-1).mean()
+                      for w, g, b in zip(weights, groups, args["b"])]
+            return torch.stack(values).to(functools.reduce(torch.promote_types, [w.dtype for w in weights]))
+        if len({w.dtype for w in weights}) != 1 or weights[0].dtype not in dtypes:
+            # mixed dtypes (the reference promotes per layer) or one the kernel does not take
+            return R.penalty_multi(weights, kind, groups, **args)
+        mats = [R.as_matrix(w, g) for w, g in zip(weights, groups)]
+        mats = [m.unsqueeze(0) if m.dim() == 2 else m for m in mats]
+        sides = [_side_code(m, kind, args) for m in mats]
+        values = run(mats, kind, sides, _kernel_params(kind, args))
+        counts = [m.shape[0] for m in mats]
+        if any(c != 1 for c in counts):  # grouped convs: the mean over their groups (SPEC §0)
+            index = torch.repeat_interleave(torch.arange(len(mats), device=values.device),
+                                            torch.tensor(counts, device=values.device))
+            scale = torch.tensor([1.0 / c for c in counts], dtype=values.dtype, device=values.device)
+            values = torch.zeros(len(mats), dtype=values.dtype, device=values.device).index_add(
+                0, index, values) * scale
+        return values.to(weights[0].dtype)
+    impl.__name__ = f"penalty_multi_{run.__name__.strip('_')}"
+    return impl
+
+
+# ----------------------------------------------------------------------------- SRIP
+# SRIP is matrix-free already; what autograd makes slow is its backward: every matvec W·x
+# records an outer-product gradient, so dW is built from 4·(n_iter + 1) rank-1 updates, each a
+# full pass over an m×n buffer. Here the rank-1 terms are collected and dW is written once.
+
+
+class _SripPowerIteration(torch.autograd.Function):
+    """SPEC §1.5 with a hand-written backward; same value and gradient as the reference.
+
+    With X = W ("cols", M = WᵀW − I) or X = Wᵀ ("rows"), M v = Xᵀ(X v) − v for v ∈ R^q.
+    Forward: v_0 = b, u_t = M v_{t−1}, v_t = u_t/‖u_t‖ (t = 1..T), y = M v_T, R = ‖y‖².
+    Backward: ū_{T+1} = 2ḡ y; through v_t = u_t/‖u_t‖: ū_t = (v̄_t − v_t (v_t·v̄_t))/‖u_t‖, where
+    v̄_{t} = M ū_{t+1}. Each application v ↦ M v with upstream ū contributes
+    X̄ += (X v) ūᵀ + (X ū) vᵀ, so X̄ = P Qᵀ with P = [X v_a, X ū_a], Q = [ū_a, v_a]: one
+    batched product of inner size 2(T + 1).
+    """
+
+    @staticmethod
+    def forward(ctx, W, b, n_iter):
+        X = W if R._resolve_side(W, "auto") == "cols" else W.mT  # (..., p, q)
+        v = b.to(W.dtype).expand(*W.shape[:-2], b.shape[-1]).unsqueeze(-1)  # (..., q, 1)
+        vs, xvs, norms = [], [], []
+        for _ in range(n_iter):
+            xv = X @ v
+            u = X.mT @ xv - v
+            nrm = torch.linalg.vector_norm(u, dim=-2, keepdim=True)
+            vs.append(v), xvs.append(xv), norms.append(nrm)
+            v = u / nrm
+        xv = X @ v
+        y = X.mT @ xv - v
+        vs.append(v), xvs.append(xv)
+        ctx.save_for_backward(W, y, *vs, *xvs, *norms)
+        ctx.n_iter = n_iter
+        return y.square().sum((-2, -1))
+
+    @staticmethod
+    def backward(ctx, grad):
+        W, y, *rest = ctx.saved_tensors
+        T = ctx.n_iter
+        vs, xvs, norms = rest[:T + 1], rest[T + 1:2 * T + 2], rest[2 * T + 2:]
+        cols = R._resolve_side(W, "auto") == "cols"
+        X = W if cols else W.mT
+        ubar = 2 * grad[..., None, None] * y  # upstream of the last application
+        P, Q = [], []
+        for a in range(T, -1, -1):  # applications in reverse: input vs[a], upstream ubar
+            xu = X @ ubar
+            P += [xvs[a], xu]
+            Q += [ubar, vs[a]]
+            if a == 0:
+                break
+            vbar = X.mT @ xu - ubar  # M ū
+            v = vs[a]  # = u_a / ‖u_a‖, the output of application a − 1's normalisation
+            ubar = (vbar - v * (v * vbar).sum(-2, keepdim=True)) / norms[a - 1]
+        dX = torch.cat(P, -1) @ torch.cat(Q, -1).mT
+        return (dX if cols else dX.mT), None, None
+
+
+def _srip_kernel(W: torch.Tensor, b: torch.Tensor, n_iter: int = 1) -> torch.Tensor:
+    return _SripPowerIteration.apply(R.upcast(W), b, n_iter).to(W.dtype)
+
+
+_PUBLIC_OF_KIND = {"frame": "frame_penalty", "diversity": "diversity_penalty",
+                   "orthogonality": "orthogonality_penalty", "mhe": "mhe_penalty"}
+
+
+def _register(device_type: str, backend: str, run: Callable, dtypes) -> None:
+    for kind, op in _PUBLIC_OF_KIND.items():
+        _TABLE.register(op, device_type, backend, _single_kernel(kind, run, dtypes))
+    _TABLE.register("penalty_multi", device_type, backend, _multi_kernel(run, dtypes))
+
+
+# earlier registrations are preferred: CPU tensors take the C++ kernel unless backend="triton"
+_ALL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+if _ext.HAS_C:
+    _register("cpu", "cpu", _cpu_values, _ALL_DTYPES)
+if _ext.has_triton():
+    _register("cuda", "triton", _triton_values, TRITON_DTYPES)
+    if _ext.triton_interpreted():
+        _register("cpu", "triton", _triton_values, TRITON_DTYPES)
+# SRIP's fast path is torch matvecs with the one-product backward above, on either device
+_TABLE.register("srip_penalty", "cpu", "cpu", _srip_kernel)
+_TABLE.register("srip_penalty", "cuda", "cuda", _srip_kernel)

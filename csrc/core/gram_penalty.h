@@ -1,0 +1,79 @@
+// Per-entry math of the Gram-matrix penalties (SPEC §1), shared by the CPU epilogues and any
+// device kernel: the value each Gram entry (or row) contributes and its derivative.
+//
+// Every penalty here is a function of V = Gram(W) (k×k, symmetric). Its gradient is written as
+// dR/dW = P·W ("rows", V = W Wᵀ) or W·P ("cols", V = Wᵀ W) with P = S + Sᵀ, S_ij = ∂R/∂V_ij taken
+// with the k² entries of V as independent variables. The kernels build P from V and O(k) row
+// statistics, so one matrix product gives dW.
+#pragma once
+
+#include <cmath>
+
+#include "common.h"
+
+namespace regkernels {
+namespace core {
+
+template <typename T>
+RK_HOST_DEVICE T sign0(T x) {  // sign with sign(0) = 0, the subgradient of |x| (SPEC §1)
+  return static_cast<T>((x > T(0)) - (x < T(0)));
+}
+
+// Frame penalty (SPEC §1.1), one row i of V with diagonal d and Gershgorin radius r:
+//   lower = relu(A − (d − r))², upper = relu((d + r) − B)², row value = lower + upper.
+// For R = (1/k) Σ_i row value: ∂R/∂r_i = (2/k)(lo + up) (→ S_ij = that · sign(V_ij), j ≠ i) and
+// ∂R/∂d_i = (2/k)(up − lo) (→ S_ii). relu'(0) = 0 as in torch, which the squares make moot.
+template <typename T>
+struct FrameRow {
+  T value;   // lower + upper
+  T dr;      // ∂(row value)/∂r, before the 1/k
+  T dd;      // ∂(row value)/∂d, before the 1/k
+};
+
+template <typename T>
+RK_HOST_DEVICE FrameRow<T> frame_row(T d, T r, T A, T B) {
+  const T lo_arg = A - (d - r);  // evaluated in the reference's order
+  const T up_arg = (d + r) - B;
+  const T lo = lo_arg > T(0) ? lo_arg : T(0);
+  const T up = up_arg > T(0) ? up_arg : T(0);
+  return {lo * lo + up * up, T(2) * (lo + up), T(2) * (up - lo)};
+}
+
+// MHE energy of one pair (SPEC §1.4) as a function of δ = 2 − 2·cos:
+//   s = 0: −log δ,  s = 1: δ^(−1/2),  s = 2: 1/δ; and its derivative d(energy)/dδ.
+// δ = 0 gives +inf (duplicate filters); nothing is clamped.
+template <typename T>
+RK_HOST_DEVICE T mhe_energy(T delta, int s) {
+  if (s == 0) return -std::log(delta);
+  if (s == 1) return T(1) / std::sqrt(delta);
+  return T(1) / delta;
+}
+
+template <typename T>
+RK_HOST_DEVICE T mhe_denergy(T delta, int s) {
+  if (s == 0) return T(-1) / delta;
+  if (s == 1) return T(-0.5) / (delta * std::sqrt(delta));
+  return T(-1) / (delta * delta);
+}
+
+// MHE pair term as a function of c = cos_ij for one unordered pair (i, j) of rows of W.
+// Plain: the pair (w_i, w_j), T(c) = e(2 − 2c). half=True adds the rows −W (SPEC §1.4): the pairs
+// (w_i, w_j), (−w_i, −w_j) have δ = 2 − 2c and (w_i, −w_j), (−w_i, w_j) have δ = 2 + 2c, so
+// T(c) = 2·(e(2 − 2c) + e(2 + 2c)). Returns T and dT/dc.
+template <typename T>
+struct PairTerm {
+  T value;
+  T dc;
+};
+
+template <typename T>
+RK_HOST_DEVICE PairTerm<T> mhe_pair(T c, int s, bool half) {
+  const T dm = T(2) - T(2) * c;
+  if (!half) return {mhe_energy(dm, s), T(-2) * mhe_denergy(dm, s)};
+  const T dp = T(2) + T(2) * c;
+  return {T(2) * (mhe_energy(dm, s) + mhe_energy(dp, s)),
+          T(2) * (T(-2) * mhe_denergy(dm, s) + T(2) * mhe_denergy(dp, s))};
+}
+
+}  // namespace core
+}  // namespace regkernels

@@ -1,0 +1,375 @@
+// Gram-matrix penalties on CPU (SPEC §1.1–§1.4): BLAS for the products, one fused C++ epilogue
+// over the Gram instead of the reference's ~10 elementwise kernels.
+//
+// Forward, per matrix: V = Gram(W) (k×k) from BLAS, only the blocks on and above the diagonal
+// for large k, mirrored so that V is exactly symmetric; then a first pass over V's rows gives the
+// O(k) row statistics and the value; if a gradient is needed, a second pass overwrites V with
+// P = S + Sᵀ (S_ij = ∂R/∂V_ij, csrc/core/gram_penalty.h), which the op returns for the backward.
+// Backward: dW = g·P·W ("rows") or g·W·P ("cols"), one BLAS product per matrix.
+//
+// All math is in float32 for float16 / bfloat16 / float32 inputs and in float64 for float64.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "../core/gram_penalty.h"
+
+namespace regkernels {
+namespace {
+
+enum class Kind { Frame, Diversity, Orthogonality, Mhe };
+
+Kind parse_kind(c10::string_view kind) {
+  if (kind == "frame") return Kind::Frame;
+  if (kind == "diversity") return Kind::Diversity;
+  if (kind == "orthogonality") return Kind::Orthogonality;
+  if (kind == "mhe") return Kind::Mhe;
+  TORCH_CHECK(false, "gram_penalty: kind must be 'frame', 'diversity', 'orthogonality' or 'mhe'; got '",
+              std::string(kind), "'");
+}
+
+// params per kind: frame (A, B); diversity (tau, inclusive); orthogonality (squared); mhe (s, half, eps)
+size_t n_params(Kind kind) { return kind == Kind::Mhe ? 3 : (kind == Kind::Orthogonality ? 1 : 2); }
+
+at::ScalarType math_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// Rows per parallel work item: enough that a work item is ~16K Gram entries.
+int64_t grain_rows(int64_t k) { return std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(k, 1)); }
+
+// Σ_{j ∈ [lo, hi)} f(j) with 16 independent partial sums: gcc vectorizes the fixed-width inner
+// loop without reassociating (no -ffast-math), and the partial sums bound the rounding error
+// like a pairwise sum would.
+template <typename T, typename F>
+inline T lane_sum(int64_t lo, int64_t hi, F f) {
+  constexpr int L = 16;
+  T acc[L] = {};
+  int64_t j = lo;
+  for (; j + L <= hi; j += L) {
+    for (int l = 0; l < L; ++l) acc[l] += f(j + l);
+  }
+  for (int l = 0; j < hi; ++j, ++l) acc[l] += f(j);
+  T total = 0;
+  for (int l = 0; l < L; ++l) total += acc[l];
+  return total;
+}
+
+// ----------------------------------------------------------------------------- Gram
+
+// V (k×k, contiguous) = X Xᵀ for X of shape (k, inner), any strides, exactly symmetric. For
+// large k only the nb(nb+1)/2 blocks on and above the diagonal are multiplied (nb = 4: 62 % of
+// the flops of the full product); the strict lower triangle is then copied from the upper.
+void symmetric_gram(const at::Tensor& X, at::Tensor V) {
+  const int64_t k = X.size(0);
+  const int64_t nb = k >= 1024 ? 4 : (k >= 384 ? 2 : 1);
+  const int64_t bs = (k + nb - 1) / nb;
+  for (int64_t I = 0; I < nb; ++I) {
+    const int64_t i0 = I * bs, il = std::min(k, i0 + bs) - i0;
+    if (il <= 0) continue;
+    for (int64_t J = I; J < nb; ++J) {
+      const int64_t j0 = J * bs, jl = std::min(k, j0 + bs) - j0;
+      if (jl <= 0) continue;
+      auto out = V.narrow(0, i0, il).narrow(1, j0, jl);
+      at::mm_out(out, X.narrow(0, i0, il), X.narrow(0, j0, jl).t());
+    }
+  }
+  // mirror in 64×64 tiles: a work item owns a block of rows and writes only their strict lower
+  // part, reading the upper triangle, which nobody writes
+  constexpr int64_t kTile = 64;
+  AT_DISPATCH_FLOATING_TYPES(V.scalar_type(), "symmetric_gram", [&] {
+    scalar_t* v = V.data_ptr<scalar_t>();
+    const int64_t tiles = (k + kTile - 1) / kTile;
+    at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t ti = t0; ti < t1; ++ti) {
+        const int64_t i_lo = ti * kTile, i_hi = std::min(k, i_lo + kTile);
+        for (int64_t j_lo = 0; j_lo < i_hi; j_lo += kTile) {
+          for (int64_t i = i_lo; i < i_hi; ++i) {
+            const int64_t j_hi = std::min(std::min(i, k), j_lo + kTile);
+            for (int64_t j = j_lo; j < j_hi; ++j) v[i * k + j] = v[j * k + i];
+          }
+        }
+      }
+    });
+  });
+}
+
+// ----------------------------------------------------------------------------- epilogues
+// Each takes one symmetric k×k V, returns the penalty and, with need_grad, overwrites V by P.
+
+template <typename T>
+double frame_epilogue(T* V, int64_t k, const at::ArrayRef<double> params, bool need_grad) {
+  // formula: SPEC §1.1; S_ij = (1/k) dr_i · sign(V_ij) (j ≠ i), S_ii = (1/k) dd_i
+  const T A = static_cast<T>(params[0]), B = static_cast<T>(params[1]);
+  std::vector<T> row(k), dr(k), dd(k);
+  at::parallel_for(0, k, grain_rows(k), [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const T* v = V + i * k;
+      // the diagonal is skipped, not subtracted, so a large d_i does not cancel r_i's low bits
+      const T r = lane_sum<T>(0, i, [&](int64_t j) { return std::abs(v[j]); }) +
+                  lane_sum<T>(i + 1, k, [&](int64_t j) { return std::abs(v[j]); });
+      const auto f = core::frame_row<T>(v[i], r, A, B);
+      row[i] = f.value;
+      dr[i] = f.dr / static_cast<T>(k);
+      dd[i] = f.dd / static_cast<T>(k);
+    }
+  });
+  double total = 0;
+  for (int64_t i = 0; i < k; ++i) total += row[i];
+  if (need_grad) {
+    at::parallel_for(0, k, grain_rows(k), [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) {
+        T* v = V + i * k;
+        const T di = dd[i], ri = dr[i];
+        for (int64_t j = 0; j < k; ++j) v[j] = (ri + dr[j]) * core::sign0(v[j]);
+        v[i] = T(2) * di;
+      }
+    });
+  }
+  return total / static_cast<double>(k);
+}
+
+template <typename T>
+double diversity_epilogue(T* V, int64_t k, const at::ArrayRef<double> params, bool need_grad) {
+  // formula: SPEC §1.2 with C_ij = V_ij / (n_i n_j), n_i = max(sqrt(V_ii), 1e-12) (F.normalize).
+  // R = ½ Σ_{i≠j} mask_ij C_ij²: S_ij = mask_ij C_ij / (n_i n_j) for j ≠ i; through n_i,
+  // S_ii = −Σ_j mask_ij C_ij² / n_i² (zero where the norm is clamped, as clamp_min's gradient).
+  const T tau = static_cast<T>(params[0]);
+  const bool inclusive = params[1] != 0.0;
+  constexpr T kEps = T(1e-12);
+  std::vector<T> nrm(k), acc(k);
+  std::vector<bool> clamped(k);
+  for (int64_t i = 0; i < k; ++i) {
+    const T s = std::sqrt(V[i * k + i]);
+    clamped[i] = !(s > kEps);
+    nrm[i] = clamped[i] ? kEps : s;
+  }
+  auto masked = [&](T c) { const T a = std::abs(c); return inclusive ? a >= tau : a > tau; };
+  at::parallel_for(0, k, grain_rows(k), [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const T* v = V + i * k;
+      T s = 0;
+      for (int64_t j = 0; j < k; ++j) {
+        const T c = v[j] / (nrm[i] * nrm[j]);
+        s += (j != i && masked(c)) ? c * c : T(0);
+      }
+      acc[i] = s;
+    }
+  });
+  double total = 0;
+  for (int64_t i = 0; i < k; ++i) total += acc[i];
+  if (need_grad) {
+    at::parallel_for(0, k, grain_rows(k), [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) {
+        T* v = V + i * k;
+        for (int64_t j = 0; j < k; ++j) {
+          const T nn = nrm[i] * nrm[j];
+          const T c = v[j] / nn;
+          v[j] = masked(c) ? T(2) * c / nn : T(0);
+        }
+        v[i] = clamped[i] ? T(0) : T(-2) * acc[i] / (nrm[i] * nrm[i]);
+      }
+    });
+  }
+  return 0.5 * total;
+}
+
+template <typename T>
+double orthogonality_epilogue(T* V, int64_t k, const at::ArrayRef<double> params, bool need_grad, double offset) {
+  // formula: SPEC §1.3: R² = Σ_ij (V_ij − δ_ij)² + offset; S = 2(V − I), P = 4(V − I);
+  // squared=False: R = sqrt(R²) and P/(2R). offset: see gram_penalty_fwd_cpu.
+  const bool squared = params[0] != 0.0;
+  std::vector<T> row(k);
+  at::parallel_for(0, k, grain_rows(k), [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const T* v = V + i * k;
+      const T e = v[i] - T(1);
+      row[i] = lane_sum<T>(0, k, [&](int64_t j) { return v[j] * v[j]; }) - v[i] * v[i] + e * e;
+    }
+  });
+  double r2 = offset;
+  for (int64_t i = 0; i < k; ++i) r2 += row[i];
+  const double value = squared ? r2 : std::sqrt(r2);
+  if (need_grad) {
+    const T coef = squared ? T(4) : static_cast<T>(2.0 / value);
+    at::parallel_for(0, k, grain_rows(k), [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) {
+        T* v = V + i * k;
+        const T e = v[i] - T(1);
+        for (int64_t j = 0; j < k; ++j) v[j] = coef * v[j];
+        v[i] = coef * e;
+      }
+    });
+  }
+  return value;
+}
+
+template <typename T>
+double mhe_epilogue(T* V, int64_t k, const at::ArrayRef<double> params, bool need_grad) {
+  // formula: SPEC §1.4. ν_i = sqrt(V_ii + eps), c_ij = V_ij / (ν_i ν_j), pair term T(c) of
+  // core::mhe_pair over the unordered pairs, R = (Σ_{i<j} T(c_ij) [+ Σ_i e(2 + 2 c_ii) if half])
+  // / npairs with npairs = p(p − 1)/2 over the p = m (or 2m) rows.
+  // S_ij = T'(c_ij) / (npairs ν_i ν_j) for i < j; through ν_i, S_ii = Σ_{j≠i} T'(c_ij)·(−c_ij/2) /
+  // (npairs ν_i²); half adds the pair (w_i, −w_i), whose c_ii = V_ii/(V_ii + eps) has
+  // dc/dV_ii = eps/ν_i⁴.
+  const int s = static_cast<int>(params[0]);
+  const bool half = params[1] != 0.0;
+  const T eps = static_cast<T>(params[2]);
+  const double p = half ? 2.0 * k : static_cast<double>(k);
+  const T inv_pairs = static_cast<T>(2.0 / (p * (p - 1.0)));
+  std::vector<T> nu(k), val(k), dsum(k);
+  for (int64_t i = 0; i < k; ++i) nu[i] = std::sqrt(V[i * k + i] + eps);
+  at::parallel_for(0, k, grain_rows(k), [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const T* v = V + i * k;
+      T vs = 0, ds = 0;
+      for (int64_t j = 0; j < k; ++j) {
+        if (j == i) continue;
+        const T c = v[j] / (nu[i] * nu[j]);
+        const auto t = core::mhe_pair<T>(c, s, half);
+        if (j > i) vs += t.value;
+        ds += t.dc * (T(-0.5) * c);
+      }
+      ds /= nu[i] * nu[i];
+      if (half) {
+        const T ni2 = nu[i] * nu[i];
+        const T dp = T(2) + T(2) * (v[i] / ni2);
+        vs += core::mhe_energy<T>(dp, s);
+        ds += core::mhe_denergy<T>(dp, s) * T(2) * eps / (ni2 * ni2);
+      }
+      val[i] = vs;
+      dsum[i] = ds * inv_pairs;
+    }
+  });
+  double total = 0;
+  for (int64_t i = 0; i < k; ++i) total += val[i];
+  if (need_grad) {
+    at::parallel_for(0, k, grain_rows(k), [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) {
+        T* v = V + i * k;
+        for (int64_t j = 0; j < k; ++j) {
+          const T nn = nu[i] * nu[j];
+          v[j] = core::mhe_pair<T>(v[j] / nn, s, half).dc * inv_pairs / nn;
+        }
+        v[i] = T(2) * dsum[i];
+      }
+    });
+  }
+  return total * static_cast<double>(inv_pairs);
+}
+
+template <typename T>
+double run_epilogue(Kind kind, T* V, int64_t k, at::ArrayRef<double> params, bool need_grad, double offset) {
+  switch (kind) {
+    case Kind::Frame: return frame_epilogue<T>(V, k, params, need_grad);
+    case Kind::Diversity: return diversity_epilogue<T>(V, k, params, need_grad);
+    case Kind::Orthogonality: return orthogonality_epilogue<T>(V, k, params, need_grad, offset);
+    case Kind::Mhe: return mhe_epilogue<T>(V, k, params, need_grad);
+  }
+  return 0;
+}
+
+// ----------------------------------------------------------------------------- ops
+
+void check_mats(const char* op, at::TensorList mats, at::IntArrayRef sides) {
+  TORCH_CHECK(mats.size() == sides.size(), op, ": need one side per matrix; got ", mats.size(),
+              " matrices and ", sides.size(), " sides");
+  for (size_t i = 0; i < mats.size(); ++i) {
+    const auto& w = mats[i];
+    TORCH_CHECK(w.dim() == 3, op, ": mats[", i, "] must have shape (batch, m, n); got ", w.sizes());
+    TORCH_CHECK(w.device().is_cpu(), op, ": mats[", i, "] must be a CPU tensor; got ", w.device());
+    TORCH_CHECK(at::isFloatingType(w.scalar_type()), op, ": mats[", i, "] must be floating; got ",
+                w.scalar_type());
+    TORCH_CHECK(w.scalar_type() == mats[0].scalar_type(), op, ": all mats must share one dtype; got ",
+                mats[0].scalar_type(), " and ", w.scalar_type());
+    TORCH_CHECK(sides[i] == 0 || sides[i] == 1, op, ": sides must be 0 (rows) or 1 (cols); got ", sides[i]);
+  }
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> gram_penalty_fwd_cpu(at::TensorList mats, c10::string_view kind_name,
+                                                                     at::IntArrayRef sides, at::ArrayRef<double> params,
+                                                                     bool need_grad) {
+  const char* op = "gram_penalty_fwd";
+  const Kind kind = parse_kind(kind_name);
+  check_mats(op, mats, sides);
+  TORCH_CHECK(params.size() == n_params(kind), op, ": kind '", std::string(kind_name), "' takes ", n_params(kind),
+              " params; got ", params.size());
+  const auto dtype = mats.empty() ? at::kFloat : math_dtype(mats[0].scalar_type());
+  int64_t total = 0;
+  for (const auto& w : mats) total += w.size(0);
+  auto values = at::empty({total}, at::TensorOptions().dtype(dtype));
+  std::vector<at::Tensor> coefs;
+  coefs.reserve(mats.size());
+  int64_t offset = 0;
+  for (size_t i = 0; i < mats.size(); ++i) {
+    const auto W = mats[i].to(dtype);
+    const int64_t batch = W.size(0), m = W.size(1), n = W.size(2);
+    bool rows = sides[i] == 0;
+    double ortho_offset = 0;
+    if (kind == Kind::Orthogonality) {
+      // ‖Wᵀ W − I_n‖² = ‖W Wᵀ − I_m‖² + (n − m) (the Grams share their non-zero eigenvalues), same
+      // gradient: the k×k Gram serves either side, exactly and without cancellation
+      ortho_offset = static_cast<double>((rows ? m : n) - std::min(m, n));
+      rows = m < n || (m == n && rows);
+    }
+    const int64_t k = rows ? m : n;
+    auto V = at::empty({batch, k, k}, W.options());
+    AT_DISPATCH_FLOATING_TYPES(dtype, "gram_penalty_fwd_cpu", [&] {
+      scalar_t* out = values.data_ptr<scalar_t>() + offset;
+      for (int64_t b = 0; b < batch; ++b) {
+        auto Vb = V.select(0, b);
+        symmetric_gram(rows ? W.select(0, b) : W.select(0, b).t(), Vb);
+        out[b] = static_cast<scalar_t>(run_epilogue<scalar_t>(kind, Vb.data_ptr<scalar_t>(), k, params, need_grad, ortho_offset));
+      }
+    });
+    coefs.push_back(need_grad ? V : at::empty({0}, W.options()));
+    offset += batch;
+  }
+  return {values, coefs};
+}
+
+std::vector<at::Tensor> gram_penalty_bwd_cpu(at::TensorList mats, at::TensorList coefs, at::IntArrayRef sides,
+                                             const at::Tensor& grad) {
+  const char* op = "gram_penalty_bwd";
+  check_mats(op, mats, sides);
+  TORCH_CHECK(coefs.size() == mats.size(), op, ": need one coefficient tensor per matrix");
+  std::vector<at::Tensor> out;
+  out.reserve(mats.size());
+  const auto g = grad.to(at::kDouble).contiguous();
+  const double* gp = g.data_ptr<double>();
+  int64_t offset = 0;
+  for (size_t i = 0; i < mats.size(); ++i) {
+    const auto& P = coefs[i];
+    const auto W = mats[i].to(P.scalar_type());
+    const int64_t batch = W.size(0);
+    TORCH_CHECK(P.dim() == 3 && P.size(0) == batch, op, ": coefs[", i, "] does not match mats[", i,
+                "] (was the forward run with need_grad=True?)");
+    // P is m×m (rows) or n×n (cols); for a square W the side says which Gram it came from
+    // (orthogonality always uses the k×k Gram, and for a square W that is the side asked for)
+    const bool rows = P.size(1) == W.size(1) && (W.size(1) != W.size(2) || sides[i] == 0);
+    auto dW = at::empty(W.sizes(), W.options());
+    for (int64_t b = 0; b < batch; ++b) {
+      auto o = dW.select(0, b);
+      // beta = 0: the uninitialised output is never read
+      if (rows) {
+        at::addmm_out(o, o, P.select(0, b), W.select(0, b), 0, gp[offset + b]);
+      } else {
+        at::addmm_out(o, o, W.select(0, b), P.select(0, b), 0, gp[offset + b]);
+      }
+    }
+    out.push_back(dW.to(mats[i].scalar_type()));
+    offset += batch;
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(regkernels, CPU, m) {
+  m.impl("gram_penalty_fwd", &gram_penalty_fwd_cpu);
+  m.impl("gram_penalty_bwd", &gram_penalty_bwd_cpu);
+}
+
+}  // namespace regkernels
