@@ -63,7 +63,8 @@ def _nvidia_wheel_includes() -> list[str]:
 
 def _extension():
     with_cuda, why = _decide_cuda()
-    sources = [os.path.join("csrc", "regkernels.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    sources = [os.path.join("csrc", "regkernels.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp"))) \
+        + sorted(glob.glob(os.path.join("csrc", "autograd", "*.cpp")))
     # -ffp-contract=off: no FMA contraction, so CPU kernels match the op-by-op torch reference
     # bit for bit (SPEC §4); -fopenmp: at::parallel_for is OpenMP-based in torch's CPU builds
     cxx = ["-O3", "-ffp-contract=off", "-fopenmp"]

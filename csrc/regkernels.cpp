@@ -24,11 +24,12 @@ TORCH_LIBRARY(regkernels, m) {
   m.def(
       "beta_lasso_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] bufs, float[] hyper, int[] flags) "
       "-> Tensor");
-  // Gram-matrix penalties (SPEC §1.1–§1.4) of many matrices in one call. mats[i] is (batch, m, n),
+  // Gram-matrix penalties (SPEC §1.1–§1.4) of many matrices in one call. mats[i] is (..., m, n)
+  // (its leading dims flattened to one batch of b_i matrices),
   // sides[i] 0 = rows (W Wᵀ) / 1 = cols (Wᵀ W); kind 'frame' | 'diversity' | 'orthogonality' | 'mhe'
   // with params (A, B) | (tau, inclusive) | (squared) | (s, half, eps). Returns the
-  // values (Σ batch, in the math dtype: float32, or float64 for float64 mats) and, with need_grad,
-  // per matrix the (batch, k, k) coefficients P with dR/dW = P·W (rows) or W·P (cols).
+  // values (Σ b_i, in the math dtype: float32, or float64 for float64 mats) and, with need_grad,
+  // per entry the (b_i, k, k) coefficients P with dR/dW = P·W (rows) or W·P (cols).
   m.def(
       "gram_penalty_fwd(Tensor[] mats, str kind, int[] sides, float[] params, bool need_grad) "
       "-> (Tensor, Tensor[])");

@@ -1,8 +1,12 @@
-"""Test setup: Triton kernels run interpreted on CPU tensors (set before triton is imported);
-tests marked ``cuda`` (declared in pytest.ini) skip visibly without a GPU."""
+"""Test setup: without a GPU, Triton kernels run interpreted on CPU tensors (TRITON_INTERPRET=1,
+set before triton is imported; on a GPU machine they compile for it, and TRITON_INTERPRET=1
+can still be forced from the environment); tests marked ``cuda`` (declared in pytest.ini)
+skip visibly without a GPU."""
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# torch is not imported yet (triton must see the variable first): look for the driver's devices
+if not any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/nvidia0")):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -204,7 +204,7 @@ RAW_BAD = [
     (([torch.randn(1, 3, 4)], "nuclear", [0], [1.0], False), r"kind must be 'frame', 'diversity', "),
     (([torch.randn(1, 3, 4)], "frame", [0], [1.0], False), r"kind 'frame' takes 2 params; got 1"),
     (([torch.randn(1, 3, 4)], "frame", [0, 1], [0.0, 1.0], False), r"need one side per matrix; got 1 matrices and 2"),
-    (([torch.randn(3, 4)], "frame", [0], [0.0, 1.0], False), r"mats\[0\] must have shape \(batch, m, n\)"),
+    (([torch.randn(3)], "frame", [0], [0.0, 1.0], False), r"mats\[0\] must have shape \(\.\.\., m, n\) with m, n >= 1"),
     (([torch.randn(1, 3, 4), torch.randn(1, 3, 4, dtype=torch.float64)], "frame", [0, 0], [0.0, 1.0], False),
      r"all mats must share one dtype"),
     (([torch.randn(1, 3, 4)], "frame", [2], [0.0, 1.0], False), r"sides must be 0 \(rows\) or 1 \(cols\); got 2"),

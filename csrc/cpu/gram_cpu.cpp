@@ -273,12 +273,21 @@ double run_epilogue(Kind kind, T* V, int64_t k, at::ArrayRef<double> params, boo
 
 // ----------------------------------------------------------------------------- ops
 
+// Leading dims of a (..., m, n) matrix stack flattened: (batch, m, n), batch possibly 0.
+int64_t batch_of(const at::Tensor& w) {
+  int64_t b = 1;
+  for (int64_t d = 0; d < w.dim() - 2; ++d) b *= w.size(d);
+  return b;
+}
+at::Tensor as_batch(const at::Tensor& w) { return w.reshape({batch_of(w), w.size(-2), w.size(-1)}); }
+
 void check_mats(const char* op, at::TensorList mats, at::IntArrayRef sides) {
   TORCH_CHECK(mats.size() == sides.size(), op, ": need one side per matrix; got ", mats.size(),
               " matrices and ", sides.size(), " sides");
   for (size_t i = 0; i < mats.size(); ++i) {
     const auto& w = mats[i];
-    TORCH_CHECK(w.dim() == 3, op, ": mats[", i, "] must have shape (batch, m, n); got ", w.sizes());
+    TORCH_CHECK(w.dim() >= 2 && w.size(-2) >= 1 && w.size(-1) >= 1, op, ": mats[", i,
+                "] must have shape (..., m, n) with m, n >= 1; got ", w.sizes());
     TORCH_CHECK(w.device().is_cpu(), op, ": mats[", i, "] must be a CPU tensor; got ", w.device());
     TORCH_CHECK(at::isFloatingType(w.scalar_type()), op, ": mats[", i, "] must be floating; got ",
                 w.scalar_type());
@@ -298,13 +307,13 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> gram_penalty_fwd_cpu(at::TensorL
               " params; got ", params.size());
   const auto dtype = mats.empty() ? at::kFloat : math_dtype(mats[0].scalar_type());
   int64_t total = 0;
-  for (const auto& w : mats) total += w.size(0);
+  for (const auto& w : mats) total += batch_of(w);
   auto values = at::empty({total}, at::TensorOptions().dtype(dtype));
   std::vector<at::Tensor> coefs;
   coefs.reserve(mats.size());
   int64_t offset = 0;
   for (size_t i = 0; i < mats.size(); ++i) {
-    const auto W = mats[i].to(dtype);
+    const auto W = as_batch(mats[i]).to(dtype);
     const int64_t batch = W.size(0), m = W.size(1), n = W.size(2);
     bool rows = sides[i] == 0;
     double ortho_offset = 0;
@@ -342,7 +351,7 @@ std::vector<at::Tensor> gram_penalty_bwd_cpu(at::TensorList mats, at::TensorList
   int64_t offset = 0;
   for (size_t i = 0; i < mats.size(); ++i) {
     const auto& P = coefs[i];
-    const auto W = mats[i].to(P.scalar_type());
+    const auto W = as_batch(mats[i]).to(P.scalar_type());
     const int64_t batch = W.size(0);
     TORCH_CHECK(P.dim() == 3 && P.size(0) == batch, op, ": coefs[", i, "] does not match mats[", i,
                 "] (was the forward run with need_grad=True?)");
@@ -359,7 +368,7 @@ std::vector<at::Tensor> gram_penalty_bwd_cpu(at::TensorList mats, at::TensorList
         at::addmm_out(o, o, W.select(0, b), P.select(0, b), 0, gp[offset + b]);
       }
     }
-    out.push_back(dW.to(mats[i].scalar_type()));
+    out.push_back(dW.view(mats[i].sizes()).to(mats[i].scalar_type()));
     offset += batch;
   }
   return out;

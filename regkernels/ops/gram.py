@@ -11,6 +11,7 @@ Inputs are never modified; non-contiguous and expanded inputs are fine.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable, Sequence
 
 import torch
@@ -352,12 +353,13 @@ if _ext.HAS_C:
     def _gram_penalty_fwd_fake(mats, kind, sides, params, need_grad):
         dtype = _math_dtype(mats)
         device = mats[0].device if mats else torch.device("cpu")
-        values = torch.empty(sum(w.shape[0] for w in mats), dtype=dtype, device=device)
+        batches = [math.prod(w.shape[:-2]) for w in mats]
+        values = torch.empty(sum(batches), dtype=dtype, device=device)
         coefs = []
-        for w, side in zip(mats, sides):
-            m, n = w.shape[1], w.shape[2]
+        for w, side, batch in zip(mats, sides, batches):
+            m, n = w.shape[-2], w.shape[-1]
             k = min(m, n) if kind == "orthogonality" else (m if side == 0 else n)
-            shape = (w.shape[0], k, k) if need_grad else (0,)
+            shape = (batch, k, k) if need_grad else (0,)
             coefs.append(torch.empty(shape, dtype=dtype, device=device))
         return values, coefs
 
@@ -365,22 +367,7 @@ if _ext.HAS_C:
     def _gram_penalty_bwd_fake(mats, coefs, sides, grad):
         return [torch.empty_like(w, memory_format=torch.contiguous_format) for w in mats]
 
-    def _gram_penalty_setup(ctx, inputs, output):
-        mats, _kind, sides, _params, need_grad = inputs
-        ctx.sides, ctx.count, ctx.need_grad = list(sides), len(mats), need_grad
-        ctx.save_for_backward(*mats, *output[1])
-
-    def _gram_penalty_backward(ctx, grad_values, _grad_coefs):
-        if not ctx.need_grad:
-            raise RuntimeError("regkernels::gram_penalty_fwd was called with need_grad=False; "
-                               "its backward needs the coefficients need_grad=True keeps")
-        saved = ctx.saved_tensors
-        mats, coefs = list(saved[:ctx.count]), list(saved[ctx.count:])
-        grads = torch.ops.regkernels.gram_penalty_bwd(mats, coefs, ctx.sides, grad_values)
-        return list(grads), None, None, None, None
-
-    torch.library.register_autograd("regkernels::gram_penalty_fwd", _gram_penalty_backward,
-                                    setup_context=_gram_penalty_setup)
+    # autograd of gram_penalty_fwd is registered in C++ (csrc/autograd/gram_autograd.cpp)
 
 
 # Triton (regkernels/triton/gram.py): flash-style, no k×k array in memory; the forward keeps
@@ -452,8 +439,13 @@ def _needs_grad(mats: Sequence[torch.Tensor]) -> bool:
 
 
 def _cpu_values(mats: list[torch.Tensor], kind: str, sides: list[int], params: list[float]) -> torch.Tensor:
+    # the C++ op takes (..., m, n) stacks as they are (no reshape node in the autograd graph)
     values, _ = torch.ops.regkernels.gram_penalty_fwd(mats, kind, sides, params, _needs_grad(mats))
     return values
+
+
+def _triton_values_batched(mats, kind, sides, params) -> torch.Tensor:
+    return _triton_values([_as_batch(W) for W in mats], kind, sides, params)
 
 
 def _single_kernel(kind: str, run: Callable, dtypes) -> Callable:
@@ -464,8 +456,8 @@ def _single_kernel(kind: str, run: Callable, dtypes) -> Callable:
     def impl(W: torch.Tensor, **args) -> torch.Tensor:
         if W.dtype not in dtypes:
             return getattr(R, _PUBLIC_OF_KIND[kind])(W, **args)
-        values = run([_as_batch(W)], kind, [_side_code(W, kind, args)], _kernel_params(kind, args))
-        return values.reshape(W.shape[:-2]).to(W.dtype)
+        values = run([W], kind, [_side_code(W, kind, args)], _kernel_params(kind, args))
+        return values.view(W.shape[:-2]).to(W.dtype)
     impl.__name__ = f"{kind}_penalty_{run.__name__.strip('_')}"
     return impl
 
@@ -481,10 +473,9 @@ def _multi_kernel(run: Callable, dtypes) -> Callable:
             # mixed dtypes (the reference promotes per layer) or one the kernel does not take
             return R.penalty_multi(weights, kind, groups, **args)
         mats = [R.as_matrix(w, g) for w, g in zip(weights, groups)]
-        mats = [m.unsqueeze(0) if m.dim() == 2 else m for m in mats]
         sides = [_side_code(m, kind, args) for m in mats]
         values = run(mats, kind, sides, _kernel_params(kind, args))
-        counts = [m.shape[0] for m in mats]
+        counts = [m.shape[0] if m.dim() == 3 else 1 for m in mats]
         if any(c != 1 for c in counts):  # grouped convs: the mean over their groups (SPEC §0)
             index = torch.repeat_interleave(torch.arange(len(mats), device=values.device),
                                             torch.tensor(counts, device=values.device))
@@ -572,9 +563,9 @@ _ALL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 if _ext.HAS_C:
     _register("cpu", "cpu", _cpu_values, _ALL_DTYPES)
 if _ext.has_triton():
-    _register("cuda", "triton", _triton_values, TRITON_DTYPES)
+    _register("cuda", "triton", _triton_values_batched, TRITON_DTYPES)
     if _ext.triton_interpreted():
-        _register("cpu", "triton", _triton_values, TRITON_DTYPES)
+        _register("cpu", "triton", _triton_values_batched, TRITON_DTYPES)
 # SRIP's fast path is torch matvecs with the one-product backward above, on either device
 _TABLE.register("srip_penalty", "cpu", "cpu", _srip_kernel)
 _TABLE.register("srip_penalty", "cuda", "cuda", _srip_kernel)

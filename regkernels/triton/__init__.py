@@ -1,0 +1,6 @@
+"""Triton kernels, one module per op family (``regkernels.triton.gram``: SPEC §1.1–§1.4).
+
+This package is import-guarded: importing ``regkernels.triton`` never needs Triton. Only
+the family modules import ``triton``; ``regkernels.ops`` imports them when a Triton
+backend is requested and ``regkernels._ext.has_triton()`` says Triton is installed.
+"""

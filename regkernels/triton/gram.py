@@ -1,0 +1,533 @@
+"""Grouped Triton kernels for the Gram-matrix penalties (SPEC §1.1–§1.4): frame, diversity,
+orthogonality and MHE values and gradients for a whole list of matrices in one launch per pass.
+
+Every kernel works on the "rows" Gram ``V = X Xᵀ`` of a ``p × n`` matrix ``X``. The "cols"
+Gram ``Wᵀ W`` of ``W (m, n)`` is the rows Gram of ``X = Wᵀ`` (``p = n`` rows of length
+``m``): the launchers pass ``W``'s strides swapped, for the input and for ``dW`` alike,
+so nothing is transposed in memory. MHE with ``half`` uses the ``2m`` rows ``[W; −W]``
+(built with ``torch.cat``) and maps its gradient back as ``dW = dX[:m] − dX[m:]``.
+
+Design (flash-attention style, no k×k array ever reaches memory):
+
+* forward: a program owns one row block ``I`` of one matrix and loops over column blocks
+  ``J``; each Gram tile ``V[I, J]`` is built in registers (fp32 accumulator, loop over the
+  inner dimension) and immediately reduced by the kind's epilogue into per-row sums.
+  The per-row statistics and the program's share of the penalty go to small buffers;
+  a tiny segmented-sum kernel adds the shares of each matrix (fixed order, no atomics).
+* backward: the same program recomputes every tile ``V[I, J]``, turns it into the tile of
+  ``P = S + Sᵀ`` (``S = ∂R/∂V``, so that ``dX = P X``), and accumulates
+  ``dX[I, :] += P[I, J] X[J, :]`` in fp32 by read-modify-write of its own rows only.
+  Diagonal terms of ``P`` that come from row norms (diversity, MHE) need a full row sum
+  over ``j``; the loop over all ``J`` collects it and one last pass adds ``P_ii x_i``.
+* grouped: all matrices of a call form one problem table (like a grouped GEMM): a group
+  per input tensor (its ``B`` matrices share shape and strides) and a tile table mapping
+  ``program_id → (group, matrix, row block)``. Block sizes are shared; masks handle edges.
+
+Launches per call: forward 3 (row norms, Gram/epilogue, segmented sum), backward 1
+(plus torch's zero fill of ``dW``). Inputs: one tensor is used in place with its own strides
+(non-contiguous and expanded views work without a copy); a list of several tensors is
+copied once into one flat buffer (``torch.cat``) because a launch takes one base pointer.
+
+Stats layout (float32, returned by the forward and passed back to the backward): matrix
+``b`` of group ``g`` owns ``2p`` floats at ``stats_offset[g] + 2·p·b``: first the squared row
+norms ``‖x_i‖²`` (``p``), then the kind's row sums (``p``): frame ``r_i = Σ_{j≠i}|V_ij|``
+(full rows); diversity ``Σ_{j>i} mask·C_ij²``, orthogonality ``(V_ii − 1)² + 2Σ_{j>i} V_ij²``,
+MHE ``Σ_{j>i} e_ij`` (upper triangle: each unordered pair once). Groups follow list order.
+
+Everything is computed in float32 from inputs of any of float16 / bfloat16 / float32; dot
+products use ``input_precision="ieee"`` (no TF32). Not importable without Triton: import
+this module only after ``regkernels._ext.has_triton()``.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# ----------------------------------------------------------------------------- constants
+
+KINDS = ("frame", "diversity", "orthogonality", "mhe")
+_FRAME = tl.constexpr(0)
+_DIVERSITY = tl.constexpr(1)
+_ORTHOGONALITY = tl.constexpr(2)
+_MHE = tl.constexpr(3)
+_KIND_ID = {"frame": 0, "diversity": 1, "orthogonality": 2, "mhe": 3}
+_N_PARAMS = {"frame": 2, "diversity": 2, "orthogonality": 0, "mhe": 3}
+
+# Block sizes, shared by all problems of a launch (tl.dot needs every dim ≥ 16). 32 keeps
+# the CPU interpreter (TRITON_INTERPRET=1) quick on small test shapes. GPU tuning would
+# autotune BLOCK_I/BLOCK_J in 64–128 and BLOCK_K in 32–64 with num_warps/num_stages, use
+# the native fp16/bf16 tensor-core dot for the Gram tiles (exact products, fp32 accumulate;
+# the interpreter's dot mishandles bf16, hence the upcast below), TF32x3 instead of IEEE
+# for float32, and keep dX[I, :] in registers when n is small instead of the RMW loop.
+BLOCK_I = 32          # Gram rows owned by one program
+BLOCK_J = 32          # Gram columns per inner step
+BLOCK_K = 32          # inner-dimension chunk (columns of X)
+BLOCK_SEG = 16        # row-block shares added per step by the segmented sum
+
+# F.normalize's clamp of the row norm (SPEC §1.2)
+_NORMALIZE_EPS = tl.constexpr(1e-12)
+
+# Columns of the int64 group table (one row per input tensor). X and dX are addressed
+# as base + x_off + b·s_b + i·s_r + t·s_c for Gram row i and inner index t.
+_G_X_OFF = tl.constexpr(0)    # element offset of matrix 0 of the group in the X buffer
+_G_XS_B = tl.constexpr(1)     # X stride between matrices of the group
+_G_XS_R = tl.constexpr(2)     # X stride along the Gram index i (rows of X)
+_G_XS_C = tl.constexpr(3)     # X stride along the inner index t
+_G_D_OFF = tl.constexpr(4)    # the same four for the float32 dX buffer
+_G_DS_B = tl.constexpr(5)
+_G_DS_R = tl.constexpr(6)
+_G_DS_C = tl.constexpr(7)
+_G_P = tl.constexpr(8)        # Gram size p (rows of X)
+_G_N = tl.constexpr(9)        # inner size n (columns of X)
+_G_ST_OFF = tl.constexpr(10)  # stats offset of matrix 0; each matrix takes 2p floats
+_G_VAL_OFF = tl.constexpr(11)  # index of matrix 0 in the values / grad vectors
+_G_NCOL = tl.constexpr(12)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+@triton.jit
+def _tile_coords(TILES, GROUPS, pid):
+    """program_id → (group row pointer, matrix b within the group, row block ib)."""
+    g = tl.load(TILES + 3 * pid)
+    b = tl.load(TILES + 3 * pid + 1).to(tl.int64)
+    ib = tl.load(TILES + 3 * pid + 2)
+    return GROUPS + g * _G_NCOL, b, ib
+
+
+@triton.jit
+def _gram_tile(x_ptr, xs_r, xs_c, rows_i, mask_i, rows_j, mask_j, n,
+               BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``V[I, J] = X[I, :] · X[J, :]ᵀ`` in float32 registers, looping over the inner dim.
+
+    Out-of-range rows and columns load as 0, so edge tiles are exact. The forward and the
+    backward call this one helper with the same blocks, so a recomputed tile is the
+    same number as in the forward (diversity's threshold mask relies on it).
+    """
+    acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
+    for k0 in range(0, n, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        mk = ks < n
+        a = tl.load(x_ptr + rows_i[:, None] * xs_r + ks[None, :] * xs_c,
+                    mask=mask_i[:, None] & mk[None, :], other=0.0).to(tl.float32)
+        b = tl.load(x_ptr + rows_j[:, None] * xs_r + ks[None, :] * xs_c,
+                    mask=mask_j[:, None] & mk[None, :], other=0.0).to(tl.float32)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
+    return acc
+
+
+@triton.jit
+def _diversity_cosine(V, sq_i, sq_j):
+    """``C_ij = V_ij / (q_i q_j)``, ``q = max(‖x‖, 1e-12)``: the Gram of the normalised rows."""
+    q_i = tl.maximum(tl.sqrt(sq_i), _NORMALIZE_EPS)
+    q_j = tl.maximum(tl.sqrt(sq_j), _NORMALIZE_EPS)
+    return V / (q_i[:, None] * q_j[None, :]), q_i, q_j
+
+
+@triton.jit
+def _over_threshold(C, tau, INCLUSIVE: tl.constexpr):
+    """DiReAL's mask ``|C_ij| ≥ tau`` (``> tau`` when not inclusive); carries no gradient."""
+    if INCLUSIVE:
+        keep = tl.abs(C) >= tau
+    else:
+        keep = tl.abs(C) > tau
+    return keep
+
+
+@triton.jit
+def _mhe_energy(delta, S: tl.constexpr):
+    """``e(δ)``: ``−log δ`` (s=0), ``δ^(−1/2)`` (s=1), ``1/δ`` (s=2) — SPEC §1.4, unclamped."""
+    if S == 0:
+        e = -tl.log(delta)
+    elif S == 1:
+        e = 1.0 / tl.sqrt(delta)
+    else:
+        e = 1.0 / delta
+    return e
+
+
+@triton.jit
+def _mhe_denergy_dcos(delta, S: tl.constexpr):
+    """``∂e/∂cos = −2·e′(δ)`` (δ = 2 − 2cos): ``2/δ`` (s=0), ``δ^(−3/2)`` (s=1), ``2/δ²`` (s=2)."""
+    if S == 0:
+        h = 2.0 / delta
+    elif S == 1:
+        h = 1.0 / (delta * tl.sqrt(delta))
+    else:
+        h = 2.0 / (delta * delta)
+    return h
+
+
+@triton.jit
+def _frame_coefficients(d, r, A, B, pf):
+    """``(∂R/∂d_i, ∂R/∂r_i)`` of ``R = (1/p) Σ relu(A − d + r)² + relu(d + r − B)²`` (SPEC §1.1).
+
+    relu(x)² has derivative 2·relu(x), which is 0 at x = 0 as torch's relu′(0) = 0.
+    """
+    lo = tl.maximum(A - (d - r), 0.0)
+    hi = tl.maximum((d + r) - B, 0.0)
+    return 2.0 * (hi - lo) / pf, 2.0 * (hi + lo) / pf
+
+
+@triton.jit
+def _row_norm_kernel(X, GROUPS, TILES, STATS, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Squared row norms ``‖x_i‖²`` of one row block into the first half of its stats."""
+    grp, b, ib = _tile_coords(TILES, GROUPS, tl.program_id(0))
+    x_ptr = X + tl.load(grp + _G_X_OFF) + b * tl.load(grp + _G_XS_B)
+    xs_r = tl.load(grp + _G_XS_R)
+    xs_c = tl.load(grp + _G_XS_C)
+    p = tl.load(grp + _G_P)
+    n = tl.load(grp + _G_N)
+    st = STATS + tl.load(grp + _G_ST_OFF) + 2 * p * b
+
+    rows = ib * BLOCK_I + tl.arange(0, BLOCK_I)
+    mask = rows < p
+    acc = tl.zeros((BLOCK_I,), dtype=tl.float32)
+    for k0 in range(0, n, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rows[:, None] * xs_r + ks[None, :] * xs_c,
+                    mask=mask[:, None] & (ks < n)[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(x * x, axis=1)
+    tl.store(st + rows, acc, mask=mask)
+
+
+@triton.jit
+def _gram_fwd_kernel(X, GROUPS, TILES, STATS, SHARES, A, B, tau, eps,
+                     KIND: tl.constexpr, INCLUSIVE: tl.constexpr, MHE_S: tl.constexpr,
+                     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Row sums of the kind's epilogue over Gram tiles, and this row block's share of R.
+
+    Needs the squared row norms in the stats (``_row_norm_kernel``). Frame needs full rows
+    (``r_i`` sums over every j ≠ i); the other kinds are symmetric sums over pairs, so the
+    loop starts at the diagonal block and keeps j > i (orthogonality: weight 2 for j > i,
+    1 on the diagonal), halving the work.
+    """
+    pid = tl.program_id(0)
+    grp, b, ib = _tile_coords(TILES, GROUPS, pid)
+    x_ptr = X + tl.load(grp + _G_X_OFF) + b * tl.load(grp + _G_XS_B)
+    xs_r = tl.load(grp + _G_XS_R)
+    xs_c = tl.load(grp + _G_XS_C)
+    p = tl.load(grp + _G_P)
+    n = tl.load(grp + _G_N)
+    st = STATS + tl.load(grp + _G_ST_OFF) + 2 * p * b
+    pf = p.to(tl.float32)
+
+    rows_i = ib * BLOCK_I + tl.arange(0, BLOCK_I)
+    mask_i = rows_i < p
+    sq_i = tl.load(st + rows_i, mask=mask_i, other=1.0)
+    acc = tl.zeros((BLOCK_I,), dtype=tl.float32)
+    if KIND == _FRAME:
+        j_first = 0
+    else:
+        j_first = (ib * BLOCK_I) // BLOCK_J
+    for jb in range(j_first, tl.cdiv(p, BLOCK_J)):
+        rows_j = jb * BLOCK_J + tl.arange(0, BLOCK_J)
+        mask_j = rows_j < p
+        V = _gram_tile(x_ptr, xs_r, xs_c, rows_i, mask_i, rows_j, mask_j, n, BLOCK_I, BLOCK_J, BLOCK_K)
+        ii = rows_i[:, None]
+        jj = rows_j[None, :]
+        valid = mask_i[:, None] & mask_j[None, :]
+        if KIND == _FRAME:
+            # formula: SPEC §1.1 — r_i = Σ_{j≠i} |V_ij| (the diagonal is masked, not subtracted)
+            contrib = tl.where(valid & (ii != jj), tl.abs(V), 0.0)
+        elif KIND == _DIVERSITY:
+            # formula: SPEC §1.2 — R = Σ_{i<j} [|C_ij| ≥ tau] C_ij²
+            sq_j = tl.load(st + rows_j, mask=mask_j, other=1.0)
+            C, q_i, q_j = _diversity_cosine(V, sq_i, sq_j)
+            keep = valid & (jj > ii) & _over_threshold(C, tau, INCLUSIVE)
+            contrib = tl.where(keep, C * C, 0.0)
+        elif KIND == _ORTHOGONALITY:
+            # formula: SPEC §1.3 — ‖V − I‖_F² = Σ_i (V_ii − 1)² + 2 Σ_{i<j} V_ij²
+            E = V - tl.where(ii == jj, 1.0, 0.0)
+            weight = tl.where(jj > ii, 2.0, tl.where(jj == ii, 1.0, 0.0))
+            contrib = tl.where(valid, weight * E * E, 0.0)
+        else:
+            # formula: SPEC §1.4 — cos_ij = V_ij / (ν_i ν_j), ν = sqrt(‖x‖² + eps), δ = 2 − 2cos
+            sq_j = tl.load(st + rows_j, mask=mask_j, other=1.0)
+            nu_i = tl.sqrt(sq_i + eps)
+            nu_j = tl.sqrt(sq_j + eps)
+            keep = valid & (jj > ii)
+            # masked entries get δ = 1 so no log/division of 0 happens there
+            delta = tl.where(keep, 2.0 - 2.0 * (V / (nu_i[:, None] * nu_j[None, :])), 1.0)
+            contrib = tl.where(keep, _mhe_energy(delta, MHE_S), 0.0)
+        acc += tl.sum(contrib, axis=1)
+    tl.store(st + p + rows_i, acc, mask=mask_i)
+
+    if KIND == _FRAME:
+        lo = tl.maximum(A - (sq_i - acc), 0.0)
+        hi = tl.maximum((sq_i + acc) - B, 0.0)
+        share = tl.sum(tl.where(mask_i, lo * lo + hi * hi, 0.0), axis=0) / pf
+    elif KIND == _MHE:
+        # mean over the p(p−1)/2 pairs; p = 1 gives 0/0 = nan, as the reference's empty mean
+        share = tl.sum(acc, axis=0) / (pf * (pf - 1.0) * 0.5)
+    else:
+        share = tl.sum(acc, axis=0)
+    tl.store(SHARES + pid, share)
+
+
+@triton.jit
+def _segment_sum_kernel(SHARES, SEGMENTS, VALUES, BLOCK: tl.constexpr):
+    """``values[q] = Σ`` of matrix q's row-block shares (contiguous in SHARES), in a fixed order."""
+    q = tl.program_id(0)
+    start = tl.load(SEGMENTS + 2 * q)
+    count = tl.load(SEGMENTS + 2 * q + 1)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for t0 in range(0, count, BLOCK):
+        offs = t0 + tl.arange(0, BLOCK)
+        acc += tl.load(SHARES + start + offs, mask=offs < count, other=0.0)
+    tl.store(VALUES + q, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _gram_bwd_kernel(X, DX, GROUPS, TILES, STATS, GRAD, A, B, tau, eps,
+                     KIND: tl.constexpr, INCLUSIVE: tl.constexpr, MHE_S: tl.constexpr,
+                     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``dX[I, :] = grad · Σ_J P[I, J] X[J, :]`` with ``P = S + Sᵀ``, ``S = ∂R/∂V``.
+
+    P per kind (off-diagonal i ≠ j | diagonal), g = grad of this matrix:
+      frame          (gr_i + gr_j)·sign(V_ij)        | 2·gd_i     (gd, gr = ∂R/∂d, ∂R/∂r)
+      diversity      2·m_ij·C_ij / (q_i q_j)         | −2·t_i / q_i²,  t_i = Σ_j m_ij C_ij²
+                     (the diagonal is the row norm's term, 0 where ‖x_i‖ < 1e-12 as
+                     torch's clamp_min passes no gradient there)
+      orthogonality  4·V_ij                          | 4·(V_ii − 1)
+      mhe            h_ij / (ν_i ν_j)                | −u_i / ν_i²,    u_i = Σ_{j≠i} h_ij cos_ij
+                     (h = ∂e/∂cos / #pairs; the diagonal is from ν's dependence on ‖x_i‖²)
+    The diversity and MHE diagonals need full row sums, gathered while looping over J and
+    applied in a last pass. dX rows I belong to this program only: read-modify-write of
+    fp32 global memory without atomics (load and store use the same pointer tensor, so
+    each element is read and written by the same thread on a GPU).
+    """
+    pid = tl.program_id(0)
+    grp, b, ib = _tile_coords(TILES, GROUPS, pid)
+    x_ptr = X + tl.load(grp + _G_X_OFF) + b * tl.load(grp + _G_XS_B)
+    xs_r = tl.load(grp + _G_XS_R)
+    xs_c = tl.load(grp + _G_XS_C)
+    d_ptr = DX + tl.load(grp + _G_D_OFF) + b * tl.load(grp + _G_DS_B)
+    ds_r = tl.load(grp + _G_DS_R)
+    ds_c = tl.load(grp + _G_DS_C)
+    p = tl.load(grp + _G_P)
+    n = tl.load(grp + _G_N)
+    st = STATS + tl.load(grp + _G_ST_OFF) + 2 * p * b
+    g = tl.load(GRAD + tl.load(grp + _G_VAL_OFF) + b)
+    pf = p.to(tl.float32)
+
+    rows_i = ib * BLOCK_I + tl.arange(0, BLOCK_I)
+    mask_i = rows_i < p
+    sq_i = tl.load(st + rows_i, mask=mask_i, other=1.0)
+    if KIND == _FRAME:
+        r_i = tl.load(st + p + rows_i, mask=mask_i, other=0.0)
+        gd_i, gr_i = _frame_coefficients(sq_i, r_i, A, B, pf)
+    if KIND == _MHE:
+        nu_i = tl.sqrt(sq_i + eps)
+        inv_pairs = 1.0 / (pf * (pf - 1.0) * 0.5)
+    row_sum = tl.zeros((BLOCK_I,), dtype=tl.float32)  # t_i (diversity) or u_i (mhe)
+
+    for jb in range(0, tl.cdiv(p, BLOCK_J)):
+        rows_j = jb * BLOCK_J + tl.arange(0, BLOCK_J)
+        mask_j = rows_j < p
+        V = _gram_tile(x_ptr, xs_r, xs_c, rows_i, mask_i, rows_j, mask_j, n, BLOCK_I, BLOCK_J, BLOCK_K)
+        ii = rows_i[:, None]
+        jj = rows_j[None, :]
+        valid = mask_i[:, None] & mask_j[None, :]
+        if KIND == _FRAME:
+            sq_j = tl.load(st + rows_j, mask=mask_j, other=1.0)
+            r_j = tl.load(st + p + rows_j, mask=mask_j, other=0.0)
+            gd_j, gr_j = _frame_coefficients(sq_j, r_j, A, B, pf)
+            sign = tl.where(V > 0, 1.0, tl.where(V < 0, -1.0, 0.0))  # sign(0) = 0, SPEC §1
+            P = tl.where(ii == jj, 2.0 * gd_i[:, None], (gr_i[:, None] + gr_j[None, :]) * sign)
+        elif KIND == _DIVERSITY:
+            sq_j = tl.load(st + rows_j, mask=mask_j, other=1.0)
+            C, q_i, q_j = _diversity_cosine(V, sq_i, sq_j)
+            Gm = tl.where(valid & (ii != jj) & _over_threshold(C, tau, INCLUSIVE), C, 0.0)
+            row_sum += tl.sum(Gm * C, axis=1)
+            P = 2.0 * Gm / (q_i[:, None] * q_j[None, :])
+        elif KIND == _ORTHOGONALITY:
+            P = 4.0 * (V - tl.where(ii == jj, 1.0, 0.0))
+        else:
+            sq_j = tl.load(st + rows_j, mask=mask_j, other=1.0)
+            nu_j = tl.sqrt(sq_j + eps)
+            nn = nu_i[:, None] * nu_j[None, :]
+            cos = V / nn
+            off = valid & (ii != jj)
+            delta = tl.where(off, 2.0 - 2.0 * cos, 1.0)
+            h = tl.where(off, _mhe_denergy_dcos(delta, MHE_S) * inv_pairs, 0.0)
+            row_sum += tl.sum(h * cos, axis=1)
+            P = h / nn
+        P = tl.where(valid, P * g, 0.0)
+        for k0 in range(0, n, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            mk = ks < n
+            xj = tl.load(x_ptr + rows_j[:, None] * xs_r + ks[None, :] * xs_c,
+                         mask=mask_j[:, None] & mk[None, :], other=0.0).to(tl.float32)
+            dptr = d_ptr + rows_i[:, None] * ds_r + ks[None, :] * ds_c
+            dmask = mask_i[:, None] & mk[None, :]
+            upd = tl.dot(P, xj, input_precision="ieee")
+            tl.store(dptr, tl.load(dptr, mask=dmask, other=0.0) + upd, mask=dmask)
+
+    if (KIND == _DIVERSITY) or (KIND == _MHE):
+        if KIND == _DIVERSITY:
+            norm = tl.sqrt(sq_i)
+            q = tl.maximum(norm, _NORMALIZE_EPS)
+            diag = tl.where(norm >= _NORMALIZE_EPS, -2.0 * row_sum / (q * q), 0.0)
+        else:
+            diag = -row_sum / (sq_i + eps)
+        diag = tl.where(mask_i, diag * g, 0.0)
+        for k0 in range(0, n, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            mk = ks < n
+            xi = tl.load(x_ptr + rows_i[:, None] * xs_r + ks[None, :] * xs_c,
+                         mask=mask_i[:, None] & mk[None, :], other=0.0).to(tl.float32)
+            dptr = d_ptr + rows_i[:, None] * ds_r + ks[None, :] * ds_c
+            dmask = mask_i[:, None] & mk[None, :]
+            tl.store(dptr, tl.load(dptr, mask=dmask, other=0.0) + diag[:, None] * xi, mask=dmask)
+
+
+# ----------------------------------------------------------------------------- host launchers
+
+class _Plan:
+    """Problem and tile tables of one call, shared by the forward and the backward.
+
+    ``X`` is the Gram-forming data: the single input tensor itself, or one flat buffer
+    with every (processed) matrix; ``shapes`` are the processed ``(B, rows, cols)`` of each
+    input (``rows = 2m`` for MHE half); the dX buffer holds them contiguously in that order.
+    """
+
+    def __init__(self, mats, kind, sides, params):
+        if kind not in _KIND_ID:
+            raise ValueError(f"gram_penalty: kind must be one of {KINDS}; got {kind!r}")
+        if len(sides) != len(mats):
+            raise ValueError(f"gram_penalty: sides must have one entry per matrix ({len(mats)}); got {len(sides)}")
+        if len(params) != _N_PARAMS[kind]:
+            raise ValueError(f"gram_penalty: {kind} takes {_N_PARAMS[kind]} params; got {list(params)}")
+        if kind in ("diversity", "mhe") and any(s != 0 for s in sides):
+            raise ValueError(f"gram_penalty: {kind} is rows-only (sides must be 0); got {list(sides)}")
+        self.kind = kind
+        self.half = kind == "mhe" and bool(params[1])
+        if mats:
+            dtypes = {w.dtype for w in mats}
+            devices = {w.device for w in mats}
+            if len(dtypes) != 1 or len(devices) != 1:
+                raise ValueError("gram_penalty: mats must share one dtype and device; "
+                                 f"got {sorted(map(str, dtypes))} on {sorted(map(str, devices))}")
+            if any(w.dim() != 3 for w in mats):
+                raise ValueError("gram_penalty: every mat must be (B, m, n); got shapes "
+                                 f"{[tuple(w.shape) for w in mats]}")
+        self.device = mats[0].device if mats else torch.device("cpu")
+        self.in_shapes = [tuple(w.shape) for w in mats]
+
+        procs = [torch.cat([w, -w], dim=-2) if self.half else w for w in mats]
+        self.shapes = [tuple(x.shape) for x in procs]
+        if len(procs) == 1:
+            # one tensor: used in place with its own strides (no copy, any layout)
+            self.X = procs[0]
+            x_strides = [procs[0].stride()]
+            x_offs = [0]
+        else:
+            # several tensors: one contiguous copy, since a launch takes one base pointer
+            self.X = (torch.cat([x.reshape(-1) for x in procs]) if procs
+                      else torch.empty(0, device=self.device))
+            x_strides = [(r * c, c, 1) for _, r, c in self.shapes]
+            x_offs = _exclusive_cumsum([bb * r * c for bb, r, c in self.shapes])
+        d_offs = _exclusive_cumsum([bb * r * c for bb, r, c in self.shapes])
+        self.dx_numel = sum(bb * r * c for bb, r, c in self.shapes)
+
+        rows, nbs, counts = [], [], []
+        st_off = val_off = 0
+        for (bb, r, c), (sb, sr, sc), xo, do, side in zip(self.shapes, x_strides, x_offs, d_offs, sides):
+            # "cols" (side 1): the Gram of Xᵀ — swap the row and inner strides (SPEC §1 Gram)
+            p, n = (r, c) if side == 0 else (c, r)
+            xs_r, xs_c = (sr, sc) if side == 0 else (sc, sr)
+            ds_r, ds_c = (c, 1) if side == 0 else (1, c)
+            row = [0] * _G_NCOL.value
+            row[_G_X_OFF.value], row[_G_XS_B.value], row[_G_XS_R.value], row[_G_XS_C.value] = xo, sb, xs_r, xs_c
+            row[_G_D_OFF.value], row[_G_DS_B.value], row[_G_DS_R.value], row[_G_DS_C.value] = do, r * c, ds_r, ds_c
+            row[_G_P.value], row[_G_N.value] = p, n
+            row[_G_ST_OFF.value], row[_G_VAL_OFF.value] = st_off, val_off
+            rows.append(row)
+            nbs.append(triton.cdiv(p, BLOCK_I))
+            counts.append(bb)
+            st_off += 2 * p * bb
+            val_off += bb
+        self.stats_numel = st_off
+        self.n_values = val_off
+        self.groups = torch.tensor(rows, dtype=torch.int64).reshape(-1, _G_NCOL.value)
+
+        # tile table, ordered (group, matrix, row block): program_id → (g, b, ib); matrix q's
+        # row blocks are the contiguous range SEGMENTS[q] = (start, count) of the shares
+        nb = torch.tensor(nbs, dtype=torch.int64)
+        B = torch.tensor(counts, dtype=torch.int64)
+        per_group = B * nb
+        self.n_tiles = int(per_group.sum()) if len(rows) else 0
+        gid = torch.repeat_interleave(torch.arange(len(rows)), per_group)
+        local = torch.arange(self.n_tiles) - torch.repeat_interleave(per_group.cumsum(0) - per_group, per_group)
+        tiles = torch.stack([gid, local // nb[gid], local % nb[gid]], dim=1)
+        seg_count = torch.repeat_interleave(nb, B)
+        segments = torch.stack([seg_count.cumsum(0) - seg_count, seg_count], dim=1)
+        self.groups = self.groups.to(self.device)
+        self.tiles = tiles.to(torch.int32).contiguous().to(self.device)
+        self.segments = segments.contiguous().to(self.device)
+
+        s_pow, eps = (int(params[0]), float(params[2])) if kind == "mhe" else (2, 0.0)
+        tau, inclusive = (float(params[0]), bool(params[1])) if kind == "diversity" else (0.0, True)
+        A, Bf = (float(params[0]), float(params[1])) if kind == "frame" else (0.0, 0.0)
+        if s_pow not in (0, 1, 2):
+            raise ValueError(f"gram_penalty: mhe s must be 0, 1 or 2; got {params[0]!r}")
+        self.scalars = (A, Bf, tau, eps)
+        self.meta = dict(KIND=_KIND_ID[kind], INCLUSIVE=inclusive, MHE_S=s_pow,
+                         BLOCK_I=BLOCK_I, BLOCK_J=BLOCK_J, BLOCK_K=BLOCK_K)
+
+
+def _exclusive_cumsum(sizes: list[int]) -> list[int]:
+    out, acc = [], 0
+    for s in sizes:
+        out.append(acc)
+        acc += s
+    return out
+
+
+def gram_penalty_forward(mats: list[torch.Tensor], kind: str, sides: list[int],
+                         params: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Penalty values of every matrix of ``mats`` (list of ``(B_i, m_i, n_i)``), grouped.
+
+    Returns ``values`` (float32, ``(Σ B_i,)``, matrix b of ``mats[i]`` at ``Σ_{i'<i} B_i' + b``)
+    and ``stats`` (flat float32, ``2·p`` per matrix, layout in the module docstring) for
+    ``gram_penalty_backward``. ``sides[i]``: 0 = rows (``W Wᵀ``), 1 = cols (``Wᵀ W``);
+    ``params``: frame ``[A, B]``, diversity ``[tau, inclusive]``, orthogonality ``[]``,
+    mhe ``[s, half, eps]``. Launches: row norms, Gram/epilogue, segmented sum — once each.
+    """
+    plan = _Plan(mats, kind, sides, params)
+    values = torch.empty(plan.n_values, dtype=torch.float32, device=plan.device)
+    stats = torch.empty(plan.stats_numel, dtype=torch.float32, device=plan.device)
+    if plan.n_tiles == 0:
+        return values, stats
+    shares = torch.empty(plan.n_tiles, dtype=torch.float32, device=plan.device)
+    grid = (plan.n_tiles,)
+    _row_norm_kernel[grid](plan.X, plan.groups, plan.tiles, stats, BLOCK_I=BLOCK_I, BLOCK_K=BLOCK_K)
+    _gram_fwd_kernel[grid](plan.X, plan.groups, plan.tiles, stats, shares, *plan.scalars, **plan.meta)
+    _segment_sum_kernel[(plan.n_values,)](shares, plan.segments, values, BLOCK=BLOCK_SEG)
+    return values, stats
+
+
+def gram_penalty_backward(mats: list[torch.Tensor], kind: str, sides: list[int], params: list[float],
+                          stats: torch.Tensor, grad: torch.Tensor) -> list[torch.Tensor]:
+    """Gradients ``dW_i`` (float32, shape of ``mats[i]``) of ``Σ_b grad[off_i + b]·value_b``.
+
+    ``stats`` is the forward's second output for the same arguments; ``grad`` has shape
+    ``(Σ B_i,)``. One launch of the backward kernel (after torch's zero fill of dX).
+    """
+    plan = _Plan(mats, kind, sides, params)
+    dx = torch.zeros(plan.dx_numel, dtype=torch.float32, device=plan.device)
+    if plan.n_tiles:
+        grad = grad.to(device=plan.device, dtype=torch.float32).reshape(-1).contiguous()
+        stats = stats.to(device=plan.device, dtype=torch.float32).contiguous()
+        _gram_bwd_kernel[(plan.n_tiles,)](plan.X, dx, plan.groups, plan.tiles, stats, grad,
+                                          *plan.scalars, **plan.meta)
+    out = []
+    for shape, d_off in zip(plan.shapes, _exclusive_cumsum([bb * r * c for bb, r, c in plan.shapes])):
+        bb, r, c = shape
+        d = dx[d_off:d_off + bb * r * c].view(bb, r, c)
+        if plan.half:  # X = [W; −W] → dW = dX[:m] − dX[m:]
+            d = d[:, : r // 2] - d[:, r // 2:]
+        out.append(d)
+    return out
