@@ -80,8 +80,13 @@ def compiled(fn: Callable) -> Callable:
 
 def penalty_case(op: str, name: str, reference_fn: Callable, public_fn: Callable,
                  make_inputs: Callable[[torch.device, torch.dtype], tuple], *, grad: bool = True,
-                 kwargs: dict | None = None, quick: bool = False, bytes_moved=None, flops=None) -> Case:
+                 kwargs: dict | None = None, quick: bool = False, bytes_moved=None, flops=None,
+                 eager_fn: Callable | None = None, compile_factory: Callable[[], Callable] | None = None) -> Case:
     """Case for a differentiable op ``f(X, *rest, **kwargs)`` returning a tensor.
+
+    ``reference_fn`` gives the float64 truth and, unless ``eager_fn`` / ``compile_factory``
+    (which builds the compile provider's callable at setup) say otherwise, the eager and
+    compile providers.
 
     With ``grad=True`` every provider runs forward and backward w.r.t. the first input
     (``out.sum().backward()``) and returns ``(out, grad)``; the error compares both with
@@ -107,9 +112,10 @@ def penalty_case(op: str, name: str, reference_fn: Callable, public_fn: Callable
             return call
 
         truth = runner(reference_fn)(args64)
-        comp = compiled(reference_fn)
+        comp = compile_factory() if compile_factory is not None else compiled(reference_fn)
         return Prepared(
-            providers={"eager": runner(reference_fn), "compile": runner(comp), "regkernels": runner(public_fn)},
+            providers={"eager": runner(eager_fn or reference_fn), "compile": runner(comp),
+                       "regkernels": runner(public_fn)},
             error=lambda out: max_rel_err(out, truth),
             bytes_moved=bytes_moved, flops=flops,
         )

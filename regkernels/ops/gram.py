@@ -7,6 +7,20 @@ argument and the expected form), then ``_implementation`` picks the code for the
 tensor's device: a registered kernel, or the pure-torch reference in
 ``regkernels.reference.gram`` (autograd through torch ops, exact gradients).
 Inputs are never modified; non-contiguous and expanded inputs are fine.
+
+Kernels (``backend=None`` picks the first available; the end of this module registers them):
+
+==================  ==========================================  ==========================
+op                  CPU tensors                                 CUDA tensors
+==================  ==========================================  ==========================
+frame, diversity,   ``"cpu"``: C++ (csrc/cpu/gram_cpu.cpp), all  ``"triton"``
+orthogonality,      dtypes; ``"triton"`` only interpreted        (regkernels/triton/gram.py),
+mhe,                (TRITON_INTERPRET=1, as CI runs it)          fp16/bf16/fp32; fp64 runs
+penalty_multi                                                    the reference
+srip                ``"cpu"``: torch, one-product backward       ``"cuda"``: the same code
+gershgorin_bounds,  reference                                    reference
+frame_bounds
+==================  ==========================================  ==========================
 """
 from __future__ import annotations
 
