@@ -57,6 +57,27 @@ inline T lane_sum(int64_t lo, int64_t hi, F f) {
   return total;
 }
 
+// The second pass of every epilogue: row i of V becomes row i of P, entry by entry
+// (entry(i, j, V_ij), symmetric in i, j), then its diagonal diag(i, V_ii), computed first.
+template <typename T, typename Entry, typename Diag>
+void write_coefficients(T* V, int64_t k, Entry entry, Diag diag) {
+  at::parallel_for(0, k, grain_rows(k), [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      T* v = V + i * k;
+      const T d = diag(i, v[i]);
+      for (int64_t j = 0; j < k; ++j) v[j] = entry(i, j, v[j]);
+      v[i] = d;
+    }
+  });
+}
+
+template <typename T>
+double total_of(const std::vector<T>& rows) {
+  double total = 0;
+  for (const T x : rows) total += x;
+  return total;
+}
+
 // ----------------------------------------------------------------------------- Gram
 
 // V (k×k, contiguous) = X Xᵀ for X of shape (k, inner), any strides, exactly symmetric. For
@@ -116,19 +137,12 @@ double frame_epilogue(T* V, int64_t k, const at::ArrayRef<double> params, bool n
       dd[i] = f.dd / static_cast<T>(k);
     }
   });
-  double total = 0;
-  for (int64_t i = 0; i < k; ++i) total += row[i];
   if (need_grad) {
-    at::parallel_for(0, k, grain_rows(k), [&](int64_t lo, int64_t hi) {
-      for (int64_t i = lo; i < hi; ++i) {
-        T* v = V + i * k;
-        const T di = dd[i], ri = dr[i];
-        for (int64_t j = 0; j < k; ++j) v[j] = (ri + dr[j]) * core::sign0(v[j]);
-        v[i] = T(2) * di;
-      }
-    });
+    write_coefficients(
+        V, k, [&](int64_t i, int64_t j, T x) { return (dr[i] + dr[j]) * core::sign0(x); },
+        [&](int64_t i, T) { return T(2) * dd[i]; });
   }
-  return total / static_cast<double>(k);
+  return total_of(row) / static_cast<double>(k);
 }
 
 template <typename T>
@@ -158,22 +172,17 @@ double diversity_epilogue(T* V, int64_t k, const at::ArrayRef<double> params, bo
       acc[i] = s;
     }
   });
-  double total = 0;
-  for (int64_t i = 0; i < k; ++i) total += acc[i];
   if (need_grad) {
-    at::parallel_for(0, k, grain_rows(k), [&](int64_t lo, int64_t hi) {
-      for (int64_t i = lo; i < hi; ++i) {
-        T* v = V + i * k;
-        for (int64_t j = 0; j < k; ++j) {
+    write_coefficients(
+        V, k,
+        [&](int64_t i, int64_t j, T x) {
           const T nn = nrm[i] * nrm[j];
-          const T c = v[j] / nn;
-          v[j] = masked(c) ? T(2) * c / nn : T(0);
-        }
-        v[i] = clamped[i] ? T(0) : T(-2) * acc[i] / (nrm[i] * nrm[i]);
-      }
-    });
+          const T c = x / nn;
+          return masked(c) ? T(2) * c / nn : T(0);
+        },
+        [&](int64_t i, T) { return clamped[i] ? T(0) : T(-2) * acc[i] / (nrm[i] * nrm[i]); });
   }
-  return 0.5 * total;
+  return 0.5 * total_of(acc);
 }
 
 template <typename T>
@@ -189,19 +198,12 @@ double orthogonality_epilogue(T* V, int64_t k, const at::ArrayRef<double> params
       row[i] = lane_sum<T>(0, k, [&](int64_t j) { return v[j] * v[j]; }) - v[i] * v[i] + e * e;
     }
   });
-  double r2 = offset;
-  for (int64_t i = 0; i < k; ++i) r2 += row[i];
+  const double r2 = offset + total_of(row);
   const double value = squared ? r2 : std::sqrt(r2);
   if (need_grad) {
     const T coef = squared ? T(4) : static_cast<T>(2.0 / value);
-    at::parallel_for(0, k, grain_rows(k), [&](int64_t lo, int64_t hi) {
-      for (int64_t i = lo; i < hi; ++i) {
-        T* v = V + i * k;
-        const T e = v[i] - T(1);
-        for (int64_t j = 0; j < k; ++j) v[j] = coef * v[j];
-        v[i] = coef * e;
-      }
-    });
+    write_coefficients(
+        V, k, [&](int64_t, int64_t, T x) { return coef * x; }, [&](int64_t, T x) { return coef * (x - T(1)); });
   }
   return value;
 }
@@ -243,21 +245,16 @@ double mhe_epilogue(T* V, int64_t k, const at::ArrayRef<double> params, bool nee
       dsum[i] = ds * inv_pairs;
     }
   });
-  double total = 0;
-  for (int64_t i = 0; i < k; ++i) total += val[i];
   if (need_grad) {
-    at::parallel_for(0, k, grain_rows(k), [&](int64_t lo, int64_t hi) {
-      for (int64_t i = lo; i < hi; ++i) {
-        T* v = V + i * k;
-        for (int64_t j = 0; j < k; ++j) {
+    write_coefficients(
+        V, k,
+        [&](int64_t i, int64_t j, T x) {
           const T nn = nu[i] * nu[j];
-          v[j] = core::mhe_pair<T>(v[j] / nn, s, half).dc * inv_pairs / nn;
-        }
-        v[i] = T(2) * dsum[i];
-      }
-    });
+          return core::mhe_pair<T>(x / nn, s, half).dc * inv_pairs / nn;
+        },
+        [&](int64_t i, T) { return T(2) * dsum[i]; });
   }
-  return total * static_cast<double>(inv_pairs);
+  return total_of(val) * static_cast<double>(inv_pairs);
 }
 
 template <typename T>

@@ -280,6 +280,24 @@ def _segment_sum_kernel(SHARES, SEGMENTS, VALUES, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _accumulate_rows(d_ptr, ds_r, ds_c, rows_i, mask_i, P, x_ptr, xs_r, xs_c, rows_j, mask_j, n,
+                     BLOCK_K: tl.constexpr):
+    """``dX[rows_i, :] += P · X[rows_j, :]`` over the inner dimension in BLOCK_K chunks, fp32.
+
+    Read-modify-write without atomics: the calling program owns the rows ``rows_i``.
+    """
+    for k0 in range(0, n, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        mk = ks < n
+        xj = tl.load(x_ptr + rows_j[:, None] * xs_r + ks[None, :] * xs_c,
+                     mask=mask_j[:, None] & mk[None, :], other=0.0).to(tl.float32)
+        dptr = d_ptr + rows_i[:, None] * ds_r + ks[None, :] * ds_c
+        dmask = mask_i[:, None] & mk[None, :]
+        upd = tl.dot(P, xj, input_precision="ieee")
+        tl.store(dptr, tl.load(dptr, mask=dmask, other=0.0) + upd, mask=dmask)
+
+
+@triton.jit
 def _gram_bwd_kernel(X, DX, GROUPS, TILES, STATS, GRAD, A, B, tau, eps,
                      KIND: tl.constexpr, INCLUSIVE: tl.constexpr, MHE_S: tl.constexpr,
                      BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -355,15 +373,7 @@ def _gram_bwd_kernel(X, DX, GROUPS, TILES, STATS, GRAD, A, B, tau, eps,
             row_sum += tl.sum(h * cos, axis=1)
             P = h / nn
         P = tl.where(valid, P * g, 0.0)
-        for k0 in range(0, n, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            mk = ks < n
-            xj = tl.load(x_ptr + rows_j[:, None] * xs_r + ks[None, :] * xs_c,
-                         mask=mask_j[:, None] & mk[None, :], other=0.0).to(tl.float32)
-            dptr = d_ptr + rows_i[:, None] * ds_r + ks[None, :] * ds_c
-            dmask = mask_i[:, None] & mk[None, :]
-            upd = tl.dot(P, xj, input_precision="ieee")
-            tl.store(dptr, tl.load(dptr, mask=dmask, other=0.0) + upd, mask=dmask)
+        _accumulate_rows(d_ptr, ds_r, ds_c, rows_i, mask_i, P, x_ptr, xs_r, xs_c, rows_j, mask_j, n, BLOCK_K)
 
     if (KIND == _DIVERSITY) or (KIND == _MHE):
         if KIND == _DIVERSITY:
@@ -373,14 +383,11 @@ def _gram_bwd_kernel(X, DX, GROUPS, TILES, STATS, GRAD, A, B, tau, eps,
         else:
             diag = -row_sum / (sq_i + eps)
         diag = tl.where(mask_i, diag * g, 0.0)
-        for k0 in range(0, n, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            mk = ks < n
-            xi = tl.load(x_ptr + rows_i[:, None] * xs_r + ks[None, :] * xs_c,
-                         mask=mask_i[:, None] & mk[None, :], other=0.0).to(tl.float32)
-            dptr = d_ptr + rows_i[:, None] * ds_r + ks[None, :] * ds_c
-            dmask = mask_i[:, None] & mk[None, :]
-            tl.store(dptr, tl.load(dptr, mask=dmask, other=0.0) + diag[:, None] * xi, mask=dmask)
+        # the diagonal as a BLOCK_I × BLOCK_I matrix: one non-zero per row, so the dot's sum
+        # is exactly diag_i · x_i
+        local = tl.arange(0, BLOCK_I)
+        D = tl.where(local[:, None] == local[None, :], diag[:, None], 0.0)
+        _accumulate_rows(d_ptr, ds_r, ds_c, rows_i, mask_i, D, x_ptr, xs_r, xs_c, rows_i, mask_i, n, BLOCK_K)
 
 
 # ----------------------------------------------------------------------------- host launchers
