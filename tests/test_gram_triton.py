@@ -144,15 +144,44 @@ def test_dtypes(cid, kind, side, params, dtype, atol, rtol):
     _check_one(_randn(2, 23, 45, dtype=dtype), kind, side, params, atol, rtol)
 
 
-def test_stats_layout():
-    # per matrix: squared row norms, then the kind's row sums (frame: Gershgorin radii)
-    W = _randn(2, 9, 20)
-    _, stats = TG.gram_penalty_forward([W], "frame", [0], [0.5, 1.5])
-    V = (W.double() @ W.double().mT)
+def _expected_stats(W: torch.Tensor, kind: str, params) -> torch.Tensor:
+    """float64 stats of one (B, p, n) rows input: per matrix ‖x_i‖², then the kind's row sums."""
+    X = W.double()
+    V = X @ X.mT
     d = V.diagonal(dim1=-2, dim2=-1)
-    r = V.abs().sum(-1) - d.abs()
-    expected = torch.stack([d, r], 1).reshape(-1)
-    torch.testing.assert_close(stats.double(), expected, atol=1e-6, rtol=1e-5)
+    p = V.shape[-1]
+    off = ~torch.eye(p, dtype=torch.bool)
+    if kind == "frame":      # r_i = Σ_{j≠i} |V_ij|
+        sums = [(V.abs() * off).sum(-1)]
+    elif kind == "diversity":  # t_i = Σ_{j≠i} [|C_ij| ≥ tau] C_ij² (full rows)
+        q = d.sqrt().clamp_min(1e-12)
+        C = V / (q[..., :, None] * q[..., None, :])
+        keep = (C.abs() >= params[0]) & off
+        sums = [(C * C * keep).sum(-1)]
+    elif kind == "orthogonality":  # (V_ii − 1)² + 2 Σ_{j>i} V_ij²
+        E = V - torch.eye(p, dtype=V.dtype)
+        weight = torch.ones(p, p, dtype=V.dtype).triu(1) * 2 + torch.eye(p, dtype=V.dtype)
+        sums = [(weight * E * E).sum(-1)]
+    else:  # s = 2: E_i = Σ_{j≠i} 1/δ_ij, u_i = Σ_{j≠i} h_ij cos_ij, h = (2/δ²)/#pairs
+        nu = (d + params[2]).sqrt()
+        cos = V / (nu[..., :, None] * nu[..., None, :])
+        delta = torch.where(off, 2 - 2 * cos, torch.ones_like(cos))
+        pairs = p * (p - 1) / 2
+        sums = [((1 / delta) * off).sum(-1), ((2 / delta**2) / pairs * cos * off).sum(-1)]
+    return torch.stack([d, *sums], 1).reshape(-1)
+
+
+@pytest.mark.parametrize("kind,params", [("frame", [0.5, 1.5]), ("diversity", [0.2, 1.0]),
+                                         ("orthogonality", []), ("mhe", [2, 0.0, 1e-4])])
+def test_stats_layout(kind, params):
+    # per matrix: squared row norms, then the kind's row sums (frame: Gershgorin radii;
+    # diversity t_i and MHE u_i are the full row sums the backward's diagonal needs); the
+    # size is what the op's fake tensor promises
+    W = _randn(2, 37, 20)  # two row blocks of 32: several splits by default
+    values, stats = TG.gram_penalty_forward([W], kind, [0], params)
+    torch.testing.assert_close(stats.double(), _expected_stats(W, kind, params), atol=1e-5, rtol=1e-5)
+    assert stats.numel() == G._triton_stats_numel([W], kind, [0], params) == (3 if kind == "mhe" else 2) * 2 * 37
+    assert TG._Plan([W], kind, [0], params).splits > 1
 
 
 # ----------------------------------------------------------------- layouts and batches
@@ -291,29 +320,77 @@ class _CountingKernel:
         return self.kernel[grid]
 
 
-def test_one_launch_per_pass(monkeypatch):
-    names = ["_row_norm_kernel", "_gram_fwd_kernel", "_segment_sum_kernel", "_gram_bwd_kernel"]
-    counters = {name: _CountingKernel(getattr(TG, name)) for name in names}
+_KERNELS = ["_row_norm_kernel", "_gram_fwd_kernel", "_finalize_kernel", "_gram_bwd_kernel", "_split_sum_kernel"]
+
+
+@pytest.mark.parametrize("target", [1, 256], ids=["one_split", "default"])
+@pytest.mark.parametrize("n_copies", [1, 3])
+def test_one_launch_per_pass(monkeypatch, target, n_copies):
+    # a fixed number of launches per pass, whatever the length of the list: forward row
+    # norms, Gram partials (tiles × splits), finalize (one program per matrix); backward the
+    # Gram kernel (tiles × splits) and, with splits > 1 only, the split reduction of dX
+    monkeypatch.setattr(TG, "TARGET_PROGRAMS", target)
+    counters = {name: _CountingKernel(getattr(TG, name)) for name in _KERNELS}
     for name, counter in counters.items():
         monkeypatch.setattr(TG, name, counter)
     mats, sides = _group_for("frame", 0)
+    mats, sides = mats * n_copies, sides * n_copies
     grad = torch.randn(sum(w.shape[0] for w in mats))
     values, stats = TG.gram_penalty_forward(mats, "frame", sides, [0.5, 1.5])
-    # one program per (matrix, 32-row block of the k×k Gram) across the whole list
+    # (matrix, 32-row block of the k×k Gram) across the whole list, × the column-block splits
     tiles = sum(w.shape[0] * -(-(w.shape[-2] if sd == 0 else w.shape[-1]) // TG.BLOCK_I)
                 for w, sd in zip(mats, sides))
-    assert counters["_gram_fwd_kernel"].grids == [(tiles,)]
+    max_cb = max(-(-(w.shape[-2] if sd == 0 else w.shape[-1]) // TG.BLOCK_J)
+                 for w, sd in zip(mats, sides) if w.shape[0])
+    splits = min(max(1, -(-target // tiles)), max_cb)
+    splits = -(-max_cb // -(-max_cb // splits))
+    plan = TG._Plan(mats, "frame", sides, [0.5, 1.5])
+    assert (plan.splits, plan.n_tiles) == (splits, tiles)
+    assert (splits > 1) == (target == 256)  # both regimes are exercised
     assert counters["_row_norm_kernel"].grids == [(tiles,)]
-    assert counters["_segment_sum_kernel"].grids == [(values.numel(),)]
-    assert counters["_gram_bwd_kernel"].grids == []
+    assert counters["_gram_fwd_kernel"].grids == [(tiles, splits)]
+    assert counters["_finalize_kernel"].grids == [(values.numel(),)]
+    assert counters["_gram_bwd_kernel"].grids == counters["_split_sum_kernel"].grids == []
     grads = TG.gram_penalty_backward(mats, "frame", sides, [0.5, 1.5], stats, grad)
-    assert counters["_gram_bwd_kernel"].grids == [(tiles,)]
+    assert counters["_gram_bwd_kernel"].grids == [(tiles, splits)]
+    dx_numel = sum(w.numel() for w in mats)
+    assert counters["_split_sum_kernel"].grids == ([(-(-dx_numel // TG.BLOCK_RED),)] if splits > 1 else [])
     assert len(counters["_gram_fwd_kernel"].grids) == 1
     # the counted launches did the work: same result as unwrapped per-matrix calls
     monkeypatch.undo()
     v1, _ = TG.gram_penalty_forward(mats[:1], "frame", sides[:1], [0.5, 1.5])
     torch.testing.assert_close(values[:2], v1, atol=0, rtol=0)
     assert [g.shape for g in grads] == [w.shape for w in mats]
+
+
+@pytest.mark.parametrize("cid,kind,side,params", CONFIGS, ids=CONFIG_IDS)
+def test_splits_agree(monkeypatch, cid, kind, side, params):
+    # the column-block loop split in 1 (one program per row block), in parts of several
+    # blocks, and in single blocks: each matches the float64 truth, and they agree with each
+    # other within float32 rounding (bit-for-bit where every split holds one block: the
+    # same floats are added in the same order)
+    W = _randn(1, 100, 70)
+    grad = torch.randn(1)
+    truth_v, truth_g = _truth(W, kind, side, params, grad)
+    results = {}
+    for target in (1, 8, 10**6):
+        monkeypatch.setattr(TG, "TARGET_PROGRAMS", target)
+        plan = TG._Plan([W], kind, [side], params)
+        values, _, (dW,) = _kernel([W], kind, [side], params, grad)
+        _close(values, truth_v, *F32_TOL)
+        _close(dW, truth_g, *F32_TOL)
+        results[plan.splits, plan.jps] = values, dW
+    n_cb = -(-TG._Plan([W], kind, [side], params).shapes[0][1 + side] // TG.BLOCK_J)
+    assert (1, n_cb) in results and (n_cb, 1) in results  # one split / one block per split
+    if n_cb >= 4:
+        assert len(results) == 3  # and a split of several blocks
+    (v_one, g_one) = results[1, n_cb]
+    for (splits, jps), (v, g) in results.items():
+        _close(v, v_one.double(), *F32_TOL)
+        _close(g, g_one.double(), *F32_TOL)
+        if jps == 1:
+            torch.testing.assert_close(v, v_one, atol=0, rtol=0)
+            torch.testing.assert_close(g, g_one, atol=0, rtol=0)
 
 
 # ----------------------------------------------------------------- arguments and import

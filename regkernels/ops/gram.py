@@ -393,9 +393,11 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 if _ext.has_triton():
 
     def _triton_stats_numel(mats, kind, sides, params) -> int:
-        # 2 floats per Gram row of every matrix; MHE with half has the 2m rows [W; −W]
+        # 2 floats per Gram row of every matrix (3 for MHE: ‖x_i‖², E_i, u_i); MHE with half
+        # has the 2m rows [W; −W]
         rows_factor = 2 if kind == "mhe" and params[1] != 0 else 1
-        return sum(2 * (w.shape[1] if side == 0 else w.shape[2]) * rows_factor * w.shape[0]
+        per_row = 3 if kind == "mhe" else 2
+        return sum(per_row * (w.shape[1] if side == 0 else w.shape[2]) * rows_factor * w.shape[0]
                    for w, side in zip(mats, sides))
 
     @torch.library.custom_op("regkernels::gram_penalty_triton", mutates_args=())

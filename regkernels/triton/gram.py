@@ -1,5 +1,6 @@
 """Grouped Triton kernels for the Gram-matrix penalties (SPEC §1.1–§1.4): frame, diversity,
-orthogonality and MHE values and gradients for a whole list of matrices in one launch per pass.
+orthogonality and MHE values and gradients for a whole list of matrices in a fixed number
+of launches per pass.
 
 Every kernel works on the "rows" Gram ``V = X Xᵀ`` of a ``p × n`` matrix ``X``. The "cols"
 Gram ``Wᵀ W`` of ``W (m, n)`` is the rows Gram of ``X = Wᵀ`` (``p = n`` rows of length
@@ -7,32 +8,47 @@ Gram ``Wᵀ W`` of ``W (m, n)`` is the rows Gram of ``X = Wᵀ`` (``p = n`` rows
 so nothing is transposed in memory. MHE with ``half`` uses the ``2m`` rows ``[W; −W]``
 (built with ``torch.cat``) and maps its gradient back as ``dW = dX[:m] − dX[m:]``.
 
-Design (flash-attention style, no k×k array ever reaches memory):
+Design (flash-attention style, no k×k array ever reaches memory). A program owns one row
+block ``I`` of one matrix (a "tile") and one split ``s`` of its column blocks ``J``: the grid is
+``(tiles, splits)`` and split ``s`` covers ``J ∈ [s·jps, (s+1)·jps)``. The host picks ``splits ≈
+max(1, ceil(TARGET_PROGRAMS / tiles))``, capped by the largest matrix's number of column blocks
+(``jps`` = blocks per split, one value for the launch), so that a single layer still fills a
+GPU (W (256, 2304) alone is 8 row blocks). Each Gram tile ``V[I, J]`` is built in registers
+(fp32 accumulator, loop over the inner dimension) and consumed at once.
 
-* forward: a program owns one row block ``I`` of one matrix and loops over column blocks
-  ``J``; each Gram tile ``V[I, J]`` is built in registers (fp32 accumulator, loop over the
-  inner dimension) and immediately reduced by the kind's epilogue into per-row sums.
-  The per-row statistics and the program's share of the penalty go to small buffers;
-  a tiny segmented-sum kernel adds the shares of each matrix (fixed order, no atomics).
-* backward: the same program recomputes every tile ``V[I, J]``, turns it into the tile of
-  ``P = S + Sᵀ`` (``S = ∂R/∂V``, so that ``dX = P X``), and accumulates
-  ``dX[I, :] += P[I, J] X[J, :]`` in fp32 by read-modify-write of its own rows only.
-  Diagonal terms of ``P`` that come from row norms (diversity, MHE) need a full row sum
-  over ``j``; the loop over all ``J`` collects it and one last pass adds ``P_ii x_i``.
+* forward: program ``(tile, s)`` reduces its tiles by the kind's epilogue into per-row partial
+  sums, stored per split (a buffer of ``splits`` copies of the stats layout). A finalize
+  kernel (one program per matrix) adds the splits in a fixed order (s = 0, 1, …; no
+  atomics), writes the complete row sums to the stats and computes the value (frame's
+  hinges need the complete ``r_i``, so they are applied there).
+* backward: program ``(tile, s)`` recomputes its tiles ``V[I, J]``, turns each into the tile
+  of ``P = S + Sᵀ`` (``S = ∂R/∂V``, so that ``dX = P X``) and accumulates
+  ``P[I, J] X[J, :]`` in fp32 by read-modify-write of rows ``I`` of its own dX slice: a
+  ``(splits, size of dX)`` partial buffer, summed afterwards in a fixed order (or dX itself
+  when there is one split). The diagonal terms of ``P`` that come from row norms (diversity,
+  MHE) need full row sums over ``j``; the forward stores them (``t_i``, ``u_i``) so that no
+  split needs another's tiles, and split 0 alone adds ``P_ii x_i`` (before its tiles).
+  Adding in that order makes one column block per split bit-for-bit equal to one split.
 * grouped: all matrices of a call form one problem table (like a grouped GEMM): a group
-  per input tensor (its ``B`` matrices share shape and strides) and a tile table mapping
-  ``program_id → (group, matrix, row block)``. Block sizes are shared; masks handle edges.
+  per input tensor (its ``B`` matrices share shape and strides), a tile table mapping
+  ``program_id(0) → (group, matrix, row block)`` and a matrix table ``q → (group, matrix)``
+  for the finalize. Block sizes are shared; masks handle edges.
 
-Launches per call: forward 3 (row norms, Gram/epilogue, segmented sum), backward 1
-(plus torch's zero fill of ``dW``). Inputs: one tensor is used in place with its own strides
-(non-contiguous and expanded views work without a copy); a list of several tensors is
-copied once into one flat buffer (``torch.cat``) because a launch takes one base pointer.
+Launches per call, whatever the number of matrices: forward 3 (row norms over tiles, Gram
+partials over tiles × splits, finalize over matrices); backward 1 Gram launch over tiles ×
+splits (after torch's zero fill of dX) plus, when splits > 1, 1 split reduction of dX.
+Extra memory: forward ``splits × |stats|``, backward ``splits × |dX|`` (O(m·n)) floats.
+Inputs: one tensor is used in place with its own strides (non-contiguous and expanded views
+work without a copy); a list of several tensors is copied once into one flat buffer
+(``torch.cat``) because a launch takes one base pointer.
 
 Stats layout (float32, returned by the forward and passed back to the backward): matrix
-``b`` of group ``g`` owns ``2p`` floats at ``stats_offset[g] + 2·p·b``: first the squared row
-norms ``‖x_i‖²`` (``p``), then the kind's row sums (``p``): frame ``r_i = Σ_{j≠i}|V_ij|``
-(full rows); diversity ``Σ_{j>i} mask·C_ij²``, orthogonality ``(V_ii − 1)² + 2Σ_{j>i} V_ij²``,
-MHE ``Σ_{j>i} e_ij`` (upper triangle: each unordered pair once). Groups follow list order.
+``b`` of group ``g`` owns ``R·p`` floats at ``stats_offset[g] + R·p·b`` (``R = 3`` for MHE, else
+2): first the squared row norms ``‖x_i‖²`` (``p``), then the kind's row sums (``p`` each):
+frame ``r_i = Σ_{j≠i}|V_ij|``; diversity ``t_i = Σ_{j≠i} mask_ij·C_ij²`` (R = ½Σt_i);
+orthogonality ``(V_ii − 1)² + 2Σ_{j>i} V_ij²`` (upper triangle, R = Σ); MHE
+``E_i = Σ_{j≠i} e_ij`` (R = ½ΣE_i / #pairs), then ``u_i = Σ_{j≠i} h_ij cos_ij`` with
+``h = ∂e/∂cos / #pairs``. All but orthogonality are full rows. Groups follow list order.
 
 Everything is computed in float32 from inputs of any of float16 / bfloat16 / float32; dot
 products use ``input_precision="ieee"`` (no TF32). Not importable without Triton: import
@@ -56,14 +72,25 @@ _N_PARAMS = {"frame": 2, "diversity": 2, "orthogonality": 0, "mhe": 3}
 
 # Block sizes, shared by all problems of a launch (tl.dot needs every dim ≥ 16). 32 keeps
 # the CPU interpreter (TRITON_INTERPRET=1) quick on small test shapes. GPU tuning would
-# autotune BLOCK_I/BLOCK_J in 64–128 and BLOCK_K in 32–64 with num_warps/num_stages, use
-# the native fp16/bf16 tensor-core dot for the Gram tiles (exact products, fp32 accumulate;
-# the interpreter's dot mishandles bf16, hence the upcast below), TF32x3 instead of IEEE
-# for float32, and keep dX[I, :] in registers when n is small instead of the RMW loop.
+# autotune BLOCK_I/BLOCK_J in 64–128 and BLOCK_K in 32–64 with num_warps/num_stages (larger
+# BLOCK_J means fewer column blocks, hence fewer possible splits: tune with TARGET_PROGRAMS),
+# use the native fp16/bf16 tensor-core dot for the Gram tiles (exact products, fp32
+# accumulate; the interpreter's dot mishandles bf16, hence the upcast below), TF32x3 instead
+# of IEEE for float32, keep dX[I, :] in registers when n is small instead of the RMW loop,
+# and fuse the backward's split reduction (or use fp32 atomics where determinism is not
+# required) when splits × |dX| traffic outweighs the extra parallelism.
 BLOCK_I = 32          # Gram rows owned by one program
 BLOCK_J = 32          # Gram columns per inner step
 BLOCK_K = 32          # inner-dimension chunk (columns of X)
-BLOCK_SEG = 16        # row-block shares added per step by the segmented sum
+BLOCK_FIN = 32        # rows per step of the finalize kernel (one program per matrix)
+BLOCK_RED = 1024      # dX elements per program of the backward's split reduction
+
+# Programs to aim for per Gram launch: the column-block loop of each (matrix, row block) is
+# split into ``splits ≈ max(1, ceil(TARGET_PROGRAMS / tiles))`` parts (capped by the number
+# of column blocks), so that one layer alone (W (256, 2304): 8 row blocks) still fills a GPU.
+# ~2 programs per SM of an H100 (132 SMs); tuning would weigh it against the partial buffers'
+# traffic (backward: splits × the size of dX).
+TARGET_PROGRAMS = 256
 
 # F.normalize's clamp of the row norm (SPEC §1.2)
 _NORMALIZE_EPS = tl.constexpr(1e-12)
@@ -80,7 +107,7 @@ _G_DS_R = tl.constexpr(6)
 _G_DS_C = tl.constexpr(7)
 _G_P = tl.constexpr(8)        # Gram size p (rows of X)
 _G_N = tl.constexpr(9)        # inner size n (columns of X)
-_G_ST_OFF = tl.constexpr(10)  # stats offset of matrix 0; each matrix takes 2p floats
+_G_ST_OFF = tl.constexpr(10)  # stats offset of matrix 0; each matrix takes STATS_ROWS·p floats
 _G_VAL_OFF = tl.constexpr(11)  # index of matrix 0 in the values / grad vectors
 _G_NCOL = tl.constexpr(12)
 
@@ -171,15 +198,16 @@ def _frame_coefficients(d, r, A, B, pf):
 
 
 @triton.jit
-def _row_norm_kernel(X, GROUPS, TILES, STATS, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Squared row norms ``‖x_i‖²`` of one row block into the first half of its stats."""
+def _row_norm_kernel(X, GROUPS, TILES, STATS, STATS_ROWS: tl.constexpr,
+                     BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Squared row norms ``‖x_i‖²`` of one row block into the first ``p`` floats of its stats."""
     grp, b, ib = _tile_coords(TILES, GROUPS, tl.program_id(0))
     x_ptr = X + tl.load(grp + _G_X_OFF) + b * tl.load(grp + _G_XS_B)
     xs_r = tl.load(grp + _G_XS_R)
     xs_c = tl.load(grp + _G_XS_C)
     p = tl.load(grp + _G_P)
     n = tl.load(grp + _G_N)
-    st = STATS + tl.load(grp + _G_ST_OFF) + 2 * p * b
+    st = STATS + tl.load(grp + _G_ST_OFF) + STATS_ROWS * p * b
 
     rows = ib * BLOCK_I + tl.arange(0, BLOCK_I)
     mask = rows < p
@@ -193,15 +221,34 @@ def _row_norm_kernel(X, GROUPS, TILES, STATS, BLOCK_I: tl.constexpr, BLOCK_K: tl
 
 
 @triton.jit
-def _gram_fwd_kernel(X, GROUPS, TILES, STATS, SHARES, A, B, tau, eps,
-                     KIND: tl.constexpr, INCLUSIVE: tl.constexpr, MHE_S: tl.constexpr,
-                     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Row sums of the kind's epilogue over Gram tiles, and this row block's share of R.
+def _split_range(ib, p, JPS, KIND: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
+    """Column blocks ``[j_lo, j_hi)`` of split ``program_id(1)``: ``[s·JPS, (s+1)·JPS) ∩ [0, #blocks)``.
 
-    Needs the squared row norms in the stats (``_row_norm_kernel``). Frame needs full rows
-    (``r_i`` sums over every j ≠ i); the other kinds are symmetric sums over pairs, so the
-    loop starts at the diagonal block and keeps j > i (orthogonality: weight 2 for j > i,
-    1 on the diagonal), halving the work.
+    Orthogonality's forward only needs the upper triangle (j ≥ i): blocks left of the
+    diagonal block are dropped (a split may end up empty; it then stores zeros).
+    """
+    s = tl.program_id(1)
+    j_lo = s * JPS
+    j_hi = tl.minimum(j_lo + JPS, tl.cdiv(p, BLOCK_J))
+    if KIND == _ORTHOGONALITY:
+        j_lo = tl.maximum(j_lo, (ib * BLOCK_I) // BLOCK_J)
+    return s, j_lo, j_hi
+
+
+@triton.jit
+def _gram_fwd_kernel(X, GROUPS, TILES, STATS, PART, PART_STRIDE, JPS, A, B, tau, eps,
+                     KIND: tl.constexpr, INCLUSIVE: tl.constexpr, MHE_S: tl.constexpr,
+                     STATS_ROWS: tl.constexpr,
+                     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Partial row sums of the kind's epilogue over the column blocks of one split.
+
+    Program ``(tile, s)`` covers row block ``I`` and column blocks ``[s·JPS, (s+1)·JPS)``.
+    Needs the squared row norms in the stats (``_row_norm_kernel``). Its partial row sums
+    go to split ``s`` of PART, laid out like the stats (``PART + s·PART_STRIDE`` + the
+    matrix's stats offset; the norm slots stay unused); ``_finalize_kernel`` adds the
+    splits. Frame, diversity and MHE sum full rows (j ≠ i), which is what the backward's
+    diagonal terms need; orthogonality sums the upper triangle only (weight 2 for j > i,
+    1 on the diagonal), halving its work.
     """
     pid = tl.program_id(0)
     grp, b, ib = _tile_coords(TILES, GROUPS, pid)
@@ -210,18 +257,20 @@ def _gram_fwd_kernel(X, GROUPS, TILES, STATS, SHARES, A, B, tau, eps,
     xs_c = tl.load(grp + _G_XS_C)
     p = tl.load(grp + _G_P)
     n = tl.load(grp + _G_N)
-    st = STATS + tl.load(grp + _G_ST_OFF) + 2 * p * b
+    st_rel = tl.load(grp + _G_ST_OFF) + STATS_ROWS * p * b
+    st = STATS + st_rel
     pf = p.to(tl.float32)
+    s, j_lo, j_hi = _split_range(ib, p, JPS, KIND, BLOCK_I, BLOCK_J)
 
     rows_i = ib * BLOCK_I + tl.arange(0, BLOCK_I)
     mask_i = rows_i < p
     sq_i = tl.load(st + rows_i, mask=mask_i, other=1.0)
     acc = tl.zeros((BLOCK_I,), dtype=tl.float32)
-    if KIND == _FRAME:
-        j_first = 0
-    else:
-        j_first = (ib * BLOCK_I) // BLOCK_J
-    for jb in range(j_first, tl.cdiv(p, BLOCK_J)):
+    acc2 = tl.zeros((BLOCK_I,), dtype=tl.float32)  # MHE only: u_i
+    if KIND == _MHE:
+        nu_i = tl.sqrt(sq_i + eps)
+        inv_pairs = 1.0 / (pf * (pf - 1.0) * 0.5)
+    for jb in range(j_lo, j_hi):
         rows_j = jb * BLOCK_J + tl.arange(0, BLOCK_J)
         mask_j = rows_j < p
         V = _gram_tile(x_ptr, xs_r, xs_c, rows_i, mask_i, rows_j, mask_j, n, BLOCK_I, BLOCK_J, BLOCK_K)
@@ -232,10 +281,11 @@ def _gram_fwd_kernel(X, GROUPS, TILES, STATS, SHARES, A, B, tau, eps,
             # formula: SPEC §1.1 — r_i = Σ_{j≠i} |V_ij| (the diagonal is masked, not subtracted)
             contrib = tl.where(valid & (ii != jj), tl.abs(V), 0.0)
         elif KIND == _DIVERSITY:
-            # formula: SPEC §1.2 — R = Σ_{i<j} [|C_ij| ≥ tau] C_ij²
+            # formula: SPEC §1.2 — R = Σ_{i<j} [|C_ij| ≥ tau] C_ij² = ½ Σ_i t_i,
+            # t_i = Σ_{j≠i} [|C_ij| ≥ tau] C_ij² (full rows: the backward's diagonal needs t_i)
             sq_j = tl.load(st + rows_j, mask=mask_j, other=1.0)
             C, q_i, q_j = _diversity_cosine(V, sq_i, sq_j)
-            keep = valid & (jj > ii) & _over_threshold(C, tau, INCLUSIVE)
+            keep = valid & (ii != jj) & _over_threshold(C, tau, INCLUSIVE)
             contrib = tl.where(keep, C * C, 0.0)
         elif KIND == _ORTHOGONALITY:
             # formula: SPEC §1.3 — ‖V − I‖_F² = Σ_i (V_ii − 1)² + 2 Σ_{i<j} V_ij²
@@ -243,40 +293,76 @@ def _gram_fwd_kernel(X, GROUPS, TILES, STATS, SHARES, A, B, tau, eps,
             weight = tl.where(jj > ii, 2.0, tl.where(jj == ii, 1.0, 0.0))
             contrib = tl.where(valid, weight * E * E, 0.0)
         else:
-            # formula: SPEC §1.4 — cos_ij = V_ij / (ν_i ν_j), ν = sqrt(‖x‖² + eps), δ = 2 − 2cos
+            # formula: SPEC §1.4 — cos_ij = V_ij / (ν_i ν_j), ν = sqrt(‖x‖² + eps), δ = 2 − 2cos;
+            # full rows: E_i = Σ_{j≠i} e_ij (R = ½ Σ_i E_i / #pairs) and, for the backward's
+            # diagonal, u_i = Σ_{j≠i} h_ij cos_ij with h = ∂e/∂cos / #pairs — the same
+            # expression as in the backward
             sq_j = tl.load(st + rows_j, mask=mask_j, other=1.0)
-            nu_i = tl.sqrt(sq_i + eps)
             nu_j = tl.sqrt(sq_j + eps)
-            keep = valid & (jj > ii)
+            cos = V / (nu_i[:, None] * nu_j[None, :])
+            off = valid & (ii != jj)
             # masked entries get δ = 1 so no log/division of 0 happens there
-            delta = tl.where(keep, 2.0 - 2.0 * (V / (nu_i[:, None] * nu_j[None, :])), 1.0)
-            contrib = tl.where(keep, _mhe_energy(delta, MHE_S), 0.0)
+            delta = tl.where(off, 2.0 - 2.0 * cos, 1.0)
+            contrib = tl.where(off, _mhe_energy(delta, MHE_S), 0.0)
+            h = tl.where(off, _mhe_denergy_dcos(delta, MHE_S) * inv_pairs, 0.0)
+            acc2 += tl.sum(h * cos, axis=1)
         acc += tl.sum(contrib, axis=1)
-    tl.store(st + p + rows_i, acc, mask=mask_i)
-
-    if KIND == _FRAME:
-        lo = tl.maximum(A - (sq_i - acc), 0.0)
-        hi = tl.maximum((sq_i + acc) - B, 0.0)
-        share = tl.sum(tl.where(mask_i, lo * lo + hi * hi, 0.0), axis=0) / pf
-    elif KIND == _MHE:
-        # mean over the p(p−1)/2 pairs; p = 1 gives 0/0 = nan, as the reference's empty mean
-        share = tl.sum(acc, axis=0) / (pf * (pf - 1.0) * 0.5)
-    else:
-        share = tl.sum(acc, axis=0)
-    tl.store(SHARES + pid, share)
+    part = PART + s.to(tl.int64) * PART_STRIDE + st_rel
+    tl.store(part + p + rows_i, acc, mask=mask_i)
+    if KIND == _MHE:
+        tl.store(part + 2 * p + rows_i, acc2, mask=mask_i)
 
 
 @triton.jit
-def _segment_sum_kernel(SHARES, SEGMENTS, VALUES, BLOCK: tl.constexpr):
-    """``values[q] = Σ`` of matrix q's row-block shares (contiguous in SHARES), in a fixed order."""
+def _finalize_kernel(GROUPS, MATS, STATS, PART, PART_STRIDE, SPLITS, VALUES, A, B,
+                     KIND: tl.constexpr, STATS_ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """One program per matrix: complete row sums ``Σ_s PART[s]`` into the stats, and the value.
+
+    The splits are added in the fixed order s = 0, 1, … starting from 0 (deterministic, no
+    atomics; with one column block per split this is the same float sequence as one program
+    looping over all blocks). Frame's hinges need the complete ``r_i``, so they live here.
+    """
     q = tl.program_id(0)
-    start = tl.load(SEGMENTS + 2 * q)
-    count = tl.load(SEGMENTS + 2 * q + 1)
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for t0 in range(0, count, BLOCK):
-        offs = t0 + tl.arange(0, BLOCK)
-        acc += tl.load(SHARES + start + offs, mask=offs < count, other=0.0)
-    tl.store(VALUES + q, tl.sum(acc, axis=0))
+    g = tl.load(MATS + 2 * q)
+    b = tl.load(MATS + 2 * q + 1)
+    grp = GROUPS + g * _G_NCOL
+    p = tl.load(grp + _G_P)
+    st_rel = tl.load(grp + _G_ST_OFF) + STATS_ROWS * p * b
+    st = STATS + st_rel
+    pf = p.to(tl.float32)
+
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    for r0 in range(0, p, BLOCK):
+        rows = r0 + tl.arange(0, BLOCK)
+        mask = rows < p
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        acc2 = tl.zeros((BLOCK,), dtype=tl.float32)
+        part = PART + st_rel
+        for s in range(0, SPLITS):
+            acc += tl.load(part + p + rows, mask=mask, other=0.0)
+            if KIND == _MHE:
+                acc2 += tl.load(part + 2 * p + rows, mask=mask, other=0.0)
+            part += PART_STRIDE
+        tl.store(st + p + rows, acc, mask=mask)
+        if KIND == _MHE:
+            tl.store(st + 2 * p + rows, acc2, mask=mask)
+        if KIND == _FRAME:
+            sq = tl.load(st + rows, mask=mask, other=0.0)
+            lo = tl.maximum(A - (sq - acc), 0.0)
+            hi = tl.maximum((sq + acc) - B, 0.0)
+            total += tl.where(mask, lo * lo + hi * hi, 0.0)
+        else:
+            total += acc
+    value = tl.sum(total, axis=0)
+    if KIND == _FRAME:
+        value = value / pf
+    elif KIND == _DIVERSITY:
+        value = 0.5 * value          # full rows count each pair twice
+    elif KIND == _MHE:
+        # mean over the p(p−1)/2 pairs of ½ Σ E_i; p = 1 gives 0/0 = nan, as the reference's
+        # empty mean
+        value = (0.5 * value) / (pf * (pf - 1.0) * 0.5)
+    tl.store(VALUES + q, value)
 
 
 @triton.jit
@@ -284,7 +370,8 @@ def _accumulate_rows(d_ptr, ds_r, ds_c, rows_i, mask_i, P, x_ptr, xs_r, xs_c, ro
                      BLOCK_K: tl.constexpr):
     """``dX[rows_i, :] += P · X[rows_j, :]`` over the inner dimension in BLOCK_K chunks, fp32.
 
-    Read-modify-write without atomics: the calling program owns the rows ``rows_i``.
+    Read-modify-write without atomics: the calling program owns the rows ``rows_i`` of its
+    dX slice (its split's partial buffer, or dX itself with one split).
     """
     for k0 in range(0, n, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
@@ -298,35 +385,43 @@ def _accumulate_rows(d_ptr, ds_r, ds_c, rows_i, mask_i, P, x_ptr, xs_r, xs_c, ro
 
 
 @triton.jit
-def _gram_bwd_kernel(X, DX, GROUPS, TILES, STATS, GRAD, A, B, tau, eps,
+def _gram_bwd_kernel(X, DX, DX_SPLIT_STRIDE, JPS, GROUPS, TILES, STATS, GRAD, A, B, tau, eps,
                      KIND: tl.constexpr, INCLUSIVE: tl.constexpr, MHE_S: tl.constexpr,
+                     STATS_ROWS: tl.constexpr,
                      BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``dX[I, :] = grad · Σ_J P[I, J] X[J, :]`` with ``P = S + Sᵀ``, ``S = ∂R/∂V``.
+    """Split ``s``'s part of ``dX[I, :] = grad · Σ_J P[I, J] X[J, :]``, ``P = S + Sᵀ``, ``S = ∂R/∂V``.
 
+    Program ``(tile, s)`` adds ``Σ_{J in split s} P[I, J] X[J, :]`` into slice ``s`` of DX
+    (``DX + s·DX_SPLIT_STRIDE``; the launcher adds the slices in a fixed order afterwards,
+    or passes dX itself when there is one split).
     P per kind (off-diagonal i ≠ j | diagonal), g = grad of this matrix:
       frame          (gr_i + gr_j)·sign(V_ij)        | 2·gd_i     (gd, gr = ∂R/∂d, ∂R/∂r)
-      diversity      2·m_ij·C_ij / (q_i q_j)         | −2·t_i / q_i²,  t_i = Σ_j m_ij C_ij²
+      diversity      2·m_ij·C_ij / (q_i q_j)         | −2·t_i / q_i²,  t_i = Σ_{j≠i} m_ij C_ij²
                      (the diagonal is the row norm's term, 0 where ‖x_i‖ < 1e-12 as
                      torch's clamp_min passes no gradient there)
       orthogonality  4·V_ij                          | 4·(V_ii − 1)
       mhe            h_ij / (ν_i ν_j)                | −u_i / ν_i²,    u_i = Σ_{j≠i} h_ij cos_ij
                      (h = ∂e/∂cos / #pairs; the diagonal is from ν's dependence on ‖x_i‖²)
-    The diversity and MHE diagonals need full row sums, gathered while looping over J and
-    applied in a last pass. dX rows I belong to this program only: read-modify-write of
-    fp32 global memory without atomics (load and store use the same pointer tensor, so
-    each element is read and written by the same thread on a GPU).
+    Frame's and orthogonality's diagonals lie in the Gram tile J = I and come with it. The
+    row-norm diagonals of diversity and MHE use the full row sums t_i / u_i that the forward
+    stored in the stats; split 0 alone adds them (``diag_i·x_i``), before its tiles, so that
+    one column block per split sums the same floats in the same order as one split.
+    dX rows I of slice s belong to this program only: read-modify-write of fp32 global
+    memory without atomics (load and store use the same pointer tensor, so each element is
+    read and written by the same thread on a GPU).
     """
     pid = tl.program_id(0)
     grp, b, ib = _tile_coords(TILES, GROUPS, pid)
     x_ptr = X + tl.load(grp + _G_X_OFF) + b * tl.load(grp + _G_XS_B)
     xs_r = tl.load(grp + _G_XS_R)
     xs_c = tl.load(grp + _G_XS_C)
-    d_ptr = DX + tl.load(grp + _G_D_OFF) + b * tl.load(grp + _G_DS_B)
-    ds_r = tl.load(grp + _G_DS_R)
-    ds_c = tl.load(grp + _G_DS_C)
     p = tl.load(grp + _G_P)
     n = tl.load(grp + _G_N)
-    st = STATS + tl.load(grp + _G_ST_OFF) + 2 * p * b
+    s, j_lo, j_hi = _split_range(ib, p, JPS, _FRAME, BLOCK_I, BLOCK_J)  # full rows: no triangle
+    d_ptr = DX + s.to(tl.int64) * DX_SPLIT_STRIDE + tl.load(grp + _G_D_OFF) + b * tl.load(grp + _G_DS_B)
+    ds_r = tl.load(grp + _G_DS_R)
+    ds_c = tl.load(grp + _G_DS_C)
+    st = STATS + tl.load(grp + _G_ST_OFF) + STATS_ROWS * p * b
     g = tl.load(GRAD + tl.load(grp + _G_VAL_OFF) + b)
     pf = p.to(tl.float32)
 
@@ -339,9 +434,25 @@ def _gram_bwd_kernel(X, DX, GROUPS, TILES, STATS, GRAD, A, B, tau, eps,
     if KIND == _MHE:
         nu_i = tl.sqrt(sq_i + eps)
         inv_pairs = 1.0 / (pf * (pf - 1.0) * 0.5)
-    row_sum = tl.zeros((BLOCK_I,), dtype=tl.float32)  # t_i (diversity) or u_i (mhe)
 
-    for jb in range(0, tl.cdiv(p, BLOCK_J)):
+    if (KIND == _DIVERSITY) or (KIND == _MHE):
+        if s == 0:
+            if KIND == _DIVERSITY:
+                t_i = tl.load(st + p + rows_i, mask=mask_i, other=0.0)
+                norm = tl.sqrt(sq_i)
+                q = tl.maximum(norm, _NORMALIZE_EPS)
+                diag = tl.where(norm >= _NORMALIZE_EPS, -2.0 * t_i / (q * q), 0.0)
+            else:
+                u_i = tl.load(st + 2 * p + rows_i, mask=mask_i, other=0.0)
+                diag = -u_i / (sq_i + eps)
+            diag = tl.where(mask_i, diag * g, 0.0)
+            # the diagonal as a BLOCK_I × BLOCK_I matrix: one non-zero per row, so the dot's
+            # sum is exactly diag_i · x_i
+            local = tl.arange(0, BLOCK_I)
+            D = tl.where(local[:, None] == local[None, :], diag[:, None], 0.0)
+            _accumulate_rows(d_ptr, ds_r, ds_c, rows_i, mask_i, D, x_ptr, xs_r, xs_c, rows_i, mask_i, n, BLOCK_K)
+
+    for jb in range(j_lo, j_hi):
         rows_j = jb * BLOCK_J + tl.arange(0, BLOCK_J)
         mask_j = rows_j < p
         V = _gram_tile(x_ptr, xs_r, xs_c, rows_i, mask_i, rows_j, mask_j, n, BLOCK_I, BLOCK_J, BLOCK_K)
@@ -358,7 +469,6 @@ def _gram_bwd_kernel(X, DX, GROUPS, TILES, STATS, GRAD, A, B, tau, eps,
             sq_j = tl.load(st + rows_j, mask=mask_j, other=1.0)
             C, q_i, q_j = _diversity_cosine(V, sq_i, sq_j)
             Gm = tl.where(valid & (ii != jj) & _over_threshold(C, tau, INCLUSIVE), C, 0.0)
-            row_sum += tl.sum(Gm * C, axis=1)
             P = 2.0 * Gm / (q_i[:, None] * q_j[None, :])
         elif KIND == _ORTHOGONALITY:
             P = 4.0 * (V - tl.where(ii == jj, 1.0, 0.0))
@@ -370,24 +480,23 @@ def _gram_bwd_kernel(X, DX, GROUPS, TILES, STATS, GRAD, A, B, tau, eps,
             off = valid & (ii != jj)
             delta = tl.where(off, 2.0 - 2.0 * cos, 1.0)
             h = tl.where(off, _mhe_denergy_dcos(delta, MHE_S) * inv_pairs, 0.0)
-            row_sum += tl.sum(h * cos, axis=1)
             P = h / nn
         P = tl.where(valid, P * g, 0.0)
         _accumulate_rows(d_ptr, ds_r, ds_c, rows_i, mask_i, P, x_ptr, xs_r, xs_c, rows_j, mask_j, n, BLOCK_K)
 
-    if (KIND == _DIVERSITY) or (KIND == _MHE):
-        if KIND == _DIVERSITY:
-            norm = tl.sqrt(sq_i)
-            q = tl.maximum(norm, _NORMALIZE_EPS)
-            diag = tl.where(norm >= _NORMALIZE_EPS, -2.0 * row_sum / (q * q), 0.0)
-        else:
-            diag = -row_sum / (sq_i + eps)
-        diag = tl.where(mask_i, diag * g, 0.0)
-        # the diagonal as a BLOCK_I × BLOCK_I matrix: one non-zero per row, so the dot's sum
-        # is exactly diag_i · x_i
-        local = tl.arange(0, BLOCK_I)
-        D = tl.where(local[:, None] == local[None, :], diag[:, None], 0.0)
-        _accumulate_rows(d_ptr, ds_r, ds_c, rows_i, mask_i, D, x_ptr, xs_r, xs_c, rows_i, mask_i, n, BLOCK_K)
+
+@triton.jit
+def _split_sum_kernel(PART, OUT, numel, SPLITS, BLOCK: tl.constexpr):
+    """``OUT = Σ_s PART[s]`` over the splits of the dX partial buffer ``(SPLITS, numel)``,
+    in the fixed order s = 0, 1, … (deterministic, no atomics)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    ptr = PART + offs
+    acc = tl.load(ptr, mask=mask, other=0.0)
+    for s in range(1, SPLITS):
+        ptr += numel
+        acc += tl.load(ptr, mask=mask, other=0.0)
+    tl.store(OUT + offs, acc, mask=mask)
 
 
 # ----------------------------------------------------------------------------- host launchers
@@ -411,6 +520,8 @@ class _Plan:
             raise ValueError(f"gram_penalty: {kind} is rows-only (sides must be 0); got {list(sides)}")
         self.kind = kind
         self.half = kind == "mhe" and bool(params[1])
+        # floats per Gram row in the stats: ‖x_i‖² and one row sum (MHE: two, E_i and u_i)
+        self.stats_rows = 3 if kind == "mhe" else 2
         if mats:
             dtypes = {w.dtype for w in mats}
             devices = {w.device for w in mats}
@@ -439,7 +550,7 @@ class _Plan:
         d_offs = _exclusive_cumsum([bb * r * c for bb, r, c in self.shapes])
         self.dx_numel = sum(bb * r * c for bb, r, c in self.shapes)
 
-        rows, nbs, counts = [], [], []
+        rows, nbs, counts, ncbs = [], [], [], []
         st_off = val_off = 0
         for (bb, r, c), (sb, sr, sc), xo, do, side in zip(self.shapes, x_strides, x_offs, d_offs, sides):
             # "cols" (side 1): the Gram of Xᵀ — swap the row and inner strides (SPEC §1 Gram)
@@ -453,15 +564,17 @@ class _Plan:
             row[_G_ST_OFF.value], row[_G_VAL_OFF.value] = st_off, val_off
             rows.append(row)
             nbs.append(triton.cdiv(p, BLOCK_I))
+            if bb:
+                ncbs.append(triton.cdiv(p, BLOCK_J))
             counts.append(bb)
-            st_off += 2 * p * bb
+            st_off += self.stats_rows * p * bb
             val_off += bb
         self.stats_numel = st_off
         self.n_values = val_off
         self.groups = torch.tensor(rows, dtype=torch.int64).reshape(-1, _G_NCOL.value)
 
-        # tile table, ordered (group, matrix, row block): program_id → (g, b, ib); matrix q's
-        # row blocks are the contiguous range SEGMENTS[q] = (start, count) of the shares
+        # tile table, ordered (group, matrix, row block): program_id(0) → (g, b, ib); matrix
+        # table, in values order: q → (g, b) (the finalize kernel's program q)
         nb = torch.tensor(nbs, dtype=torch.int64)
         B = torch.tensor(counts, dtype=torch.int64)
         per_group = B * nb
@@ -469,11 +582,20 @@ class _Plan:
         gid = torch.repeat_interleave(torch.arange(len(rows)), per_group)
         local = torch.arange(self.n_tiles) - torch.repeat_interleave(per_group.cumsum(0) - per_group, per_group)
         tiles = torch.stack([gid, local // nb[gid], local % nb[gid]], dim=1)
-        seg_count = torch.repeat_interleave(nb, B)
-        segments = torch.stack([seg_count.cumsum(0) - seg_count, seg_count], dim=1)
+        mat_g = torch.repeat_interleave(torch.arange(len(rows)), B)
+        mat_b = torch.arange(self.n_values) - torch.repeat_interleave(B.cumsum(0) - B, B)
         self.groups = self.groups.to(self.device)
         self.tiles = tiles.to(torch.int32).contiguous().to(self.device)
-        self.segments = segments.contiguous().to(self.device)
+        self.mats = torch.stack([mat_g, mat_b], dim=1).to(torch.int64).contiguous().to(self.device)
+
+        # column-block splits: program_id(1) = s covers column blocks [s·jps, (s+1)·jps) of
+        # every row block (one jps for the launch; a smaller matrix's surplus splits are
+        # empty and store zeros). splits is recomputed from jps so no split is empty for
+        # the matrix with the most column blocks.
+        max_ncb = max(max(ncbs, default=1), 1)  # p = 0 rows: no column block, no tile
+        want = max(1, triton.cdiv(TARGET_PROGRAMS, max(self.n_tiles, 1)))
+        self.jps = triton.cdiv(max_ncb, min(want, max_ncb))
+        self.splits = triton.cdiv(max_ncb, self.jps)
 
         s_pow, eps = (int(params[0]), float(params[2])) if kind == "mhe" else (2, 0.0)
         tau, inclusive = (float(params[0]), bool(params[1])) if kind == "diversity" else (0.0, True)
@@ -481,7 +603,7 @@ class _Plan:
         if s_pow not in (0, 1, 2):
             raise ValueError(f"gram_penalty: mhe s must be 0, 1 or 2; got {params[0]!r}")
         self.scalars = (A, Bf, tau, eps)
-        self.meta = dict(KIND=_KIND_ID[kind], INCLUSIVE=inclusive, MHE_S=s_pow,
+        self.meta = dict(KIND=_KIND_ID[kind], INCLUSIVE=inclusive, MHE_S=s_pow, STATS_ROWS=self.stats_rows,
                          BLOCK_I=BLOCK_I, BLOCK_J=BLOCK_J, BLOCK_K=BLOCK_K)
 
 
@@ -498,21 +620,27 @@ def gram_penalty_forward(mats: list[torch.Tensor], kind: str, sides: list[int],
     """Penalty values of every matrix of ``mats`` (list of ``(B_i, m_i, n_i)``), grouped.
 
     Returns ``values`` (float32, ``(Σ B_i,)``, matrix b of ``mats[i]`` at ``Σ_{i'<i} B_i' + b``)
-    and ``stats`` (flat float32, ``2·p`` per matrix, layout in the module docstring) for
-    ``gram_penalty_backward``. ``sides[i]``: 0 = rows (``W Wᵀ``), 1 = cols (``Wᵀ W``);
-    ``params``: frame ``[A, B]``, diversity ``[tau, inclusive]``, orthogonality ``[]``,
-    mhe ``[s, half, eps]``. Launches: row norms, Gram/epilogue, segmented sum — once each.
+    and ``stats`` (flat float32, ``2·p`` per matrix, ``3·p`` for MHE, layout in the module
+    docstring) for ``gram_penalty_backward``. ``sides[i]``: 0 = rows (``W Wᵀ``), 1 = cols
+    (``Wᵀ W``); ``params``: frame ``[A, B]``, diversity ``[tau, inclusive]``, orthogonality
+    ``[]``, mhe ``[s, half, eps]``. Launches: row norms (grid tiles), Gram partials (grid
+    tiles × splits), finalize (grid matrices) — once each, whatever the number of matrices.
     """
     plan = _Plan(mats, kind, sides, params)
     values = torch.empty(plan.n_values, dtype=torch.float32, device=plan.device)
     stats = torch.empty(plan.stats_numel, dtype=torch.float32, device=plan.device)
     if plan.n_tiles == 0:
         return values, stats
-    shares = torch.empty(plan.n_tiles, dtype=torch.float32, device=plan.device)
-    grid = (plan.n_tiles,)
-    _row_norm_kernel[grid](plan.X, plan.groups, plan.tiles, stats, BLOCK_I=BLOCK_I, BLOCK_K=BLOCK_K)
-    _gram_fwd_kernel[grid](plan.X, plan.groups, plan.tiles, stats, shares, *plan.scalars, **plan.meta)
-    _segment_sum_kernel[(plan.n_values,)](shares, plan.segments, values, BLOCK=BLOCK_SEG)
+    # partial row sums per split, laid out like the stats (its norm slots stay unused)
+    part = torch.empty(plan.splits * plan.stats_numel, dtype=torch.float32, device=plan.device)
+    meta = plan.meta
+    _row_norm_kernel[(plan.n_tiles,)](plan.X, plan.groups, plan.tiles, stats, STATS_ROWS=plan.stats_rows,
+                                      BLOCK_I=BLOCK_I, BLOCK_K=BLOCK_K)
+    _gram_fwd_kernel[(plan.n_tiles, plan.splits)](plan.X, plan.groups, plan.tiles, stats, part, plan.stats_numel,
+                                                  plan.jps, *plan.scalars, **meta)
+    _finalize_kernel[(plan.n_values,)](plan.groups, plan.mats, stats, part, plan.stats_numel, plan.splits, values,
+                                       *plan.scalars[:2], KIND=meta["KIND"], STATS_ROWS=plan.stats_rows,
+                                       BLOCK=BLOCK_FIN)
     return values, stats
 
 
@@ -521,15 +649,24 @@ def gram_penalty_backward(mats: list[torch.Tensor], kind: str, sides: list[int],
     """Gradients ``dW_i`` (float32, shape of ``mats[i]``) of ``Σ_b grad[off_i + b]·value_b``.
 
     ``stats`` is the forward's second output for the same arguments; ``grad`` has shape
-    ``(Σ B_i,)``. One launch of the backward kernel (after torch's zero fill of dX).
+    ``(Σ B_i,)``. Launches: the backward kernel (grid tiles × splits) after torch's zero fill
+    of the dX buffer, then, with more than one split, the split reduction into dX.
     """
     plan = _Plan(mats, kind, sides, params)
-    dx = torch.zeros(plan.dx_numel, dtype=torch.float32, device=plan.device)
+    if plan.n_tiles and plan.splits > 1:
+        # one dX slice per split, added in a fixed order afterwards (no atomics)
+        dx_part = torch.zeros(plan.splits * plan.dx_numel, dtype=torch.float32, device=plan.device)
+        dx = torch.empty(plan.dx_numel, dtype=torch.float32, device=plan.device)
+    else:
+        dx = dx_part = torch.zeros(plan.dx_numel, dtype=torch.float32, device=plan.device)
     if plan.n_tiles:
         grad = grad.to(device=plan.device, dtype=torch.float32).reshape(-1).contiguous()
         stats = stats.to(device=plan.device, dtype=torch.float32).contiguous()
-        _gram_bwd_kernel[(plan.n_tiles,)](plan.X, dx, plan.groups, plan.tiles, stats, grad,
-                                          *plan.scalars, **plan.meta)
+        _gram_bwd_kernel[(plan.n_tiles, plan.splits)](plan.X, dx_part, plan.dx_numel, plan.jps, plan.groups,
+                                                      plan.tiles, stats, grad, *plan.scalars, **plan.meta)
+        if plan.splits > 1:
+            _split_sum_kernel[(triton.cdiv(plan.dx_numel, BLOCK_RED),)](dx_part, dx, plan.dx_numel, plan.splits,
+                                                                        BLOCK=BLOCK_RED)
     out = []
     for shape, d_off in zip(plan.shapes, _exclusive_cumsum([bb * r * c for bb, r, c in plan.shapes])):
         bb, r, c = shape
