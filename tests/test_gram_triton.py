@@ -180,7 +180,7 @@ def test_stats_layout(kind, params):
     W = _randn(2, 37, 20)  # two row blocks of 32: several splits by default
     values, stats = TG.gram_penalty_forward([W], kind, [0], params)
     torch.testing.assert_close(stats.double(), _expected_stats(W, kind, params), atol=1e-5, rtol=1e-5)
-    assert stats.numel() == G._triton_stats_numel([W], kind, [0], params) == (3 if kind == "mhe" else 2) * 2 * 37
+    assert stats.numel() == TG.stats_numel([W], kind, [0], params) == (3 if kind == "mhe" else 2) * 2 * 37
     assert TG._Plan([W], kind, [0], params).splits > 1
 
 

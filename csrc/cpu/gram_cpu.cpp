@@ -108,7 +108,7 @@ void symmetric_gram(const at::Tensor& X, at::Tensor V) {
         const int64_t i_lo = ti * kTile, i_hi = std::min(k, i_lo + kTile);
         for (int64_t j_lo = 0; j_lo < i_hi; j_lo += kTile) {
           for (int64_t i = i_lo; i < i_hi; ++i) {
-            const int64_t j_hi = std::min(std::min(i, k), j_lo + kTile);
+            const int64_t j_hi = std::min(i, j_lo + kTile);
             for (int64_t j = j_lo; j < j_hi; ++j) v[i * k + j] = v[j * k + i];
           }
         }

@@ -326,8 +326,8 @@ def penalty_multi(weights: Sequence[torch.Tensor], kind: str, backend: str | Non
 #   frame (A, B) · diversity (tau, inclusive) · orthogonality (squared) · mhe (s, half, eps).
 # CPU: the C++ custom op ``regkernels::gram_penalty_fwd`` (csrc/cpu/gram_cpu.cpp): BLAS Gram, one
 # fused epilogue that also leaves the k×k gradient coefficients P for the backward
-# ``regkernels::gram_penalty_bwd`` (dW = P·W, one BLAS product). SRIP has no kernel: it is
-# matrix-free already and runs its reference.
+# ``regkernels::gram_penalty_bwd`` (dW = P·W, one BLAS product). SRIP has no Gram to fuse: its
+# fast path (below) is torch matvecs with a hand-written backward.
 
 KERNEL_KINDS = ("frame", "diversity", "orthogonality", "mhe")
 _ROWS_ONLY = ("diversity", "mhe")
@@ -351,21 +351,15 @@ def _side_code(W: torch.Tensor, kind: str, args: dict) -> int:
 
 def _as_batch(W: torch.Tensor) -> torch.Tensor:
     """``(..., m, n)`` → ``(B, m, n)`` (a view when possible; B may be 0)."""
-    m, n = W.shape[-2:]
-    batch = 1
-    for d in W.shape[:-2]:
-        batch *= d
-    return W.reshape(batch, m, n)
+    return W.reshape(math.prod(W.shape[:-2]), *W.shape[-2:])
 
 
 if _ext.HAS_C:
 
-    def _math_dtype(mats) -> torch.dtype:
-        return torch.float64 if mats and mats[0].dtype == torch.float64 else torch.float32
-
     @torch.library.register_fake("regkernels::gram_penalty_fwd")
     def _gram_penalty_fwd_fake(mats, kind, sides, params, need_grad):
-        dtype = _math_dtype(mats)
+        # the math dtype: float64 for float64 mats, else float32
+        dtype = torch.float64 if mats and mats[0].dtype == torch.float64 else torch.float32
         device = mats[0].device if mats else torch.device("cpu")
         batches = [math.prod(w.shape[:-2]) for w in mats]
         values = torch.empty(sum(batches), dtype=dtype, device=device)
@@ -392,14 +386,6 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 if _ext.has_triton():
 
-    def _triton_stats_numel(mats, kind, sides, params) -> int:
-        # 2 floats per Gram row of every matrix (3 for MHE: ‖x_i‖², E_i, u_i); MHE with half
-        # has the 2m rows [W; −W]
-        rows_factor = 2 if kind == "mhe" and params[1] != 0 else 1
-        per_row = 3 if kind == "mhe" else 2
-        return sum(per_row * (w.shape[1] if side == 0 else w.shape[2]) * rows_factor * w.shape[0]
-                   for w, side in zip(mats, sides))
-
     @torch.library.custom_op("regkernels::gram_penalty_triton", mutates_args=())
     def _gram_penalty_triton(mats: list[torch.Tensor], kind: str, sides: list[int],
                              params: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -411,7 +397,9 @@ if _ext.has_triton():
     def _gram_penalty_triton_fake(mats, kind, sides, params):
         device = mats[0].device if mats else torch.device("cpu")
         values = torch.empty(sum(w.shape[0] for w in mats), dtype=torch.float32, device=device)
-        stats = torch.empty(_triton_stats_numel(mats, kind, sides, params), dtype=torch.float32, device=device)
+        from regkernels.triton import gram as TG
+
+        stats = torch.empty(TG.stats_numel(mats, kind, sides, params), dtype=torch.float32, device=device)
         return values, stats
 
     @torch.library.custom_op("regkernels::gram_penalty_triton_bwd", mutates_args=())

@@ -124,14 +124,17 @@ def _tile_coords(TILES, GROUPS, pid):
 
 
 @triton.jit
-def _gram_tile(x_ptr, xs_r, xs_c, rows_i, mask_i, rows_j, mask_j, n,
+def _gram_tile(x_ptr, xs_r, xs_c, rows_i, mask_i, jb, p, n,
                BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``V[I, J] = X[I, :] · X[J, :]ᵀ`` in float32 registers, looping over the inner dim.
+    """``V[I, J] = X[I, :] · X[J, :]ᵀ`` for column block ``jb``, in float32 registers, looping
+    over the inner dim; returns ``(V, rows_j, mask_j, valid)`` (``valid``: both indices < p).
 
     Out-of-range rows and columns load as 0, so edge tiles are exact. The forward and the
     backward call this one helper with the same blocks, so a recomputed tile is the
     same number as in the forward (diversity's threshold mask relies on it).
     """
+    rows_j = jb * BLOCK_J + tl.arange(0, BLOCK_J)
+    mask_j = rows_j < p
     acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
     for k0 in range(0, n, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
@@ -141,7 +144,7 @@ def _gram_tile(x_ptr, xs_r, xs_c, rows_i, mask_i, rows_j, mask_j, n,
         b = tl.load(x_ptr + rows_j[:, None] * xs_r + ks[None, :] * xs_c,
                     mask=mask_j[:, None] & mk[None, :], other=0.0).to(tl.float32)
         acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
-    return acc
+    return acc, rows_j, mask_j, mask_i[:, None] & mask_j[None, :]
 
 
 @triton.jit
@@ -271,12 +274,10 @@ def _gram_fwd_kernel(X, GROUPS, TILES, STATS, PART, PART_STRIDE, JPS, A, B, tau,
         nu_i = tl.sqrt(sq_i + eps)
         inv_pairs = 1.0 / (pf * (pf - 1.0) * 0.5)
     for jb in range(j_lo, j_hi):
-        rows_j = jb * BLOCK_J + tl.arange(0, BLOCK_J)
-        mask_j = rows_j < p
-        V = _gram_tile(x_ptr, xs_r, xs_c, rows_i, mask_i, rows_j, mask_j, n, BLOCK_I, BLOCK_J, BLOCK_K)
+        V, rows_j, mask_j, valid = _gram_tile(x_ptr, xs_r, xs_c, rows_i, mask_i, jb, p, n,
+                                              BLOCK_I, BLOCK_J, BLOCK_K)
         ii = rows_i[:, None]
         jj = rows_j[None, :]
-        valid = mask_i[:, None] & mask_j[None, :]
         if KIND == _FRAME:
             # formula: SPEC §1.1 — r_i = Σ_{j≠i} |V_ij| (the diagonal is masked, not subtracted)
             contrib = tl.where(valid & (ii != jj), tl.abs(V), 0.0)
@@ -453,12 +454,10 @@ def _gram_bwd_kernel(X, DX, DX_SPLIT_STRIDE, JPS, GROUPS, TILES, STATS, GRAD, A,
             _accumulate_rows(d_ptr, ds_r, ds_c, rows_i, mask_i, D, x_ptr, xs_r, xs_c, rows_i, mask_i, n, BLOCK_K)
 
     for jb in range(j_lo, j_hi):
-        rows_j = jb * BLOCK_J + tl.arange(0, BLOCK_J)
-        mask_j = rows_j < p
-        V = _gram_tile(x_ptr, xs_r, xs_c, rows_i, mask_i, rows_j, mask_j, n, BLOCK_I, BLOCK_J, BLOCK_K)
+        V, rows_j, mask_j, valid = _gram_tile(x_ptr, xs_r, xs_c, rows_i, mask_i, jb, p, n,
+                                              BLOCK_I, BLOCK_J, BLOCK_K)
         ii = rows_i[:, None]
         jj = rows_j[None, :]
-        valid = mask_i[:, None] & mask_j[None, :]
         if KIND == _FRAME:
             sq_j = tl.load(st + rows_j, mask=mask_j, other=1.0)
             r_j = tl.load(st + p + rows_j, mask=mask_j, other=0.0)
@@ -520,8 +519,7 @@ class _Plan:
             raise ValueError(f"gram_penalty: {kind} is rows-only (sides must be 0); got {list(sides)}")
         self.kind = kind
         self.half = kind == "mhe" and bool(params[1])
-        # floats per Gram row in the stats: ‖x_i‖² and one row sum (MHE: two, E_i and u_i)
-        self.stats_rows = 3 if kind == "mhe" else 2
+        self.stats_rows = _stats_rows(kind)
         if mats:
             dtypes = {w.dtype for w in mats}
             devices = {w.device for w in mats}
@@ -605,6 +603,22 @@ class _Plan:
         self.scalars = (A, Bf, tau, eps)
         self.meta = dict(KIND=_KIND_ID[kind], INCLUSIVE=inclusive, MHE_S=s_pow, STATS_ROWS=self.stats_rows,
                          BLOCK_I=BLOCK_I, BLOCK_J=BLOCK_J, BLOCK_K=BLOCK_K)
+
+
+def _stats_rows(kind: str) -> int:
+    # floats per Gram row in the stats: ‖x_i‖² and one row sum (MHE: two, E_i and u_i)
+    return 3 if kind == "mhe" else 2
+
+
+def stats_numel(mats, kind: str, sides, params) -> int:
+    """Size of the forward's ``stats`` output, from the shapes alone (fake tensors too).
+
+    ``_stats_rows(kind)`` floats per Gram row of every matrix; MHE with ``half`` has the 2m
+    rows ``[W; −W]``.
+    """
+    rows_factor = 2 if kind == "mhe" and params[1] != 0 else 1
+    return sum(_stats_rows(kind) * rows_factor * (w.shape[1] if side == 0 else w.shape[2]) * w.shape[0]
+               for w, side in zip(mats, sides))
 
 
 def _exclusive_cumsum(sizes: list[int]) -> list[int]:
