@@ -66,8 +66,13 @@ def _extension():
     sources = [os.path.join("csrc", "regkernels.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp"))) \
         + sorted(glob.glob(os.path.join("csrc", "autograd", "*.cpp")))
     # -ffp-contract=off: no FMA contraction, so CPU kernels match the op-by-op torch reference
-    # bit for bit (SPEC §4); -fopenmp: at::parallel_for is OpenMP-based in torch's CPU builds
-    cxx = ["-O3", "-ffp-contract=off", "-fopenmp"]
+    # bit for bit (SPEC §4); -fno-math-errno -fno-trapping-math: sqrt is one instruction and
+    # selects may evaluate both sides, so branch-free loops over SIMD lanes vectorize (the Jacobi
+    # SVD's rotations; results are unchanged: no reassociation, no contraction, errno and FP
+    # exception flags are never read); -fopenmp: at::parallel_for is OpenMP-based in torch
+    # (-Wno-psabi: gcc's note that 32-byte vector arguments changed ABI in gcc 4.6; ours never
+    # cross a library boundary)
+    cxx = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-Wno-psabi", "-fopenmp"]
     extra = {"cxx": cxx}
     include_dirs = [os.path.join(ROOT, "csrc")]
     if with_cuda:

@@ -35,6 +35,11 @@ TORCH_LIBRARY(regkernels, m) {
       "-> (Tensor, Tensor[])");
   // dW_i = grad_b · P_b · W_b (rows) or grad_b · W_b · P_b (cols), in the dtype of mats[i].
   m.def("gram_penalty_bwd(Tensor[] mats, Tensor[] coefs, int[] sides, Tensor grad) -> Tensor[]");
+  // Thin SVD of a batch X (b, m, n), float32/float64, by one-sided Jacobi (SPEC §3.1; the math
+  // is csrc/core/jacobi_svd.h): U (b, m, k), S (b, k) descending, Vh (b, k, n), k = min(m, n),
+  // all contiguous. A matrix holding NaN/Inf gives NaN factors. Size range: max(m, n) <= 128 on
+  // CPU, <= 64 on CUDA (the Python op falls back to torch.linalg.svd outside it).
+  m.def("batched_svd(Tensor X) -> (Tensor, Tensor, Tensor)");
 }
 
 // Importable as the Python module regkernels._C; importing it runs the registrations above.

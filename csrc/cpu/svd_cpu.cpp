@@ -1,0 +1,288 @@
+// Batched one-sided Jacobi SVD on CPU (SPEC §3.1; the per-pair math is csrc/core/jacobi_svd.h).
+//
+// SIMD across matrices: a group of L = 32 bytes / sizeof(T) matrices (8 float / 4 double, one
+// AVX2 register) is interleaved lane by lane, entry (row i, column j) of the group's tall
+// matrices stored at A[(j·M + i)·L + lane]. Every loop of a sweep then runs over contiguous lanes
+// with no horizontal reduction: the column dot products, the rotation parameters and the row
+// updates of all L matrices are one vector operation each, and every lane follows the same
+// cyclic pair order. A lane whose pair is already orthogonal applies the identity rotation; the
+// group stops after a sweep in which no lane rotated (or at kJacobiMaxSweeps). Groups run in
+// parallel over the batch. The final sort, normalization and null-column completion are per
+// matrix and scalar (O(k·M) against the sweeps' O(k²·M) per sweep).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "../core/jacobi_svd.h"
+
+namespace regkernels {
+namespace {
+
+constexpr int64_t kMaxSide = 128;  // largest max(m, n) of the kernel path (SPEC §3.1 stretch size)
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define RK_SVD_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define RK_SVD_CLONES
+#endif
+
+// Where one group's matrices come from and go to. Lane l holds batch entry first + l (lanes
+// past the batch end are zero matrices whose results are dropped).
+template <typename T>
+struct SvdIO {
+  const T* x;
+  int64_t sb, sm, sn;  // strides of X (b, m, n)
+  T* u;                // (b, m, k)
+  T* s;                // (b, k)
+  T* vh;               // (b, k, n)
+  int64_t b, m, n;
+};
+
+// One AVX2 register of lanes; may_alias, as for the intrinsics' __m256, so the same buffer is
+// also read and written lane by lane through T* in load_scaled / store_group.
+template <typename T>
+struct Simd;
+template <>
+struct Simd<float> {
+  typedef float vec __attribute__((vector_size(32), __may_alias__));
+};
+template <>
+struct Simd<double> {
+  typedef double vec __attribute__((vector_size(32), __may_alias__));
+};
+
+// The rotation parameters of one column pair in every lane; returns whether any lane rotates.
+// Kept out of line as a plain loop over lanes: that form gcc vectorizes (sqrt, division and the
+// selects become one AVX2 instruction each), inlined into the sweep it does not.
+template <typename T, int L>
+RK_SVD_CLONES __attribute__((noinline)) int lane_rotations(const T* __restrict__ alpha, const T* __restrict__ beta,
+                                                           const T* __restrict__ gamma, T* __restrict__ s,
+                                                           T* __restrict__ tau, T tol, T null2) {
+  int live = 0;
+  for (int l = 0; l < L; ++l) live |= core::jacobi_rotation(alpha[l], beta[l], gamma[l], tol, null2, s[l], tau[l]);
+  return live;
+}
+
+// The sweeps for one group of L interleaved tall matrices: A (M × N) and V (N × N) as one
+// vector per entry, entry (i, j) at [j·rows + i]. Stops after a sweep in which no lane rotated
+// under `tol`. Returns the number of sweeps run.
+template <typename T, int L>
+RK_SVD_CLONES int jacobi_sweeps(typename Simd<T>::vec* __restrict__ A, typename Simd<T>::vec* __restrict__ V, int M,
+                                int N, T tol) {
+  using vec = typename Simd<T>::vec;
+  static_assert(sizeof(vec) == L * sizeof(T), "one vector holds the L lanes");
+  const T null2 = core::jacobi_null_norm2<T>(M);
+  int sweep = 0;
+  while (sweep < core::kJacobiMaxSweeps) {
+    ++sweep;
+    bool rotated = false;
+    for (int p = 0; p < N - 1; ++p) {
+      vec* __restrict__ ap = A + static_cast<int64_t>(p) * M;
+      vec* __restrict__ vp = V + static_cast<int64_t>(p) * N;
+      for (int q = p + 1; q < N; ++q) {
+        vec* __restrict__ aq = A + static_cast<int64_t>(q) * M;
+        vec* __restrict__ vq = V + static_cast<int64_t>(q) * N;
+        vec alpha = {}, beta = {}, gamma = {};
+        for (int i = 0; i < M; ++i) {
+          const vec x = ap[i], y = aq[i];
+          alpha += x * x;
+          beta += y * y;
+          gamma += x * y;
+        }
+        vec s, tau;
+        if (!lane_rotations<T, L>(reinterpret_cast<const T*>(&alpha), reinterpret_cast<const T*>(&beta),
+                                  reinterpret_cast<const T*>(&gamma), reinterpret_cast<T*>(&s),
+                                  reinterpret_cast<T*>(&tau), tol, null2))
+          continue;
+        rotated = true;
+        for (int i = 0; i < M; ++i) core::jacobi_rotate(ap[i], aq[i], s, tau);
+        for (int i = 0; i < N; ++i) core::jacobi_rotate(vp[i], vq[i], s, tau);
+      }
+    }
+    if (!rotated) break;
+  }
+  return sweep;
+}
+
+// Per lane: the power-of-two scale exponent and whether the matrix is finite.
+template <typename T>
+void scan_group(const SvdIO<T>& io, int64_t first, int lanes, int* exps, bool* bad) {
+  for (int l = 0; l < lanes; ++l) {
+    const T* x = io.x + (first + l) * io.sb;
+    T max_abs = T(0);
+    bool finite = true;
+    for (int64_t i = 0; i < io.m; ++i) {
+      for (int64_t j = 0; j < io.n; ++j) {
+        const T v = x[i * io.sm + j * io.sn];
+        finite &= std::isfinite(v);
+        max_abs = std::max(max_abs, std::abs(v));
+      }
+    }
+    bad[l] = !finite;
+    exps[l] = finite ? core::jacobi_scale_exponent(max_abs) : 0;
+  }
+}
+
+// A (M × N, B lanes of type B) = X·2^-e in the tall layout (Xᵀ for a wide X); a non-finite
+// matrix and the lanes past `lanes` are zeros.
+template <typename T, typename B, int L>
+void load_scaled(const SvdIO<T>& io, int64_t first, int lanes, bool tall, const int* exps, const bool* bad, B* A,
+                 int M, int N) {
+  std::fill(A, A + static_cast<int64_t>(M) * N * L, B(0));
+  for (int l = 0; l < lanes; ++l) {
+    if (bad[l]) continue;
+    const T* x = io.x + (first + l) * io.sb;
+    for (int64_t i = 0; i < io.m; ++i) {
+      for (int64_t j = 0; j < io.n; ++j) {
+        // tall: A[row i][col j] = X[i][j]; wide: A[row j][col i] = X[i][j]
+        const int64_t row = tall ? i : j, col = tall ? j : i;
+        A[(col * M + row) * L + l] = core::rk_ldexp(static_cast<B>(x[i * io.sm + j * io.sn]), -exps[l]);
+      }
+    }
+  }
+}
+
+template <typename B, int L>
+void set_identity(B* V, int N) {
+  std::fill(V, V + static_cast<int64_t>(N) * N * L, B(0));
+  for (int j = 0; j < N; ++j) {
+    for (int l = 0; l < L; ++l) V[(static_cast<int64_t>(j) * N + j) * L + l] = B(1);
+  }
+}
+
+// Per lane: σ_j, the stable descending order, normalized (and completed) U columns, written to
+// the outputs in torch.linalg.svd's layout. A and V hold L lanes of type B; `ucols` is M × N
+// scratch (column-major).
+template <typename T, typename B, int L>
+void store_group(const SvdIO<T>& io, int64_t first, int lanes, bool tall, const B* A, const B* V, int M, int N,
+                 const int* exps, const bool* bad, std::vector<B>& ucols, std::vector<B>& sigma,
+                 std::vector<int>& order) {
+  const B null2 = core::jacobi_null_norm2<B>(M);
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  const int64_t k = N;
+  for (int l = 0; l < lanes; ++l) {
+    const int64_t bi = first + l;
+    T* u = io.u + bi * io.m * k;
+    T* s = io.s + bi * k;
+    T* vh = io.vh + bi * k * io.n;
+    if (bad[l]) {
+      std::fill(u, u + io.m * k, nan);
+      std::fill(s, s + k, nan);
+      std::fill(vh, vh + k * io.n, nan);
+      continue;
+    }
+    for (int j = 0; j < N; ++j) {
+      B a2 = B(0);
+      for (int i = 0; i < M; ++i) {
+        const B v = A[(static_cast<int64_t>(j) * M + i) * L + l];
+        a2 += v * v;
+      }
+      sigma[j] = a2;  // squared for now
+    }
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return sigma[a] > sigma[b]; });
+    int rank = 0;
+    for (int j = 0; j < N; ++j) {
+      const int src = order[j];
+      const B a2 = sigma[src];
+      if (a2 > null2) {
+        ++rank;
+        const B inv = B(1) / std::sqrt(a2);
+        for (int i = 0; i < M; ++i) {
+          ucols[static_cast<int64_t>(j) * M + i] = A[(static_cast<int64_t>(src) * M + i) * L + l] * inv;
+        }
+      }
+      s[j] = static_cast<T>(core::rk_ldexp(std::sqrt(a2), exps[l]));
+    }
+    if (rank < N) {
+      auto col = [&](int j, int i) -> B& { return ucols[static_cast<int64_t>(j) * M + i]; };
+      core::complete_orthonormal<B>(col, M, rank, N);
+    }
+    // U_A = ucols (M × N), V_A = V columns in `order` (N × N); X = U_A S V_Aᵀ (tall) or
+    // X = V_A S U_Aᵀ (wide)
+    for (int j = 0; j < N; ++j) {
+      const B* vcol = V + static_cast<int64_t>(order[j]) * N * L + l;
+      const B* ucol = ucols.data() + static_cast<int64_t>(j) * M;
+      if (tall) {
+        for (int64_t i = 0; i < io.m; ++i) u[i * k + j] = static_cast<T>(ucol[i]);
+        for (int64_t i = 0; i < io.n; ++i) vh[j * io.n + i] = static_cast<T>(vcol[i * L]);
+      } else {
+        for (int64_t i = 0; i < io.m; ++i) u[i * k + j] = static_cast<T>(vcol[i * L]);
+        for (int64_t i = 0; i < io.n; ++i) vh[j * io.n + i] = static_cast<T>(ucol[i]);
+      }
+    }
+  }
+}
+
+// 32-byte aligned scratch of `count` vectors (std::vector<vec> would drop the vector attributes).
+template <typename T>
+struct AlignedLanes {
+  using vec = typename Simd<T>::vec;
+  static constexpr int L = sizeof(vec) / sizeof(T);
+  std::vector<T> storage;
+  T* data;
+  explicit AlignedLanes(size_t count) : storage((count + 1) * L) {
+    data = storage.data() + (L - (reinterpret_cast<uintptr_t>(storage.data()) % sizeof(vec)) / sizeof(T)) % L;
+  }
+  vec* vecs(size_t offset = 0) { return reinterpret_cast<vec*>(data) + offset; }
+  T* lanes(size_t offset = 0) { return data + offset * L; }
+};
+
+template <typename T>
+void svd_cpu_impl(const SvdIO<T>& io) {
+  constexpr int L = 32 / sizeof(T);
+  const bool tall = io.m >= io.n;
+  const int M = static_cast<int>(std::max(io.m, io.n)), N = static_cast<int>(std::min(io.m, io.n));
+  const size_t mn = static_cast<size_t>(M) * N, nn = static_cast<size_t>(N) * N;
+  const int64_t groups = (io.b + L - 1) / L;
+  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+    AlignedLanes<T> buf(mn + nn);  // A, then V
+    std::vector<T> ucols(mn), sigma(N);
+    std::vector<int> order(N);
+    int exps[L];
+    bool bad[L];
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t first = g * L;
+      const int lanes = static_cast<int>(std::min<int64_t>(L, io.b - first));
+      scan_group(io, first, lanes, exps, bad);
+      load_scaled<T, T, L>(io, first, lanes, tall, exps, bad, buf.lanes(), M, N);
+      set_identity<T, L>(buf.lanes(mn), N);
+      jacobi_sweeps<T, L>(buf.vecs(), buf.vecs(mn), M, N, core::jacobi_tolerance<T>(M));
+      store_group<T, T, L>(io, first, lanes, tall, buf.lanes(), buf.lanes(mn), M, N, exps, bad, ucols, sigma, order);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batched_svd_cpu(const at::Tensor& X) {
+  TORCH_CHECK(X.dim() == 3, "regkernels::batched_svd (CPU): X must be (b, m, n); got shape ", X.sizes());
+  TORCH_CHECK(X.scalar_type() == at::kFloat || X.scalar_type() == at::kDouble,
+              "regkernels::batched_svd (CPU): X must be float32 or float64; got ", X.scalar_type());
+  const int64_t b = X.size(0), m = X.size(1), n = X.size(2);
+  TORCH_CHECK(m >= 1 && n >= 1 && std::max(m, n) <= kMaxSide, "regkernels::batched_svd (CPU): the kernel takes ",
+              "1 <= m, n and max(m, n) <= ", kMaxSide, " (larger matrices go to torch.linalg.svd); got m=", m,
+              ", n=", n);
+  const int64_t k = std::min(m, n);
+  auto U = at::empty({b, m, k}, X.options());
+  auto S = at::empty({b, k}, X.options());
+  auto Vh = at::empty({b, k, n}, X.options());
+  if (b == 0) return {U, S, Vh};
+  AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "batched_svd_cpu", [&] {
+    SvdIO<scalar_t> io{X.const_data_ptr<scalar_t>(), X.stride(0), X.stride(1), X.stride(2), U.data_ptr<scalar_t>(),
+                       S.data_ptr<scalar_t>(), Vh.data_ptr<scalar_t>(), b, m, n};
+    svd_cpu_impl<scalar_t>(io);
+  });
+  return {U, S, Vh};
+}
+
+}  // namespace
+}  // namespace regkernels
+
+TORCH_LIBRARY_IMPL(regkernels, CPU, m) { m.impl("batched_svd", &regkernels::batched_svd_cpu); }

@@ -1,0 +1,349 @@
+// Batched one-sided Jacobi SVD on CUDA (SPEC §3.1; the per-pair math is csrc/core/jacobi_svd.h).
+//
+// One block per matrix. The tall matrix A (M × N, A = X or Xᵀ) and V (N × N) live in dynamic
+// shared memory, column-major: column j of A at A + j·ldA, of V at V + j·ldV. A sweep is a
+// round-robin tournament over the columns (N padded to even with a dummy column): each of its
+// N_pad − 1 steps holds N_pad/2 disjoint pairs, every pair occurs once per sweep, and a group of
+// G lanes (a power-of-two slice of a warp) handles one pair per step: lane r owns rows
+// r, r + G, …, keeps them in registers between the dot products and the rotation, and the
+// three sums are butterfly-reduced with shuffles inside the group (xor butterflies leave the
+// same bits in every lane, so all lanes derive the same (c, s)). Steps are separated by
+// __syncthreads; the block stops after a sweep without rotation (or kJacobiMaxSweeps).
+//
+// Then σ_j = ‖a_j‖ and the stable descending order (by ‖a_j‖², ties by index, as the CPU
+// kernel; numerically null columns, ‖a_j‖² ≤ null_norm2 < every live ‖a_j‖², come last).
+// Columns are normalized in place and never moved: the order is the permutation s_perm
+// (sorted slot → storage column), which the null-column completion (thread 0, serial) and the
+// output stores read through.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+#include <tuple>
+
+#include "../core/jacobi_svd.h"
+
+namespace regkernels {
+namespace {
+
+constexpr int kMaxSide = 64;     // largest max(m, n) of this kernel
+constexpr int kMaxThreads = 256;
+constexpr int kMaxGroup = 16;    // lanes per column pair: G ≤ 16 divides a warp
+constexpr int kMaxRows = 8;      // rows of one column a lane holds: G·kMaxRows ≥ M (see svd_config)
+
+template <typename T>
+struct FloatTraits;
+template <>
+struct FloatTraits<float> {
+  static constexpr float max_finite = FLT_MAX;
+  static __device__ __forceinline__ float nan() { return __int_as_float(0x7fc00000); }
+};
+template <>
+struct FloatTraits<double> {
+  static constexpr double max_finite = DBL_MAX;
+  static __device__ __forceinline__ double nan() { return __longlong_as_double(0x7ff8000000000000LL); }
+};
+
+struct SvdShape {
+  int64_t sb;  // batch stride of X
+  int64_t rs;  // stride of X along a row of A (A(i, j) = x[i·rs + j·cs])
+  int64_t cs;  // stride of X along a column of A
+  int m, n;    // X is m × n
+  int M, N;    // A is M × N, M = max(m, n), N = k = min(m, n)
+  int G;       // lanes per column pair, a power of two ≤ kMaxGroup
+  int ldA, ldV;
+};
+
+// Sum over the G lanes of one group (all lanes get the same bits: a + b == b + a exactly).
+template <typename T>
+__device__ __forceinline__ T group_sum(T v, int G, unsigned mask) {
+  for (int off = G >> 1; off > 0; off >>= 1) v += __shfl_xor_sync(mask, v, off);
+  return v;
+}
+
+// out (rows × k, row-major) column r = src column perm[r]: U-shaped outputs.
+template <typename T>
+__device__ __forceinline__ void store_cols(T* __restrict__ out, const T* src, int ld, const int* perm, int rows,
+                                           int k) {
+  for (int e = threadIdx.x; e < rows * k; e += blockDim.x) {
+    const int i = e / k, r = e - i * k;
+    out[e] = src[perm[r] * ld + i];
+  }
+}
+
+// out (k × len, row-major) row r = src column perm[r]: Vh-shaped outputs.
+template <typename T>
+__device__ __forceinline__ void store_rows(T* __restrict__ out, const T* src, int ld, const int* perm, int k,
+                                           int len) {
+  for (int e = threadIdx.x; e < k * len; e += blockDim.x) {
+    const int r = e / len, c = e - r * len;
+    out[e] = src[perm[r] * ld + c];
+  }
+}
+
+// blockDim.x is a multiple of 32 and a multiple of G (host side), ≤ kMaxThreads.
+template <typename T>
+__global__ void __launch_bounds__(kMaxThreads)
+    batched_svd_kernel(const T* __restrict__ X, T* __restrict__ U, T* __restrict__ S, T* __restrict__ Vh,
+                       const SvdShape sh) {
+  extern __shared__ __align__(16) unsigned char svd_smem[];
+  __shared__ T s_norm2[kMaxSide];
+  __shared__ int s_perm[kMaxSide];
+  __shared__ T s_warp[kMaxThreads / 32];
+
+  const int M = sh.M, N = sh.N, G = sh.G, ldA = sh.ldA, ldV = sh.ldV;
+  T* A = reinterpret_cast<T*>(svd_smem);
+  T* V = A + N * ldA;
+  const int tid = threadIdx.x, nthreads = blockDim.x;
+  const int64_t bi = blockIdx.x;
+  const T* x = X + bi * sh.sb;
+  const int k = N;
+  T* u = U + bi * sh.m * k;
+  T* s = S + bi * k;
+  T* vh = Vh + bi * k * sh.n;
+
+  // ---- load: raw X into A, max |x| and finiteness (NaN fails the <= test) ----
+  // walk X along its smaller stride so that consecutive threads read neighbouring addresses
+  const bool cols_fast = (sh.cs < 0 ? -sh.cs : sh.cs) <= (sh.rs < 0 ? -sh.rs : sh.rs);
+  T max_abs = T(0);
+  int bad = 0;
+  for (int e = tid; e < M * N; e += nthreads) {
+    int i, j;
+    if (cols_fast) {
+      i = e / N;
+      j = e - i * N;
+    } else {
+      j = e / M;
+      i = e - j * M;
+    }
+    const T v = x[i * sh.rs + j * sh.cs];
+    A[j * ldA + i] = v;
+    const T a = core::rk_abs(v);
+    bad |= !(a <= FloatTraits<T>::max_finite);
+    max_abs = a > max_abs ? a : max_abs;
+  }
+  for (int off = 16; off > 0; off >>= 1) {
+    const T o = __shfl_xor_sync(0xffffffffu, max_abs, off);
+    max_abs = o > max_abs ? o : max_abs;
+  }
+  if ((tid & 31) == 0) s_warp[tid >> 5] = max_abs;
+  if (__syncthreads_or(bad)) {
+    // the whole block takes this branch; a non-finite matrix needs no iteration: NaN factors
+    const T nan = FloatTraits<T>::nan();
+    for (int e = tid; e < sh.m * k; e += nthreads) u[e] = nan;
+    for (int e = tid; e < k; e += nthreads) s[e] = nan;
+    for (int e = tid; e < k * sh.n; e += nthreads) vh[e] = nan;
+    return;
+  }
+  max_abs = s_warp[0];
+  for (int w = 1; w < nthreads / 32; ++w) max_abs = s_warp[w] > max_abs ? s_warp[w] : max_abs;
+  const int ex = core::jacobi_scale_exponent(max_abs);
+  for (int e = tid; e < M * N; e += nthreads) {
+    const int j = e / M, i = e - j * M;
+    A[j * ldA + i] = core::rk_ldexp(A[j * ldA + i], -ex);
+  }
+  for (int e = tid; e < N * N; e += nthreads) {
+    const int j = e / N, i = e - j * N;
+    V[j * ldV + i] = i == j ? T(1) : T(0);
+  }
+  __syncthreads();
+
+  // ---- sweeps ----
+  // Round robin with the fixed player L = N_pad − 1: in step t group 0 pairs (t, L) and group
+  // g ≥ 1 pairs ((t + g) mod L, (t − g) mod L). L is odd, so a pair {a, b} < L occurs only in the
+  // step t ≡ (a + b)/2 (mod L), and {a, L} only in step a: each pair once per sweep. When N is
+  // odd, L = N is the dummy column and group 0 idles. Consecutive groups of a warp thus touch
+  // consecutive columns, which ldA ≡ ldV ≡ G (mod one bank row) spreads over distinct banks.
+  const T tol = core::jacobi_tolerance<T>(M);
+  const T null2 = core::jacobi_null_norm2<T>(M);
+  const int n_pad = N + (N & 1), L = n_pad - 1, n_pairs = n_pad >> 1;
+  const int group = tid / G, r = tid & (G - 1);
+  // the group's lanes; shuffles name only them, so groups may idle independently
+  const unsigned mask = (G >= 32 ? 0xffffffffu : ((1u << G) - 1u)) << ((tid & 31) & ~(G - 1));
+  for (int sweep = 0; sweep < core::kJacobiMaxSweeps; ++sweep) {
+    int rotated = 0;
+    for (int t = 0; t < L; ++t) {
+      if (group < n_pairs) {
+        int p = t, q = L;
+        if (group > 0) {
+          p = t + group;  // < 2L
+          if (p >= L) p -= L;
+          q = t - group;  // > −L
+          if (q < 0) q += L;
+        }
+        // p < L ≤ N always; only q can be the dummy column
+        if (q < N) {
+          T* ap = A + p * ldA;
+          T* aq = A + q * ldA;
+          T xp[kMaxRows], xq[kMaxRows];
+          T alpha = T(0), beta = T(0), gamma = T(0);
+#pragma unroll
+          for (int h = 0; h < kMaxRows; ++h) {
+            const int i = r + h * G;
+            xp[h] = T(0);
+            xq[h] = T(0);
+            if (i < M) {
+              xp[h] = ap[i];
+              xq[h] = aq[i];
+              alpha += xp[h] * xp[h];
+              beta += xq[h] * xq[h];
+              gamma += xp[h] * xq[h];
+            }
+          }
+          alpha = group_sum(alpha, G, mask);
+          beta = group_sum(beta, G, mask);
+          gamma = group_sum(gamma, G, mask);
+          T sn, tau;
+          // same inputs in every lane of the group → same (sn, tau, live): group-uniform branch
+          if (core::jacobi_rotation(alpha, beta, gamma, tol, null2, sn, tau)) {
+            rotated = 1;
+#pragma unroll
+            for (int h = 0; h < kMaxRows; ++h) {
+              const int i = r + h * G;
+              if (i < M) {
+                core::jacobi_rotate(xp[h], xq[h], sn, tau);
+                ap[i] = xp[h];
+                aq[i] = xq[h];
+              }
+            }
+            T* vp = V + p * ldV;
+            T* vq = V + q * ldV;
+#pragma unroll
+            for (int h = 0; h < kMaxRows; ++h) {
+              const int i = r + h * G;
+              if (i < N) {
+                T a = vp[i], b = vq[i];
+                core::jacobi_rotate(a, b, sn, tau);
+                vp[i] = a;
+                vq[i] = b;
+              }
+            }
+          }
+        }
+      }
+      if (t + 1 < L) __syncthreads();  // the last step's barrier is the __syncthreads_or below
+    }
+    if (!__syncthreads_or(rotated)) break;
+  }
+
+  // ---- σ, order, U ----
+  const int n_groups = nthreads / G;
+  for (int j = group; j < N; j += n_groups) {  // group-uniform trip count
+    const T* aj = A + j * ldA;
+    T a2 = T(0);
+    for (int i = r; i < M; i += G) a2 += aj[i] * aj[i];
+    a2 = group_sum(a2, G, mask);
+    if (r == 0) s_norm2[j] = a2;
+  }
+  __syncthreads();
+  for (int j = tid; j < N; j += nthreads) {
+    const T aj = s_norm2[j];
+    int rank = 0;
+    for (int i = 0; i < N; ++i) {
+      const T ai = s_norm2[i];
+      rank += (ai > aj) | ((ai == aj) & (i < j));
+    }
+    s_perm[rank] = j;
+  }
+  // live columns scaled to unit norm; null ones are left for the completion (or dropped)
+  int n_live = 0;
+  for (int j = 0; j < N; ++j) n_live += s_norm2[j] > null2;  // same in every thread
+  for (int e = tid; e < M * N; e += nthreads) {
+    const int j = e / M, i = e - j * M;
+    const T a2 = s_norm2[j];
+    if (a2 > null2) A[j * ldA + i] *= T(1) / core::rk_sqrt(a2);
+  }
+  __syncthreads();
+  if (n_live < N) {  // block-uniform
+    if (tid == 0) {
+      // sorted slots [0, n_live) hold the live columns (their ‖a‖² > null2 ≥ any null one's)
+      T* a_st = A;
+      const int* perm = s_perm;
+      auto col = [a_st, perm, ldA](int j, int i) -> T& { return a_st[perm[j] * ldA + i]; };
+      core::complete_orthonormal<T>(col, M, n_live, N);
+    }
+    __syncthreads();
+  }
+
+  // ---- outputs: X = U_A diag(σ) V_Aᵀ (tall) or V_A diag(σ) U_Aᵀ (wide) ----
+  for (int j = tid; j < N; j += nthreads) s[j] = core::rk_ldexp(core::rk_sqrt(s_norm2[s_perm[j]]), ex);
+  if (sh.m >= sh.n) {
+    store_cols(u, A, ldA, s_perm, M, N);
+    store_rows(vh, V, ldV, s_perm, N, N);
+  } else {
+    store_cols(u, V, ldV, s_perm, N, N);
+    store_rows(vh, A, ldA, s_perm, N, M);
+  }
+}
+
+// The smallest ld ≥ len with ld ≡ G (mod the 128-byte bank row): the columns of consecutive
+// groups of a warp then start G banks apart (see the sweep's ordering comment).
+int padded_ld(int len, int G, int elem_bytes) {
+  const int w = 128 / elem_bytes;
+  return len + (((G - len) % w) + w) % w;
+}
+
+template <typename T>
+void launch_svd(const at::Tensor& X, at::Tensor& U, at::Tensor& S, at::Tensor& Vh) {
+  const int64_t b = X.size(0);
+  SvdShape sh;
+  sh.m = static_cast<int>(X.size(1));
+  sh.n = static_cast<int>(X.size(2));
+  sh.M = std::max(sh.m, sh.n);
+  sh.N = std::min(sh.m, sh.n);
+  sh.sb = X.stride(0);
+  sh.rs = sh.m >= sh.n ? X.stride(1) : X.stride(2);
+  sh.cs = sh.m >= sh.n ? X.stride(2) : X.stride(1);
+  // G: about 4 rows per lane, at most kMaxGroup lanes, at most kMaxThreads lanes for all pairs
+  // (n_pairs ≤ 32 → G ≥ 8 → ⌈M/G⌉ ≤ 8 = kMaxRows)
+  const int n_pairs = (sh.N + 1) / 2;
+  int G = 1;
+  while (G < kMaxGroup && 4 * G < sh.M) G *= 2;
+  while (n_pairs * G > kMaxThreads) G /= 2;
+  TORCH_INTERNAL_ASSERT(G >= 1 && G * kMaxRows >= sh.M, "batched_svd (CUDA): bad lane split");
+  sh.G = G;
+  const int threads = (n_pairs * G + 31) / 32 * 32;
+  sh.ldA = padded_ld(sh.M, G, static_cast<int>(sizeof(T)));
+  sh.ldV = padded_ld(sh.N, G, static_cast<int>(sizeof(T)));
+  const size_t smem = static_cast<size_t>(sh.N) * (sh.ldA + sh.ldV) * sizeof(T);
+  auto kernel = batched_svd_kernel<T>;
+  if (smem > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  }
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  kernel<<<static_cast<unsigned>(b), threads, smem, stream>>>(X.const_data_ptr<T>(), U.data_ptr<T>(),
+                                                              S.data_ptr<T>(), Vh.data_ptr<T>(), sh);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batched_svd_cuda(const at::Tensor& X) {
+  TORCH_CHECK(X.dim() == 3, "regkernels::batched_svd (CUDA): X must be (b, m, n); got shape ", X.sizes());
+  TORCH_CHECK(X.scalar_type() == at::kFloat || X.scalar_type() == at::kDouble,
+              "regkernels::batched_svd (CUDA): X must be float32 or float64; got ", X.scalar_type());
+  TORCH_CHECK(X.is_cuda(), "regkernels::batched_svd (CUDA): CUDA implementation called with a ", X.device(),
+              " tensor");
+  const int64_t b = X.size(0), m = X.size(1), n = X.size(2);
+  TORCH_CHECK(m >= 1 && n >= 1 && std::max(m, n) <= kMaxSide, "regkernels::batched_svd (CUDA): the kernel takes ",
+              "1 <= m, n and max(m, n) <= ", kMaxSide, " (larger matrices go to torch.linalg.svd); got m=", m,
+              ", n=", n);
+  TORCH_CHECK(b <= INT_MAX, "regkernels::batched_svd (CUDA): at most ", INT_MAX, " matrices per call; got ", b);
+  c10::cuda::CUDAGuard guard(X.device());
+  const int64_t k = std::min(m, n);
+  auto U = at::empty({b, m, k}, X.options());
+  auto S = at::empty({b, k}, X.options());
+  auto Vh = at::empty({b, k, n}, X.options());
+  if (b == 0) return {U, S, Vh};
+  AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "batched_svd_cuda", [&] { launch_svd<scalar_t>(X, U, S, Vh); });
+  return {U, S, Vh};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(regkernels, CUDA, m) { m.impl("batched_svd", &batched_svd_cuda); }
+
+}  // namespace regkernels
