@@ -1,8 +1,9 @@
 """Public ops on convolutions viewed as linear operators (SPEC §1.6, §2).
 
 Each op validates its arguments (SPEC §7: every message names the op, the argument
-and the expected form), picks a backend and calls it. Only the pure-torch reference
-exists for this family so far; kernel backends register in ``_TABLE``.
+and the expected form), picks a backend and calls it; kernel backends register in ``_TABLE``.
+Kernels so far: ``conv_singular_values`` / ``clip_conv_singular_values`` run their
+per-frequency SVDs on the batched Jacobi SVD kernel (registered by ``regkernels.ops.svd``).
 
 Shapes: ``weight`` is ``(C_out, C_in/groups, *k)`` with 1, 2 or 3 spatial dims ``d``;
 ``input_size`` is the spatial size ``(n_1, …, n_d)`` of one input sample (weights are
@@ -26,7 +27,7 @@ __all__ = [
     "clip_conv_singular_values",
 ]
 
-# Kernels of this family register here (none yet: every op runs its reference).
+# Kernels of this family register here (the Sedghi ops: from regkernels.ops.svd).
 _TABLE = KernelTable(R)
 _implementation = _TABLE.implementation
 

@@ -1,25 +1,152 @@
 """Public batched-SVD ops (SPEC §3): validation → backend choice → implementation.
 
 ``batched_svd``, ``clamp_singular_values`` and ``svb_`` validate their arguments (SPEC §7)
-and dispatch through ``_TABLE`` (a ``KernelTable``). No kernel exists for this family yet,
-so every call runs the pure-torch reference; a kernel backend registers itself there and
-nothing else changes.
+and dispatch through ``_TABLE`` (a ``KernelTable``).
+
+Kernels: ``regkernels::batched_svd``, a one-sided Jacobi SVD (math in
+``csrc/core/jacobi_svd.h``): ``"cpu"`` (csrc/cpu/svd_cpu.cpp, 8 float32 / 4 float64 matrices
+per AVX2 register) and ``"cuda"`` (csrc/cuda/svd_cuda.cu, one block per matrix).
+
+==========  =====================================  ==========================================
+device      default (``backend=None``)             ``backend="cpu"`` / ``"cuda"``
+==========  =====================================  ==========================================
+CPU         kernel for max(m, n) ≤ 64 (measured    kernel for max(m, n) ≤ 128, torch.linalg.svd
+            faster than LAPACK there), else        above
+            torch.linalg.svd
+CUDA        kernel for max(m, n) ≤ 64, else        the same
+            torch.linalg.svd
+==========  =====================================  ==========================================
+
+fp16/bf16 run in float32; a dimension of size 0 goes to the reference. The op has a fake
+(meta) implementation and autograd (``_svd_backward``: the formula torch.linalg.svd uses), so
+``torch.compile(fullgraph=True)`` traces it. ``clamp_singular_values`` and ``svb_`` call the
+same SVD and keep their own backward / in-place update.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Callable
 
 import torch
 from torch import nn
 
+from regkernels import _ext
+from regkernels.ops import conv as _conv
 from regkernels.ops._common import KernelTable, check_bounds, check_matrix, check_number, check_tensor
 from regkernels.reference import svd as _ref
+from regkernels.reference._dtypes import upcast
 
 __all__ = ["batched_svd", "clamp_singular_values", "svb_"]
 
-# Kernels of this family register here (none yet: every op runs its reference); svb_ runs on
-# the batched_svd kernel.
 _TABLE = KernelTable(_ref)
+
+# Largest max(m, n) the kernel takes (csrc: CPU kMaxSide, CUDA shared-memory layout) and the
+# largest it is used for by default: on the 2-core EPYC CPU of benchmarks/results the kernel is
+# 1.7x LAPACK at 64 x 64 and 0.8x at 128 x 128.
+KERNEL_LIMIT = {"cpu": 128, "cuda": 64}
+DEFAULT_LIMIT = {"cpu": 64, "cuda": 64}
+
+
+# ----------------------------------------------------------------------------- the kernel op
+
+def _svd_backward(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, gU, gS, gVh) -> torch.Tensor:
+    """∂L/∂X of the thin real SVD X = U diag(S) Vh — the formula torch.linalg.svd's backward uses
+    (so both agree, including where it is undefined: repeated singular values give inf/NaN
+    unless the loss is invariant to the basis of the repeated subspace).
+
+    With skew(A) = A − Aᵀ, E_ij = S_j² − S_i² (1 on the diagonal):
+    core = (skew(Uᵀ gU) ∘ S_row + S_col ∘ skew(Vh gVhᵀ)) / E + diag(gS), and the tall/wide
+    complement terms (I − UUᵀ) gU S⁻¹ Vh or U S⁻¹ gVh (I − VVᵀ).
+    """
+    m, n = U.shape[-2], Vh.shape[-1]
+    k = S.shape[-1]
+    if gU is None and gVh is None:
+        return U @ (gS.unsqueeze(-1) * Vh) if gS is not None else U.new_zeros((*U.shape[:-1], n))
+    S2 = S * S
+    E = S2.unsqueeze(-2) - S2.unsqueeze(-1)
+    E.diagonal(dim1=-2, dim2=-1).fill_(1)
+    gA = torch.zeros_like(E)
+    if gU is not None:
+        UtgU = U.mT @ gU
+        gA = gA + (UtgU - UtgU.mT) * S.unsqueeze(-2)
+    if gVh is not None:
+        VhgV = Vh @ gVh.mT
+        gA = gA + S.unsqueeze(-1) * (VhgV - VhgV.mT)
+    gA = gA / E
+    if gS is not None:
+        gA = gA + torch.diag_embed(gS)
+    if m > k and gU is not None:
+        gUSinv = gU / S.unsqueeze(-2)
+        return (U @ gA + gUSinv - U @ (U.mT @ gUSinv)) @ Vh
+    if n > k and gVh is not None:
+        SinvgVh = gVh / S.unsqueeze(-1)
+        return U @ (gA @ Vh + SinvgVh - (SinvgVh @ Vh.mT) @ Vh)
+    return U @ gA @ Vh
+
+
+if _ext.HAS_C:
+    @torch.library.register_fake("regkernels::batched_svd")
+    def _svd_fake(X: torch.Tensor):
+        b, m, n = X.shape
+        k = min(m, n)
+        return X.new_empty((b, m, k)), X.new_empty((b, k)), X.new_empty((b, k, n))
+
+    def _svd_setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*output)
+        # unused outputs arrive as None, as in torch.linalg.svd's backward: a loss of S alone
+        # then never divides by S_j² − S_i² (finite at repeated values, e.g. the doubled values
+        # of the conv-operator embedding)
+        ctx.set_materialize_grads(False)
+
+    def _svd_autograd_backward(ctx, gU, gS, gVh):
+        U, S, Vh = ctx.saved_tensors
+        return _svd_backward(U, S, Vh, gU, gS, gVh)
+
+    torch.library.register_autograd("regkernels::batched_svd", _svd_autograd_backward,
+                                    setup_context=_svd_setup_context)
+
+
+def _kernel_svd(X: torch.Tensor, limit: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD of ``X (..., m, n)`` through the kernel when ``max(m, n) ≤ limit`` (and both ≥ 1).
+
+    A long matrix (``min(m, n) ≤ limit < max(m, n)``, e.g. a conv weight 64 × 576) is first
+    reduced by a QR (LAPACK / cuSOLVER through torch.linalg.qr): X = Q R gives U = Q·U_R for a
+    tall X; Xᵀ = Q R, so X = Rᵀ Qᵀ and Vh = Vh_{Rᵀ}·Qᵀ, for a wide one. The small square factor
+    goes through the kernel. min(m, n) > limit runs the reference. fp16/bf16 run in float32 and come back in the input dtype.
+    """
+    m, n = X.shape[-2:]
+    if min(m, n) < 1 or min(m, n) > limit:
+        return _ref.batched_svd(X)
+    if max(m, n) > limit:
+        Xc = upcast(X)
+        if m >= n:
+            Q, R = torch.linalg.qr(Xc)
+            U, S, Vh = _kernel_svd(R, limit)
+            return (Q @ U).to(X.dtype), S.to(X.dtype), Vh.to(X.dtype)
+        Q, R = torch.linalg.qr(Xc.mT)
+        U, S, Vh = _kernel_svd(R.mT, limit)
+        return U.to(X.dtype), S.to(X.dtype), (Vh @ Q.mT).to(X.dtype)
+    Xc = upcast(X)
+    lead = X.shape[:-2]
+    U, S, Vh = torch.ops.regkernels.batched_svd(Xc.reshape(-1, m, n))
+    k = min(m, n)
+    return (U.reshape(*lead, m, k).to(X.dtype), S.reshape(*lead, k).to(X.dtype),
+            Vh.reshape(*lead, k, n).to(X.dtype))
+
+
+def _kernel_for(device_type: str, limit: dict[str, int]) -> Callable:
+    return lambda X: _kernel_svd(X, limit[device_type])
+
+
+def svd_function(device: torch.device, backend: str | None = None, *, name: str = "batched_svd") -> Callable:
+    """The batched SVD ``batched_svd(·, backend=backend)`` runs on ``device`` (validated; errors
+    name ``name``), for the ops built on it (``clamp_singular_values``, ``svb_``, the
+    conv-operator SVDs). An explicit kernel backend takes the kernel's whole size range."""
+    impl = _TABLE.implementation("batched_svd", backend, device, name=name)
+    if backend in KERNEL_LIMIT:
+        return _kernel_for(device.type, KERNEL_LIMIT)
+    return impl
 
 
 def batched_svd(X: torch.Tensor, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -31,7 +158,7 @@ def batched_svd(X: torch.Tensor, backend: str | None = None) -> tuple[torch.Tens
     Differentiable. Formula and accuracy: SPEC §3.1.
     """
     check_matrix("batched_svd", "X", X)
-    return _TABLE.implementation("batched_svd", backend, X.device)(X)
+    return svd_function(X.device, backend)(X)
 
 
 def clamp_singular_values(X: torch.Tensor, lo: float, hi: float, backend: str | None = None) -> torch.Tensor:
@@ -42,7 +169,10 @@ def clamp_singular_values(X: torch.Tensor, lo: float, hi: float, backend: str | 
     """
     check_matrix("clamp_singular_values", "X", X)
     check_bounds("clamp_singular_values", "lo", lo, "hi", hi)
-    return _TABLE.implementation("clamp_singular_values", backend, X.device)(X, lo, hi)
+    svd = svd_function(X.device, backend, name="clamp_singular_values")
+    if backend == "reference" or svd is _ref.batched_svd:
+        return _ref.clamp_singular_values(X, lo, hi)
+    return _ref.clamp_singular_values(X, lo, hi, svd=svd)
 
 
 def _svb_weights(weights_or_module) -> list[torch.Tensor]:
@@ -102,8 +232,40 @@ def svb_(weights_or_module: nn.Module | torch.Tensor | Iterable[torch.Tensor], e
     weights = _svb_weights(weights_or_module)
     # an unknown or missing backend fails before any weight changes
     for device in {w.device for w in weights} or {torch.device("cpu")}:
-        _TABLE.implementation("batched_svd", backend, device, name="svb_")
+        svd_function(device, backend, name="svb_")
     if not isinstance(weights_or_module, (nn.Module, torch.Tensor)):
         weights_or_module = weights  # a one-shot iterator was consumed by the checks above
     return _ref.svb_(weights_or_module, eps, operator=operator, input_size=input_size,
-                     svd=lambda X: batched_svd(X, backend=backend))
+                     svd=lambda X: svd_function(X.device, backend, name="svb_")(X),
+                     clip=functools.partial(_conv.clip_conv_singular_values, backend=backend))
+
+
+# ----------------------------------------------------------------------------- registrations
+# Earlier registrations are preferred for backend=None; the default kernel function keeps to
+# the measured-faster range, the one an explicit backend names takes the kernel's full range.
+def _sedghi_kernels(device_type: str) -> tuple[Callable, Callable]:
+    """conv_singular_values / clip_conv_singular_values (SPEC §2.3, conv family) with the
+    per-frequency SVDs on the kernel, through the real 2·C_out × 2·C_in embedding of each
+    complex block; LAPACK's complex SVD (the reference) where the embedding is outside the
+    kernel's default range (64 channels and more)."""
+    limit = DEFAULT_LIMIT[device_type]
+    svd = _kernel_for(device_type, DEFAULT_LIMIT)
+
+    def fits(weight: torch.Tensor) -> bool:
+        return 2 * max(weight.shape[0], weight.shape[1]) <= limit
+
+    def values(weight: torch.Tensor, input_size: Sequence[int]) -> torch.Tensor:
+        return _conv.R.conv_singular_values(weight, input_size, svd=svd if fits(weight) else None)
+
+    def clip(weight: torch.Tensor, input_size: Sequence[int], lo: float, hi: float):
+        return _conv.R.clip_conv_singular_values(weight, input_size, lo, hi, svd=svd if fits(weight) else None)
+
+    return values, clip
+
+
+if _ext.HAS_C:
+    for _device in ("cpu", "cuda") if _ext.has_cuda_kernels() else ("cpu",):
+        _TABLE.register("batched_svd", _device, _device, _kernel_for(_device, DEFAULT_LIMIT))
+        _values, _clip = _sedghi_kernels(_device)
+        _conv._TABLE.register("conv_singular_values", _device, _device, _values)
+        _conv._TABLE.register("clip_conv_singular_values", _device, _device, _clip)

@@ -22,7 +22,7 @@ weights and keep their dtype.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -339,7 +339,37 @@ def _frequency_matrices(weight: torch.Tensor, input_size: Sequence[int], oneside
     return Fk.permute(*range(2, 2 + d), 0, 1).reshape(-1, weight.shape[0], weight.shape[1])
 
 
-def conv_singular_values(weight: torch.Tensor, input_size: Sequence[int]) -> torch.Tensor:
+def real_embedding(blocks: torch.Tensor) -> torch.Tensor:
+    """``(..., 2m, 2n)`` real ``[[A, −B], [B, A]]`` of complex ``blocks = A + iB (..., m, n)`` (SPEC §2.3).
+
+    It represents the blocks' action on (Re x, Im x), so its SVD is theirs with every singular value twice
+    and every spectral function commutes with it: ``f(E(X)) = E(f(X))`` for
+    ``f = U clamp(S) Vh``, whatever basis an SVD picks inside the doubled subspaces.
+    """
+    A, B = blocks.real, blocks.imag
+    return torch.cat([torch.cat([A, -B], dim=-1), torch.cat([B, A], dim=-1)], dim=-2)
+
+
+def _block_svdvals(blocks: torch.Tensor, svd: Callable | None) -> torch.Tensor:
+    """Singular values (descending) of every complex block: LAPACK's complex SVD, or ``svd`` (a real
+    batched thin SVD) of the real embedding, whose doubled values are taken once each."""
+    if svd is None:
+        return torch.linalg.svdvals(blocks)
+    return svd(real_embedding(blocks))[1][..., 0::2]
+
+
+def _clamp_blocks(blocks: torch.Tensor, lo: float, hi: float, svd: Callable | None) -> torch.Tensor:
+    """``U clamp(S, lo, hi) Vᴴ`` of every complex block, complex SVD or ``svd`` of the embedding."""
+    if svd is None:
+        U, S, Vh = torch.linalg.svd(blocks, full_matrices=False)
+        return (U * S.clamp(lo, hi).to(U.dtype)[..., None, :]) @ Vh
+    m, n = blocks.shape[-2:]
+    U, S, Vh = svd(real_embedding(blocks))
+    Y = (U * S.clamp(lo, hi)[..., None, :]) @ Vh
+    return torch.complex(Y[..., :m, :n], Y[..., m:, :n])
+
+
+def conv_singular_values(weight: torch.Tensor, input_size: Sequence[int], *, svd: Callable | None = None) -> torch.Tensor:
     """Singular values of the circular, stride-1 convolution on inputs of size ``input_size``.
 
     formula: SPEC §2.3 — ``F = fftn(weight, s=input_size)`` over the spatial dims gives
@@ -356,15 +386,18 @@ def conv_singular_values(weight: torch.Tensor, input_size: Sequence[int]) -> tor
         ``(∏n, min(C_out, C_in))``: row ``f`` holds the singular values of frequency ``f``
         (row-major over the ``fftn`` frequency grid), in descending order. Real dtype of
         the weight (float16/bfloat16 computed in float32).
+
+    ``svd``: a real batched thin SVD to run on the ``2·C_out × 2·C_in`` real embeddings of the
+    blocks (``real_embedding``) instead of LAPACK's complex SVD; the kernels pass theirs.
     """
     _check_fits("conv_singular_values", weight, input_size)
     if weight.numel() == 0:  # no channels: nothing to transform (FFT backends reject empty inputs)
         return weight.new_zeros((math.prod(input_size), min(weight.shape[0], weight.shape[1])))
-    return torch.linalg.svdvals(_frequency_matrices(weight, input_size)).to(weight.dtype)
+    return _block_svdvals(_frequency_matrices(weight, input_size), svd).to(weight.dtype)
 
 
-def clip_conv_singular_values(weight: torch.Tensor, input_size: Sequence[int], lo: float,
-                              hi: float) -> tuple[torch.Tensor, torch.Tensor]:
+def clip_conv_singular_values(weight: torch.Tensor, input_size: Sequence[int], lo: float, hi: float, *,
+                              svd: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Clamp the operator's singular values into ``[lo, hi]`` (Sedghi et al., SPEC §2.3).
 
     Per frequency ``F_f = U diag(σ) Vᴴ`` → ``U diag(clamp(σ, lo, hi)) Vᴴ``; the inverse
@@ -381,22 +414,22 @@ def clip_conv_singular_values(weight: torch.Tensor, input_size: Sequence[int], l
     Returns:
         ``(new_weight, singular_values)``: ``new_weight`` has the weight's shape and
         dtype; ``singular_values`` is ``conv_singular_values(new_weight, input_size)``,
-        shape ``(∏n, min(C_out, C_in))``. The input is not modified.
+        shape ``(∏n, min(C_out, C_in))``. The input is not modified. ``svd`` as in
+        ``conv_singular_values`` (used for both the clipping and the returned values).
     """
     _check_fits("clip_conv_singular_values", weight, input_size)
     if weight.numel() == 0:
-        return weight.clone(), conv_singular_values(weight, input_size)
+        return weight.clone(), conv_singular_values(weight, input_size, svd=svd)
     d = weight.dim() - 2
     # one-sided: clamping commutes with conjugation, so the clipped blocks keep the
     # Hermitian symmetry of a real kernel and irfftn returns the real part of ifftn of
     # the full set, at half the SVDs
     Fk = _frequency_matrices(weight, input_size, onesided=True)
-    U, S, Vh = torch.linalg.svd(Fk, full_matrices=False)
-    clipped = (U * S.clamp(lo, hi).to(U.dtype)[..., None, :]) @ Vh
+    clipped = _clamp_blocks(Fk, lo, hi, svd)
     # back to (C_out, C_in, n_1, …, n_d//2 + 1) and through the inverse DFT
     half = (*input_size[:-1], input_size[-1] // 2 + 1)
     blocks = clipped.reshape(*half, weight.shape[0], weight.shape[1]).permute(d, d + 1, *range(d))
     full = torch.fft.irfftn(blocks, s=tuple(input_size), dim=tuple(range(2, 2 + d)))
     support = (slice(None), slice(None)) + tuple(slice(0, k) for k in weight.shape[2:])
     new_weight = full[support].to(weight.dtype)
-    return new_weight, conv_singular_values(new_weight, input_size)
+    return new_weight, conv_singular_values(new_weight, input_size, svd=svd)

@@ -151,14 +151,15 @@ class _ClampSingularValues(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(X: torch.Tensor, lo: float, hi: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        U, S, Vh = _svd(upcast(X))
+    def forward(X: torch.Tensor, lo: float, hi: float,
+                svd: SVDFn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        U, S, Vh = svd(upcast(X))
         Y = (U * S.clamp(lo, hi)[..., None, :]) @ Vh
         return Y.to(X.dtype), U, S, Vh
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        _, lo, hi = inputs
+        _, lo, hi, _ = inputs
         _, U, S, Vh = output
         ctx.save_for_backward(U, S, Vh)
         ctx.lo, ctx.hi = lo, hi
@@ -169,10 +170,10 @@ class _ClampSingularValues(torch.autograd.Function):
     def backward(ctx, grad_Y, _gU, _gS, _gVh):
         U, S, Vh = ctx.saved_tensors
         dX = _clamp_backward(grad_Y.to(U.dtype), U, S, Vh, ctx.lo, ctx.hi)
-        return dX.to(grad_Y.dtype), None, None
+        return dX.to(grad_Y.dtype), None, None, None
 
 
-def clamp_singular_values(X: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+def clamp_singular_values(X: torch.Tensor, lo: float, hi: float, *, svd: SVDFn | None = None) -> torch.Tensor:
     """``Y = U · diag(clamp(S, lo, hi)) · Vh`` for ``X = U diag(S) Vh`` (formula: SPEC §3.2).
 
     Shapes: ``X (..., m, n)`` → ``Y (..., m, n)``, input dtype (fp16/bf16 computed in
@@ -180,8 +181,11 @@ def clamp_singular_values(X: torch.Tensor, lo: float, hi: float) -> torch.Tensor
     which stays finite at repeated singular values (X orthogonal, X = I) where
     ``torch.linalg.svd``'s backward gives NaN/Inf; for singular values ``σ = 0`` with
     ``lo > 0`` the gradient is a finite convention (see ``_spectral_weights``).
+
+    ``svd`` computes the thin SVD of the float32/float64 stack (default: LAPACK through
+    ``torch.linalg.svd`` with the NaN handling of SPEC §3.1); the kernels pass theirs.
     """
-    return _ClampSingularValues.apply(X, float(lo), float(hi))[0]
+    return _ClampSingularValues.apply(X, float(lo), float(hi), svd if svd is not None else _svd)[0]
 
 
 # ---------------------------------------------------------------------------------------
@@ -263,7 +267,8 @@ def _size_for(weight: torch.Tensor, input_size: InputSize | None) -> tuple[int, 
     return tuple(input_size)
 
 
-def _svb_operators(convs: list[tuple[torch.Tensor, int, tuple[int, ...]]], lo: float, hi: float) -> int:
+def _svb_operators(convs: list[tuple[torch.Tensor, int, tuple[int, ...]]], lo: float, hi: float,
+                   clip: Callable | None = None) -> int:
     """Bound the singular values of each conv *operator* (SPEC §2.3, Sedghi et al.).
 
     ``convs`` holds ``(weight, groups, input_size)``. A grouped conv is block diagonal over
@@ -271,17 +276,19 @@ def _svb_operators(convs: list[tuple[torch.Tensor, int, tuple[int, ...]]], lo: f
     Exact for circular padding and stride 1; the truncation to the kernel support makes the
     result an approximate projection.
     """
-    from regkernels.reference.conv import clip_conv_singular_values  # conv family, imported only here
+    if clip is None:
+        from regkernels.reference.conv import clip_conv_singular_values as clip  # conv family, imported only here
 
     for w, g, size in convs:
         for block in w.chunk(g, dim=0):
-            new_block, _ = clip_conv_singular_values(block, size, lo, hi)
+            new_block, _ = clip(block, size, lo, hi)
             block.copy_(new_block)
     return sum(g for _, g, _ in convs)
 
 
 def svb_(weights_or_module: nn.Module | torch.Tensor | Iterable[torch.Tensor], eps: float, *,
-         operator: bool = False, input_size: InputSize | None = None, svd: SVDFn | None = None) -> int:
+         operator: bool = False, input_size: InputSize | None = None, svd: SVDFn | None = None,
+         clip: Callable | None = None) -> int:
     """Hard singular value bounding, in place (formula: SPEC §3.3, Jia et al.).
 
     ``W ← U · clamp(S, 1/(1+eps), 1+eps) · Vh`` for ``as_matrix(W) = U diag(S) Vh``,
@@ -297,7 +304,8 @@ def svb_(weights_or_module: nn.Module | torch.Tensor | Iterable[torch.Tensor], e
 
     ``operator=True`` bounds each conv weight's operator instead (SPEC §2.3), which needs
     ``input_size``: an int or tuple of spatial sizes used for every conv, or a dict from
-    weight tensor to its size; Linear weights are bounded as matrices either way.
+    weight tensor to its size; Linear weights are bounded as matrices either way. ``clip`` is
+    the ``clip_conv_singular_values(weight, size, lo, hi)`` to use (default: the reference).
 
     Returns the number of matrices projected (a grouped conv counts once per group, an
     operator-bounded conv once per group as well).
@@ -311,4 +319,4 @@ def svb_(weights_or_module: nn.Module | torch.Tensor | Iterable[torch.Tensor], e
         # every conv's input size is resolved before any weight changes
         convs = [(w, g, _size_for(w, input_size)) for w, g in items if w.dim() > 2]
         mats = [(w, g) for w, g in items if w.dim() == 2]
-        return (_svb_operators(convs, lo, hi) if convs else 0) + _svb_matrices(mats, lo, hi, svd)
+        return (_svb_operators(convs, lo, hi, clip) if convs else 0) + _svb_matrices(mats, lo, hi, svd)
