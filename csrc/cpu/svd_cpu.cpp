@@ -112,9 +112,20 @@ RK_SVD_CLONES int jacobi_sweeps(typename Simd<T>::vec* __restrict__ A, typename 
   return sweep;
 }
 
-// Per lane: the power-of-two scale exponent and whether the matrix is finite.
+// What load and store need to know about one lane's matrix.
+struct LaneInfo {
+  int exp;          // the power-of-two scale exponent
+  bool bad;         // holds a NaN / Inf
+  bool transposed;  // A = Xᵀ: always for a wide X; for a square X when its rows are more graded
+};
+
+// Per lane: scale exponent, finiteness, orientation. One-sided Jacobi converges in a few sweeps
+// on column-graded matrices (X = B·D) but slowly on row-graded ones (D·B, ~30 sweeps and no
+// convergence in float64 at a 1e40 spread), so a square X whose row norms spread wider than its
+// column norms is decomposed as Xᵀ (a tall X has no such choice).
 template <typename T>
-void scan_group(const SvdIO<T>& io, int64_t first, int lanes, int* exps, bool* bad) {
+void scan_group(const SvdIO<T>& io, int64_t first, int lanes, LaneInfo* info, std::vector<double>& rows,
+                std::vector<double>& cols) {
   for (int l = 0; l < lanes; ++l) {
     const T* x = io.x + (first + l) * io.sb;
     T max_abs = T(0);
@@ -126,46 +137,60 @@ void scan_group(const SvdIO<T>& io, int64_t first, int lanes, int* exps, bool* b
         max_abs = std::max(max_abs, std::abs(v));
       }
     }
-    bad[l] = !finite;
-    exps[l] = finite ? core::jacobi_scale_exponent(max_abs) : 0;
+    info[l].bad = !finite;
+    info[l].exp = finite ? core::jacobi_scale_exponent(max_abs) : 0;
+    info[l].transposed = io.m < io.n;
+    if (io.m != io.n || !finite || max_abs == T(0)) continue;
+    std::fill(rows.begin(), rows.end(), 0.0);
+    std::fill(cols.begin(), cols.end(), 0.0);
+    for (int64_t i = 0; i < io.m; ++i) {
+      for (int64_t j = 0; j < io.n; ++j) {
+        const double v = std::ldexp(static_cast<double>(x[i * io.sm + j * io.sn]), -info[l].exp);
+        rows[i] += v * v;
+        cols[j] += v * v;
+      }
+    }
+    auto spread = [](const std::vector<double>& v) {
+      const auto [lo, hi] = std::minmax_element(v.begin(), v.end());
+      return *hi / std::max(*lo, std::numeric_limits<double>::min());
+    };
+    info[l].transposed = spread(rows) > spread(cols);
   }
 }
 
-// A (M × N, B lanes of type B) = X·2^-e in the tall layout (Xᵀ for a wide X); a non-finite
-// matrix and the lanes past `lanes` are zeros.
-template <typename T, typename B, int L>
-void load_scaled(const SvdIO<T>& io, int64_t first, int lanes, bool tall, const int* exps, const bool* bad, B* A,
-                 int M, int N) {
-  std::fill(A, A + static_cast<int64_t>(M) * N * L, B(0));
+// A (M × N, L lanes) = X·2^-e, or Xᵀ·2^-e for a transposed lane; a non-finite matrix and the
+// lanes past `lanes` are zeros.
+template <typename T, int L>
+void load_scaled(const SvdIO<T>& io, int64_t first, int lanes, const LaneInfo* info, T* A, int M, int N) {
+  std::fill(A, A + static_cast<int64_t>(M) * N * L, T(0));
   for (int l = 0; l < lanes; ++l) {
-    if (bad[l]) continue;
+    if (info[l].bad) continue;
     const T* x = io.x + (first + l) * io.sb;
+    const bool tr = info[l].transposed;
     for (int64_t i = 0; i < io.m; ++i) {
       for (int64_t j = 0; j < io.n; ++j) {
-        // tall: A[row i][col j] = X[i][j]; wide: A[row j][col i] = X[i][j]
-        const int64_t row = tall ? i : j, col = tall ? j : i;
-        A[(col * M + row) * L + l] = core::rk_ldexp(static_cast<B>(x[i * io.sm + j * io.sn]), -exps[l]);
+        // A[row i][col j] = X[i][j], transposed: A[row j][col i] = X[i][j]
+        const int64_t row = tr ? j : i, col = tr ? i : j;
+        A[(col * M + row) * L + l] = core::rk_ldexp(x[i * io.sm + j * io.sn], -info[l].exp);
       }
     }
   }
 }
 
-template <typename B, int L>
-void set_identity(B* V, int N) {
-  std::fill(V, V + static_cast<int64_t>(N) * N * L, B(0));
+template <typename T, int L>
+void set_identity(T* V, int N) {
+  std::fill(V, V + static_cast<int64_t>(N) * N * L, T(0));
   for (int j = 0; j < N; ++j) {
-    for (int l = 0; l < L; ++l) V[(static_cast<int64_t>(j) * N + j) * L + l] = B(1);
+    for (int l = 0; l < L; ++l) V[(static_cast<int64_t>(j) * N + j) * L + l] = T(1);
   }
 }
 
 // Per lane: σ_j, the stable descending order, normalized (and completed) U columns, written to
-// the outputs in torch.linalg.svd's layout. A and V hold L lanes of type B; `ucols` is M × N
-// scratch (column-major).
-template <typename T, typename B, int L>
-void store_group(const SvdIO<T>& io, int64_t first, int lanes, bool tall, const B* A, const B* V, int M, int N,
-                 const int* exps, const bool* bad, std::vector<B>& ucols, std::vector<B>& sigma,
-                 std::vector<int>& order) {
-  const B null2 = core::jacobi_null_norm2<B>(M);
+// the outputs in torch.linalg.svd's layout. `ucols` is M × N scratch (column-major).
+template <typename T, int L>
+void store_group(const SvdIO<T>& io, int64_t first, int lanes, const LaneInfo* info, const T* A, const T* V, int M,
+                 int N, std::vector<T>& ucols, std::vector<T>& sigma, std::vector<int>& order) {
+  const T null2 = core::jacobi_null_norm2<T>(M);
   const T nan = std::numeric_limits<T>::quiet_NaN();
   const int64_t k = N;
   for (int l = 0; l < lanes; ++l) {
@@ -173,16 +198,16 @@ void store_group(const SvdIO<T>& io, int64_t first, int lanes, bool tall, const 
     T* u = io.u + bi * io.m * k;
     T* s = io.s + bi * k;
     T* vh = io.vh + bi * k * io.n;
-    if (bad[l]) {
+    if (info[l].bad) {
       std::fill(u, u + io.m * k, nan);
       std::fill(s, s + k, nan);
       std::fill(vh, vh + k * io.n, nan);
       continue;
     }
     for (int j = 0; j < N; ++j) {
-      B a2 = B(0);
+      T a2 = T(0);
       for (int i = 0; i < M; ++i) {
-        const B v = A[(static_cast<int64_t>(j) * M + i) * L + l];
+        const T v = A[(static_cast<int64_t>(j) * M + i) * L + l];
         a2 += v * v;
       }
       sigma[j] = a2;  // squared for now
@@ -192,31 +217,31 @@ void store_group(const SvdIO<T>& io, int64_t first, int lanes, bool tall, const 
     int rank = 0;
     for (int j = 0; j < N; ++j) {
       const int src = order[j];
-      const B a2 = sigma[src];
+      const T a2 = sigma[src];
       if (a2 > null2) {
         ++rank;
-        const B inv = B(1) / std::sqrt(a2);
+        const T inv = T(1) / std::sqrt(a2);
         for (int i = 0; i < M; ++i) {
           ucols[static_cast<int64_t>(j) * M + i] = A[(static_cast<int64_t>(src) * M + i) * L + l] * inv;
         }
       }
-      s[j] = static_cast<T>(core::rk_ldexp(std::sqrt(a2), exps[l]));
+      s[j] = core::rk_ldexp(std::sqrt(a2), info[l].exp);
     }
     if (rank < N) {
-      auto col = [&](int j, int i) -> B& { return ucols[static_cast<int64_t>(j) * M + i]; };
-      core::complete_orthonormal<B>(col, M, rank, N);
+      auto col = [&](int j, int i) -> T& { return ucols[static_cast<int64_t>(j) * M + i]; };
+      core::complete_orthonormal<T>(col, M, rank, N);
     }
-    // U_A = ucols (M × N), V_A = V columns in `order` (N × N); X = U_A S V_Aᵀ (tall) or
-    // X = V_A S U_Aᵀ (wide)
+    // U_A = ucols (M × N), V_A = V columns in `order` (N × N); X = U_A S V_Aᵀ, or, transposed,
+    // X = V_A S U_Aᵀ
     for (int j = 0; j < N; ++j) {
-      const B* vcol = V + static_cast<int64_t>(order[j]) * N * L + l;
-      const B* ucol = ucols.data() + static_cast<int64_t>(j) * M;
-      if (tall) {
-        for (int64_t i = 0; i < io.m; ++i) u[i * k + j] = static_cast<T>(ucol[i]);
-        for (int64_t i = 0; i < io.n; ++i) vh[j * io.n + i] = static_cast<T>(vcol[i * L]);
+      const T* vcol = V + static_cast<int64_t>(order[j]) * N * L + l;
+      const T* ucol = ucols.data() + static_cast<int64_t>(j) * M;
+      if (!info[l].transposed) {
+        for (int64_t i = 0; i < io.m; ++i) u[i * k + j] = ucol[i];
+        for (int64_t i = 0; i < io.n; ++i) vh[j * io.n + i] = vcol[i * L];
       } else {
-        for (int64_t i = 0; i < io.m; ++i) u[i * k + j] = static_cast<T>(vcol[i * L]);
-        for (int64_t i = 0; i < io.n; ++i) vh[j * io.n + i] = static_cast<T>(ucol[i]);
+        for (int64_t i = 0; i < io.m; ++i) u[i * k + j] = vcol[i * L];
+        for (int64_t i = 0; i < io.n; ++i) vh[j * io.n + i] = ucol[i];
       }
     }
   }
@@ -239,7 +264,6 @@ struct AlignedLanes {
 template <typename T>
 void svd_cpu_impl(const SvdIO<T>& io) {
   constexpr int L = 32 / sizeof(T);
-  const bool tall = io.m >= io.n;
   const int M = static_cast<int>(std::max(io.m, io.n)), N = static_cast<int>(std::min(io.m, io.n));
   const size_t mn = static_cast<size_t>(M) * N, nn = static_cast<size_t>(N) * N;
   const int64_t groups = (io.b + L - 1) / L;
@@ -247,16 +271,16 @@ void svd_cpu_impl(const SvdIO<T>& io) {
     AlignedLanes<T> buf(mn + nn);  // A, then V
     std::vector<T> ucols(mn), sigma(N);
     std::vector<int> order(N);
-    int exps[L];
-    bool bad[L];
+    std::vector<double> rows(io.m), cols(io.n);
+    LaneInfo info[L];
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t first = g * L;
       const int lanes = static_cast<int>(std::min<int64_t>(L, io.b - first));
-      scan_group(io, first, lanes, exps, bad);
-      load_scaled<T, T, L>(io, first, lanes, tall, exps, bad, buf.lanes(), M, N);
+      scan_group(io, first, lanes, info, rows, cols);
+      load_scaled<T, L>(io, first, lanes, info, buf.lanes(), M, N);
       set_identity<T, L>(buf.lanes(mn), N);
       jacobi_sweeps<T, L>(buf.vecs(), buf.vecs(mn), M, N, core::jacobi_tolerance<T>(M));
-      store_group<T, T, L>(io, first, lanes, tall, buf.lanes(), buf.lanes(mn), M, N, exps, bad, ucols, sigma, order);
+      store_group<T, L>(io, first, lanes, info, buf.lanes(), buf.lanes(mn), M, N, ucols, sigma, order);
     }
   });
 }
