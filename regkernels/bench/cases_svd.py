@@ -115,6 +115,7 @@ def _svb_case(count: int, out_ch: int, in_ch: int, k: int, quick: bool = False) 
 
 _svb_case(4, 16, 16, 3, quick=True)
 _svb_case(8, 64, 64, 3)
+_svb_case(512, 64, 64, 3)  # 512 matrices 64 × 576: QR-reduced to 64 × 64 for the kernel
 
 
 # ------------------------------------------------------------------------------ jacobian_penalty

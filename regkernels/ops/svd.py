@@ -46,6 +46,11 @@ _TABLE = KernelTable(_ref)
 # 1.7x LAPACK at 64 x 64 and 0.8x at 128 x 128.
 KERNEL_LIMIT = {"cpu": 128, "cuda": 64}
 DEFAULT_LIMIT = {"cpu": 64, "cuda": 64}
+# Largest real embedding (2·max(C_out, C_in)) the Sedghi conv ops send to the kernel. On CPU,
+# LAPACK's complex SVD of a C × C block costs far less than Jacobi on its 2C × 2C embedding with
+# vectors: at 32 channels (64 × 64 embeddings) the kernel took 0.31 s against LAPACK's 0.07 s
+# for 1024 frequencies, at 16 channels it was ahead; on CUDA torch loops over the matrices.
+SEDGHI_LIMIT = {"cpu": 32, "cuda": 64}
 
 
 # ----------------------------------------------------------------------------- the kernel op
@@ -246,9 +251,9 @@ def svb_(weights_or_module: nn.Module | torch.Tensor | Iterable[torch.Tensor], e
 def _sedghi_kernels(device_type: str) -> tuple[Callable, Callable]:
     """conv_singular_values / clip_conv_singular_values (SPEC §2.3, conv family) with the
     per-frequency SVDs on the kernel, through the real 2·C_out × 2·C_in embedding of each
-    complex block; LAPACK's complex SVD (the reference) where the embedding is outside the
-    kernel's default range (64 channels and more)."""
-    limit = DEFAULT_LIMIT[device_type]
+    complex block; LAPACK's complex SVD (the reference) where the embedding is larger than
+    ``SEDGHI_LIMIT`` (more than 16 channels on CPU, 32 on CUDA)."""
+    limit = SEDGHI_LIMIT[device_type]
     svd = _kernel_for(device_type, DEFAULT_LIMIT)
 
     def fits(weight: torch.Tensor) -> bool:
