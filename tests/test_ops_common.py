@@ -52,3 +52,14 @@ def test_check_bounds_and_devices():
     meta = torch.empty(2, device="meta")
     with pytest.raises(ValueError, match="all tensors must be on one device; got x on cpu, y on meta"):
         check_same_device("op", x=torch.zeros(2), y=meta)
+
+
+def test_kernel_table_named_only_kernels_run_when_named():
+    ref = types.SimpleNamespace(op=lambda: "reference")
+    table = KernelTable(ref)
+    table.register("op", "cpu", "cpu", lambda: "kernel", default=False)
+    cpu = torch.device("cpu")
+    assert table.implementation("op", None, cpu)() == "reference"
+    assert table.implementation("op", "cpu", cpu)() == "kernel"
+    with pytest.raises(ValueError, match="op: no 'cuda' kernel for cpu tensors; available backends: 'reference', 'cpu'"):
+        table.implementation("op", "cuda", cpu)

@@ -112,6 +112,16 @@ RK_SVD_CLONES int jacobi_sweeps(typename Simd<T>::vec* __restrict__ A, typename 
   return sweep;
 }
 
+// x·2^-e, exactly as ldexp (a library call per entry) but as one multiply: 2^-e is a normal
+// double for every exponent a float has, and for all but the extreme double exponents.
+template <typename T>
+inline T scale_down(T x, int e) {
+  if (std::is_same_v<T, float> || (e > -1000 && e < 1000)) {
+    return static_cast<T>(static_cast<double>(x) * std::ldexp(1.0, -e));
+  }
+  return core::rk_ldexp(x, -e);
+}
+
 // What load and store need to know about one lane's matrix.
 struct LaneInfo {
   int exp;          // the power-of-two scale exponent
@@ -145,7 +155,7 @@ void scan_group(const SvdIO<T>& io, int64_t first, int lanes, LaneInfo* info, st
     std::fill(cols.begin(), cols.end(), 0.0);
     for (int64_t i = 0; i < io.m; ++i) {
       for (int64_t j = 0; j < io.n; ++j) {
-        const double v = std::ldexp(static_cast<double>(x[i * io.sm + j * io.sn]), -info[l].exp);
+        const double v = scale_down(static_cast<double>(x[i * io.sm + j * io.sn]), info[l].exp);
         rows[i] += v * v;
         cols[j] += v * v;
       }
@@ -171,7 +181,7 @@ void load_scaled(const SvdIO<T>& io, int64_t first, int lanes, const LaneInfo* i
       for (int64_t j = 0; j < io.n; ++j) {
         // A[row i][col j] = X[i][j], transposed: A[row j][col i] = X[i][j]
         const int64_t row = tr ? j : i, col = tr ? i : j;
-        A[(col * M + row) * L + l] = core::rk_ldexp(x[i * io.sm + j * io.sn], -info[l].exp);
+        A[(col * M + row) * L + l] = scale_down(x[i * io.sm + j * io.sn], info[l].exp);
       }
     }
   }

@@ -95,6 +95,8 @@ __global__ void __launch_bounds__(kMaxThreads)
   __shared__ T s_norm2[kMaxSide];
   __shared__ int s_perm[kMaxSide];
   __shared__ T s_warp[kMaxThreads / 32];
+  __shared__ T s_colnorm2[kMaxSide];
+  __shared__ int s_flag;
 
   const int M = sh.M, N = sh.N, G = sh.G, ldA = sh.ldA, ldV = sh.ldV;
   T* A = reinterpret_cast<T*>(svd_smem);
@@ -152,6 +154,50 @@ __global__ void __launch_bounds__(kMaxThreads)
     V[j * ldV + i] = i == j ? T(1) : T(0);
   }
   __syncthreads();
+  // Orientation of a square X (as the CPU kernel's scan_group): one-sided Jacobi converges fast
+  // on column-graded matrices and slowly on row-graded ones, so when the row norms spread wider
+  // than the column norms A becomes Xᵀ (transposed in place) and the outputs swap roles.
+  bool transposed = sh.m < sh.n;
+  if (M == N) {  // block-uniform
+    for (int t = tid; t < N; t += nthreads) {
+      T row = T(0), col = T(0);
+      for (int i = 0; i < N; ++i) {
+        row += A[i * ldA + t] * A[i * ldA + t];
+        col += A[t * ldA + i] * A[t * ldA + i];
+      }
+      s_norm2[t] = row;
+      s_colnorm2[t] = col;
+    }
+    __syncthreads();
+    if (tid == 0) {
+      T rlo = s_norm2[0], rhi = s_norm2[0], clo = s_colnorm2[0], chi = s_colnorm2[0];
+      for (int t = 1; t < N; ++t) {
+        rlo = s_norm2[t] < rlo ? s_norm2[t] : rlo;
+        rhi = s_norm2[t] > rhi ? s_norm2[t] : rhi;
+        clo = s_colnorm2[t] < clo ? s_colnorm2[t] : clo;
+        chi = s_colnorm2[t] > chi ? s_colnorm2[t] : chi;
+      }
+      const T tiny = core::JacobiLimits<T>::min_normal;  // floor of an underflowed squared norm
+      // spread(rows) > spread(cols), cross-multiplied: rhi·clo' > chi·rlo' (clo', rlo' ≥ tiny);
+      // in double, as the squared norms of a scaled matrix are ≤ N² and ≥ tiny
+      const double lhs = static_cast<double>(rhi) * static_cast<double>(clo > tiny ? clo : tiny);
+      const double rhs = static_cast<double>(chi) * static_cast<double>(rlo > tiny ? rlo : tiny);
+      s_flag = lhs > rhs ? 1 : 0;
+    }
+    __syncthreads();
+    transposed = s_flag != 0;
+    if (transposed) {
+      for (int e = tid; e < N * N; e += nthreads) {
+        const int j = e / N, i = e - j * N;
+        if (i < j) {
+          const T a = A[j * ldA + i];
+          A[j * ldA + i] = A[i * ldA + j];
+          A[i * ldA + j] = a;
+        }
+      }
+    }
+    __syncthreads();
+  }
 
   // ---- sweeps ----
   // Round robin with the fixed player L = N_pad − 1: in step t group 0 pairs (t, L) and group
@@ -270,9 +316,9 @@ __global__ void __launch_bounds__(kMaxThreads)
     __syncthreads();
   }
 
-  // ---- outputs: X = U_A diag(σ) V_Aᵀ (tall) or V_A diag(σ) U_Aᵀ (wide) ----
+  // ---- outputs: X = U_A diag(σ) V_Aᵀ, or V_A diag(σ) U_Aᵀ when A = Xᵀ ----
   for (int j = tid; j < N; j += nthreads) s[j] = core::rk_ldexp(core::rk_sqrt(s_norm2[s_perm[j]]), ex);
-  if (sh.m >= sh.n) {
+  if (!transposed) {
     store_cols(u, A, ldA, s_perm, M, N);
     store_rows(vh, V, ldV, s_perm, N, N);
   } else {

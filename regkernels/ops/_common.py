@@ -36,23 +36,30 @@ class KernelTable:
     """Where one op family's kernels register, and the family's single dispatch point.
 
     ``register(op, device_type, backend, fn)`` adds a kernel taking the reference's arguments;
-    kernels registered earlier for the same (op, device type) are preferred. ``implementation``
-    returns the kernel ``resolve_backend`` picks for the device, else ``getattr(reference, op)``.
+    kernels registered earlier for the same (op, device type) are preferred. A kernel registered
+    with ``default=False`` runs only when named (measured slower than the reference on that
+    device, kept for users who want it). ``implementation`` returns the kernel
+    ``resolve_backend`` picks for the device, else ``getattr(reference, op)``.
     """
 
     def __init__(self, reference: ModuleType):
         self._reference = reference
         self._kernels: dict[tuple[str, str], dict[str, Callable]] = {}
+        self._named_only: set[tuple[str, str, str]] = set()
 
-    def register(self, op: str, device_type: str, backend: str, fn: Callable) -> None:
+    def register(self, op: str, device_type: str, backend: str, fn: Callable, *, default: bool = True) -> None:
         if backend not in BACKENDS or backend == "reference":
             raise ValueError(f"KernelTable.register: backend must be one of {BACKENDS[1:]}; got {backend!r}")
         self._kernels.setdefault((op, device_type), {})[backend] = fn
+        if not default:
+            self._named_only.add((op, device_type, backend))
 
     def implementation(self, op: str, backend: str | None, device: torch.device, *,
                        name: str | None = None) -> Callable:
         """The function computing ``op`` on ``device``; ``name`` is the public op named in errors."""
         kernels = self._kernels.get((op, device.type), {})
+        if backend is None:
+            kernels = {b: fn for b, fn in kernels.items() if (op, device.type, b) not in self._named_only}
         chosen = resolve_backend(name or op, backend, device, kernels)
         return getattr(self._reference, op) if chosen == "reference" else kernels[chosen]
 

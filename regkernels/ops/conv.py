@@ -2,8 +2,9 @@
 
 Each op validates its arguments (SPEC §7: every message names the op, the argument
 and the expected form), picks a backend and calls it; kernel backends register in ``_TABLE``.
-Kernels so far: ``conv_singular_values`` / ``clip_conv_singular_values`` run their
-per-frequency SVDs on the batched Jacobi SVD kernel (registered by ``regkernels.ops.svd``).
+Kernels so far: ``conv_singular_values`` / ``clip_conv_singular_values`` can run their
+per-frequency SVDs on the batched Jacobi SVD kernel (registered by ``regkernels.ops.svd``: the
+default on CUDA, ``backend="cpu"`` on CPU, where LAPACK's complex SVD is faster).
 
 Shapes: ``weight`` is ``(C_out, C_in/groups, *k)`` with 1, 2 or 3 spatial dims ``d``;
 ``input_size`` is the spatial size ``(n_1, …, n_d)`` of one input sample (weights are

@@ -17,7 +17,13 @@ CUDA        kernel for max(m, n) ≤ 64, else        the same
             torch.linalg.svd
 ==========  =====================================  ==========================================
 
-fp16/bf16 run in float32; a dimension of size 0 goes to the reference. The op has a fake
+A long matrix (only max(m, n) above the limit) is QR-reduced to its min(m, n)² factor first.
+fp16/bf16 run in float32; a dimension of size 0 goes to the reference.
+
+The conv family's ``conv_singular_values`` / ``clip_conv_singular_values`` register kernels
+here too: per-frequency SVDs on the kernel through the real embedding of each complex block;
+by default on CUDA, only when named (``backend="cpu"``) on CPU, where LAPACK's complex SVD is
+faster (``SEDGHI_DEFAULT``). The op has a fake
 (meta) implementation and autograd (``_svd_backward``: the formula torch.linalg.svd uses), so
 ``torch.compile(fullgraph=True)`` traces it. ``clamp_singular_values`` and ``svb_`` call the
 same SVD and keep their own backward / in-place update.
@@ -46,11 +52,6 @@ _TABLE = KernelTable(_ref)
 # 1.7x LAPACK at 64 x 64 and 0.8x at 128 x 128.
 KERNEL_LIMIT = {"cpu": 128, "cuda": 64}
 DEFAULT_LIMIT = {"cpu": 64, "cuda": 64}
-# Largest real embedding (2·max(C_out, C_in)) the Sedghi conv ops send to the kernel. On CPU,
-# LAPACK's complex SVD of a C × C block costs far less than Jacobi on its 2C × 2C embedding with
-# vectors: at 32 channels (64 × 64 embeddings) the kernel took 0.31 s against LAPACK's 0.07 s
-# for 1024 frequencies, at 16 channels it was ahead; on CUDA torch loops over the matrices.
-SEDGHI_LIMIT = {"cpu": 32, "cuda": 64}
 
 
 # ----------------------------------------------------------------------------- the kernel op
@@ -251,10 +252,10 @@ def svb_(weights_or_module: nn.Module | torch.Tensor | Iterable[torch.Tensor], e
 def _sedghi_kernels(device_type: str) -> tuple[Callable, Callable]:
     """conv_singular_values / clip_conv_singular_values (SPEC §2.3, conv family) with the
     per-frequency SVDs on the kernel, through the real 2·C_out × 2·C_in embedding of each
-    complex block; LAPACK's complex SVD (the reference) where the embedding is larger than
-    ``SEDGHI_LIMIT`` (more than 16 channels on CPU, 32 on CUDA)."""
-    limit = SEDGHI_LIMIT[device_type]
-    svd = _kernel_for(device_type, DEFAULT_LIMIT)
+    complex block; LAPACK's / cuSOLVER's complex SVD (the reference) where the embedding is
+    larger than the kernel takes (64 channels on CPU, 32 on CUDA)."""
+    limit = KERNEL_LIMIT[device_type]
+    svd = _kernel_for(device_type, KERNEL_LIMIT)
 
     def fits(weight: torch.Tensor) -> bool:
         return 2 * max(weight.shape[0], weight.shape[1]) <= limit
@@ -268,9 +269,15 @@ def _sedghi_kernels(device_type: str) -> tuple[Callable, Callable]:
     return values, clip
 
 
+# On CPU the Sedghi kernels run only when named (backend="cpu"): LAPACK's complex SVD of a
+# C × C block is cheaper than Jacobi with vectors on its 2C × 2C embedding. Measured on the
+# 2-core EPYC (benchmarks/results/cpu-epyc-2core-svd.json): 0.44x (values) and 0.61x (clip) of
+# the reference at 16 channels on 8 × 8, and 0.15x for the values at 64 channels on 32 × 32.
+SEDGHI_DEFAULT = {"cpu": False, "cuda": True}
+
 if _ext.HAS_C:
     for _device in ("cpu", "cuda") if _ext.has_cuda_kernels() else ("cpu",):
         _TABLE.register("batched_svd", _device, _device, _kernel_for(_device, DEFAULT_LIMIT))
         _values, _clip = _sedghi_kernels(_device)
-        _conv._TABLE.register("conv_singular_values", _device, _device, _values)
-        _conv._TABLE.register("clip_conv_singular_values", _device, _device, _clip)
+        _conv._TABLE.register("conv_singular_values", _device, _device, _values, default=SEDGHI_DEFAULT[_device])
+        _conv._TABLE.register("clip_conv_singular_values", _device, _device, _clip, default=SEDGHI_DEFAULT[_device])
