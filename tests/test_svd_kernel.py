@@ -262,3 +262,20 @@ def test_clip_conv_singular_values_on_kernel_matches_reference():
     ref = C.clip_conv_singular_values(w, (8, 8), 0.7, 1.1, backend="reference")
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+def test_svb_operator_on_kernel_matches_reference():
+    from torch import nn
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(6, 8, 3, padding=1), nn.Conv2d(8, 8, 3, groups=2), nn.Linear(8, 5)).double()
+    for p in model.parameters():
+        p.data.mul_(3)
+    ref = [p.detach().clone() for p in model.parameters()]
+    ref_model = nn.Sequential(nn.Conv2d(6, 8, 3, padding=1), nn.Conv2d(8, 8, 3, groups=2), nn.Linear(8, 5)).double()
+    ref_model.load_state_dict(model.state_dict())
+    assert S.svb_(model, 0.1, operator=True, input_size=8, backend="cpu") == 4
+    assert S.svb_(ref_model, 0.1, operator=True, input_size=8, backend="reference") == 4
+    for a, b in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    assert not torch.equal(model[0].weight, ref[0])  # the operator bound moved the kernel
