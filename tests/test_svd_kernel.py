@@ -279,3 +279,12 @@ def test_svb_operator_on_kernel_matches_reference():
     for a, b in zip(model.parameters(), ref_model.parameters()):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
     assert not torch.equal(model[0].weight, ref[0])  # the operator bound moved the kernel
+
+
+def test_conv_singular_values_on_kernel_gradcheck():
+    """The embedding doubles every singular value; a loss of S alone still has a finite,
+    correct gradient (unused U, Vh gradients stay None in the op's backward)."""
+    from regkernels.ops import conv as C
+
+    w = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda w: C.conv_singular_values(w, (4, 3), backend="cpu"), (w,))

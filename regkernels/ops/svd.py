@@ -20,13 +20,15 @@ CUDA        kernel for max(m, n) ≤ 64, else        the same
 A long matrix (only max(m, n) above the limit) is QR-reduced to its min(m, n)² factor first.
 fp16/bf16 run in float32; a dimension of size 0 goes to the reference.
 
+The op has a fake (meta) implementation and autograd (``_svd_backward``: the formula
+torch.linalg.svd uses), so ``torch.compile(fullgraph=True)`` traces it.
+``clamp_singular_values`` and ``svb_`` call the same SVD and keep their own backward /
+in-place update.
+
 The conv family's ``conv_singular_values`` / ``clip_conv_singular_values`` register kernels
 here too: per-frequency SVDs on the kernel through the real embedding of each complex block;
 by default on CUDA, only when named (``backend="cpu"``) on CPU, where LAPACK's complex SVD is
-faster (``SEDGHI_DEFAULT``). The op has a fake
-(meta) implementation and autograd (``_svd_backward``: the formula torch.linalg.svd uses), so
-``torch.compile(fullgraph=True)`` traces it. ``clamp_singular_values`` and ``svb_`` call the
-same SVD and keep their own backward / in-place update.
+faster (``SEDGHI_DEFAULT``).
 """
 from __future__ import annotations
 
@@ -119,7 +121,8 @@ def _kernel_svd(X: torch.Tensor, limit: int) -> tuple[torch.Tensor, torch.Tensor
     A long matrix (``min(m, n) ≤ limit < max(m, n)``, e.g. a conv weight 64 × 576) is first
     reduced by a QR (LAPACK / cuSOLVER through torch.linalg.qr): X = Q R gives U = Q·U_R for a
     tall X; Xᵀ = Q R, so X = Rᵀ Qᵀ and Vh = Vh_{Rᵀ}·Qᵀ, for a wide one. The small square factor
-    goes through the kernel. min(m, n) > limit runs the reference. fp16/bf16 run in float32 and come back in the input dtype.
+    goes through the kernel. min(m, n) > limit runs the reference. fp16/bf16 run in float32
+    and come back in the input dtype.
     """
     m, n = X.shape[-2:]
     if min(m, n) < 1 or min(m, n) > limit:
@@ -247,8 +250,7 @@ def svb_(weights_or_module: nn.Module | torch.Tensor | Iterable[torch.Tensor], e
 
 
 # ----------------------------------------------------------------------------- registrations
-# Earlier registrations are preferred for backend=None; the default kernel function keeps to
-# the measured-faster range, the one an explicit backend names takes the kernel's full range.
+
 def _sedghi_kernels(device_type: str) -> tuple[Callable, Callable]:
     """conv_singular_values / clip_conv_singular_values (SPEC §2.3, conv family) with the
     per-frequency SVDs on the kernel, through the real 2·C_out × 2·C_in embedding of each
@@ -271,10 +273,12 @@ def _sedghi_kernels(device_type: str) -> tuple[Callable, Callable]:
 
 # On CPU the Sedghi kernels run only when named (backend="cpu"): LAPACK's complex SVD of a
 # C × C block is cheaper than Jacobi with vectors on its 2C × 2C embedding. Measured on the
-# 2-core EPYC (benchmarks/results/cpu-epyc-2core-svd.json): 0.44x (values) and 0.61x (clip) of
-# the reference at 16 channels on 8 × 8, and 0.15x for the values at 64 channels on 32 × 32.
+# 2-core EPYC (benchmarks/results/README.md, issue 4): 0.44x (values) and 0.61x (clip) of the
+# reference at 16 channels on 8 × 8, and 0.15x for the values at 64 channels on 32 × 32.
 SEDGHI_DEFAULT = {"cpu": False, "cuda": True}
 
+# backend=None runs batched_svd's kernel within DEFAULT_LIMIT (the measured-faster range);
+# svd_function gives an explicitly named kernel backend the kernel's whole KERNEL_LIMIT.
 if _ext.HAS_C:
     for _device in ("cpu", "cuda") if _ext.has_cuda_kernels() else ("cpu",):
         _TABLE.register("batched_svd", _device, _device, _kernel_for(_device, DEFAULT_LIMIT))
