@@ -73,16 +73,14 @@ RK_SVD_CLONES __attribute__((noinline)) int lane_rotations(const T* __restrict__
 
 // The sweeps for one group of L interleaved tall matrices: A (M × N) and V (N × N) as one
 // vector per entry, entry (i, j) at [j·rows + i]. Stops after a sweep in which no lane rotated
-// under `tol`. Returns the number of sweeps run.
+// under `tol` (or after kJacobiMaxSweeps).
 template <typename T, int L>
-RK_SVD_CLONES int jacobi_sweeps(typename Simd<T>::vec* __restrict__ A, typename Simd<T>::vec* __restrict__ V, int M,
+RK_SVD_CLONES void jacobi_sweeps(typename Simd<T>::vec* __restrict__ A, typename Simd<T>::vec* __restrict__ V, int M,
                                 int N, T tol) {
   using vec = typename Simd<T>::vec;
   static_assert(sizeof(vec) == L * sizeof(T), "one vector holds the L lanes");
   const T null2 = core::jacobi_null_norm2<T>(M);
-  int sweep = 0;
-  while (sweep < core::kJacobiMaxSweeps) {
-    ++sweep;
+  for (int sweep = 0; sweep < core::kJacobiMaxSweeps; ++sweep) {
     bool rotated = false;
     for (int p = 0; p < N - 1; ++p) {
       vec* __restrict__ ap = A + static_cast<int64_t>(p) * M;
@@ -109,7 +107,6 @@ RK_SVD_CLONES int jacobi_sweeps(typename Simd<T>::vec* __restrict__ A, typename 
     }
     if (!rotated) break;
   }
-  return sweep;
 }
 
 // x·2^-e, exactly as ldexp (a library call per entry) but as one multiply: 2^-e is a normal

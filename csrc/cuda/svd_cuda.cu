@@ -66,23 +66,16 @@ __device__ __forceinline__ T group_sum(T v, int G, unsigned mask) {
   return v;
 }
 
-// out (rows × k, row-major) column r = src column perm[r]: U-shaped outputs.
+// Sorted slot r of the output = src column perm[r] (length len). Row-major out, either
+// (len × k) with the slot as a column (U-shaped) or (k × len) with the slot as a row (Vh-shaped).
 template <typename T>
-__device__ __forceinline__ void store_cols(T* __restrict__ out, const T* src, int ld, const int* perm, int rows,
-                                           int k) {
-  for (int e = threadIdx.x; e < rows * k; e += blockDim.x) {
-    const int i = e / k, r = e - i * k;
-    out[e] = src[perm[r] * ld + i];
-  }
-}
-
-// out (k × len, row-major) row r = src column perm[r]: Vh-shaped outputs.
-template <typename T>
-__device__ __forceinline__ void store_rows(T* __restrict__ out, const T* src, int ld, const int* perm, int k,
-                                           int len) {
-  for (int e = threadIdx.x; e < k * len; e += blockDim.x) {
-    const int r = e / len, c = e - r * len;
-    out[e] = src[perm[r] * ld + c];
+__device__ __forceinline__ void store_sorted(T* __restrict__ out, const T* src, int ld, const int* perm, int len,
+                                             int k, bool slot_is_column) {
+  for (int e = threadIdx.x; e < len * k; e += blockDim.x) {
+    const int major = slot_is_column ? e / k : e / len;
+    const int minor = e - major * (slot_is_column ? k : len);
+    const int slot = slot_is_column ? minor : major, i = slot_is_column ? major : minor;
+    out[e] = src[perm[slot] * ld + i];
   }
 }
 
@@ -319,11 +312,11 @@ __global__ void __launch_bounds__(kMaxThreads)
   // ---- outputs: X = U_A diag(σ) V_Aᵀ, or V_A diag(σ) U_Aᵀ when A = Xᵀ ----
   for (int j = tid; j < N; j += nthreads) s[j] = core::rk_ldexp(core::rk_sqrt(s_norm2[s_perm[j]]), ex);
   if (!transposed) {
-    store_cols(u, A, ldA, s_perm, M, N);
-    store_rows(vh, V, ldV, s_perm, N, N);
+    store_sorted(u, A, ldA, s_perm, M, N, true);
+    store_sorted(vh, V, ldV, s_perm, N, N, false);
   } else {
-    store_cols(u, V, ldV, s_perm, N, N);
-    store_rows(vh, A, ldA, s_perm, N, M);
+    store_sorted(u, V, ldV, s_perm, N, N, true);
+    store_sorted(vh, A, ldA, s_perm, M, N, false);
   }
 }
 

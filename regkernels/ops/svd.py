@@ -178,10 +178,7 @@ def clamp_singular_values(X: torch.Tensor, lo: float, hi: float, backend: str | 
     """
     check_matrix("clamp_singular_values", "X", X)
     check_bounds("clamp_singular_values", "lo", lo, "hi", hi)
-    svd = svd_function(X.device, backend, name="clamp_singular_values")
-    if backend == "reference" or svd is _ref.batched_svd:
-        return _ref.clamp_singular_values(X, lo, hi)
-    return _ref.clamp_singular_values(X, lo, hi, svd=svd)
+    return _ref.clamp_singular_values(X, lo, hi, svd=svd_function(X.device, backend, name="clamp_singular_values"))
 
 
 def _svb_weights(weights_or_module) -> list[torch.Tensor]:

@@ -124,6 +124,14 @@ def _tile_coords(TILES, GROUPS, pid):
 
 
 @triton.jit
+def _matrix_of(X, grp, b):
+    """Matrix ``b`` of a group row: (its base pointer in X, row and column strides, the Gram
+    side p, the inner dim n)."""
+    x_ptr = X + tl.load(grp + _G_X_OFF) + b * tl.load(grp + _G_XS_B)
+    return x_ptr, tl.load(grp + _G_XS_R), tl.load(grp + _G_XS_C), tl.load(grp + _G_P), tl.load(grp + _G_N)
+
+
+@triton.jit
 def _gram_tile(x_ptr, xs_r, xs_c, rows_i, mask_i, jb, p, n,
                BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):
     """``V[I, J] = X[I, :] · X[J, :]ᵀ`` for column block ``jb``, in float32 registers, looping
@@ -205,11 +213,7 @@ def _row_norm_kernel(X, GROUPS, TILES, STATS, STATS_ROWS: tl.constexpr,
                      BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr):
     """Squared row norms ``‖x_i‖²`` of one row block into the first ``p`` floats of its stats."""
     grp, b, ib = _tile_coords(TILES, GROUPS, tl.program_id(0))
-    x_ptr = X + tl.load(grp + _G_X_OFF) + b * tl.load(grp + _G_XS_B)
-    xs_r = tl.load(grp + _G_XS_R)
-    xs_c = tl.load(grp + _G_XS_C)
-    p = tl.load(grp + _G_P)
-    n = tl.load(grp + _G_N)
+    x_ptr, xs_r, xs_c, p, n = _matrix_of(X, grp, b)
     st = STATS + tl.load(grp + _G_ST_OFF) + STATS_ROWS * p * b
 
     rows = ib * BLOCK_I + tl.arange(0, BLOCK_I)
@@ -255,11 +259,7 @@ def _gram_fwd_kernel(X, GROUPS, TILES, STATS, PART, PART_STRIDE, JPS, A, B, tau,
     """
     pid = tl.program_id(0)
     grp, b, ib = _tile_coords(TILES, GROUPS, pid)
-    x_ptr = X + tl.load(grp + _G_X_OFF) + b * tl.load(grp + _G_XS_B)
-    xs_r = tl.load(grp + _G_XS_R)
-    xs_c = tl.load(grp + _G_XS_C)
-    p = tl.load(grp + _G_P)
-    n = tl.load(grp + _G_N)
+    x_ptr, xs_r, xs_c, p, n = _matrix_of(X, grp, b)
     st_rel = tl.load(grp + _G_ST_OFF) + STATS_ROWS * p * b
     st = STATS + st_rel
     pf = p.to(tl.float32)
@@ -413,11 +413,7 @@ def _gram_bwd_kernel(X, DX, DX_SPLIT_STRIDE, JPS, GROUPS, TILES, STATS, GRAD, A,
     """
     pid = tl.program_id(0)
     grp, b, ib = _tile_coords(TILES, GROUPS, pid)
-    x_ptr = X + tl.load(grp + _G_X_OFF) + b * tl.load(grp + _G_XS_B)
-    xs_r = tl.load(grp + _G_XS_R)
-    xs_c = tl.load(grp + _G_XS_C)
-    p = tl.load(grp + _G_P)
-    n = tl.load(grp + _G_N)
+    x_ptr, xs_r, xs_c, p, n = _matrix_of(X, grp, b)
     s, j_lo, j_hi = _split_range(ib, p, JPS, _FRAME, BLOCK_I, BLOCK_J)  # full rows: no triangle
     d_ptr = DX + s.to(tl.int64) * DX_SPLIT_STRIDE + tl.load(grp + _G_D_OFF) + b * tl.load(grp + _G_DS_B)
     ds_r = tl.load(grp + _G_DS_R)
