@@ -40,6 +40,19 @@ TORCH_LIBRARY(regkernels, m) {
   // all contiguous. A matrix holding NaN/Inf gives NaN factors. Size range: max(m, n) <= 128 on
   // CPU, <= 64 on CUDA (the Python op falls back to torch.linalg.svd outside it).
   m.def("batched_svd(Tensor X) -> (Tensor, Tensor, Tensor)");
+  // Dense matrix T (C_out·P_out, C_in·P_in) of a convolution on inputs of size input_size
+  // (SPEC §2.1; the index map of regkernels.reference.conv.conv_to_matrix), in the weight's
+  // dtype. weight is 5-D (C_out, C_in/groups, k0, k1, k2) and the int lists have 3 entries: the
+  // Python op normalizes 1-D/2-D convolutions. circular: circular padding (entries of taps that
+  // wrap onto one column add up), else zeros.
+  m.def(
+      "conv_to_matrix_dense(Tensor weight, int[] input_size, int[] stride, int[] padding, int[] dilation, "
+      "int groups, bool circular) -> Tensor");
+  // Its gradient w.r.t. weight: gW[o, c', t] = Σ_y grad[row(o, y), col(o, c', y, t)] over the
+  // valid taps, contiguous in the weight's shape and dtype.
+  m.def(
+      "conv_to_matrix_dense_backward(Tensor grad, Tensor weight, int[] input_size, int[] stride, int[] padding, "
+      "int[] dilation, int groups, bool circular) -> Tensor");
 }
 
 // Importable as the Python module regkernels._C; importing it runs the registrations above.
