@@ -228,3 +228,10 @@ def clip_conv_singular_values(weight: torch.Tensor, input_size: Sequence[int], l
     check_bounds(op, "lo", lo, "hi", hi)
     impl = _implementation(op, backend, weight.device)
     return impl(weight, input_size, lo, hi)
+
+
+# The kernels of this family register themselves in _TABLE when imported (the Sedghi ops' from
+# regkernels.ops.svd): conv_to_matrix (C++ / Triton dense, structured sparse) and the implicit
+# conv frame penalty / Gershgorin bounds.
+from regkernels.ops import conv_frame as _conv_frame  # noqa: E402,F401
+from regkernels.ops import conv_matrix as _conv_matrix  # noqa: E402,F401

@@ -1,0 +1,402 @@
+"""The exact frame penalty of a convolution operator without its matrix (SPEC §2.2).
+
+``conv_frame_penalty`` and ``conv_gershgorin_bounds`` need, for every row ``i`` of the Gram
+matrix ``V = Gram(T, side)`` of the conv operator ``T`` (SPEC §2.1), its diagonal ``d_i`` and
+its Gershgorin radius ``r_i = Σ_{j≠i} |V_ij|``. ``V`` has ``(C·∏n)²`` entries (17 GB for a
+64-channel layer on 32×32 inputs); here it is never formed. Memory and time depend on the
+channel counts, the kernel size and the number of border classes, not on ``∏n``.
+
+Math (all dims normalised to three spatial dims; a 2-D conv is a 3-D one with a unit first dim).
+
+* Per spatial dim ``i`` let ``E_i[y, t, u] ∈ {0, 1}`` say that tap ``t`` of output position ``y``
+  reads input position ``u`` (``w = y·s − p + t·dil``; zeros padding: ``u = w`` if ``0 ≤ w < n``, else
+  nothing; circular: ``u = w mod n``). The operator is ``T = Σ_t W[:, :, t] ⊗ E_t`` with
+  ``E_t = E_0[:, t_0, :] ⊗ E_1[:, t_1, :] ⊗ E_2[:, t_2, :]`` (a Kronecker product over dims, in
+  the row-major order of SPEC §2.1), so for ``side = "cols"`` (``Tᵀ T``, rows of V = input
+  columns ``(c, u)``)::
+
+      V[(c,u), (c',u')] = Σ_{t,t'} X[c, c', t, t'] · Π_i Q_i[u_i, t_i, t'_i, u'_i]
+      X[c, c', t, t'] = Σ_o W[o, c, t] W[o, c', t']            (the tap Gram: kernel autocorrelation)
+      Q_i[u, t, t', u'] = Σ_y E_i[y, t, u] E_i[y, t', u']
+
+  and for ``side = "rows"`` (``T Tᵀ``, rows of V = outputs ``(o, y)``) the same with
+  ``X[o, o', t, t'] = Σ_c W[o, c, t] W[o', c, t']`` and ``Q_i[y, t, t', y'] = Σ_u E_i[y, t, u] E_i[y', t', u]``.
+  Channels only meet inside their group, so ``X`` is one block per group.
+* Border classes. Row ``(a, p)`` of ``V`` is determined by ``X[a]`` and, per dim, by the
+  *relative* pattern ``q ↦ Q_i[p_i, ·, ·, p_i + q]``. Positions with equal patterns form a
+  class: in the interior all positions agree (stride s: one class per residue mod s), and each
+  border position near a zero-padded edge (or each wrap-around pattern of a circular one) has
+  its own. A class table ``Cls_i`` holds each class's pattern over the reachable offsets ``q``,
+  with multiplicities (circular taps can reach one position twice). The tables are built by
+  enumeration in pure Python (``O(∏ out·k²)`` integer work per dim; cached), which also lets
+  the fake implementation size the outputs.
+* For every class combination ``κ = (κ_0, κ_1, κ_2)``::
+
+      V_κ[a, a', q] = Σ_{t,t'} X[a, a', t, t'] · Π_i Cls_i[κ_i, t_i, t'_i, q_i]
+
+  is the full nonzero part of row ``(a, p)`` of ``V`` for any ``p`` in class ``κ``: ``d`` is the
+  entry ``a' = a, q = 0``; ``r`` the absolute sum of the others (the diagonal is zeroed, not
+  subtracted: no cancellation, and ``|x|`` has subgradient 0 at 0 as SPEC §1 wants). Every
+  distinct column ``(a', p + q)`` appears once, so the sums are exact, not bounds. The
+  contraction runs one dim at a time (three small GEMMs) in blocks of rows ``a`` so the working
+  set stays under ``_BLOCK_ELEMENTS``.
+* Penalty: ``(1/k) Σ_κ count(κ) Σ_a h(d, r)`` with ``k = C·∏P`` the size of ``V`` (SPEC §1.1's
+  hinge ``h``). Its gradient: ``∂/∂V_κ = count(κ)/k · (h_d at the diagonal, h_r · sign(V_κ)
+  elsewhere)``, contracted back through the class tables to ``∂X`` and then
+  ``∂Z = Z (∂X + ∂Xᵀ)`` for ``X = Zᵀ Z``. The backward op recomputes ``V_κ`` block by block
+  (the forward keeps only ``d`` and ``r``).
+
+The op ``regkernels::conv_frame_stats`` returns ``(d, r)`` per (group, class, channel) in the
+math dtype (float32, or float64 for float64 weights); ``regkernels::conv_frame_stats_backward``
+maps ``(∂d, ∂r)`` to ``∂W``. Both are torch.library custom ops (fake implementations, autograd),
+device-generic torch code whose work is GEMMs: the implementation registered for CPU (backend
+``"cpu"``) and CUDA (backend ``"cuda"``) tensors. The explicit reference
+(``regkernels.reference.conv``) is the oracle.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from collections import Counter
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from regkernels.ops import conv as _conv
+from regkernels.reference import conv as R
+from regkernels.reference._dtypes import compute_dtype
+
+# Upper bound on the elements of one block's largest intermediate (the contraction's and the
+# backward's temporaries are a small multiple of it): 2^22 float32 = 16 MiB.
+_BLOCK_ELEMENTS = 1 << 22
+
+
+# ----------------------------------------------------------------------------- geometry
+
+@dataclass(frozen=True)
+class _DimClasses:
+    """Border classes of one spatial dim: ``table`` is ``(n_cls, k, k, n_rel)`` (flattened,
+    multiplicities), ``counts`` the positions per class, ``rel`` the reachable offsets and
+    ``zero`` the index of offset 0 in ``rel``."""
+    table: tuple[float, ...]
+    counts: tuple[int, ...]
+    k: int
+    rel: tuple[int, ...]
+    zero: int
+
+    @property
+    def n_cls(self) -> int:
+        return len(self.counts)
+
+
+@functools.lru_cache(maxsize=512)
+def _dim_classes(n: int, k: int, s: int, p: int, dil: int, circular: bool, rows: bool) -> _DimClasses:
+    """Enumerate ``Q_i`` of one dim relative to each position and group equal patterns."""
+    out = (n + 2 * p - dil * (k - 1) - 1) // s + 1
+    hits = []  # hits[y]: the (tap, input position) pairs output y reads
+    for y in range(out):
+        row = []
+        for t in range(k):
+            w = y * s - p + t * dil
+            if circular:
+                row.append((t, w % n))
+            elif 0 <= w < n:
+                row.append((t, w))
+        hits.append(row)
+    if rows:  # Q[y, t, t', y'] = Σ_u E[y, t, u] E[y', t', u]: pairs of readers of one input
+        readers: list[list[tuple[int, int]]] = [[] for _ in range(n)]
+        for y, row in enumerate(hits):
+            for t, u in row:
+                readers[u].append((y, t))
+        patterns = [Counter() for _ in range(out)]
+        for pairs in readers:
+            for y, t in pairs:
+                for y2, t2 in pairs:
+                    patterns[y][(t, t2, y2 - y)] += 1
+    else:  # Q[u, t, t', u'] = Σ_y E[y, t, u] E[y, t', u']: pairs of taps of one output
+        patterns = [Counter() for _ in range(n)]
+        for row in hits:
+            for t, u in row:
+                for t2, u2 in row:
+                    patterns[u][(t, t2, u2 - u)] += 1
+    keys = [tuple(sorted(pat.items())) for pat in patterns]
+    index: dict[tuple, int] = {}
+    counts: list[int] = []
+    for key in keys:
+        if key not in index:
+            index[key] = len(index)
+            counts.append(0)
+        counts[index[key]] += 1
+    rel = sorted({q for key in index for (_, _, q), _ in key} | {0})
+    col = {q: j for j, q in enumerate(rel)}
+    table = [0.0] * (len(index) * k * k * len(rel))
+    for key, c in index.items():
+        for (t, t2, q), mult in key:
+            table[((c * k + t) * k + t2) * len(rel) + col[q]] = float(mult)
+    return _DimClasses(tuple(table), tuple(counts), k, tuple(rel), col[0])
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    """A conv operator normalised to three spatial dims, and which Gram side is taken."""
+    kernel: tuple[int, int, int]
+    input_size: tuple[int, int, int]
+    stride: tuple[int, int, int]
+    padding: tuple[int, int, int]
+    dilation: tuple[int, int, int]
+    circular: bool
+    rows: bool
+
+    @property
+    def dims(self) -> tuple[_DimClasses, ...]:
+        return tuple(_dim_classes(n, k, s, p, dl, self.circular, self.rows)
+                     for n, k, s, p, dl in zip(self.input_size, self.kernel, self.stride, self.padding,
+                                               self.dilation))
+
+    @property
+    def positions(self) -> int:
+        """Spatial positions per channel of V's rows: ∏n (cols) or ∏out (rows)."""
+        return math.prod(sum(dim.counts) for dim in self.dims)
+
+    @property
+    def n_cls(self) -> int:
+        return math.prod(dim.n_cls for dim in self.dims)
+
+
+def _pad3(values: Sequence[int], fill: int) -> tuple[int, int, int]:
+    return (fill,) * (3 - len(values)) + tuple(values)
+
+
+def _geometry(weight_shape, input_size, stride, padding, dilation, groups, padding_mode, side) -> _Geometry:
+    d = len(weight_shape) - 2
+    kernel = tuple(weight_shape[2:])
+    stride, padding, dilation = R._expand(stride, d), R._expand(padding, d), R._expand(dilation, d)
+    out = R.conv_output_size(input_size, kernel, stride, padding, dilation)
+    m = weight_shape[0] * math.prod(out)
+    n = weight_shape[1] * groups * math.prod(input_size)
+    rows = side == "rows" or (side == "auto" and m < n)  # the reference's rule (SPEC §0)
+    return _Geometry(_pad3(kernel, 1), _pad3(input_size, 1), _pad3(stride, 1), _pad3(padding, 0),
+                     _pad3(dilation, 1), padding_mode == "circular", rows)
+
+
+@functools.lru_cache(maxsize=256)
+def _tables(geo: _Geometry, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The class tables ``(n_cls_i, k_i, k_i, n_rel_i)`` on the device."""
+    return tuple(torch.tensor(dim.table, dtype=dtype).view(dim.n_cls, dim.k, dim.k, len(dim.rel)).to(device)
+                 for dim in geo.dims)
+
+
+# ----------------------------------------------------------------------------- the math
+
+def _tap_gram_factor(W: torch.Tensor, groups: int, rows: bool) -> torch.Tensor:
+    """``Z (G, ·, Cx·K)`` with ``X = Zᵀ Z`` the per-group tap Gram: for cols ``Z[g, o, (c, t)] =
+    W[o, c, t]`` (Cx = C_in/g), for rows ``Z[g, c, (o, t)] = W[o, c, t]`` (Cx = C_out/g)."""
+    c_out, c_in_g, K = W.shape[0], W.shape[1], math.prod(W.shape[2:])
+    Wg = W.reshape(groups, c_out // groups, c_in_g, K)
+    if rows:
+        Wg = Wg.transpose(1, 2)
+    return Wg.reshape(groups, Wg.shape[1], Wg.shape[2] * K)
+
+
+def _weight_of_factor(gZ: torch.Tensor, shape: torch.Size, rows: bool) -> torch.Tensor:
+    c_out, c_in_g = shape[0], shape[1]
+    groups = gZ.shape[0]
+    gW = gZ.reshape(groups, gZ.shape[1], -1, math.prod(shape[2:]))
+    if rows:
+        gW = gW.transpose(1, 2)
+    return gW.reshape(c_out, c_in_g, *shape[2:])
+
+
+def _block_rows(G: int, cx: int, geo: _Geometry) -> int:
+    """Rows ``a`` per block: the largest intermediate of the contraction per (a, a') pair is
+    bounded by max over the three steps of the remaining tap pairs × the classes × offsets."""
+    k0, k1, k2 = geo.kernel
+    c0, c1, c2 = (dim.n_cls * len(dim.rel) for dim in geo.dims)
+    per_pair = max(k0 * k0 * k1 * k1 * k2 * k2, k0 * k0 * k1 * k1 * c2, k0 * k0 * c1 * c2, c0 * c1 * c2)
+    return max(1, min(cx, _BLOCK_ELEMENTS // max(1, G * cx * per_pair)))
+
+
+def _contract(Xb: torch.Tensor, tables: tuple[torch.Tensor, ...], kernel) -> torch.Tensor:
+    """``V_κ`` for a block of rows: ``Xb (G, b, K, Cx, K)`` → ``(G, b, Cx, n0, q0, n1, q1, n2, q2)``."""
+    k0, k1, k2 = kernel
+    G, b, _, cx, _ = Xb.shape
+    X = Xb.reshape(G, b, k0, k1, k2, cx, k0, k1, k2)
+    T0, T1, T2 = tables
+    # one dim at a time (each einsum is one batched GEMM over that dim's tap pairs)
+    Y = torch.einsum("gaxyzbuvw,kzwq->gaxybuvkq", X, T2)
+    Y = torch.einsum("gaxybuvkq,jyvs->gaxbujskq", Y, T1)
+    return torch.einsum("gaxbujskq,ixur->gabirjskq", Y, T0)
+
+
+def _uncontract(gV: torch.Tensor, tables: tuple[torch.Tensor, ...], kernel) -> torch.Tensor:
+    """The adjoint of ``_contract``: ``(G, b, Cx, n0, q0, n1, q1, n2, q2)`` → ``(G, b·K, Cx·K)``."""
+    T0, T1, T2 = tables
+    G, b, cx = gV.shape[:3]
+    Y = torch.einsum("gabirjskq,ixur->gaxbujskq", gV, T0)
+    Y = torch.einsum("gaxbujskq,jyvs->gaxybuvkq", Y, T1)
+    Y = torch.einsum("gaxybuvkq,kzwq->gaxyzbuvw", Y, T2)
+    return Y.reshape(G, b * math.prod(kernel), cx * math.prod(kernel))
+
+
+def _blocks(geo: _Geometry, Z: torch.Tensor, tables):
+    """Yield ``(a0, b, V_κ block, diagonal selector)`` over blocks of V's channel rows."""
+    G, _, cxK = Z.shape
+    K = math.prod(geo.kernel)
+    cx = cxK // K
+    X = Z.mT @ Z  # (G, Cx·K, Cx·K), the per-group tap Gram
+    z0, z1, z2 = (dim.zero for dim in geo.dims)
+    step = _block_rows(G, cx, geo)
+    for a0 in range(0, cx, step):
+        b = min(step, cx - a0)
+        V = _contract(X[:, a0 * K:(a0 + b) * K].reshape(G, b, K, cx, K), tables, geo.kernel)
+        a = torch.arange(b, device=Z.device)
+        # (a, a' = a0 + a, offset 0 in every dim): the diagonal entries of V
+        yield a0, b, V, (slice(None), a, a0 + a, slice(None), z0, slice(None), z1, slice(None), z2)
+
+
+def _stats_forward(weight: torch.Tensor, geo: _Geometry, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    dtype = compute_dtype(weight.dtype)
+    Z = _tap_gram_factor(weight.to(dtype), groups, geo.rows)
+    tables = _tables(geo, dtype, weight.device)
+    ds, rs = [], []
+    for _, _, V, diag in _blocks(geo, Z, tables):
+        ds.append(V[diag])  # (G, b, n0, n1, n2)
+        A = V.abs_()
+        A[diag] = 0
+        rs.append(A.sum(dim=(2, 4, 6, 8)))
+    G, cx = Z.shape[0], Z.shape[2] // math.prod(geo.kernel)
+    if not ds:
+        empty = Z.new_zeros((G, geo.n_cls, 0))
+        return empty, empty.clone()
+    # (G, Cx, n0, n1, n2) → (G, n_cls, Cx)
+    d = torch.cat(ds, dim=1).reshape(G, cx, geo.n_cls).transpose(1, 2).contiguous()
+    r = torch.cat(rs, dim=1).reshape(G, cx, geo.n_cls).transpose(1, 2).contiguous()
+    return d, r
+
+
+def _stats_backward(weight: torch.Tensor, gd: torch.Tensor, gr: torch.Tensor, geo: _Geometry,
+                    groups: int) -> torch.Tensor:
+    dtype = compute_dtype(weight.dtype)
+    Z = _tap_gram_factor(weight.to(dtype), groups, geo.rows)
+    tables = _tables(geo, dtype, weight.device)
+    K = math.prod(geo.kernel)
+    n0, n1, n2 = (dim.n_cls for dim in geo.dims)
+    G, cx = Z.shape[0], Z.shape[2] // K
+    # (G, n_cls, Cx) → (G, Cx, n0, n1, n2), the layout of the diagonal of a V block
+    gd = gd.to(dtype).transpose(1, 2).reshape(G, cx, n0, n1, n2)
+    gr = gr.to(dtype).transpose(1, 2).reshape(G, cx, n0, n1, n2)
+    gZ = torch.zeros_like(Z)
+    for a0, b, V, diag in _blocks(geo, Z, tables):
+        # ∂r/∂V = sign(V) off the diagonal, ∂d/∂V = 1 on it
+        gV = V.sign_().mul_(gr[:, a0:a0 + b, None, :, None, :, None, :, None])
+        gV[diag] = gd[:, a0:a0 + b]
+        gX = _uncontract(gV, tables, geo.kernel)  # rows a0..a0+b of ∂X, (G, b·K, Cx·K)
+        cols = slice(a0 * K, (a0 + b) * K)
+        # X = Zᵀ Z: ∂Z = Z (∂X + ∂Xᵀ), split over the block's rows of ∂X
+        gZ += Z[:, :, cols] @ gX
+        gZ[:, :, cols] += Z @ gX.mT
+    return _weight_of_factor(gZ, weight.shape, geo.rows).to(weight.dtype).contiguous()
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+def _geo_of(weight: torch.Tensor, input_size, stride, padding, dilation, circular: bool, rows: bool) -> _Geometry:
+    # int(): the class tables are a function of the kernel size (a dynamic size specialises)
+    return _Geometry(tuple(int(k) for k in weight.shape[2:]), tuple(input_size), tuple(stride), tuple(padding), tuple(dilation),
+                     circular, rows)
+
+
+@torch.library.custom_op("regkernels::conv_frame_stats", mutates_args=())
+def _conv_frame_stats(weight: torch.Tensor, input_size: list[int], stride: list[int], padding: list[int],
+                      dilation: list[int], groups: int, circular: bool, rows: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(d, r)`` per (group, class, channel) of the conv operator's Gram (see the module
+    docstring); ``weight`` is 5-D ``(C_out, C_in/g, k0, k1, k2)`` and the lists have 3 entries."""
+    return _stats_forward(weight, _geo_of(weight, input_size, stride, padding, dilation, circular, rows), groups)
+
+
+@_conv_frame_stats.register_fake
+def _conv_frame_stats_fake(weight, input_size, stride, padding, dilation, groups, circular, rows):
+    geo = _geo_of(weight, input_size, stride, padding, dilation, circular, rows)
+    cx = weight.shape[0] // groups if rows else weight.shape[1]
+    d = weight.new_empty((groups, geo.n_cls, cx), dtype=compute_dtype(weight.dtype))
+    return d, torch.empty_like(d)
+
+
+@torch.library.custom_op("regkernels::conv_frame_stats_backward", mutates_args=())
+def _conv_frame_stats_backward(weight: torch.Tensor, grad_d: torch.Tensor, grad_r: torch.Tensor,
+                               input_size: list[int], stride: list[int], padding: list[int], dilation: list[int],
+                               groups: int, circular: bool, rows: bool) -> torch.Tensor:
+    geo = _geo_of(weight, input_size, stride, padding, dilation, circular, rows)
+    return _stats_backward(weight, grad_d, grad_r, geo, groups)
+
+
+@_conv_frame_stats_backward.register_fake
+def _conv_frame_stats_backward_fake(weight, grad_d, grad_r, input_size, stride, padding, dilation, groups,
+                                    circular, rows):
+    return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
+def _setup(ctx, inputs, output):
+    weight, *geometry = inputs
+    ctx.geometry = geometry
+    ctx.save_for_backward(weight)
+
+
+def _backward(ctx, grad_d, grad_r):
+    (weight,) = ctx.saved_tensors  # grads of unused outputs arrive as zeros (materialized)
+    gW = torch.ops.regkernels.conv_frame_stats_backward(weight, grad_d, grad_r, *ctx.geometry)
+    return (gW,) + (None,) * 7
+
+
+_conv_frame_stats.register_autograd(_backward, setup_context=_setup)
+
+
+# ----------------------------------------------------------------------------- the kernels
+
+@torch.compiler.assume_constant_result
+def _plan(shape: tuple[int, ...], input_size: tuple[int, ...], stride, padding, dilation, groups: int,
+          padding_mode: str, side: str) -> tuple:
+    """The op's geometry arguments, the positions per class (flattened over the class grid) and
+    the positions per channel: plain Python constants (torch.compile runs this once when tracing)."""
+    geo = _geometry(shape, input_size, stride, padding, dilation, groups, padding_mode, side)
+    c0, c1, c2 = (dim.counts for dim in geo.dims)
+    counts = tuple(a * b * c for a in c0 for b in c1 for c in c2)
+    args = (list(geo.kernel), list(geo.input_size), list(geo.stride), list(geo.padding), list(geo.dilation))
+    return args, geo.circular, geo.rows, counts, geo.positions
+
+
+def _stats(weight, input_size, stride, padding, dilation, groups, padding_mode, side):
+    """``(d, r, counts, k)``: the stats op's ``(G, n_cls, Cx)`` outputs, the positions per class
+    ``(n_cls,)`` and the size k of the Gram."""
+    (kernel, *geometry), circular, rows, counts, positions = _plan(
+        tuple(weight.shape), tuple(input_size), stride, padding, dilation, groups, padding_mode, side)
+    w5 = weight.reshape(weight.shape[0], weight.shape[1], *kernel)
+    d, r = torch.ops.regkernels.conv_frame_stats(w5, *geometry, groups, circular, rows)
+    counts = torch.tensor(counts, dtype=d.dtype, device=d.device)
+    return d, r, counts, d.shape[0] * d.shape[2] * positions
+
+
+def conv_frame_penalty(weight: torch.Tensor, input_size: Sequence[int], A: float, B: float, stride=1, padding=0,
+                       dilation=1, groups: int = 1, padding_mode: str = "zeros", side: str = "auto") -> torch.Tensor:
+    """SPEC §2.2 without ``T``: ``(1/k) Σ_κ count(κ) Σ_a h(d, r)`` (module docstring)."""
+    d, r, counts, k = _stats(weight, input_size, stride, padding, dilation, groups, padding_mode, side)
+    h = torch.clamp(A - (d - r), min=0) ** 2 + torch.clamp((d + r) - B, min=0) ** 2
+    total = (h * counts[:, None]).sum()
+    return (total / max(k, 1)).to(weight.dtype)
+
+
+def conv_gershgorin_bounds(weight: torch.Tensor, input_size: Sequence[int], stride=1, padding=0, dilation=1,
+                           groups: int = 1, padding_mode: str = "zeros",
+                           side: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(min(d − r), max(d + r))`` over the classes (every class has a position)."""
+    d, r, _, _ = _stats(weight, input_size, stride, padding, dilation, groups, padding_mode, side)
+    if d.numel() == 0:
+        inf = torch.tensor(float("inf"), dtype=weight.dtype, device=weight.device)
+        return inf, -inf
+    return (d - r).min().to(weight.dtype), (d + r).max().to(weight.dtype)
+
+
+for _device in ("cpu", "cuda"):
+    _conv._TABLE.register("conv_frame_penalty", _device, _device, conv_frame_penalty)
+    _conv._TABLE.register("conv_gershgorin_bounds", _device, _device, conv_gershgorin_bounds)
