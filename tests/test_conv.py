@@ -17,12 +17,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from regkernels import _ext
 from regkernels.ops import conv as C
 from regkernels.reference import conv as R
 
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta state")
 
 D64 = torch.float64
+TRITON_ON_CPU = _ext.triton_interpreted()
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
@@ -118,22 +120,29 @@ SWEEP = [_random_config(_RNG, 2) for _ in range(30)] + [_random_config(_RNG, 1) 
     ]
 
 
-@pytest.mark.parametrize("cfg", SWEEP, ids=lambda c: f"{c['shape']}@{c['input_size']}-{c['kw']}")
-def test_conv_to_matrix_matches_impulse_responses(cfg):
+SWEEP_IDS = [f"{c['shape']}@{c['input_size']}-{c['kw']}" for c in SWEEP]
+# the conv_to_matrix implementations on CPU tensors: the reference, the C++ kernel (dense) with
+# the structured sparse builder, and the Triton kernel where interpreted (CI) or compiled
+MATRIX_BACKENDS = ["reference", "cpu"] + (["triton"] if TRITON_ON_CPU else [])
+
+
+@pytest.mark.parametrize("backend", MATRIX_BACKENDS)
+@pytest.mark.parametrize("cfg", SWEEP, ids=SWEEP_IDS)
+def test_conv_to_matrix_matches_impulse_responses(cfg, backend):
     w = torch.randn(cfg["shape"], dtype=D64)
     size, kw = cfg["input_size"], cfg["kw"]
     oracle = impulse_matrix(w, size, **kw)
-    T = C.conv_to_matrix(w, size, **kw)
+    T = C.conv_to_matrix(w, size, backend=backend, **kw)
     torch.testing.assert_close(T, oracle, atol=1e-13, rtol=0)
     # and the defining identity on a random input
     x = torch.randn(w.shape[1] * kw.get("groups", 1), *size, dtype=D64)
     torch.testing.assert_close(T @ x.reshape(-1), conv_apply(x[None], w, **kw).reshape(-1), atol=1e-12, rtol=0)
     # sparse layouts: positive weights so no structural entry can cancel to zero
     wp = w.abs() + 0.1
-    dense = C.conv_to_matrix(wp, size, **kw)
+    dense = C.conv_to_matrix(wp, size, backend=backend, **kw)
     structural = int((impulse_matrix(wp, size, **kw) != 0).sum())
     for layout in ("coo", "csr"):
-        S = C.conv_to_matrix(wp, size, layout=layout, **kw)
+        S = C.conv_to_matrix(wp, size, layout=layout, backend=backend, **kw)
         assert S.layout == {"coo": torch.sparse_coo, "csr": torch.sparse_csr}[layout]
         assert S.shape == dense.shape and S.dtype == D64
         assert S.values().numel() == structural and bool((S.values() != 0).all())
@@ -148,10 +157,56 @@ def test_conv_to_matrix_matches_impulse_responses(cfg):
     (dict(padding=2, padding_mode="circular"), (2, 2, 5, 3), (3, 2)),
     (dict(dilation=2, padding=(1,)), (2, 3, 2), (6,)),
 ])
-def test_conv_to_matrix_gradcheck(layout, kw, shape, size):
+@pytest.mark.parametrize("backend", MATRIX_BACKENDS)
+def test_conv_to_matrix_gradcheck(layout, kw, shape, size, backend):
     w = torch.randn(shape, dtype=D64, requires_grad=True)
-    torch.autograd.gradcheck(lambda w: C.conv_to_matrix(w, size, layout=layout, **kw).to_dense()
-                             if layout != "dense" else C.conv_to_matrix(w, size, **kw), (w,))
+    # the interpreted Triton backward would run once per entry of T: random projections instead
+    torch.autograd.gradcheck(lambda w: C.conv_to_matrix(w, size, layout=layout, backend=backend, **kw).to_dense()
+                             if layout != "dense" else C.conv_to_matrix(w, size, backend=backend, **kw), (w,),
+                             fast_mode=backend == "triton")
+
+
+@pytest.mark.parametrize("backend", MATRIX_BACKENDS[1:])
+@pytest.mark.parametrize("cfg", SWEEP[::3], ids=SWEEP_IDS[::3])
+def test_conv_to_matrix_kernel_gradient_vs_reference(cfg, backend):
+    # the kernels' backward passes (gathers, no atomics) against autograd through the reference
+    w = torch.randn(cfg["shape"], dtype=D64, requires_grad=True)
+    size, kw = cfg["input_size"], cfg["kw"]
+    for layout in ("dense", "csr"):
+        G = torch.randn(R.conv_to_matrix(w.detach(), size, **kw).shape, dtype=D64)
+        want, = torch.autograd.grad((R.conv_to_matrix(w, size, layout=layout, **kw).to_dense() * G).sum(), w)
+        got, = torch.autograd.grad((C.conv_to_matrix(w, size, layout=layout, backend=backend, **kw).to_dense()
+                                    * G).sum(), w)
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("backend", MATRIX_BACKENDS[1:])
+def test_conv_to_matrix_kernel_opcheck(backend):
+    ops = torch.ops.regkernels
+    fwd, bwd = {"cpu": (ops.conv_to_matrix_dense, ops.conv_to_matrix_dense_backward),
+                "triton": (ops.conv_to_matrix_triton, ops.conv_to_matrix_triton_backward)}[backend]
+    w = torch.randn(4, 1, 1, 3, 2, dtype=D64, requires_grad=True)  # the kernels' normalised 3-D form
+    for circular in (False, True):
+        args = (w, [1, 5, 4], [1, 2, 1], [0, 1, 1], [1, 1, 2], 2, circular)
+        torch.library.opcheck(fwd, args)
+        T = fwd(*args)
+        torch.library.opcheck(bwd, (torch.randn_like(T), w.detach(), *args[1:]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("backend", MATRIX_BACKENDS[1:])
+def test_conv_to_matrix_kernel_dtypes(dtype, backend):
+    # entries are copies of the weights (sums where circular taps wrap onto one position, rounded once)
+    for size, kw in (((5, 4), dict(stride=(2, 1), padding=1, groups=2)),
+                     ((2, 3), dict(padding=2, padding_mode="circular", groups=2))):
+        w = torch.randn(4, 2, 3, 3).to(dtype)
+        T = C.conv_to_matrix(w, size, backend=backend, **kw)
+        assert T.dtype == dtype
+        truth = R.conv_to_matrix(w.double(), size, **kw)
+        tol = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 1e-7}[dtype]
+        torch.testing.assert_close(T.double(), truth, atol=tol * 4, rtol=tol)
+        if "circular" not in kw.values():  # pure copies: exact
+            assert torch.equal(T, R.conv_to_matrix(w, size, **kw))
 
 
 def test_conv_to_matrix_size_guard():
@@ -165,11 +220,19 @@ def test_conv_to_matrix_size_guard():
     # the limit is for the dense layout only
     S = C.conv_to_matrix(small, (5, 5), padding=1, layout="csr", max_dense_bytes=1000)
     assert S.shape == (50, 50)
+    for backend in MATRIX_BACKENDS[1:]:  # the kernels check before allocating as well
+        with pytest.raises(ValueError, match=r"conv_to_matrix: the dense matrix of shape \(65536, 65536\)"):
+            C.conv_to_matrix(w, (32, 32), padding=1, backend=backend)
+    # the explicit frame penalty guards T plus its Gram; the implicit one (the default) needs neither
+    big = torch.randn(32, 32, 3, 3, dtype=D64) / 17
     with pytest.raises(ValueError, match=r"conv_frame_penalty: the explicit reference \(dense T of shape "
-                                         r"\(16384, 16384\) plus its Gram matrix\) needs .* bytes"):
-        C.conv_frame_penalty(torch.randn(256, 256, 3, 3), (8, 8), 0.5, 2.0, padding=1)
+                                         r"\(16928, 16928\) plus its Gram matrix\) needs .* bytes"):
+        C.conv_frame_penalty(big, (23, 23), 0.5, 2.0, padding=1, backend="reference")
     with pytest.raises(ValueError, match=r"conv_gershgorin_bounds: the explicit reference"):
-        C.conv_gershgorin_bounds(torch.randn(256, 256, 3, 3), (8, 8), padding=1)
+        C.conv_gershgorin_bounds(big, (23, 23), padding=1, backend="reference")
+    value = C.conv_frame_penalty(big, (23, 23), 0.5, 2.0, padding=1)
+    lo, hi = C.conv_gershgorin_bounds(big, (23, 23), padding=1)
+    assert bool(torch.isfinite(value)) and float(lo) < float(hi)
 
 
 # ---------------------------------------------------------------- frame penalty / Gershgorin
@@ -183,24 +246,74 @@ FRAME_CASES = [
 ]
 
 
+# the explicit reference and the implicit kernel (class statistics, regkernels/ops/conv_frame.py)
+FRAME_BACKENDS = ["reference", "cpu"]
+
+
+@pytest.mark.parametrize("backend", FRAME_BACKENDS)
 @pytest.mark.parametrize("shape,size,kw,side", FRAME_CASES)
 @pytest.mark.parametrize("A,B", [(0.5, 2.0), (0.0, 50.0)])
-def test_conv_frame_penalty_and_bounds_vs_loops(shape, size, kw, side, A, B):
+def test_conv_frame_penalty_and_bounds_vs_loops(shape, size, kw, side, A, B, backend):
     w = 0.5 * torch.randn(shape, dtype=D64)
     want, lo, hi = loop_frame(impulse_matrix(w, size, **kw), A, B, side)
-    got = C.conv_frame_penalty(w, size, A, B, side=side, **kw)
+    got = C.conv_frame_penalty(w, size, A, B, side=side, backend=backend, **kw)
     assert got.shape == () and got.dtype == D64
     torch.testing.assert_close(got, torch.tensor(want, dtype=D64), atol=1e-12, rtol=1e-12)
-    glo, ghi = C.conv_gershgorin_bounds(w, size, side=side, **kw)
+    glo, ghi = C.conv_gershgorin_bounds(w, size, side=side, backend=backend, **kw)
     torch.testing.assert_close(glo, torch.tensor(lo, dtype=D64), atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(ghi, torch.tensor(hi, dtype=D64), atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.parametrize("backend", FRAME_BACKENDS)
 @pytest.mark.parametrize("shape,size,kw,side", FRAME_CASES[:4])
-def test_conv_frame_penalty_gradcheck(shape, size, kw, side):
+def test_conv_frame_penalty_gradcheck(shape, size, kw, side, backend):
     w = (0.5 * torch.randn(shape, dtype=D64)).requires_grad_(True)
-    torch.autograd.gradcheck(lambda w: C.conv_frame_penalty(w, size, 0.3, 1.2, side=side, **kw), (w,))
-    torch.autograd.gradcheck(lambda w: torch.stack(C.conv_gershgorin_bounds(w, size, side=side, **kw)), (w,))
+    torch.autograd.gradcheck(lambda w: C.conv_frame_penalty(w, size, 0.3, 1.2, side=side, backend=backend, **kw),
+                             (w,))
+    torch.autograd.gradcheck(lambda w: torch.stack(C.conv_gershgorin_bounds(w, size, side=side, backend=backend,
+                                                                            **kw)), (w,))
+
+
+@pytest.mark.parametrize("cfg", SWEEP, ids=SWEEP_IDS)
+def test_conv_frame_penalty_implicit_equals_explicit(cfg):
+    # the whole conv_to_matrix sweep (strides 1-3, zeros / circular, dilation, groups, 1-3 dims,
+    # kernels wider than the input), every side; values, gradients and bounds in float64
+    w = (0.4 * torch.randn(cfg["shape"], dtype=D64)).requires_grad_(True)
+    size, kw = cfg["input_size"], cfg["kw"]
+    for side in ("auto", "rows", "cols"):
+        for A, B in ((0.5, 2.0), (0.0, 0.3)):
+            want = C.conv_frame_penalty(w, size, A, B, side=side, backend="reference", **kw)
+            got = C.conv_frame_penalty(w, size, A, B, side=side, backend="cpu", **kw)
+            torch.testing.assert_close(got, want, atol=1e-13, rtol=1e-11)
+            g_want, = torch.autograd.grad(want, w)
+            g_got, = torch.autograd.grad(got, w)
+            torch.testing.assert_close(g_got, g_want, atol=1e-12, rtol=1e-10)
+        for a, b in zip(C.conv_gershgorin_bounds(w, size, side=side, backend="cpu", **kw),
+                        C.conv_gershgorin_bounds(w, size, side=side, backend="reference", **kw)):
+            torch.testing.assert_close(a, b, atol=1e-13, rtol=1e-11)
+
+
+def test_conv_frame_penalty_implicit_float32_at_scale():
+    # a 16-channel layer on 12×12 inputs (k = 2304): the float32 implicit path against the
+    # float64 explicit one, stride 1 and 2, zeros and circular
+    w = torch.randn(16, 16, 3, 3) / 12
+    for kw in (dict(padding=1), dict(stride=2, padding=1), dict(padding=1, padding_mode="circular")):
+        want = C.conv_frame_penalty(w.double(), (12, 12), 0.5, 2.0, backend="reference", **kw)
+        got = C.conv_frame_penalty(w, (12, 12), 0.5, 2.0, **kw)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=1e-5)
+
+
+def test_conv_frame_stats_opcheck():
+    from regkernels.ops import conv_frame as CF
+
+    w = torch.randn(4, 3, 1, 3, 2, dtype=D64, requires_grad=True)
+    for rows in (False, True):
+        args = (w, [1, 5, 4], [1, 2, 1], [0, 1, 1], [1, 1, 2], 1, False, rows)
+        torch.library.opcheck(CF._conv_frame_stats, args)
+        d, r = CF._conv_frame_stats(*args)
+        torch.library.opcheck(CF._conv_frame_stats_backward,
+                              (w.detach(), torch.randn_like(d), torch.randn_like(r), *args[1:]))
 
 
 # ---------------------------------------------------------------- OCNN
@@ -292,7 +405,6 @@ OPS = {
 }
 
 
-SVD_KERNEL_OPS = ("conv_singular_values", "clip_conv_singular_values")
 
 
 def _as_tuple(x):
@@ -346,6 +458,12 @@ def test_empty_weight():
 
 # ---------------------------------------------------------------- backends and torch.compile
 
+# kernel backends each op has for CPU tensors (besides "reference"); the Sedghi ops' per-frequency
+# SVD kernel runs only when named there (LAPACK's complex SVD is faster on CPU)
+CPU_KERNELS = {"conv_to_matrix": MATRIX_BACKENDS[1:], "conv_frame_penalty": ["cpu"], "conv_gershgorin_bounds": ["cpu"],
+               "conv_orthogonality_penalty": [], "conv_singular_values": ["cpu"], "clip_conv_singular_values": ["cpu"]}
+
+
 @pytest.mark.parametrize("name", list(OPS))
 def test_backend_selection(name):
     fn = getattr(C, name)
@@ -353,17 +471,17 @@ def test_backend_selection(name):
     args = {"conv_to_matrix": ((5, 4),), "conv_frame_penalty": ((5, 4), 0.5, 2.0),
             "conv_gershgorin_bounds": ((5, 4),), "conv_orthogonality_penalty": (),
             "conv_singular_values": ((5, 4),), "clip_conv_singular_values": ((5, 4), 0.3, 1.0)}[name]
-    for a, b in zip(_as_tuple(fn(w, *args, backend="reference")), _as_tuple(getattr(R, name)(w, *args))):
+    want = _as_tuple(getattr(R, name)(w, *args))
+    for a, b in zip(_as_tuple(fn(w, *args, backend="reference")), want):
         assert torch.equal(a, b)
-    if name in SVD_KERNEL_OPS:  # per-frequency SVDs on the batched SVD kernel (regkernels.ops.svd)
-        for a, b in zip(_as_tuple(fn(w, *args, backend="cpu")), _as_tuple(getattr(R, name)(w, *args))):
+    for backend in CPU_KERNELS[name]:
+        for a, b in zip(_as_tuple(fn(w, *args, backend=backend)), want):
             torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
-        with pytest.raises(ValueError, match=rf"{name}: no 'cuda' kernel for cpu tensors; available backends: "
-                                             r"'reference', 'cpu'"):
-            fn(w, *args, backend="cuda")
-    else:
-        with pytest.raises(ValueError, match=rf"{name}: no 'cpu' kernel for cpu tensors; available backends: 'reference'"):
-            fn(w, *args, backend="cpu")
+    have = "".join(f", '{b}'" for b in CPU_KERNELS[name])
+    missing = "cuda" if CPU_KERNELS[name] else "cpu"
+    with pytest.raises(ValueError, match=rf"{name}: no '{missing}' kernel for cpu tensors; available backends: "
+                                         rf"'reference'{have}$"):
+        fn(w, *args, backend=missing)
     with pytest.raises(ValueError, match=rf"{name}: backend must be one of None"):
         fn(w, *args, backend="fast")
 

@@ -1,11 +1,13 @@
 """Benchmark cases of the conv-as-operator family (SPEC §1.6, §2).
 
 Names are ``C_outxC_inxkxk@HxW`` (layer, input size). ``conv_to_matrix`` is timed forward
-only, dense and CSR. ``conv_frame_penalty`` runs forward + backward at padding 1 with
-A = 0.5, B = 2; its two large cases exceed the explicit reference's size guard, so every
-provider raises ValueError (recorded per provider by the runner) until an implicit
-kernel exists. ``conv_orthogonality_penalty`` runs forward + backward; the Sedghi ops
-forward only. All inputs are seeded; the float64 truth is computed on first use.
+only, dense and CSR (bytes moved: the dense T written once). ``conv_frame_penalty`` runs
+forward + backward at padding 1 with A = 0.5, B = 2; the providers eager / compile are the
+explicit reference (T and its Gram), regkernels the implicit class statistics. Its two large
+cases exceed the explicit path's size guard, so eager and compile record ValueError there and
+the error of the implicit path is measured against itself in float64 (the tests check implicit =
+explicit in float64 on a sweep). ``conv_orthogonality_penalty`` runs forward + backward; the
+Sedghi ops forward only. All inputs are seeded; the float64 truth is computed on first use.
 """
 from __future__ import annotations
 
@@ -78,12 +80,19 @@ def _frame_case(name: str, quick: bool = False) -> Case:
 
         def error(out) -> float:
             if not truth:
-                truth.append(run(R.conv_frame_penalty, w.double()))
+                try:
+                    truth.append(run(R.conv_frame_penalty, w.double()))
+                except ValueError:  # over the explicit path's size guard
+                    truth.append(run(C.conv_frame_penalty, w.double()))
             return max_rel_err(out, truth[0])
 
         comp = compiled(R.conv_frame_penalty)
+        _, explicit_bytes = R._frame_working_bytes(w, size, 1, 1, 1, 1, "auto")
+        note = "" if explicit_bytes <= R.MAX_DENSE_BYTES else (
+            f"the explicit path needs {explicit_bytes / 2**30:.1f} GiB (over its guard); max_rel_err is against the "
+            "implicit path in float64")
         return Prepared(providers={"eager": lambda: run(R.conv_frame_penalty, w), "compile": lambda: run(comp, w),
-                                   "regkernels": lambda: run(C.conv_frame_penalty, w)}, error=error)
+                                   "regkernels": lambda: run(C.conv_frame_penalty, w)}, error=error, note=note)
 
     return register(Case(op="conv_frame_penalty", name=name, setup=setup, quick=quick))
 
