@@ -1,0 +1,249 @@
+"""Triton kernels for the implicit conv frame statistics (SPEC §2.2): the per-class diagonal
+``d`` and Gershgorin radius ``r`` of a convolution operator's Gram, and their backward to the
+tap Gram, fused so that the class blocks ``V_κ`` never reach memory.
+
+This is the fused form of the contraction in ``regkernels.ops.conv_frame`` (``_contract`` /
+``_stats_forward`` / ``_stats_backward``), with the three per-dim class tables combined into
+one table over the flattened taps and offsets:
+
+* ``X (G, Cx, K, Cx, K)``: the per-group tap Gram (``K = ∏k_i``; symmetry is not used);
+* ``tab (NC, K, K, Q)``: per class ``κ`` the combined class table ``tab[κ, t, t', q] =
+  Π_i Cls_i[κ_i, t_i, t'_i, q_i]`` (small non-negative integers, stored as float32), ``κ``, ``t``
+  and ``q`` flattened row-major over the three dims; ``zero`` is the flat index of offset 0;
+* ``V_κ[a, a', q] = Σ_{t,t'} X[g, a, t, a', t'] · tab[κ, t, t', q]`` for each group ``g``;
+* ``d[g, κ, a] = V_κ[a, a, zero]``, ``r[g, κ, a] = Σ_{(a', q) ≠ (a, zero)} |V_κ[a, a', q]|`` (the
+  diagonal entry is masked out, not subtracted: no cancellation).
+
+Index maps. For fixed ``(g, a)`` the slab ``X[g, a]`` is a ``(K, Cx, K)`` block; read as a matrix
+with rows ``a'`` and columns ``kk = t·K + t'`` (the pair axis of ``tab[κ]`` viewed ``(K·K, Q)``) the
+element ``(a', kk)`` sits at ``((g·Cx + a)·K + t)·Cx·K + a'·K + t'``. So a tile of ``V_κ`` for a
+block of rows ``a'`` and a chunk of offsets ``q`` is one GEMM over ``kk``:
+``V[a', q] = X[g, a][a', kk] @ tab[κ][kk, q]``, loaded with computed pointers (no copy of ``X``).
+The ``kk`` axis is taken in chunks of ``BLOCK_KK`` and ``q`` in chunks of ``BLOCK_Q`` (``K·K`` is
+729 for a 3×3×3 kernel, ``Q`` 125 for its 5×5×5 offsets), so any kernel size fits in registers.
+
+* forward: program ``pid = (g·NC + κ)·Cx + a`` (one per output entry, all on grid axis 0) loops
+  over the blocks of ``a'`` and chunks of ``q`` in a fixed order, builds each ``V`` tile in fp32
+  registers and reduces it at once: ``|V|`` off the diagonal entry into ``r``, the entry
+  ``(a' = a, q = zero)`` into ``d``. Deterministic, no atomics, nothing but ``d`` and ``r`` stored.
+* backward: ``gV_κ = grad_r · sign(V_κ)`` off the diagonal entry (sign(0) = 0), ``grad_d`` on it, and
+  ``gX[g, a, t, a', t'] = Σ_κ Σ_q gV_κ[a, a', q] · tab[κ, t, t', q]``. Program
+  ``pid = (g·Cx + a)·⌈Cx/BLOCK_A⌉ + a'-block`` owns the rows ``a'`` of its block of the slab
+  ``gX[g, a]`` (no atomics): for each ``κ`` (in order) and each ``q`` chunk it recomputes the ``V``
+  tile exactly as the forward does, forms ``gV`` and adds ``gV @ tab[κ][kk, q]ᵀ`` into every
+  ``kk`` chunk of its rows by read-modify-write of fp32 global memory (zero-filled by the
+  launcher; load and store use the same pointer tensor, so on a GPU each element is read and
+  written by the same thread). The RMW replaces a ``BLOCK_A × K·K`` register accumulator,
+  which does not fit for 3-D kernels.
+
+Numerics: float32 throughout, ``tl.dot`` with ``input_precision="ieee"`` (no TF32 on GPU). The
+table entries are small integers, so each product is exact up to ``X``'s rounding; sums are
+fp32 in a fixed order (results differ from the torch path only by summation order). Padding
+lanes (``a' ≥ Cx``, ``kk ≥ K·K``, ``q ≥ Q``) load as 0 and are masked again after the GEMMs, so an
+inf / NaN in ``X`` or in the incoming gradients cannot leak into valid entries through a padded
+column; valid entries follow IEEE like the torch path (``grad_r = NaN`` times ``sign 0`` is NaN).
+
+Indexing: offsets inside one ``(g, a)`` slab (``K·Cx·K`` elements) and one class table
+(``K·K·Q``) are int32, checked by the launchers; slab and table bases are int64. Not importable
+without Triton: import this module only after ``regkernels._ext.has_triton()``.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# ----------------------------------------------------------------------------- constants
+
+# Block sizes: each is the next power of two of its extent, at least 16 (tl.dot needs every
+# dim ≥ 16) and at most the cap. A V tile is BLOCK_A × BLOCK_Q fp32 built from a BLOCK_A ×
+# BLOCK_KK slice of X and a BLOCK_KK × BLOCK_Q slice of the table: with the caps below that is
+# 2 K + 4 K + 2 K floats, ~64 registers per thread at 4 warps. GPU tuning would autotune the
+# caps (BLOCK_A 32–64, BLOCK_KK 32–128) and num_warps / num_stages, hoist the X tile out of
+# the class loop when K·K ≤ BLOCK_KK (it is the same for every κ and q chunk; L1 serves it
+# now), and keep the backward's gX rows in registers when K·K fits one chunk.
+MAX_BLOCK_A = 32       # rows a' of a V tile
+MAX_BLOCK_KK = 64      # tap pairs (t, t') per GEMM step
+MAX_BLOCK_Q = 64       # offsets q per V tile
+NUM_WARPS = 4
+
+_INT32_MAX = 2**31 - 1
+
+
+# ----------------------------------------------------------------------------- kernels
+
+@triton.jit
+def _v_tile(x_slab, tab_k, rows, mask_a, qs, mask_q, Cx, K, KK, Q,
+            BLOCK_A: tl.constexpr, BLOCK_KK: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """``V[a', q] = Σ_kk X[g, a][a', kk] · tab[κ][kk, q]`` for the rows ``rows`` and offsets ``qs``.
+
+    ``x_slab`` points at ``X[g, a, 0, 0, 0]``, ``tab_k`` at ``tab[κ, 0, 0, 0]``. fp32 accumulator,
+    ``kk`` in chunks of ``BLOCK_KK`` in a fixed order; out-of-range lanes load as 0. The forward
+    and the backward share this helper, so a recomputed tile is the forward's number.
+    """
+    acc = tl.zeros((BLOCK_A, BLOCK_Q), dtype=tl.float32)
+    for kk0 in range(0, KK, BLOCK_KK):
+        kk = kk0 + tl.arange(0, BLOCK_KK)
+        mask_kk = kk < KK
+        t = kk // K                 # kk ≥ 0: no negative operand
+        col = t * (Cx * K) + (kk - t * K)
+        x = tl.load(x_slab + rows[:, None] * K + col[None, :],
+                    mask=mask_a[:, None] & mask_kk[None, :], other=0.0)
+        tb = tl.load(tab_k + kk[:, None] * Q + qs[None, :],
+                     mask=mask_kk[:, None] & mask_q[None, :], other=0.0)
+        acc = tl.dot(x, tb, acc, input_precision="ieee")
+    return acc
+
+
+@triton.jit
+def _class_stats_fwd_kernel(X, TAB, D, R, NC, Cx, K, KK, Q, ZERO,
+                            BLOCK_A: tl.constexpr, BLOCK_KK: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """``d`` and ``r`` of one ``(g, κ, a)``: program ``pid = (g·NC + κ)·Cx + a``, the flat index of
+    the entry in the ``(G, NC, Cx)`` outputs."""
+    pid = tl.program_id(0)
+    a = pid % Cx
+    gk = pid // Cx
+    kappa = gk % NC
+    g = gk // NC
+    x_slab = X + (g * Cx + a).to(tl.int64) * K * (Cx * K)
+    tab_k = TAB + kappa.to(tl.int64) * (KK * Q)
+
+    # per-row partials, reduced once at the end (fixed order: deterministic)
+    r_acc = tl.zeros((BLOCK_A,), dtype=tl.float32)
+    d_acc = tl.zeros((BLOCK_A,), dtype=tl.float32)
+    for a0 in range(0, Cx, BLOCK_A):
+        rows = a0 + tl.arange(0, BLOCK_A)
+        mask_a = rows < Cx
+        for q0 in range(0, Q, BLOCK_Q):
+            qs = q0 + tl.arange(0, BLOCK_Q)
+            mask_q = qs < Q
+            V = _v_tile(x_slab, tab_k, rows, mask_a, qs, mask_q, Cx, K, KK, Q, BLOCK_A, BLOCK_KK, BLOCK_Q)
+            diag = (rows[:, None] == a) & (qs[None, :] == ZERO)
+            valid = mask_a[:, None] & mask_q[None, :]
+            # the diagonal entry is masked out of r, not subtracted (SPEC §1.1); padding
+            # lanes are masked too (0 · inf in a padded column would be NaN)
+            r_acc += tl.sum(tl.where(valid & ~diag, tl.abs(V), 0.0), axis=1)
+            d_acc += tl.sum(tl.where(diag, V, 0.0), axis=1)   # one non-zero in all: exact
+    tl.store(D + pid, tl.sum(d_acc, axis=0))
+    tl.store(R + pid, tl.sum(r_acc, axis=0))
+
+
+@triton.jit
+def _class_stats_bwd_kernel(X, TAB, GD, GR, GX, NC, Cx, K, KK, Q, ZERO, N_AB,
+                            BLOCK_A: tl.constexpr, BLOCK_KK: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """Rows ``a'`` of one block of ``gX[g, a]`` (as ``(a', kk)``): ``Σ_κ Σ_q gV_κ[a, a', q] tab[κ][kk, q]``.
+
+    Program ``pid = (g·Cx + a)·N_AB + a'-block``. Classes and ``q`` chunks are visited in a fixed
+    order and each contribution is added by read-modify-write of the program's own rows of the
+    zero-filled ``GX`` (deterministic, no atomics).
+    """
+    pid = tl.program_id(0)
+    ab = pid % N_AB
+    ga = pid // N_AB                # g·Cx + a
+    a = ga % Cx
+    g = ga // Cx
+    slab = ga.to(tl.int64) * K * (Cx * K)
+    x_slab = X + slab
+    gx_slab = GX + slab
+    rows = ab * BLOCK_A + tl.arange(0, BLOCK_A)
+    mask_a = rows < Cx
+
+    # pointers walk the classes (64-bit pointer arithmetic: no int32 product of κ and KK·Q)
+    tab_k = TAB
+    st = g * NC * Cx + a            # (g, κ = 0, a) in the (G, NC, Cx) grads; < G·NC·Cx (checked)
+    for kappa in range(0, NC):
+        gd = tl.load(GD + st)
+        gr = tl.load(GR + st)
+        for q0 in range(0, Q, BLOCK_Q):
+            qs = q0 + tl.arange(0, BLOCK_Q)
+            mask_q = qs < Q
+            V = _v_tile(x_slab, tab_k, rows, mask_a, qs, mask_q, Cx, K, KK, Q, BLOCK_A, BLOCK_KK, BLOCK_Q)
+            diag = (rows[:, None] == a) & (qs[None, :] == ZERO)
+            valid = mask_a[:, None] & mask_q[None, :]
+            sign = tl.where(V > 0, 1.0, tl.where(V < 0, -1.0, 0.0))   # sign(0) = 0, SPEC §1
+            # ∂d/∂V = 1 at the diagonal entry, ∂r/∂V = sign(V) elsewhere; padding lanes are
+            # exactly 0 so a NaN/inf grad_r cannot reach valid rows through the GEMM below
+            gV = tl.where(diag, gd, tl.where(valid, gr * sign, 0.0))
+            for kk0 in range(0, KK, BLOCK_KK):
+                kk = kk0 + tl.arange(0, BLOCK_KK)
+                mask_kk = kk < KK
+                t = kk // K
+                col = t * (Cx * K) + (kk - t * K)
+                # tab[κ][kk, q]ᵀ as a (BLOCK_Q, BLOCK_KK) tile: a transposed load, no copy
+                tbT = tl.load(tab_k + kk[None, :] * Q + qs[:, None],
+                              mask=mask_q[:, None] & mask_kk[None, :], other=0.0)
+                upd = tl.dot(gV, tbT, input_precision="ieee")
+                ptr = gx_slab + rows[:, None] * K + col[None, :]
+                m = mask_a[:, None] & mask_kk[None, :]
+                tl.store(ptr, tl.load(ptr, mask=m, other=0.0) + upd, mask=m)
+        tab_k += KK * Q
+        st += Cx
+
+
+# ----------------------------------------------------------------------------- host launchers
+
+def _block(n: int, cap: int) -> int:
+    return min(cap, max(16, triton.next_power_of_2(max(n, 1))))
+
+
+def _problem(X: torch.Tensor, tab: torch.Tensor, zero: int, name: str):
+    """Validated ``(G, Cx, K, NC, Q)`` of a call, and ``X``, ``tab`` made contiguous."""
+    if X.dim() != 5 or X.shape[1] != X.shape[3] or X.shape[2] != X.shape[4]:
+        raise ValueError(f"{name}: X must be (G, Cx, K, Cx, K); got {tuple(X.shape)}")
+    G, cx, K = X.shape[0], X.shape[1], X.shape[2]
+    if tab.dim() != 4 or tab.shape[1] != K or tab.shape[2] != K:
+        raise ValueError(f"{name}: tab must be (NC, {K}, {K}, Q); got {tuple(tab.shape)}")
+    nc, Q = tab.shape[0], tab.shape[3]
+    if not 0 <= zero < Q:
+        raise ValueError(f"{name}: zero must be in [0, {Q}); got {zero}")
+    if X.dtype != torch.float32 or tab.dtype != torch.float32:
+        raise ValueError(f"{name}: X and tab must be float32; got {X.dtype}, {tab.dtype}")
+    if X.device != tab.device:
+        raise ValueError(f"{name}: X and tab must share a device; got {X.device}, {tab.device}")
+    # int32 offsets inside a slab / a class table; program ids on grid axis 0
+    if K * K * cx > _INT32_MAX or K * K * Q > _INT32_MAX or G * max(nc, 1) * cx > _INT32_MAX:
+        raise ValueError(f"{name}: problem (G={G}, Cx={cx}, K={K}, NC={nc}, Q={Q}) exceeds int32 indexing")
+    meta = dict(BLOCK_A=_block(cx, MAX_BLOCK_A), BLOCK_KK=_block(K * K, MAX_BLOCK_KK),
+                BLOCK_Q=_block(Q, MAX_BLOCK_Q), num_warps=NUM_WARPS)
+    return (G, cx, K, nc, Q), X.contiguous(), tab.contiguous(), meta
+
+
+def class_stats_forward(X: torch.Tensor, tab: torch.Tensor, zero: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(d, r)``, each ``(G, NC, Cx)`` float32: ``d[g, κ, a] = V_κ[a, a, zero]`` and
+    ``r[g, κ, a] = Σ_{(a', q) ≠ (a, zero)} |V_κ[a, a', q]|`` (module docstring).
+
+    ``X (G, Cx, K, Cx, K)`` and ``tab (NC, K, K, Q)`` are float32 on one device. One launch of
+    ``G·NC·Cx`` programs (grid axis 0); empty problems return zeros without launching.
+    """
+    (G, cx, K, nc, Q), X, tab, meta = _problem(X, tab, zero, "class_stats_forward")
+    d = torch.zeros((G, nc, cx), dtype=torch.float32, device=X.device)
+    r = torch.zeros_like(d)
+    if d.numel() == 0 or K == 0:  # no entries, or no taps (V = 0: d = r = 0)
+        return d, r
+    _class_stats_fwd_kernel[(G * nc * cx,)](X, tab, d, r, nc, cx, K, K * K, Q, zero, **meta)
+    return d, r
+
+
+def class_stats_backward(X: torch.Tensor, tab: torch.Tensor, zero: int, grad_d: torch.Tensor,
+                         grad_r: torch.Tensor) -> torch.Tensor:
+    """``gX (G, Cx, K, Cx, K)`` float32: ``gX[g, a, t, a', t'] = Σ_κ Σ_q gV_κ[a, a', q] tab[κ, t, t', q]``
+    with ``gV_κ = grad_r[g, κ, a] · sign(V_κ)`` off the entry ``(a, zero)`` and ``grad_d[g, κ, a]`` on it.
+
+    ``grad_d``, ``grad_r``: ``(G, NC, Cx)``, any float dtype and strides (cast to contiguous
+    float32). One launch of ``G·Cx·⌈Cx/BLOCK_A⌉`` programs (grid axis 0) after torch's zero
+    fill of ``gX``; each element of ``gX`` is owned by one program. Deterministic.
+    """
+    (G, cx, K, nc, Q), X, tab, meta = _problem(X, tab, zero, "class_stats_backward")
+    for name, grad in (("grad_d", grad_d), ("grad_r", grad_r)):
+        if tuple(grad.shape) != (G, nc, cx):
+            raise ValueError(f"class_stats_backward: {name} must be {(G, nc, cx)}; got {tuple(grad.shape)}")
+    gX = torch.zeros((G, cx, K, cx, K), dtype=torch.float32, device=X.device)
+    if gX.numel() == 0 or nc == 0:  # no entries, or no classes (nothing depends on X)
+        return gX
+    gd = grad_d.to(device=X.device, dtype=torch.float32).contiguous()
+    gr = grad_r.to(device=X.device, dtype=torch.float32).contiguous()
+    n_ab = triton.cdiv(cx, meta["BLOCK_A"])
+    if G * cx * n_ab > _INT32_MAX:
+        raise ValueError(f"class_stats_backward: {G * cx * n_ab} programs exceed grid axis 0")
+    _class_stats_bwd_kernel[(G * cx * n_ab,)](X, tab, gd, gr, gX, nc, cx, K, K * K, Q, zero, n_ab, **meta)
+    return gX
