@@ -104,3 +104,19 @@ def test_reset_runs_before_each_providers_first_call():
     R.run_case(case, torch.device("cpu"), {"copy_bandwidth_GBps": 1, "matmul_fp32_GFLOPs": 1}, quick=True,
                log=lambda m: None)
     assert state["resets"] == 3 and seen == [1.0, 1.0, 1.0]
+
+
+def test_cpu_peak_memory_counts_tensor_allocations():
+    """CPU peak memory is the peak of live tensor bytes during the call (profiler memory events)."""
+    from regkernels.bench.runner import peak_memory
+
+    x = torch.zeros(1000)
+    cpu = torch.device("cpu")
+
+    def two_temporaries():
+        a = torch.ones(250_000)  # 1 MB
+        b = a * 2  # another 1 MB while a is alive
+        return float(b[0])
+
+    assert peak_memory(two_temporaries, cpu) >= 2_000_000
+    assert peak_memory(lambda: x.add_(1), cpu) < 1000  # in place: at most a wrapped scalar

@@ -246,8 +246,10 @@ FRAME_CASES = [
 ]
 
 
-# the explicit reference and the implicit kernel (class statistics, regkernels/ops/conv_frame.py)
+# the explicit reference and the implicit kernel (class statistics, regkernels/ops/conv_frame.py);
+# its fused Triton form runs only when named ("triton"; interpreted on CPU tensors in CI)
 FRAME_BACKENDS = ["reference", "cpu"]
+FRAME_KERNELS = ["cpu"] + (["triton"] if TRITON_ON_CPU else [])
 
 
 @pytest.mark.parametrize("backend", FRAME_BACKENDS)
@@ -293,6 +295,46 @@ def test_conv_frame_penalty_implicit_equals_explicit(cfg):
             torch.testing.assert_close(a, b, atol=1e-13, rtol=1e-11)
 
 
+@pytest.mark.skipif(not TRITON_ON_CPU, reason="Triton runs on CPU tensors only interpreted (TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("cfg", SWEEP[::4], ids=SWEEP_IDS[::4])
+def test_conv_frame_penalty_triton_equals_explicit(cfg):
+    # the fused Triton statistics (float32) against the explicit float64 path: values, gradients, bounds
+    w = (0.4 * torch.randn(cfg["shape"])).requires_grad_(True)
+    w64 = w.detach().double().requires_grad_(True)
+    size, kw = cfg["input_size"], cfg["kw"]
+    for side in ("rows", "cols"):
+        want = C.conv_frame_penalty(w64, size, 0.5, 2.0, side=side, backend="reference", **kw)
+        got = C.conv_frame_penalty(w, size, 0.5, 2.0, side=side, backend="triton", **kw)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=1e-5)
+        g_want, = torch.autograd.grad(want, w64)
+        g_got, = torch.autograd.grad(got, w)
+        torch.testing.assert_close(g_got.double(), g_want, atol=1e-5 * float(g_want.abs().max()), rtol=1e-5)
+        for a, b in zip(C.conv_gershgorin_bounds(w, size, side=side, backend="triton", **kw),
+                        C.conv_gershgorin_bounds(w64, size, side=side, backend="reference", **kw)):
+            torch.testing.assert_close(a.double(), b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("keep_signs", [True, False])
+def test_conv_frame_penalty_implicit_blocks_and_recomputed_backward(monkeypatch, keep_signs):
+    # one channel row per block, and (keep_signs=False) a forward too large to keep sign(V):
+    # the backward contracts V again block by block; both must equal the explicit path
+    from regkernels.ops import conv_frame as CF
+
+    monkeypatch.setattr(CF, "_BLOCK_ELEMENTS", 1)
+    if not keep_signs:
+        monkeypatch.setattr(CF, "_SIGN_ELEMENTS", 0)
+    w = (0.4 * torch.randn(6, 5, 3, 2, dtype=D64)).requires_grad_(True)
+    for kw in (dict(padding=1, groups=1), dict(stride=2, padding=(1, 0), groups=1),
+               dict(padding=1, padding_mode="circular")):
+        for side in ("rows", "cols"):
+            want = C.conv_frame_penalty(w, (5, 4), 0.5, 2.0, side=side, backend="reference", **kw)
+            got = C.conv_frame_penalty(w, (5, 4), 0.5, 2.0, side=side, backend="cpu", **kw)
+            torch.testing.assert_close(got, want, atol=1e-13, rtol=1e-11)
+            torch.testing.assert_close(torch.autograd.grad(got, w)[0], torch.autograd.grad(want, w)[0],
+                                       atol=1e-12, rtol=1e-10)
+
+
 def test_conv_frame_penalty_implicit_float32_at_scale():
     # a 16-channel layer on 12×12 inputs (k = 2304): the float32 implicit path against the
     # float64 explicit one, stride 1 and 2, zeros and circular
@@ -308,12 +350,20 @@ def test_conv_frame_stats_opcheck():
     from regkernels.ops import conv_frame as CF
 
     w = torch.randn(4, 3, 1, 3, 2, dtype=D64, requires_grad=True)
-    for rows in (False, True):
-        args = (w, [1, 5, 4], [1, 2, 1], [0, 1, 1], [1, 1, 2], 1, False, rows)
+    for rows, keep_signs in ((False, True), (True, True), (False, False)):
+        args = (w, [1, 5, 4], [1, 2, 1], [0, 1, 1], [1, 1, 2], 1, False, rows, keep_signs)
         torch.library.opcheck(CF._conv_frame_stats, args)
-        d, r = CF._conv_frame_stats(*args)
+        d, r, signs = CF._conv_frame_stats(*args)
+        assert (signs.dim() > 1) == keep_signs
         torch.library.opcheck(CF._conv_frame_stats_backward,
-                              (w.detach(), torch.randn_like(d), torch.randn_like(r), *args[1:]))
+                              (w.detach(), torch.randn_like(d), torch.randn_like(r), signs, *args[1:-1]))
+    if TRITON_ON_CPU:  # the fused Triton form (float32)
+        w32 = w.detach().float().requires_grad_(True)
+        args = (w32, [1, 5, 4], [1, 2, 1], [0, 1, 1], [1, 1, 2], 1, False, True)
+        torch.library.opcheck(CF._conv_frame_stats_triton, args)
+        d, r = CF._conv_frame_stats_triton(*args)
+        torch.library.opcheck(CF._conv_frame_stats_triton_backward,
+                              (w32.detach(), torch.randn_like(d), torch.randn_like(r), *args[1:]))
 
 
 # ---------------------------------------------------------------- OCNN
@@ -460,7 +510,8 @@ def test_empty_weight():
 
 # kernel backends each op has for CPU tensors (besides "reference"); the Sedghi ops' per-frequency
 # SVD kernel runs only when named there (LAPACK's complex SVD is faster on CPU)
-CPU_KERNELS = {"conv_to_matrix": MATRIX_BACKENDS[1:], "conv_frame_penalty": ["cpu"], "conv_gershgorin_bounds": ["cpu"],
+CPU_KERNELS = {"conv_to_matrix": MATRIX_BACKENDS[1:], "conv_frame_penalty": FRAME_KERNELS,
+               "conv_gershgorin_bounds": FRAME_KERNELS,
                "conv_orthogonality_penalty": [], "conv_singular_values": ["cpu"], "clip_conv_singular_values": ["cpu"]}
 
 

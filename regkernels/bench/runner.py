@@ -54,22 +54,13 @@ def _quantile(xs: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
-def _rss_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 def peak_memory(fn: Callable[[], Any], device: torch.device) -> int | None:
-    """Bytes of memory one call needs above what was allocated before it.
+    """Bytes of tensor memory one call needs above what was allocated before it.
 
-    CUDA: the caching allocator's peak. CPU (Linux): the peak resident set size, reset through
-    /proc/self/clear_refs, minus the resident size before the call (includes allocator caching).
+    CUDA: the caching allocator's peak. CPU: the peak of the running sum of torch's CPU
+    allocations and frees during the call, from the profiler's memory events (the resident
+    set size cannot see it: glibc serves most blocks from memory it already holds). Memory that
+    C++ code takes outside torch's allocator (std::vector, BLAS workspaces) is not counted.
     """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -78,17 +69,17 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> int | None:
         fn()
         torch.cuda.synchronize(device)
         return int(torch.cuda.max_memory_allocated(device) - base)
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS
-    except OSError:
-        return None
-    base = _rss_kib("VmRSS")
-    fn()
-    peak = _rss_kib("VmHWM")
-    if base is None or peak is None:
-        return None
-    return max(0, peak - base) * 1024
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return int(peak)
 
 
 # ---------------------------------------------------------------- machine ceilings

@@ -63,6 +63,7 @@ from typing import Sequence
 
 import torch
 
+from regkernels import _ext
 from regkernels.ops import conv as _conv
 from regkernels.reference import conv as R
 from regkernels.reference._dtypes import compute_dtype
@@ -70,6 +71,9 @@ from regkernels.reference._dtypes import compute_dtype
 # Upper bound on the elements of one block's largest intermediate (the contraction's and the
 # backward's temporaries are a small multiple of it): 2^22 float32 = 16 MiB.
 _BLOCK_ELEMENTS = 1 << 22
+# The forward keeps sign(V_κ) (int8) for the backward when all of it has at most this many
+# entries (16 MiB); above, the backward contracts V again block by block.
+_SIGN_ELEMENTS = 1 << 24
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -239,44 +243,62 @@ def _uncontract(gV: torch.Tensor, tables: tuple[torch.Tensor, ...], kernel) -> t
     return Y.reshape(G, b * math.prod(kernel), cx * math.prod(kernel))
 
 
+def _signs_shape(geo: _Geometry, G: int, cx: int) -> tuple[int, ...]:
+    """Shape of all ``V_κ`` at once, ``(G, Cx, Cx, n0, q0, n1, q1, n2, q2)``."""
+    return (G, cx, cx) + tuple(x for dim in geo.dims for x in (dim.n_cls, len(dim.rel)))
+
+
+def _keeps_signs(geo: _Geometry, G: int, cx: int, keep: bool) -> bool:
+    return keep and math.prod(_signs_shape(geo, G, cx)) <= _SIGN_ELEMENTS
+
+
+def _diagonal(a0: int, b: int, geo: _Geometry, device) -> tuple:
+    """Index of the entries (a, a' = a0 + a, offset 0 in every dim) of a block of V: its diagonal."""
+    a = torch.arange(b, device=device)
+    z0, z1, z2 = (dim.zero for dim in geo.dims)
+    return (slice(None), a, a0 + a, slice(None), z0, slice(None), z1, slice(None), z2)
+
+
 def _blocks(geo: _Geometry, Z: torch.Tensor, tables):
-    """Yield ``(a0, b, V_κ block, diagonal selector)`` over blocks of V's channel rows."""
+    """Yield ``(a0, b, V_κ block)`` over blocks of V's channel rows."""
     G, _, cxK = Z.shape
     K = math.prod(geo.kernel)
     cx = cxK // K
     X = Z.mT @ Z  # (G, Cx·K, Cx·K), the per-group tap Gram
-    z0, z1, z2 = (dim.zero for dim in geo.dims)
     step = _block_rows(G, cx, geo)
     for a0 in range(0, cx, step):
         b = min(step, cx - a0)
-        V = _contract(X[:, a0 * K:(a0 + b) * K].reshape(G, b, K, cx, K), tables, geo.kernel)
-        a = torch.arange(b, device=Z.device)
-        # (a, a' = a0 + a, offset 0 in every dim): the diagonal entries of V
-        yield a0, b, V, (slice(None), a, a0 + a, slice(None), z0, slice(None), z1, slice(None), z2)
+        yield a0, b, _contract(X[:, a0 * K:(a0 + b) * K].reshape(G, b, K, cx, K), tables, geo.kernel)
 
 
-def _stats_forward(weight: torch.Tensor, geo: _Geometry, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _stats_forward(weight: torch.Tensor, geo: _Geometry, groups: int,
+                   keep_signs: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dtype = compute_dtype(weight.dtype)
     Z = _tap_gram_factor(weight.to(dtype), groups, geo.rows)
+    G, cx = Z.shape[0], Z.shape[2] // math.prod(geo.kernel)
     tables = _tables(geo, dtype, weight.device)
+    keep = _keeps_signs(geo, G, cx, keep_signs)
+    signs = Z.new_empty(_signs_shape(geo, G, cx) if keep else (0,), dtype=torch.int8)
     ds, rs = [], []
-    for _, _, V, diag in _blocks(geo, Z, tables):
+    for a0, b, V in _blocks(geo, Z, tables):
+        diag = _diagonal(a0, b, geo, Z.device)
         ds.append(V[diag])  # (G, b, n0, n1, n2)
+        if keep:  # the backward's ∂|V|/∂V, so that it need not contract V again
+            signs[:, a0:a0 + b] = V.sign()
         A = V.abs_()
         A[diag] = 0
         rs.append(A.sum(dim=(2, 4, 6, 8)))
-    G, cx = Z.shape[0], Z.shape[2] // math.prod(geo.kernel)
     if not ds:
         empty = Z.new_zeros((G, geo.n_cls, 0))
-        return empty, empty.clone()
+        return empty, empty.clone(), signs
     # (G, Cx, n0, n1, n2) → (G, n_cls, Cx)
     d = torch.cat(ds, dim=1).reshape(G, cx, geo.n_cls).transpose(1, 2).contiguous()
     r = torch.cat(rs, dim=1).reshape(G, cx, geo.n_cls).transpose(1, 2).contiguous()
-    return d, r
+    return d, r, signs
 
 
-def _stats_backward(weight: torch.Tensor, gd: torch.Tensor, gr: torch.Tensor, geo: _Geometry,
-                    groups: int) -> torch.Tensor:
+def _stats_backward(weight: torch.Tensor, gd: torch.Tensor, gr: torch.Tensor, signs: torch.Tensor,
+                    geo: _Geometry, groups: int) -> torch.Tensor:
     dtype = compute_dtype(weight.dtype)
     Z = _tap_gram_factor(weight.to(dtype), groups, geo.rows)
     tables = _tables(geo, dtype, weight.device)
@@ -286,11 +308,16 @@ def _stats_backward(weight: torch.Tensor, gd: torch.Tensor, gr: torch.Tensor, ge
     # (G, n_cls, Cx) → (G, Cx, n0, n1, n2), the layout of the diagonal of a V block
     gd = gd.to(dtype).transpose(1, 2).reshape(G, cx, n0, n1, n2)
     gr = gr.to(dtype).transpose(1, 2).reshape(G, cx, n0, n1, n2)
+    if signs.dim() > 1:  # kept by the forward
+        step = _block_rows(G, cx, geo)
+        blocks = ((a0, min(step, cx - a0), signs[:, a0:a0 + step].to(dtype)) for a0 in range(0, cx, step))
+    else:  # recompute V block by block
+        blocks = ((a0, b, V.sign_()) for a0, b, V in _blocks(geo, Z, tables))
     gZ = torch.zeros_like(Z)
-    for a0, b, V, diag in _blocks(geo, Z, tables):
+    for a0, b, sign in blocks:
         # ∂r/∂V = sign(V) off the diagonal, ∂d/∂V = 1 on it
-        gV = V.sign_().mul_(gr[:, a0:a0 + b, None, :, None, :, None, :, None])
-        gV[diag] = gd[:, a0:a0 + b]
+        gV = sign.mul_(gr[:, a0:a0 + b, None, :, None, :, None, :, None])
+        gV[_diagonal(a0, b, geo, Z.device)] = gd[:, a0:a0 + b]
         gX = _uncontract(gV, tables, geo.kernel)  # rows a0..a0+b of ∂X, (G, b·K, Cx·K)
         cols = slice(a0 * K, (a0 + b) * K)
         # X = Zᵀ Z: ∂Z = Z (∂X + ∂Xᵀ), split over the block's rows of ∂X
@@ -309,47 +336,133 @@ def _geo_of(weight: torch.Tensor, input_size, stride, padding, dilation, circula
 
 @torch.library.custom_op("regkernels::conv_frame_stats", mutates_args=())
 def _conv_frame_stats(weight: torch.Tensor, input_size: list[int], stride: list[int], padding: list[int],
-                      dilation: list[int], groups: int, circular: bool, rows: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(d, r)`` per (group, class, channel) of the conv operator's Gram (see the module
-    docstring); ``weight`` is 5-D ``(C_out, C_in/g, k0, k1, k2)`` and the lists have 3 entries."""
-    return _stats_forward(weight, _geo_of(weight, input_size, stride, padding, dilation, circular, rows), groups)
+                      dilation: list[int], groups: int, circular: bool, rows: bool,
+                      keep_signs: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(d, r, signs)``: ``d``, ``r`` per (group, class, channel) of the conv operator's Gram (see
+    the module docstring) and, with ``keep_signs`` when it is small enough, ``sign(V_κ)`` as int8
+    for the backward (else an empty tensor). ``weight`` is 5-D ``(C_out, C_in/g, k0, k1, k2)``
+    and the lists have 3 entries."""
+    geo = _geo_of(weight, input_size, stride, padding, dilation, circular, rows)
+    return _stats_forward(weight, geo, groups, keep_signs)
 
 
 @_conv_frame_stats.register_fake
-def _conv_frame_stats_fake(weight, input_size, stride, padding, dilation, groups, circular, rows):
+def _conv_frame_stats_fake(weight, input_size, stride, padding, dilation, groups, circular, rows, keep_signs):
     geo = _geo_of(weight, input_size, stride, padding, dilation, circular, rows)
     cx = weight.shape[0] // groups if rows else weight.shape[1]
     d = weight.new_empty((groups, geo.n_cls, cx), dtype=compute_dtype(weight.dtype))
-    return d, torch.empty_like(d)
+    keep = _keeps_signs(geo, groups, cx, keep_signs)
+    signs = weight.new_empty(_signs_shape(geo, groups, cx) if keep else (0,), dtype=torch.int8)
+    return d, torch.empty_like(d), signs
 
 
 @torch.library.custom_op("regkernels::conv_frame_stats_backward", mutates_args=())
 def _conv_frame_stats_backward(weight: torch.Tensor, grad_d: torch.Tensor, grad_r: torch.Tensor,
-                               input_size: list[int], stride: list[int], padding: list[int], dilation: list[int],
-                               groups: int, circular: bool, rows: bool) -> torch.Tensor:
+                               signs: torch.Tensor, input_size: list[int], stride: list[int], padding: list[int],
+                               dilation: list[int], groups: int, circular: bool, rows: bool) -> torch.Tensor:
+    """``∂L/∂weight`` from ``(∂L/∂d, ∂L/∂r)``; ``signs`` as the forward returned them."""
     geo = _geo_of(weight, input_size, stride, padding, dilation, circular, rows)
-    return _stats_backward(weight, grad_d, grad_r, geo, groups)
+    return _stats_backward(weight, grad_d, grad_r, signs, geo, groups)
 
 
 @_conv_frame_stats_backward.register_fake
-def _conv_frame_stats_backward_fake(weight, grad_d, grad_r, input_size, stride, padding, dilation, groups,
+def _conv_frame_stats_backward_fake(weight, grad_d, grad_r, signs, input_size, stride, padding, dilation, groups,
                                     circular, rows):
     return torch.empty_like(weight, memory_format=torch.contiguous_format)
 
 
 def _setup(ctx, inputs, output):
-    weight, *geometry = inputs
+    weight, *geometry, _keep = inputs
     ctx.geometry = geometry
-    ctx.save_for_backward(weight)
+    ctx.save_for_backward(weight, output[2])
 
 
-def _backward(ctx, grad_d, grad_r):
-    (weight,) = ctx.saved_tensors  # grads of unused outputs arrive as zeros (materialized)
-    gW = torch.ops.regkernels.conv_frame_stats_backward(weight, grad_d, grad_r, *ctx.geometry)
-    return (gW,) + (None,) * 7
+def _backward(ctx, grad_d, grad_r, _grad_signs):
+    weight, signs = ctx.saved_tensors  # grads of unused outputs arrive as zeros (materialized)
+    gW = torch.ops.regkernels.conv_frame_stats_backward(weight, grad_d, grad_r, signs, *ctx.geometry)
+    return (gW,) + (None,) * 8
 
 
 _conv_frame_stats.register_autograd(_backward, setup_context=_setup)
+
+
+# ----------------------------------------------------------------------------- Triton
+
+# regkernels/triton/conv_frame.py fuses the contraction and the reductions (flash-style: no V_κ
+# in memory) for float32 tap Grams; fp16 / bf16 weights are computed in float32 as above,
+# float64 ones take the torch path. Registered by name only (backend="triton"): it has not yet
+# run on a GPU, where the torch path (cuBLAS GEMMs) is the measured-safe default.
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@functools.lru_cache(maxsize=64)
+def _combined_table(geo: _Geometry, device: torch.device) -> tuple[torch.Tensor, int]:
+    """``(NC, K, K, Q)`` float32 table ``Π_i Cls_i[κ_i, t_i, t'_i, q_i]`` (κ, t, q flat row-major
+    over the dims, κ in the order of the stats' class axis) and the flat index of offset 0."""
+    T0, T1, T2 = _tables(geo, torch.float32, device)
+    tab = torch.einsum("iaxr,jbys,kczq->ijkabcxyzrsq", T0, T1, T2)
+    K = math.prod(geo.kernel)
+    (z0, z1, z2), (_, r1, r2) = (dim.zero for dim in geo.dims), (len(dim.rel) for dim in geo.dims)
+    return tab.reshape(geo.n_cls, K, K, -1).contiguous(), (z0 * r1 + z1) * r2 + z2
+
+
+def _triton_problem(weight, input_size, stride, padding, dilation, groups, circular, rows):
+    geo = _geo_of(weight, input_size, stride, padding, dilation, circular, rows)
+    Z = _tap_gram_factor(weight.float(), groups, rows)
+    K = math.prod(geo.kernel)
+    G, cx = Z.shape[0], Z.shape[2] // K
+    tab, zero = _combined_table(geo, weight.device)
+    return geo, Z, (Z.mT @ Z).view(G, cx, K, cx, K), tab, zero
+
+
+if _ext.has_triton():
+
+    @torch.library.custom_op("regkernels::conv_frame_stats_triton", mutates_args=())
+    def _conv_frame_stats_triton(weight: torch.Tensor, input_size: list[int], stride: list[int],
+                                 padding: list[int], dilation: list[int], groups: int, circular: bool,
+                                 rows: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(d, r)`` as ``conv_frame_stats``, by the fused Triton kernel (float32)."""
+        from regkernels.triton import conv_frame as TF
+
+        _, _, X, tab, zero = _triton_problem(weight, input_size, stride, padding, dilation, groups, circular, rows)
+        return TF.class_stats_forward(X, tab, zero)
+
+    @_conv_frame_stats_triton.register_fake
+    def _conv_frame_stats_triton_fake(weight, input_size, stride, padding, dilation, groups, circular, rows):
+        geo = _geo_of(weight, input_size, stride, padding, dilation, circular, rows)
+        cx = weight.shape[0] // groups if rows else weight.shape[1]
+        d = weight.new_empty((groups, geo.n_cls, cx), dtype=torch.float32)
+        return d, torch.empty_like(d)
+
+    @torch.library.custom_op("regkernels::conv_frame_stats_triton_backward", mutates_args=())
+    def _conv_frame_stats_triton_backward(weight: torch.Tensor, grad_d: torch.Tensor, grad_r: torch.Tensor,
+                                          input_size: list[int], stride: list[int], padding: list[int],
+                                          dilation: list[int], groups: int, circular: bool,
+                                          rows: bool) -> torch.Tensor:
+        from regkernels.triton import conv_frame as TF
+
+        geo, Z, X, tab, zero = _triton_problem(weight, input_size, stride, padding, dilation, groups, circular,
+                                               rows)
+        gX = TF.class_stats_backward(X, tab, zero, grad_d, grad_r).view(Z.shape[0], Z.shape[2], Z.shape[2])
+        gZ = Z @ (gX + gX.mT)  # X = Zᵀ Z
+        return _weight_of_factor(gZ, weight.shape, rows).to(weight.dtype).contiguous()
+
+    @_conv_frame_stats_triton_backward.register_fake
+    def _conv_frame_stats_triton_backward_fake(weight, grad_d, grad_r, input_size, stride, padding, dilation,
+                                               groups, circular, rows):
+        return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+    def _triton_setup(ctx, inputs, output):
+        weight, *geometry = inputs
+        ctx.geometry = geometry
+        ctx.save_for_backward(weight)
+
+    def _triton_backward(ctx, grad_d, grad_r):
+        (weight,) = ctx.saved_tensors
+        gW = torch.ops.regkernels.conv_frame_stats_triton_backward(weight, grad_d, grad_r, *ctx.geometry)
+        return (gW,) + (None,) * 7
+
+    _conv_frame_stats_triton.register_autograd(_triton_backward, setup_context=_triton_setup)
 
 
 # ----------------------------------------------------------------------------- the kernels
@@ -366,37 +479,54 @@ def _plan(shape: tuple[int, ...], input_size: tuple[int, ...], stride, padding, 
     return args, geo.circular, geo.rows, counts, geo.positions
 
 
-def _stats(weight, input_size, stride, padding, dilation, groups, padding_mode, side):
+def _stats(weight, input_size, stride, padding, dilation, groups, padding_mode, side, triton: bool = False):
     """``(d, r, counts, k)``: the stats op's ``(G, n_cls, Cx)`` outputs, the positions per class
-    ``(n_cls,)`` and the size k of the Gram."""
+    ``(n_cls,)`` and the size k of the Gram; ``triton`` takes the fused kernel where it has the dtype."""
     (kernel, *geometry), circular, rows, counts, positions = _plan(
         tuple(weight.shape), tuple(input_size), stride, padding, dilation, groups, padding_mode, side)
     w5 = weight.reshape(weight.shape[0], weight.shape[1], *kernel)
-    d, r = torch.ops.regkernels.conv_frame_stats(w5, *geometry, groups, circular, rows)
+    if triton and weight.dtype in TRITON_DTYPES:
+        d, r = torch.ops.regkernels.conv_frame_stats_triton(w5, *geometry, groups, circular, rows)
+    else:
+        keep_signs = torch.is_grad_enabled() and weight.requires_grad
+        d, r, _ = torch.ops.regkernels.conv_frame_stats(w5, *geometry, groups, circular, rows, keep_signs)
     counts = torch.tensor(counts, dtype=d.dtype, device=d.device)
     return d, r, counts, d.shape[0] * d.shape[2] * positions
 
 
-def conv_frame_penalty(weight: torch.Tensor, input_size: Sequence[int], A: float, B: float, stride=1, padding=0,
-                       dilation=1, groups: int = 1, padding_mode: str = "zeros", side: str = "auto") -> torch.Tensor:
-    """SPEC §2.2 without ``T``: ``(1/k) Σ_κ count(κ) Σ_a h(d, r)`` (module docstring)."""
-    d, r, counts, k = _stats(weight, input_size, stride, padding, dilation, groups, padding_mode, side)
-    h = torch.clamp(A - (d - r), min=0) ** 2 + torch.clamp((d + r) - B, min=0) ** 2
-    total = (h * counts[:, None]).sum()
-    return (total / max(k, 1)).to(weight.dtype)
+def _kernels(triton: bool):
+    """The ``conv_frame_penalty`` and ``conv_gershgorin_bounds`` implementations on the stats of
+    the torch path or (``triton``) the fused kernel; arguments as the references'."""
+
+    def conv_frame_penalty(weight: torch.Tensor, input_size: Sequence[int], A: float, B: float, stride=1,
+                           padding=0, dilation=1, groups: int = 1, padding_mode: str = "zeros",
+                           side: str = "auto") -> torch.Tensor:
+        """SPEC §2.2 without ``T``: ``(1/k) Σ_κ count(κ) Σ_a h(d, r)`` (module docstring)."""
+        d, r, counts, k = _stats(weight, input_size, stride, padding, dilation, groups, padding_mode, side, triton)
+        h = torch.clamp(A - (d - r), min=0) ** 2 + torch.clamp((d + r) - B, min=0) ** 2
+        total = (h * counts[:, None]).sum()
+        return (total / max(k, 1)).to(weight.dtype)
+
+    def conv_gershgorin_bounds(weight: torch.Tensor, input_size: Sequence[int], stride=1, padding=0, dilation=1,
+                               groups: int = 1, padding_mode: str = "zeros",
+                               side: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+        """``(min(d − r), max(d + r))`` over the classes (every class has a position)."""
+        d, r, _, _ = _stats(weight, input_size, stride, padding, dilation, groups, padding_mode, side, triton)
+        if d.numel() == 0:
+            inf = torch.tensor(float("inf"), dtype=weight.dtype, device=weight.device)
+            return inf, -inf
+        return (d - r).min().to(weight.dtype), (d + r).max().to(weight.dtype)
+
+    return conv_frame_penalty, conv_gershgorin_bounds
 
 
-def conv_gershgorin_bounds(weight: torch.Tensor, input_size: Sequence[int], stride=1, padding=0, dilation=1,
-                           groups: int = 1, padding_mode: str = "zeros",
-                           side: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """``(min(d − r), max(d + r))`` over the classes (every class has a position)."""
-    d, r, _, _ = _stats(weight, input_size, stride, padding, dilation, groups, padding_mode, side)
-    if d.numel() == 0:
-        inf = torch.tensor(float("inf"), dtype=weight.dtype, device=weight.device)
-        return inf, -inf
-    return (d - r).min().to(weight.dtype), (d + r).max().to(weight.dtype)
-
+conv_frame_penalty, conv_gershgorin_bounds = _kernels(triton=False)
 
 for _device in ("cpu", "cuda"):
     _conv._TABLE.register("conv_frame_penalty", _device, _device, conv_frame_penalty)
     _conv._TABLE.register("conv_gershgorin_bounds", _device, _device, conv_gershgorin_bounds)
+if _ext.has_triton():
+    _penalty_triton, _bounds_triton = _kernels(triton=True)
+    for _device in ("cuda", "cpu") if _ext.triton_interpreted() else ("cuda",):
+        _conv._TABLE.register("conv_frame_penalty", _device, "triton", _penalty_triton, default=False)
+        _conv._TABLE.register("conv_gershgorin_bounds", _device, "triton", _bounds_triton, default=False)
