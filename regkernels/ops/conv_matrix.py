@@ -53,6 +53,20 @@ def _check_dense(weight, shape, max_dense_bytes) -> None:
 
 # ----------------------------------------------------------------------------- dense: C++ (CPU)
 
+def _save_weight(ctx, inputs, output):
+    weight, *geometry = inputs
+    ctx.geometry = geometry
+    ctx.save_for_backward(weight)
+
+
+def _backward_by(backward_op):
+    """The autograd backward of a dense op whose backward op takes ``(grad, weight, *geometry)``."""
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        return (backward_op(grad, weight, *ctx.geometry),) + (None,) * 6
+    return backward
+
+
 if _ext.HAS_C:
 
     @torch.library.register_fake("regkernels::conv_to_matrix_dense")
@@ -64,16 +78,9 @@ if _ext.HAS_C:
     def _dense_backward_fake(grad, weight, input_size, stride, padding, dilation, groups, circular):
         return torch.empty_like(weight, memory_format=torch.contiguous_format)
 
-    def _dense_setup(ctx, inputs, output):
-        weight, *geometry = inputs
-        ctx.geometry = geometry
-        ctx.save_for_backward(weight)
-
-    def _dense_backward(ctx, grad):
-        (weight,) = ctx.saved_tensors
-        return (torch.ops.regkernels.conv_to_matrix_dense_backward(grad, weight, *ctx.geometry),) + (None,) * 6
-
-    torch.library.register_autograd("regkernels::conv_to_matrix_dense", _dense_backward, setup_context=_dense_setup)
+    torch.library.register_autograd("regkernels::conv_to_matrix_dense",
+                                    _backward_by(torch.ops.regkernels.conv_to_matrix_dense_backward),
+                                    setup_context=_save_weight)
 
 
 # ----------------------------------------------------------------------------- dense: Triton
@@ -106,16 +113,8 @@ if _ext.has_triton():
     def _dense_triton_backward_fake(grad, weight, input_size, stride, padding, dilation, groups, circular):
         return torch.empty_like(weight, memory_format=torch.contiguous_format)
 
-    def _triton_setup(ctx, inputs, output):
-        weight, *geometry = inputs
-        ctx.geometry = geometry
-        ctx.save_for_backward(weight)
-
-    def _triton_backward(ctx, grad):
-        (weight,) = ctx.saved_tensors
-        return (torch.ops.regkernels.conv_to_matrix_triton_backward(grad, weight, *ctx.geometry),) + (None,) * 6
-
-    _dense_triton.register_autograd(_triton_backward, setup_context=_triton_setup)
+    _dense_triton.register_autograd(_backward_by(torch.ops.regkernels.conv_to_matrix_triton_backward),
+                                    setup_context=_save_weight)
 
 
 # ----------------------------------------------------------------------------- sparse

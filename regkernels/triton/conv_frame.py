@@ -73,9 +73,10 @@ _INT32_MAX = 2**31 - 1
 # ----------------------------------------------------------------------------- kernels
 
 @triton.jit
-def _v_tile(x_slab, tab_k, rows, mask_a, qs, mask_q, Cx, K, KK, Q,
+def _v_tile(x_slab, tab_k, rows, a, mask_a, qs, mask_q, ZERO, Cx, K, KK, Q,
             BLOCK_A: tl.constexpr, BLOCK_KK: tl.constexpr, BLOCK_Q: tl.constexpr):
-    """``V[a', q] = Σ_kk X[g, a][a', kk] · tab[κ][kk, q]`` for the rows ``rows`` and offsets ``qs``.
+    """``V[a', q] = Σ_kk X[g, a][a', kk] · tab[κ][kk, q]`` for the rows ``rows`` and offsets ``qs``,
+    with the tile's masks: ``diag`` (the entry ``a' = a, q = ZERO``) and ``valid`` (not padding).
 
     ``x_slab`` points at ``X[g, a, 0, 0, 0]``, ``tab_k`` at ``tab[κ, 0, 0, 0]``. fp32 accumulator,
     ``kk`` in chunks of ``BLOCK_KK`` in a fixed order; out-of-range lanes load as 0. The forward
@@ -92,7 +93,9 @@ def _v_tile(x_slab, tab_k, rows, mask_a, qs, mask_q, Cx, K, KK, Q,
         tb = tl.load(tab_k + kk[:, None] * Q + qs[None, :],
                      mask=mask_kk[:, None] & mask_q[None, :], other=0.0)
         acc = tl.dot(x, tb, acc, input_precision="ieee")
-    return acc
+    diag = (rows[:, None] == a) & (qs[None, :] == ZERO)
+    valid = mask_a[:, None] & mask_q[None, :]
+    return acc, diag, valid
 
 
 @triton.jit
@@ -117,9 +120,8 @@ def _class_stats_fwd_kernel(X, TAB, D, R, NC, Cx, K, KK, Q, ZERO,
         for q0 in range(0, Q, BLOCK_Q):
             qs = q0 + tl.arange(0, BLOCK_Q)
             mask_q = qs < Q
-            V = _v_tile(x_slab, tab_k, rows, mask_a, qs, mask_q, Cx, K, KK, Q, BLOCK_A, BLOCK_KK, BLOCK_Q)
-            diag = (rows[:, None] == a) & (qs[None, :] == ZERO)
-            valid = mask_a[:, None] & mask_q[None, :]
+            V, diag, valid = _v_tile(x_slab, tab_k, rows, a, mask_a, qs, mask_q, ZERO, Cx, K, KK, Q, BLOCK_A,
+                                     BLOCK_KK, BLOCK_Q)
             # the diagonal entry is masked out of r, not subtracted (SPEC §1.1); padding
             # lanes are masked too (0 · inf in a padded column would be NaN)
             r_acc += tl.sum(tl.where(valid & ~diag, tl.abs(V), 0.0), axis=1)
@@ -157,9 +159,8 @@ def _class_stats_bwd_kernel(X, TAB, GD, GR, GX, NC, Cx, K, KK, Q, ZERO, N_AB,
         for q0 in range(0, Q, BLOCK_Q):
             qs = q0 + tl.arange(0, BLOCK_Q)
             mask_q = qs < Q
-            V = _v_tile(x_slab, tab_k, rows, mask_a, qs, mask_q, Cx, K, KK, Q, BLOCK_A, BLOCK_KK, BLOCK_Q)
-            diag = (rows[:, None] == a) & (qs[None, :] == ZERO)
-            valid = mask_a[:, None] & mask_q[None, :]
+            V, diag, valid = _v_tile(x_slab, tab_k, rows, a, mask_a, qs, mask_q, ZERO, Cx, K, KK, Q, BLOCK_A,
+                                     BLOCK_KK, BLOCK_Q)
             sign = tl.where(V > 0, 1.0, tl.where(V < 0, -1.0, 0.0))   # sign(0) = 0, SPEC §1
             # ∂d/∂V = 1 at the diagonal entry, ∂r/∂V = sign(V) elsewhere; padding lanes are
             # exactly 0 so a NaN/inf grad_r cannot reach valid rows through the GEMM below
