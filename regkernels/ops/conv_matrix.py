@@ -34,7 +34,10 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def _normalise(weight: torch.Tensor, input_size, stride, padding, dilation):
     """(5-D weight view, input_size, stride, padding, dilation as 3-lists)."""
     d = weight.dim() - 2
-    pad3 = lambda v, fill: [fill] * (3 - d) + list(R._expand(v, d))  # noqa: E731
+
+    def pad3(v, fill: int) -> list[int]:  # leading unit dims: a d-dim conv is a 3-D one
+        return [fill] * (3 - d) + list(R._expand(v, d))
+
     w5 = weight.reshape(weight.shape[0], weight.shape[1], *([1] * (3 - d)), *weight.shape[2:])
     return w5, pad3(tuple(input_size), 1), pad3(stride, 1), pad3(padding, 0), pad3(dilation, 1)
 
@@ -215,8 +218,8 @@ def _sparse(weight: torch.Tensor, input_size, stride, padding, dilation, groups:
 # ----------------------------------------------------------------------------- the kernels
 
 def _kernel(dense_op):
-    """A ``conv_to_matrix`` implementation: ``dense_op`` for the dense layout, ``_sparse`` else.
-    Dtypes the dense kernel does not take run the reference."""
+    """A ``conv_to_matrix`` implementation: ``dense_op`` (every floating dtype) for the dense
+    layout, after the size guard; ``_sparse`` for the others."""
     def impl(weight, input_size, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros",
              layout="dense", max_dense_bytes=None):
         if layout != "dense":
