@@ -1,0 +1,278 @@
+"""Model-level regularizers for training loops (SPEC §6): ``Regularizer`` and ``SVBProjector``.
+
+``Regularizer(model, kind, weight, …)`` selects layers once (``include`` types, minus
+``exclude``) and on each call returns ``weight · mean over the selected layers`` of the ``kind``
+penalty, with as few kernel launches as the kind allows:
+
+==================  ============================================================================
+kind                per-layer penalty (SPEC section) and how the model's layers are batched
+==================  ============================================================================
+``frame``           ``frame_penalty(as_matrix(W, groups), A, B, side)`` (§1.1) — every layer in one
+``diversity``       ``penalty_multi`` call (one grouped kernel launch per pass); ``diversity`` (§1.2),
+``orthogonality``   ``orthogonality`` (§1.3), ``mhe`` (§1.4), ``srip`` (§1.5) likewise, with their
+``mhe``, ``srip``   own keyword arguments
+``conv_frame``      ``conv_frame_penalty`` (§2.2) of each layer's operator at its own stride, padding,
+                    dilation, groups, padding mode and input size (recorded by a forward pre-hook
+                    or given as ``input_sizes``); one exact implicit evaluation per layer
+``ocnn``            ``conv_orthogonality_penalty`` (§1.6) at each layer's stride
+==================  ============================================================================
+
+A ``nn.Linear`` is the 1×1 convolution of a 1-point input, so the conv kinds take it as the
+operator ``W`` itself (``conv_frame`` of a Linear is ``frame_penalty(W)``, ``ocnn`` is
+``‖W Wᵀ − I‖²``). Penalties of grouped convs are the mean over groups (SPEC §0).
+
+``stats()`` returns per layer, as plain floats for a logger: the Gershgorin bounds of the Gram
+the penalty acts on (eigenvalues of that Gram are squared singular values) and the exact
+σ_min / σ_max of the weight matrix ``as_matrix(W, groups)``.
+
+``SVBProjector(model, eps, every)`` calls ``svb_`` after every ``every``-th ``step()``.
+Both work on a DDP-wrapped model's ``module`` (replicated weights give identical penalties on
+every rank).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from regkernels.ops import conv as _conv
+from regkernels.ops import gram as _gram
+from regkernels.ops import svd as _svd
+from regkernels.ops._common import check_number
+
+__all__ = ["Regularizer", "SVBProjector", "KINDS"]
+
+MATRIX_KINDS = ("frame", "diversity", "orthogonality", "mhe", "srip")
+CONV_KINDS = ("conv_frame", "ocnn")
+KINDS = MATRIX_KINDS + CONV_KINDS
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _select(op: str, model: nn.Module, include, exclude) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of every module that is an ``include`` type and not excluded (by name,
+    by module or by type), in ``named_modules`` order."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{op}: model must be an nn.Module; got {type(model).__name__}")
+    include = tuple(include) if isinstance(include, (list, tuple)) else (include,)
+    if not include or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in include):
+        raise TypeError(f"{op}: include must be an nn.Module subclass or a tuple of them; got {include!r}")
+    exclude = [] if exclude is None else list(exclude) if isinstance(exclude, (list, tuple, set)) else [exclude]
+    names = {name for name, _ in model.named_modules()}
+    for e in exclude:
+        if isinstance(e, str) and e not in names:
+            raise ValueError(f"{op}: exclude names a module the model does not have: {e!r}")
+
+    def excluded(name: str, module: nn.Module) -> bool:
+        return any(e == name if isinstance(e, str) else e is module if isinstance(e, nn.Module)
+                   else isinstance(e, type) and isinstance(module, e) for e in exclude)
+
+    chosen = [(n, m) for n, m in model.named_modules()
+              if isinstance(m, include) and getattr(m, "weight", None) is not None and not excluded(n, m)]
+    if not chosen:
+        raise ValueError(f"{op}: no layer selected: the model has no {' / '.join(t.__name__ for t in include)} "
+                         f"with a weight outside exclude")
+    return chosen
+
+
+class _InputSizes:
+    """Spatial input size of each conv, recorded by forward pre-hooks (overridable by name)."""
+
+    def __init__(self, layers: Sequence[tuple[str, nn.Module]], given: dict | None):
+        self._given = dict(given or {})
+        self._seen: dict[int, tuple[int, ...]] = {}
+        self._handles = [m.register_forward_pre_hook(self._record) for _, m in layers if isinstance(m, _CONVS)]
+
+    def _record(self, module: nn.Module, args: tuple) -> None:
+        d = module.weight.dim() - 2
+        self._seen[id(module)] = tuple(int(n) for n in args[0].shape[-d:])
+
+    def get(self, op: str, name: str, module: nn.Module) -> tuple[int, ...]:
+        if name in self._given:
+            size = self._given[name]
+            return (size,) * (module.weight.dim() - 2) if isinstance(size, int) else tuple(size)
+        if id(module) not in self._seen:
+            raise ValueError(f"{op}: no input size for layer {name!r}: run one forward pass first (a pre-hook "
+                             f"records it) or pass input_sizes={{{name!r}: (H, W)}}")
+        return self._seen[id(module)]
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def _conv_geometry(op: str, name: str, module: nn.Module) -> dict[str, Any]:
+    """The operator arguments of a conv layer (SPEC §2.1); a Linear is a 1×1 conv."""
+    if isinstance(module, nn.Linear):
+        return dict(stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros")
+    padding = module.padding
+    if isinstance(padding, str):  # nn.ConvNd(padding="valid" / "same")
+        if padding == "valid":
+            padding = 0
+        else:
+            total = [dl * (k - 1) for dl, k in zip(module.dilation, module.kernel_size)]
+            if any(t % 2 for t in total):
+                raise ValueError(f"{op}: layer {name!r} has padding='same' with an even dilated kernel "
+                                 f"{tuple(module.kernel_size)}: asymmetric padding has no operator here")
+            padding = tuple(t // 2 for t in total)
+    if module.padding_mode not in ("zeros", "circular"):
+        raise ValueError(f"{op}: layer {name!r} has padding_mode={module.padding_mode!r}; the conv operator "
+                         f"kinds take 'zeros' or 'circular'")
+    return dict(stride=tuple(module.stride), padding=tuple(padding) if not isinstance(padding, int) else padding,
+                dilation=tuple(module.dilation), groups=module.groups, padding_mode=module.padding_mode)
+
+
+def _as_conv_weight(module: nn.Module) -> torch.Tensor:
+    w = module.weight
+    return w.unsqueeze(-1) if isinstance(module, nn.Linear) else w
+
+
+class Regularizer:
+    """``weight · mean_l penalty(layer_l)`` over the selected layers of ``model`` (SPEC §6).
+
+    Args:
+        model: the network (a DDP-wrapped model: pass ``ddp.module``).
+        kind: one of ``KINDS`` (module docstring).
+        weight: the factor λ ≥ 0 of the returned value.
+        include: layer types selected (default Conv2d and Linear); layers need a ``weight``.
+        exclude: names (as in ``named_modules``), modules or types to leave out.
+        input_sizes: ``conv_frame`` only: ``{layer name: spatial input size}``, else recorded by a
+            forward pre-hook on each conv (run one forward pass before the first call).
+        backend: passed to the ops (``None``: the fastest for the device; ``"reference"``).
+        **kw: the kind's arguments: ``frame`` / ``conv_frame`` ``A, B`` (required), ``side``;
+            ``diversity`` ``tau`` (required), ``inclusive``; ``orthogonality`` ``side, squared``;
+            ``mhe`` ``s, half, eps``; ``srip`` ``n_iter, generator``; ``ocnn`` ``padding``.
+
+    Calling it returns a 0-dim tensor (float32 for low-precision weights) with gradients to
+    every selected weight.
+    """
+
+    def __init__(self, model: nn.Module, kind: str, weight: float = 1.0,
+                 include: type | Sequence[type] = (nn.Conv2d, nn.Linear), exclude: Iterable | None = None, *,
+                 input_sizes: dict | None = None, backend: str | None = None, **kw):
+        op = "Regularizer"
+        if kind not in KINDS:
+            raise ValueError(f"{op}: kind must be one of {', '.join(map(repr, KINDS))}; got {kind!r}")
+        check_number(op, "weight", weight, lo=0)
+        self.kind, self.weight, self.backend, self.kw = kind, float(weight), backend, dict(kw)
+        self.layers = _select(op, model, include, exclude)
+        if kind in MATRIX_KINDS:
+            # validates kind's arguments once, on the selected weights
+            _gram._check_weights(op, [m.weight for _, m in self.layers], self._groups(), kind,
+                                 _gram._multi_args(op, kind, dict(kw)))
+        elif kind == "conv_frame":
+            missing = [a for a in ("A", "B") if a not in kw]
+            unknown = [a for a in kw if a not in ("A", "B", "side")]
+            if missing or unknown:
+                raise TypeError(f"{op}: kind='conv_frame' takes A, B (required) and side; got unknown {unknown}, "
+                                f"missing {missing}")
+        elif kind == "ocnn" and any(a != "padding" for a in kw):
+            raise TypeError(f"{op}: kind='ocnn' takes padding only; got {sorted(kw)}")
+        if kind in CONV_KINDS:
+            self._geometry = {name: _conv_geometry(op, name, m) for name, m in self.layers}
+        self._sizes = _InputSizes(self.layers, input_sizes) if kind == "conv_frame" else None
+
+    def _groups(self) -> list[int]:
+        return [getattr(m, "groups", 1) for _, m in self.layers]
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self.layers]
+
+    def values(self) -> torch.Tensor:
+        """The per-layer penalties ``(L,)`` (before the mean and the factor)."""
+        if self.kind in MATRIX_KINDS:
+            return _gram.penalty_multi([m.weight for _, m in self.layers], self.kind, backend=self.backend,
+                                       groups=self._groups(), **self.kw)
+        out = []
+        for name, m in self.layers:
+            w, geo = _as_conv_weight(m), self._geometry[name]
+            if self.kind == "conv_frame":
+                size = (1,) if isinstance(m, nn.Linear) else self._sizes.get("Regularizer", name, m)
+                out.append(_conv.conv_frame_penalty(w, size, self.kw["A"], self.kw["B"], geo["stride"],
+                                                    geo["padding"], geo["dilation"], geo["groups"],
+                                                    geo["padding_mode"], self.kw.get("side", "auto"),
+                                                    backend=self.backend))
+            else:
+                penalties = [_conv.conv_orthogonality_penalty(wg, geo["stride"], self.kw.get("padding"),
+                                                              backend=self.backend)
+                             for wg in w.chunk(geo["groups"], dim=0)]
+                out.append(torch.stack(penalties).mean())  # grouped: the mean over groups (SPEC §0)
+        return torch.stack([v.float() if v.dtype in (torch.float16, torch.bfloat16) else v for v in out])
+
+    def __call__(self) -> torch.Tensor:
+        return self.weight * self.values().mean()
+
+    @torch.no_grad()
+    def stats(self) -> dict[str, dict[str, float]]:
+        """Per layer: ``gershgorin_lo`` / ``gershgorin_hi`` (bounds on the eigenvalues of the Gram
+        the penalty acts on: the operator's for ``conv_frame``, else ``Gram(as_matrix(W))`` on the
+        kind's side) and ``sigma_min`` / ``sigma_max`` (exact, of ``as_matrix(W, groups)``)."""
+        out = {}
+        side = self.kw.get("side", "auto")
+        for (name, m), g in zip(self.layers, self._groups()):
+            M = _gram.as_matrix(m.weight, g).float() if m.weight.dtype != torch.float64 else _gram.as_matrix(m.weight, g)
+            if self.kind == "conv_frame":
+                geo = self._geometry[name]
+                size = (1,) if isinstance(m, nn.Linear) else self._sizes.get("Regularizer.stats", name, m)
+                lo, hi = _conv.conv_gershgorin_bounds(_as_conv_weight(m), size, geo["stride"], geo["padding"],
+                                                      geo["dilation"], geo["groups"], geo["padding_mode"], side,
+                                                      backend=self.backend)
+            else:
+                matrix_side = side if self.kind in ("frame", "orthogonality") else "rows" \
+                    if self.kind in ("diversity", "mhe", "ocnn") else "auto"
+                lo, hi = _gram.gershgorin_bounds(M, matrix_side)
+            s = torch.linalg.svdvals(M)
+            out[name] = {"gershgorin_lo": float(lo.min()), "gershgorin_hi": float(hi.max()),
+                         "sigma_min": float(s.min()) if s.numel() else math.nan,
+                         "sigma_max": float(s.max()) if s.numel() else math.nan}
+        return out
+
+    def remove_hooks(self) -> None:
+        """Remove the input-size pre-hooks (``conv_frame``)."""
+        if self._sizes is not None:
+            self._sizes.remove()
+
+    def __repr__(self) -> str:
+        return f"Regularizer(kind={self.kind!r}, weight={self.weight}, layers={len(self.layers)}, kw={self.kw})"
+
+
+class SVBProjector:
+    """Hard singular value bounding on a schedule (SPEC §3.3, §6): after every ``every``-th
+    ``step()`` (call it after ``optimizer.step()``) every Linear / Conv weight of ``model`` gets
+    ``W ← U clamp(S, 1/(1+eps), 1+eps) Vh`` in place.
+
+    ``operator=True`` bounds each conv's operator instead (SPEC §2.3; circular, stride-1 model):
+    the input sizes are recorded by forward pre-hooks, or given as ``input_size`` (int, tuple or
+    ``{weight: size}``, as ``svb_`` takes them). ``step()`` returns the number of matrices projected
+    (0 on the steps in between).
+    """
+
+    def __init__(self, model: nn.Module, eps: float, every: int = 1, operator: bool = False,
+                 input_size=None, backend: str | None = None):
+        op = "SVBProjector"
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{op}: model must be an nn.Module; got {type(model).__name__}")
+        check_number(op, "eps", eps, lo=0)
+        check_number(op, "every", every, lo=1, integer=True)
+        self.model, self.eps, self.every, self.operator = model, float(eps), every, bool(operator)
+        self.input_size, self.backend, self.steps = input_size, backend, 0
+        convs = [(n, m) for n, m in model.named_modules() if isinstance(m, _CONVS)]
+        self._sizes = _InputSizes(convs, None) if operator and input_size is None else None
+        self._convs = convs
+
+    def step(self) -> int:
+        self.steps += 1
+        if self.steps % self.every:
+            return 0
+        size = self.input_size
+        if self._sizes is not None:
+            size = {m.weight: self._sizes.get("SVBProjector", n, m) for n, m in self._convs}
+        return _svd.svb_(self.model, self.eps, operator=self.operator, input_size=size, backend=self.backend)
+
+    def remove_hooks(self) -> None:
+        if self._sizes is not None:
+            self._sizes.remove()
