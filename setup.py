@@ -98,7 +98,9 @@ setup(
     packages=find_packages(include=["regkernels", "regkernels.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.6"],
-    extras_require={"test": ["pytest", "pytest-benchmark"], "triton": ["triton"]},
+    extras_require={"test": ["pytest", "pytest-benchmark", "scikit-learn"], "triton": ["triton"],
+                    # examples/train.py trains on scikit-learn's bundled digits (no download)
+                    "examples": ["scikit-learn"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(no_python_abi_suffix=False)},
 )

@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 PY="${PYTHON:-python}"
 
 "$PY" -m pip install --quiet --disable-pip-version-check torch ninja pybind11 pytest pytest-benchmark
+# the example trainer's dataset (scikit-learn's bundled 8×8 digits, offline): an optional extra of
+# regkernels, installed here because the test suite runs the example
+"$PY" -m pip install --quiet --disable-pip-version-check scikit-learn
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDA_HOME=/usr/local/cuda
 fi
