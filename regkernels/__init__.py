@@ -26,7 +26,7 @@ from regkernels.ops.conv import (
 )
 from regkernels.ops.svd import batched_svd, clamp_singular_values, svb_
 from regkernels.ops.jacobian import jacobian_penalty
-from regkernels import optim, reference  # noqa: E402
+from regkernels import nn, optim, reference  # noqa: E402
 
 __all__ = [
     "as_matrix", "frame_penalty", "gershgorin_bounds", "frame_bounds", "diversity_penalty",
@@ -34,5 +34,5 @@ __all__ = [
     "conv_to_matrix", "conv_frame_penalty", "conv_gershgorin_bounds", "conv_orthogonality_penalty",
     "conv_singular_values", "clip_conv_singular_values",
     "batched_svd", "clamp_singular_values", "svb_", "jacobian_penalty",
-    "optim", "reference",
+    "nn", "optim", "reference",
 ]

@@ -16,7 +16,6 @@ Both mean σ(D(real)) and mean σ(D(fake)) tend to 0.5 when D can no longer tell
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -188,13 +187,18 @@ class AdversarialKernelRegularizer(nn.Module):
                                  f"got weight {i} on {w.device}, real on {device}")
         return found, (() if found else weights)
 
+    def _rng_device(self) -> torch.device:
+        # draws happen where the generator lives (the CPU without one), then move to the data,
+        # so a CPU generator drives a CUDA model and a CUDA generator works too
+        return self.generator.device if self.generator is not None else torch.device("cpu")
+
     def _uniform(self, shape, bound: float) -> torch.Tensor:
-        return (torch.rand(shape, generator=self.generator, dtype=torch.float64) * 2 - 1) * bound
+        u = torch.rand(shape, generator=self.generator, dtype=torch.float64, device=self._rng_device())
+        return (u * 2 - 1) * bound
 
     def _pick(self, n: int) -> torch.Tensor:
-        """Indices of a random batch of min(batch, n) out of n, without replacement (CPU draw,
-        so one CPU generator serves every device)."""
-        return torch.randperm(n, generator=self.generator)[: min(self.batch, n)]
+        """Indices of a random batch of min(batch, n) out of n, without replacement."""
+        return torch.randperm(n, generator=self.generator, device=self._rng_device())[: min(self.batch, n)]
 
     def _kernels(self) -> torch.Tensor:
         ws = [c.weight for c in self._convs] if self._convs else self._weights
