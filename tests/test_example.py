@@ -1,0 +1,95 @@
+"""examples/train.py: every --reg runs a few steps and returns sane records; the plain CNN learns.
+
+The script is loaded from its path (examples/ is not a package). It needs scikit-learn's digits
+(bundled with scikit-learn, no download): the tests skip without scikit-learn.
+"""
+import importlib.util
+import json
+import math
+import pathlib
+import sys
+
+import pytest
+
+pytest.importorskip("sklearn")
+
+SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "examples" / "train.py"
+
+
+@pytest.fixture(scope="module")
+def train():
+    spec = importlib.util.spec_from_file_location("regkernels_example_train", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# what acts through the loss (penalty > 0) and what acts on the weights or the optimizer (0)
+PENALTY_REGS = ("frame", "diversity", "orthogonality", "srip", "mhe", "conv_frame", "ocnn", "adversarial",
+                "jacobian")
+OTHER_REGS = ("none", "svb", "beta-lasso")
+KEYS = ("epoch", "steps", "loss", "penalty", "test_acc", "model_ms", "reg_ms", "sigma_min", "sigma_max",
+        "gershgorin_lo", "gershgorin_hi")
+
+
+def test_every_reg_is_covered(train):
+    assert set(train.REGS) == set(PENALTY_REGS + OTHER_REGS)
+    assert set(train.DEFAULT_LAM) == set(train.REGS)
+
+
+@pytest.mark.parametrize("reg", PENALTY_REGS + OTHER_REGS)
+def test_reg_runs(train, reg, capsys):
+    records = train.main(["--reg", reg, "--epochs", "1", "--steps-per-epoch", "5"])
+    assert len(records) == 1
+    rec = records[0]
+    assert set(KEYS) <= set(rec), set(KEYS) - set(rec)
+    assert rec["steps"] == 5
+    assert math.isfinite(rec["loss"]) and rec["loss"] > 0
+    assert 0.0 <= rec["test_acc"] <= 1.0
+    assert math.isfinite(rec["penalty"])
+    if reg in PENALTY_REGS:
+        assert rec["penalty"] > 0, f"{reg}: the penalty term should be positive at initialisation"
+    else:
+        assert rec["penalty"] == 0
+    assert rec["model_ms"] > 0 and rec["reg_ms"] >= 0
+    if reg != "none":
+        assert rec["reg_ms"] > 0
+    assert 0 <= rec["sigma_min"] <= rec["sigma_max"] and math.isfinite(rec["sigma_max"])
+    assert rec["gershgorin_lo"] <= rec["gershgorin_hi"]
+    if reg == "beta-lasso":
+        assert 0 < rec["nonzero_frac"] <= 1
+    if reg == "adversarial":
+        assert 0 < rec["d_real"] < 1 and 0 < rec["d_fake"] < 1
+    out = capsys.readouterr().out
+    assert "test acc" in out and "summary:" in out and f"reg {reg}" in out
+
+
+def test_reference_backend_and_json(train, tmp_path):
+    path = tmp_path / "run.json"
+    records = train.main(["--reg", "frame", "--backend", "reference", "--epochs", "2", "--steps-per-epoch", "3",
+                          "--json", str(path), "--quiet"])
+    data = json.loads(path.read_text())
+    assert data["epochs"] == records and len(records) == 2
+    assert data["config"]["backend"] == "reference" and data["summary"]["reg"] == "frame"
+    assert {"final_test_acc", "model_ms", "reg_ms", "reg_share_pct"} <= set(data["summary"])
+
+
+def test_bad_flags(train):
+    with pytest.raises(SystemExit):
+        train.main(["--reg", "nope"])
+    with pytest.raises(SystemExit):
+        train.main(["--epochs", "0"])
+
+
+def test_missing_sklearn_message(train, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # makes the import raise ImportError
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--epochs", "1"])
+    assert "pip install scikit-learn" in str(exc.value.code)
+
+
+def test_plain_cnn_learns(train):
+    records = train.main(["--reg", "none", "--epochs", "3", "--quiet"])
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert records[-1]["loss"] < records[0]["loss"]
+    assert records[-1]["test_acc"] >= 0.85
