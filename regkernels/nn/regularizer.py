@@ -187,20 +187,32 @@ class Regularizer:
         if self.kind in MATRIX_KINDS:
             return _gram.penalty_multi([m.weight for _, m in self.layers], self.kind, backend=self.backend,
                                        groups=self._groups(), **self.kw)
-        out = []
-        for name, m in self.layers:
+        out: list = [None] * len(self.layers)
+        if self.kind == "conv_frame":
+            # a Linear's operator is W itself: its conv frame penalty is frame_penalty(W), and all
+            # Linear layers go through one grouped call
+            linear = [i for i, (_, m) in enumerate(self.layers) if isinstance(m, nn.Linear)]
+            if linear:
+                values = _gram.penalty_multi([self.layers[i][1].weight for i in linear], "frame",
+                                             backend=self.backend, A=self.kw["A"], B=self.kw["B"],
+                                             side=self.kw.get("side", "auto"))
+                for i, v in zip(linear, values):
+                    out[i] = v
+        for i, (name, m) in enumerate(self.layers):
             w, geo = _as_conv_weight(m), self._geometry[name]
+            if out[i] is not None:
+                continue
             if self.kind == "conv_frame":
-                size = (1,) if isinstance(m, nn.Linear) else self._sizes.get("Regularizer", name, m)
-                out.append(_conv.conv_frame_penalty(w, size, self.kw["A"], self.kw["B"], geo["stride"],
-                                                    geo["padding"], geo["dilation"], geo["groups"],
-                                                    geo["padding_mode"], self.kw.get("side", "auto"),
-                                                    backend=self.backend))
+                size = self._sizes.get("Regularizer", name, m)
+                out[i] = _conv.conv_frame_penalty(w, size, self.kw["A"], self.kw["B"], geo["stride"],
+                                                  geo["padding"], geo["dilation"], geo["groups"],
+                                                  geo["padding_mode"], self.kw.get("side", "auto"),
+                                                  backend=self.backend)
             else:
                 penalties = [_conv.conv_orthogonality_penalty(wg, geo["stride"], self.kw.get("padding"),
                                                               backend=self.backend)
                              for wg in w.chunk(geo["groups"], dim=0)]
-                out.append(torch.stack(penalties).mean())  # grouped: the mean over groups (SPEC §0)
+                out[i] = torch.stack(penalties).mean()  # grouped: the mean over groups (SPEC §0)
         return torch.stack([v.float() if v.dtype in (torch.float16, torch.bfloat16) else v for v in out])
 
     def __call__(self) -> torch.Tensor:
