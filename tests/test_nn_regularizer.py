@@ -106,6 +106,7 @@ def test_exclusions_and_includes():
     assert model[0].weight.grad is None and model[2].weight.grad is None  # excluded: untouched
 
 
+@torch.no_grad()
 def test_stats_match_exact_svds_and_gershgorin():
     model = _model()
     for kind in ("frame", "conv_frame"):
@@ -183,7 +184,7 @@ def test_svb_projector_schedule_and_bounds():
     assert proj.step() == 1 + 2 + 1 + 1  # the grouped conv projects each of its 2 groups
     for m in model.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
-            s = torch.linalg.svdvals(regkernels.as_matrix(m.weight, getattr(m, "groups", 1)))
+            s = torch.linalg.svdvals(regkernels.as_matrix(m.weight.detach(), getattr(m, "groups", 1)))
             assert float(s.min()) >= 1 / 1.1 - 1e-9 and float(s.max()) <= 1.1 + 1e-9
 
 
