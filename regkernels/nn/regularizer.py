@@ -199,9 +199,9 @@ class Regularizer:
                 for i, v in zip(linear, values):
                     out[i] = v
         for i, (name, m) in enumerate(self.layers):
-            w, geo = _as_conv_weight(m), self._geometry[name]
-            if out[i] is not None:
+            if out[i] is not None:  # done above
                 continue
+            w, geo = _as_conv_weight(m), self._geometry[name]
             if self.kind == "conv_frame":
                 size = self._sizes.get("Regularizer", name, m)
                 out[i] = _conv.conv_frame_penalty(w, size, self.kw["A"], self.kw["B"], geo["stride"],

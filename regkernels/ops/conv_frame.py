@@ -168,20 +168,15 @@ class _Geometry:
         return math.prod(dim.n_cls for dim in self.dims)
 
 
-def _pad3(values: Sequence[int], fill: int) -> tuple[int, int, int]:
-    return (fill,) * (3 - len(values)) + tuple(values)
-
-
 def _geometry(weight_shape, input_size, stride, padding, dilation, groups, padding_mode, side) -> _Geometry:
     d = len(weight_shape) - 2
     kernel = tuple(weight_shape[2:])
-    stride, padding, dilation = R._expand(stride, d), R._expand(padding, d), R._expand(dilation, d)
     out = R.conv_output_size(input_size, kernel, stride, padding, dilation)
     m = weight_shape[0] * math.prod(out)
     n = weight_shape[1] * groups * math.prod(input_size)
     rows = side == "rows" or (side == "auto" and m < n)  # the reference's rule (SPEC §0)
-    return _Geometry(_pad3(kernel, 1), _pad3(input_size, 1), _pad3(stride, 1), _pad3(padding, 0),
-                     _pad3(dilation, 1), padding_mode == "circular", rows)
+    return _Geometry(R._expand3(kernel, d, 1), R._expand3(tuple(input_size), d, 1), R._expand3(stride, d, 1),
+                     R._expand3(padding, d, 0), R._expand3(dilation, d, 1), padding_mode == "circular", rows)
 
 
 @functools.lru_cache(maxsize=256)
@@ -330,8 +325,8 @@ def _stats_backward(weight: torch.Tensor, gd: torch.Tensor, gr: torch.Tensor, si
 
 def _geo_of(weight: torch.Tensor, input_size, stride, padding, dilation, circular: bool, rows: bool) -> _Geometry:
     # int(): the class tables are a function of the kernel size (a dynamic size specialises)
-    return _Geometry(tuple(int(k) for k in weight.shape[2:]), tuple(input_size), tuple(stride), tuple(padding), tuple(dilation),
-                     circular, rows)
+    return _Geometry(tuple(int(k) for k in weight.shape[2:]), tuple(input_size), tuple(stride), tuple(padding),
+                     tuple(dilation), circular, rows)
 
 
 @torch.library.custom_op("regkernels::conv_frame_stats", mutates_args=())
@@ -346,11 +341,16 @@ def _conv_frame_stats(weight: torch.Tensor, input_size: list[int], stride: list[
     return _stats_forward(weight, geo, groups, keep_signs)
 
 
+def _stats_like(weight: torch.Tensor, geo: _Geometry, groups: int, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
+    """An empty ``(G, n_cls, Cx)`` stats tensor (for the fake implementations) and ``Cx``."""
+    cx = weight.shape[0] // groups if geo.rows else weight.shape[1]
+    return weight.new_empty((groups, geo.n_cls, cx), dtype=dtype), cx
+
+
 @_conv_frame_stats.register_fake
 def _conv_frame_stats_fake(weight, input_size, stride, padding, dilation, groups, circular, rows, keep_signs):
     geo = _geo_of(weight, input_size, stride, padding, dilation, circular, rows)
-    cx = weight.shape[0] // groups if rows else weight.shape[1]
-    d = weight.new_empty((groups, geo.n_cls, cx), dtype=compute_dtype(weight.dtype))
+    d, cx = _stats_like(weight, geo, groups, compute_dtype(weight.dtype))
     keep = _keeps_signs(geo, groups, cx, keep_signs)
     signs = weight.new_empty(_signs_shape(geo, groups, cx) if keep else (0,), dtype=torch.int8)
     return d, torch.empty_like(d), signs
@@ -429,9 +429,8 @@ if _ext.has_triton():
 
     @_conv_frame_stats_triton.register_fake
     def _conv_frame_stats_triton_fake(weight, input_size, stride, padding, dilation, groups, circular, rows):
-        geo = _geo_of(weight, input_size, stride, padding, dilation, circular, rows)
-        cx = weight.shape[0] // groups if rows else weight.shape[1]
-        d = weight.new_empty((groups, geo.n_cls, cx), dtype=torch.float32)
+        d, _ = _stats_like(weight, _geo_of(weight, input_size, stride, padding, dilation, circular, rows), groups,
+                           torch.float32)
         return d, torch.empty_like(d)
 
     @torch.library.custom_op("regkernels::conv_frame_stats_triton_backward", mutates_args=())
@@ -503,19 +502,14 @@ def _kernels(triton: bool):
                            side: str = "auto") -> torch.Tensor:
         """SPEC §2.2 without ``T``: ``(1/k) Σ_κ count(κ) Σ_a h(d, r)`` (module docstring)."""
         d, r, counts, k = _stats(weight, input_size, stride, padding, dilation, groups, padding_mode, side, triton)
-        h = torch.clamp(A - (d - r), min=0) ** 2 + torch.clamp((d + r) - B, min=0) ** 2
-        total = (h * counts[:, None]).sum()
-        return (total / max(k, 1)).to(weight.dtype)
+        return R._frame_value(d, r, A, B, k, weight.dtype, counts=counts[:, None])
 
     def conv_gershgorin_bounds(weight: torch.Tensor, input_size: Sequence[int], stride=1, padding=0, dilation=1,
                                groups: int = 1, padding_mode: str = "zeros",
                                side: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
         """``(min(d − r), max(d + r))`` over the classes (every class has a position)."""
         d, r, _, _ = _stats(weight, input_size, stride, padding, dilation, groups, padding_mode, side, triton)
-        if d.numel() == 0:
-            inf = torch.tensor(float("inf"), dtype=weight.dtype, device=weight.device)
-            return inf, -inf
-        return (d - r).min().to(weight.dtype), (d + r).max().to(weight.dtype)
+        return R._gershgorin_value(d, r, weight.dtype)
 
     return conv_frame_penalty, conv_gershgorin_bounds
 

@@ -28,30 +28,12 @@ from regkernels import _ext
 from regkernels.ops import conv as _conv
 from regkernels.reference import conv as R
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
 def _normalise(weight: torch.Tensor, input_size, stride, padding, dilation):
     """(5-D weight view, input_size, stride, padding, dilation as 3-lists)."""
     d = weight.dim() - 2
-
-    def pad3(v, fill: int) -> list[int]:  # leading unit dims: a d-dim conv is a 3-D one
-        return [fill] * (3 - d) + list(R._expand(v, d))
-
-    w5 = weight.reshape(weight.shape[0], weight.shape[1], *([1] * (3 - d)), *weight.shape[2:])
-    return w5, pad3(tuple(input_size), 1), pad3(stride, 1), pad3(padding, 0), pad3(dilation, 1)
-
-
-def _shape(weight: torch.Tensor, input_size, stride, padding, dilation, groups) -> tuple[int, int]:
-    out = R.conv_output_size(input_size, weight.shape[2:], stride, padding, dilation)
-    return weight.shape[0] * math.prod(out), weight.shape[1] * groups * math.prod(input_size)
-
-
-def _check_dense(weight, shape, max_dense_bytes) -> None:
-    R._check_dense_size("conv_to_matrix", f"the dense matrix of shape {shape}",
-                        shape[0] * shape[1] * weight.element_size(), max_dense_bytes,
-                        "use layout='coo' or layout='csr' (built without a dense intermediate) "
-                        "or a larger max_dense_bytes")
+    w5 = weight.reshape(weight.shape[0], weight.shape[1], *R._expand3(tuple(weight.shape[2:]), d, 1))
+    return (w5, list(R._expand3(tuple(input_size), d, 1)), list(R._expand3(stride, d, 1)),
+            list(R._expand3(padding, d, 0)), list(R._expand3(dilation, d, 1)))
 
 
 # ----------------------------------------------------------------------------- dense: C++ (CPU)
@@ -74,7 +56,7 @@ if _ext.HAS_C:
 
     @torch.library.register_fake("regkernels::conv_to_matrix_dense")
     def _dense_fake(weight, input_size, stride, padding, dilation, groups, circular):
-        rows, cols = _shape(weight, input_size, stride, padding, dilation, groups)
+        rows, cols = R._matrix_shape(weight, input_size, stride, padding, dilation, groups)
         return weight.new_empty((rows, cols))
 
     @torch.library.register_fake("regkernels::conv_to_matrix_dense_backward")
@@ -100,7 +82,7 @@ if _ext.has_triton():
 
     @_dense_triton.register_fake
     def _dense_triton_fake(weight, input_size, stride, padding, dilation, groups, circular):
-        rows, cols = _shape(weight, input_size, stride, padding, dilation, groups)
+        rows, cols = R._matrix_shape(weight, input_size, stride, padding, dilation, groups)
         return weight.new_empty((rows, cols))
 
     @torch.library.custom_op("regkernels::conv_to_matrix_triton_backward", mutates_args=())
@@ -199,7 +181,7 @@ def _sparse(weight: torch.Tensor, input_size, stride, padding, dilation, groups:
     geometry = (tuple(input_size), R._expand(stride, d), R._expand(padding, d), R._expand(dilation, d))
     col, row, crow_p, index, inverse, S = _sparse_plan(kernel, *geometry, padding_mode == "circular", c_in_g,
                                                        weight.device)
-    shape = _shape(weight, *geometry, groups)
+    shape = R._matrix_shape(weight, *geometry, groups)
     p_out, p_in = shape[0] // max(c_out, 1), math.prod(input_size)
     values = _GatherSum.apply(weight.reshape(c_out, c_in_g * math.prod(kernel)), index, inverse).reshape(-1)
     o = torch.arange(c_out, device=weight.device)[:, None]
@@ -224,17 +206,17 @@ def _kernel(dense_op):
              layout="dense", max_dense_bytes=None):
         if layout != "dense":
             return _sparse(weight, input_size, stride, padding, dilation, groups, padding_mode, layout)
-        _check_dense(weight, _shape(weight, input_size, stride, padding, dilation, groups), max_dense_bytes)
+        shape = R._matrix_shape(weight, input_size, stride, padding, dilation, groups)
+        R._check_dense_matrix(weight, shape, max_dense_bytes)
         w5, *geometry = _normalise(weight, input_size, stride, padding, dilation)
         return dense_op(w5, *geometry, groups, padding_mode == "circular")
     return impl
 
 
 if _ext.HAS_C:
-    _conv._TABLE.register("conv_to_matrix", "cpu", "cpu",
-                          _kernel(lambda *a: torch.ops.regkernels.conv_to_matrix_dense(*a)))
+    _conv._TABLE.register("conv_to_matrix", "cpu", "cpu", _kernel(torch.ops.regkernels.conv_to_matrix_dense))
 if _ext.has_triton():
-    _triton = _kernel(lambda *a: torch.ops.regkernels.conv_to_matrix_triton(*a))
+    _triton = _kernel(torch.ops.regkernels.conv_to_matrix_triton)
     _conv._TABLE.register("conv_to_matrix", "cuda", "triton", _triton)
     if _ext.triton_interpreted():
         _conv._TABLE.register("conv_to_matrix", "cpu", "triton", _triton)

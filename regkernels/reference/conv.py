@@ -54,6 +54,12 @@ def _expand(value, d: int) -> tuple[int, ...]:
     return tuple(int(v) for v in value)
 
 
+def _expand3(value, d: int, fill: int) -> tuple[int, int, int]:
+    """``_expand(value, d)`` led by ``fill``s to three entries: a d-dim conv as a 3-D one (the
+    kernels' normalised form; a unit dim has kernel / input 1, stride 1, padding 0, dilation 1)."""
+    return (fill,) * (3 - d) + _expand(value, d)
+
+
 def conv_output_size(input_size: Sequence[int], kernel: Sequence[int], stride, padding, dilation) -> tuple[int, ...]:
     """Spatial output size of a convolution, per dim
     ``⌊(n + 2p − dil·(k − 1) − 1) / s⌋ + 1`` (the formula of ``nn.Conv2d``).
@@ -136,6 +142,20 @@ def _matrix_entries(weight: torch.Tensor, input_size, stride, padding, dilation,
     return rows, cols, vals, valid[None, None].expand(c_out, c_in_g, p_out, k)
 
 
+def _matrix_shape(weight: torch.Tensor, input_size, stride, padding, dilation, groups: int) -> tuple[int, int]:
+    """``(C_out·∏out_size, C_in·∏input_size)``, the shape of T."""
+    out_size = conv_output_size(input_size, weight.shape[2:], stride, padding, dilation)
+    return weight.shape[0] * math.prod(out_size), weight.shape[1] * groups * math.prod(input_size)
+
+
+def _check_dense_matrix(weight: torch.Tensor, shape: tuple[int, int], limit: int | None) -> None:
+    """The dense layout's size guard (every ``conv_to_matrix`` implementation runs it first)."""
+    _check_dense_size("conv_to_matrix", f"the dense matrix of shape {shape}",
+                      shape[0] * shape[1] * weight.element_size(), limit,
+                      "use layout='coo' or layout='csr' (built without a dense intermediate) "
+                      "or a larger max_dense_bytes")
+
+
 def conv_to_matrix(weight: torch.Tensor, input_size: Sequence[int], stride=1, padding=0, dilation=1,
                    groups: int = 1, padding_mode: str = "zeros", layout: str = "dense",
                    max_dense_bytes: int | None = None) -> torch.Tensor:
@@ -162,14 +182,9 @@ def conv_to_matrix(weight: torch.Tensor, input_size: Sequence[int], stride=1, pa
     Raises:
         ValueError: a dense ``T`` over ``max_dense_bytes`` (before allocating).
     """
-    out_size = conv_output_size(input_size, weight.shape[2:], stride, padding, dilation)
-    c_in = weight.shape[1] * groups
-    shape = (weight.shape[0] * math.prod(out_size), c_in * math.prod(input_size))
+    shape = _matrix_shape(weight, input_size, stride, padding, dilation, groups)
     if layout == "dense":
-        _check_dense_size("conv_to_matrix", f"the dense matrix of shape {shape}",
-                          shape[0] * shape[1] * weight.element_size(), max_dense_bytes,
-                          "use layout='coo' or layout='csr' (built without a dense intermediate) "
-                          "or a larger max_dense_bytes")
+        _check_dense_matrix(weight, shape, max_dense_bytes)
     rows, cols, vals, valid = _matrix_entries(weight, tuple(input_size), stride, padding, dilation,
                                               groups, padding_mode)
     if layout == "dense":
@@ -218,9 +233,7 @@ def _frame_terms(T: torch.Tensor, side: str) -> tuple[torch.Tensor, torch.Tensor
 def _frame_working_bytes(weight: torch.Tensor, input_size, stride, padding, dilation, groups: int,
                          side: str) -> tuple[tuple[int, int], int]:
     """Shape of T and the bytes of the explicit path: T plus the Gram V and |V| (k×k)."""
-    out_size = conv_output_size(input_size, weight.shape[2:], stride, padding, dilation)
-    m = weight.shape[0] * math.prod(out_size)
-    n = weight.shape[1] * groups * math.prod(input_size)
+    m, n = _matrix_shape(weight, input_size, stride, padding, dilation, groups)
     k = m if side == "rows" else n if side == "cols" else min(m, n)
     itemsize = torch.empty((), dtype=compute_dtype(weight.dtype)).element_size()
     return (m, n), (m * n + 2 * k * k) * itemsize
@@ -259,10 +272,24 @@ def conv_frame_penalty(weight: torch.Tensor, input_size: Sequence[int], A: float
     """
     d, r = _explicit_frame("conv_frame_penalty", weight, input_size, stride, padding, dilation, groups,
                            padding_mode, side)
-    lower = torch.clamp(A - (d - r), min=0) ** 2
-    upper = torch.clamp((d + r) - B, min=0) ** 2
-    total = (lower + upper).sum()
-    return (total / max(d.numel(), 1)).to(weight.dtype)
+    return _frame_value(d, r, A, B, d.numel(), weight.dtype)
+
+
+def _frame_value(d: torch.Tensor, r: torch.Tensor, A: float, B: float, k: int, dtype: torch.dtype,
+                 counts: torch.Tensor | None = None) -> torch.Tensor:
+    """SPEC §1.1's ``(1/k) Σ_i [max(0, A − (d_i − r_i))² + max(0, d_i + r_i − B)²]``, each row
+    ``i`` of ``d, r`` standing for ``counts[i]`` rows of the Gram (1 each without ``counts``)."""
+    h = torch.clamp(A - (d - r), min=0) ** 2 + torch.clamp((d + r) - B, min=0) ** 2
+    total = (h if counts is None else h * counts).sum()
+    return (total / max(k, 1)).to(dtype)
+
+
+def _gershgorin_value(d: torch.Tensor, r: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(min(d − r), max(d + r))``; ``(+inf, −inf)`` (the identities of min and max) when empty."""
+    if d.numel() == 0:
+        inf = torch.tensor(float("inf"), dtype=dtype, device=d.device)
+        return inf, -inf
+    return (d - r).min().to(dtype), (d + r).max().to(dtype)
 
 
 def conv_gershgorin_bounds(weight: torch.Tensor, input_size: Sequence[int], stride=1, padding=0, dilation=1,
@@ -277,10 +304,7 @@ def conv_gershgorin_bounds(weight: torch.Tensor, input_size: Sequence[int], stri
     """
     d, r = _explicit_frame("conv_gershgorin_bounds", weight, input_size, stride, padding, dilation, groups,
                            padding_mode, side)
-    if d.numel() == 0:
-        inf = torch.tensor(float("inf"), dtype=weight.dtype, device=weight.device)
-        return inf, -inf
-    return (d - r).min().to(weight.dtype), (d + r).max().to(weight.dtype)
+    return _gershgorin_value(d, r, weight.dtype)
 
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
