@@ -98,7 +98,7 @@ setup(
     packages=find_packages(include=["regkernels", "regkernels.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.6"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "scikit-learn"], "triton": ["triton"],
+    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis", "scikit-learn"], "triton": ["triton"],
                     # examples/train.py trains on scikit-learn's bundled digits (no download)
                     "examples": ["scikit-learn"]},
     ext_modules=[_extension()],

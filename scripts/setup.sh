@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python}"
 
-"$PY" -m pip install --quiet --disable-pip-version-check torch ninja pybind11 pytest pytest-benchmark
+"$PY" -m pip install --quiet --disable-pip-version-check torch ninja pybind11 pytest pytest-benchmark hypothesis
 # the example trainer's dataset (scikit-learn's bundled 8×8 digits, offline): an optional extra of
 # regkernels, installed here because the test suite runs the example
 "$PY" -m pip install --quiet --disable-pip-version-check scikit-learn

@@ -7,6 +7,7 @@ op does not have (yet) for that device raises ``ValueError`` listing what exists
 """
 from __future__ import annotations
 
+import math
 from types import ModuleType
 from typing import Callable, Iterable, Sequence
 
@@ -106,10 +107,9 @@ def check_side(op: str, side: str) -> str:
 
 
 def check_bounds(op: str, lo_name: str, lo: float, hi_name: str, hi: float, *, nonneg: bool = True) -> None:
-    """``0 ≤ lo ≤ hi`` (or just ``lo ≤ hi`` with nonneg=False), finite numbers."""
-    for n, v in ((lo_name, lo), (hi_name, hi)):
-        if isinstance(v, torch.Tensor) or not isinstance(v, (int, float)) or v != v:
-            raise TypeError(f"{op}: {n} must be a real number; got {v!r}")
+    """``0 ≤ lo ≤ hi`` (or just ``lo ≤ hi`` with nonneg=False), finite real numbers (bools refused)."""
+    check_number(op, lo_name, lo)
+    check_number(op, hi_name, hi)
     if nonneg and lo < 0:
         raise ValueError(f"{op}: {lo_name} must be >= 0; got {lo_name}={lo}")
     if lo > hi:
@@ -117,12 +117,19 @@ def check_bounds(op: str, lo_name: str, lo: float, hi_name: str, hi: float, *, n
 
 
 def check_number(op: str, name: str, v, *, lo: float | None = None, hi: float | None = None, integer: bool = False):
-    kind = "an integer" if integer else "a real number"
+    """A finite Python number (an int when ``integer``) in ``[lo, hi]``; bools and tensors refused.
+
+    SPEC §8: hyperparameters are finite Python numbers. ``True`` is an int to Python but never a
+    bound or a rate here, and ``inf`` / ``nan`` would turn every result into inf or NaN silently.
+    """
+    kind = "an integer (a Python int)" if integer else "a real number (a Python int or float)"
     ok = isinstance(v, int) if integer else isinstance(v, (int, float))
-    if isinstance(v, bool) or not ok or (not integer and v != v):
-        raise TypeError(f"{op}: {name} must be {kind}; got {v!r}")
+    if isinstance(v, bool) or not ok:
+        raise TypeError(f"{op}: {name} must be {kind}, not {type(v).__name__}; got {v!r}")
+    if not integer and not math.isfinite(v):
+        raise ValueError(f"{op}: {name} must be finite; got {name}={v}")
     if lo is not None and v < lo:
-        raise ValueError(f"{op}: {name} must be >= {lo}; got {v}")
+        raise ValueError(f"{op}: {name} must be >= {lo}; got {name}={v}")
     if hi is not None and v > hi:
-        raise ValueError(f"{op}: {name} must be <= {hi}; got {v}")
+        raise ValueError(f"{op}: {name} must be <= {hi}; got {name}={v}")
     return v
