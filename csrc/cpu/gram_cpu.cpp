@@ -11,6 +11,7 @@
 // All math is in float32 for float16 / bfloat16 / float32 inputs and in float64 for float64.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/util/SmallVector.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -42,12 +43,29 @@ at::ScalarType math_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDou
 // Rows per parallel work item: enough that a work item is ~16K Gram entries.
 int64_t grain_rows(int64_t k) { return std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(k, 1)); }
 
+// f(lo, hi) over the rows [0, k) of a Gram, in parallel chunks of grain_rows(k) rows. Up to
+// k = 128 that is one chunk: called directly, without the cost of a parallel region, which is
+// most of an epilogue's time on a stack of tiny matrices.
+template <typename F>
+inline void for_rows(int64_t k, const F& f) {
+  if (k <= grain_rows(k)) {
+    f(0, k);
+  } else {
+    at::parallel_for(0, k, grain_rows(k), f);
+  }
+}
+
 // Σ_{j ∈ [lo, hi)} f(j) with 16 independent partial sums: gcc vectorizes the fixed-width inner
 // loop without reassociating (no -ffast-math), and the partial sums bound the rounding error
 // like a pairwise sum would.
 template <typename T, typename F>
 inline T lane_sum(int64_t lo, int64_t hi, F f) {
   constexpr int L = 16;
+  if (hi - lo < L) {  // the same sum in the same order as below (the other partial sums are 0)
+    T total = 0;
+    for (int64_t j = lo; j < hi; ++j) total += f(j);
+    return total;
+  }
   T acc[L] = {};
   int64_t j = lo;
   for (; j + L <= hi; j += L) {
@@ -63,7 +81,7 @@ inline T lane_sum(int64_t lo, int64_t hi, F f) {
 // (entry(i, j, V_ij), symmetric in i, j), then its diagonal diag(i, V_ii), computed first.
 template <typename T, typename Entry, typename Diag>
 void write_coefficients(T* V, int64_t k, Entry entry, Diag diag) {
-  at::parallel_for(0, k, grain_rows(k), [&](int64_t lo, int64_t hi) {
+  for_rows(k, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
       T* v = V + i * k;
       const T d = diag(i, v[i]);
@@ -73,8 +91,13 @@ void write_coefficients(T* V, int64_t k, Entry entry, Diag diag) {
   });
 }
 
+// Per-row scratch of an epilogue: on the stack up to 64 rows, so that a stack of tiny matrices
+// (one epilogue each) does not pay heap allocations per matrix.
 template <typename T>
-double total_of(const std::vector<T>& rows) {
+using RowVec = c10::SmallVector<T, 64>;
+
+template <typename T>
+double total_of(const RowVec<T>& rows) {
   double total = 0;
   for (const T x : rows) total += x;
   return total;
@@ -126,8 +149,8 @@ template <typename T>
 double frame_epilogue(T* V, int64_t k, const at::ArrayRef<double> params, bool need_grad) {
   // formula: SPEC §1.1; S_ij = (1/k) dr_i · sign(V_ij) (j ≠ i), S_ii = (1/k) dd_i
   const T A = static_cast<T>(params[0]), B = static_cast<T>(params[1]);
-  std::vector<T> row(k), dr(k), dd(k);
-  at::parallel_for(0, k, grain_rows(k), [&](int64_t lo, int64_t hi) {
+  RowVec<T> row(k), dr(k), dd(k);
+  for_rows(k, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
       const T* v = V + i * k;
       // the diagonal is skipped, not subtracted, so a large d_i does not cancel r_i's low bits
@@ -160,15 +183,15 @@ double diversity_epilogue(T* V, int64_t k, const at::ArrayRef<double> params, bo
   const T tau = static_cast<T>(params[0]);
   const bool inclusive = params[1] != 0.0;
   constexpr T kEps = T(1e-12);
-  std::vector<T> nrm(k), acc(k);
-  std::vector<bool> clamped(k);
+  RowVec<T> nrm(k), acc(k);
+  RowVec<bool> clamped(k);
   for (int64_t i = 0; i < k; ++i) {
     const T s = std::sqrt(V[i * k + i]);
     clamped[i] = s < kEps;
     nrm[i] = clamped[i] ? kEps : (std::isinf(s) ? std::numeric_limits<T>::quiet_NaN() : s);
   }
   auto mask = [&](T c) { const T a = std::abs(c); return (inclusive ? a >= tau : a > tau) ? T(1) : T(0); };
-  at::parallel_for(0, k, grain_rows(k), [&](int64_t lo, int64_t hi) {
+  for_rows(k, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
       const T* v = V + i * k;
       T s = 0;
@@ -199,8 +222,8 @@ double orthogonality_epilogue(T* V, int64_t k, const at::ArrayRef<double> params
   // SPEC §8). offset: see gram_penalty_fwd_cpu. The diagonal is skipped, not subtracted: with an
   // infinite entry Σ_j V_ij² − V_ii² would be inf − inf = NaN where the formula is +inf.
   const bool squared = params[0] != 0.0;
-  std::vector<T> row(k);
-  at::parallel_for(0, k, grain_rows(k), [&](int64_t lo, int64_t hi) {
+  RowVec<T> row(k);
+  for_rows(k, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
       const T* v = V + i * k;
       const T e = v[i] - T(1);
@@ -231,9 +254,9 @@ double mhe_epilogue(T* V, int64_t k, const at::ArrayRef<double> params, bool nee
   const T eps = static_cast<T>(params[2]);
   const double p = half ? 2.0 * k : static_cast<double>(k);
   const T inv_pairs = static_cast<T>(2.0 / (p * (p - 1.0)));
-  std::vector<T> nu(k), val(k), dsum(k);
+  RowVec<T> nu(k), val(k), dsum(k);
   for (int64_t i = 0; i < k; ++i) nu[i] = std::sqrt(V[i * k + i] + eps);
-  at::parallel_for(0, k, grain_rows(k), [&](int64_t lo, int64_t hi) {
+  for_rows(k, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
       const T* v = V + i * k;
       T vs = 0, ds = 0;

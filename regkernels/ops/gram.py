@@ -513,6 +513,17 @@ def _single_kernel(kind: str, run: Callable, dtypes, dense: bool) -> Callable:
     return impl
 
 
+@functools.lru_cache(maxsize=64)
+def _group_mean_tables(counts: tuple[int, ...], dtype: torch.dtype,
+                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """For ``values`` holding ``counts[i]`` consecutive group values of weight i: the weight of
+    each value (``index``) and ``1 / counts`` (``scale``). Cached: a model's counts repeat every
+    step, and building them cost more than the kernel on a depthwise conv's 1×9 groups."""
+    index = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts)).to(device)
+    scale = torch.tensor([1.0 / c for c in counts], dtype=dtype).to(device)
+    return index, scale
+
+
 def _multi_kernel(run: Callable, dtypes, dense: bool) -> Callable:
     """A registered kernel for ``penalty_multi``: every weight of the list in one call of ``run``."""
     def impl(weights: list[torch.Tensor], kind: str, groups, **args) -> torch.Tensor:
@@ -531,9 +542,9 @@ def _multi_kernel(run: Callable, dtypes, dense: bool) -> Callable:
         values = run(mats, kind, sides, _kernel_params(kind, args))
         counts = [m.shape[0] if m.dim() == 3 else 1 for m in mats]
         if any(c != 1 for c in counts):  # grouped convs: the mean over their groups (SPEC §0)
-            index = torch.repeat_interleave(torch.arange(len(mats), device=values.device),
-                                            torch.tensor(counts, device=values.device))
-            scale = torch.tensor([1.0 / c for c in counts], dtype=values.dtype, device=values.device)
+            # (built afresh while tracing, so that no traced tensor lands in the cache)
+            tables = _group_mean_tables.__wrapped__ if torch.compiler.is_compiling() else _group_mean_tables
+            index, scale = tables(tuple(counts), values.dtype, values.device)
             values = torch.zeros(len(mats), dtype=values.dtype, device=values.device).index_add(
                 0, index, values) * scale
         return values.to(weights[0].dtype)
