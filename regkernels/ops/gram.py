@@ -171,8 +171,10 @@ def frame_penalty(W: torch.Tensor, A: float, B: float, side: str = "auto", *,
 
         R(W) = (1/k) Σ_i max(0, A − (d_i − r_i))² + max(0, (d_i + r_i) − B)²
 
-    Zero certifies ``A ≤ λ(V) ≤ B``. Needs ``0 ≤ A ≤ B``. ``side``: "auto" (the k×k Gram,
-    k = min(m, n)), "rows" (W Wᵀ) or "cols" (Wᵀ W).
+    Zero certifies ``A ≤ λ(V) ≤ B``. Needs ``0 ≤ A ≤ B`` (finite numbers, not bools). ``side``:
+    "auto" (the k×k Gram, k = min(m, n)), "rows" (W Wᵀ) or "cols" (Wᵀ W). A matrix with NaN/Inf,
+    or whose Gram overflows, gives NaN. Refuses (``ValueError``) a dense Gram stack over ``MAX_GRAM_BYTES`` on the reference and "cpu"
+    backends (module docstring).
     """
     op = "frame_penalty"
     _check_W(op, W)
@@ -208,7 +210,9 @@ def diversity_penalty(W: torch.Tensor, tau: float, inclusive: bool = True, *,
 
     ``C = Ŵ Ŵᵀ`` of the rows normalised by ``max(‖w_i‖, 1e-12)``;
     ``R = ½ Σ_{i≠j, |C_ij| ≥ tau} C_ij²`` (``inclusive=False``: ``|C_ij| > tau``); the
-    mask carries no gradient. Needs ``0 ≤ tau ≤ 1``.
+    mask carries no gradient. Needs ``0 ≤ tau ≤ 1``. NaN cosines are never masked out (NaN · 0):
+    a matrix with NaN/Inf, or a row whose squared norm overflows, gives NaN. Refuses (``ValueError``) a dense Gram stack over ``MAX_GRAM_BYTES`` on the reference and "cpu"
+    backends (module docstring) (k = m).
     """
     op = "diversity_penalty"
     _check_W(op, W)
@@ -220,7 +224,10 @@ def orthogonality_penalty(W: torch.Tensor, side: str = "auto", squared: bool = T
                           backend: str | None = None) -> torch.Tensor:
     """Soft orthogonality (SPEC §1.3): ``‖Gram(W, side) − I‖_F²`` (``squared=False``: the norm).
 
-    ``W (..., m, n)`` → ``(...)``.
+    ``W (..., m, n)`` → ``(...)``. The norm's gradient at ``Gram(W, side) = I`` is the subgradient
+    0. A NaN entry gives NaN, an Inf entry +inf. The C++ kernel forms the min(m, n)² Gram for
+    either side; the reference forms the Gram of ``side``. Refuses (``ValueError``) a dense Gram stack over ``MAX_GRAM_BYTES`` on the reference and "cpu"
+    backends (module docstring).
     """
     op = "orthogonality_penalty"
     _check_W(op, W)
@@ -236,7 +243,9 @@ def mhe_penalty(W: torch.Tensor, s: int = 2, half: bool = False, eps: float = 1e
     ``−log δ`` (s=0), ``δ^(−1/2)`` (s=1) or ``δ^(−1)`` (s=2) is averaged over the pairs
     i < j of the rows (``half=True``: of ``[W; −W]``). Needs ``eps > 0`` and at least
     2 rows unless ``half``. Duplicate filters give δ that rounds to 0 and an infinite
-    energy; this is deliberately not clamped.
+    energy; this is deliberately not clamped. A matrix with NaN/Inf gives NaN.
+    Refuses (``ValueError``) a dense Gram stack over ``MAX_GRAM_BYTES`` on the reference and "cpu"
+    backends (module docstring) (k = m; the reference's ``half`` has 2m rows).
     """
     op = "mhe_penalty"
     _check_W(op, W)
@@ -252,7 +261,9 @@ def srip_penalty(W: torch.Tensor, n_iter: int = 1, generator: torch.Generator | 
     ``M = Gram(W, "auto") − I``; ``b ~ U(0,1)^k`` is drawn with ``torch.rand`` from
     ``generator`` (one per matrix, in float32, on W's device); ``n_iter`` power steps
     ``v = M b / ‖M b‖, b = v`` then ``R = ‖M v‖²``. ``M x`` is computed matrix-free
-    (``Wᵀ(W x) − x`` or ``W(Wᵀ x) − x``) and gradients flow through v.
+    (``Wᵀ(W x) − x`` or ``W(Wᵀ x) − x``) and gradients flow through v. No Gram is formed.
+    Differentiable twice on every backend ("cpu"/"cuda": the second derivative goes through the
+    reference's torch ops).
     """
     op = "srip_penalty"
     _check_W(op, W)
@@ -320,6 +331,9 @@ def penalty_multi(weights: Sequence[torch.Tensor], kind: str, backend: str | Non
     ``kind``: "frame" (A, B, side), "diversity" (tau, inclusive), "orthogonality"
     (side, squared), "mhe" (s, half, eps) or "srip" (n_iter, generator: one start vector
     per weight, drawn in list order); ``groups``: one int or one per weight (default 1).
+    A layer with NaN/Inf gives a non-finite entry; the other entries are unaffected. Dense
+    backends check each layer's Gram stack against ``MAX_GRAM_BYTES``; the C++ and Triton
+    kernels refuse double backward (module docstring).
     """
     op = "penalty_multi"
     groups = kw.pop("groups", 1)
