@@ -173,8 +173,8 @@ def frame_penalty(W: torch.Tensor, A: float, B: float, side: str = "auto", *,
 
     Zero certifies ``A ≤ λ(V) ≤ B``. Needs ``0 ≤ A ≤ B`` (finite numbers, not bools). ``side``:
     "auto" (the k×k Gram, k = min(m, n)), "rows" (W Wᵀ) or "cols" (Wᵀ W). A matrix with NaN/Inf,
-    or whose Gram overflows, gives NaN. Refuses (``ValueError``) a dense Gram stack over ``MAX_GRAM_BYTES`` on the reference and "cpu"
-    backends (module docstring).
+    or whose Gram overflows, gives NaN. The reference and "cpu" backends refuse (``ValueError``)
+    a dense Gram stack over ``MAX_GRAM_BYTES`` (module docstring).
     """
     op = "frame_penalty"
     _check_W(op, W)
@@ -211,8 +211,8 @@ def diversity_penalty(W: torch.Tensor, tau: float, inclusive: bool = True, *,
     ``C = Ŵ Ŵᵀ`` of the rows normalised by ``max(‖w_i‖, 1e-12)``;
     ``R = ½ Σ_{i≠j, |C_ij| ≥ tau} C_ij²`` (``inclusive=False``: ``|C_ij| > tau``); the
     mask carries no gradient. Needs ``0 ≤ tau ≤ 1``. NaN cosines are never masked out (NaN · 0):
-    a matrix with NaN/Inf, or a row whose squared norm overflows, gives NaN. Refuses (``ValueError``) a dense Gram stack over ``MAX_GRAM_BYTES`` on the reference and "cpu"
-    backends (module docstring) (k = m).
+    a matrix with NaN/Inf, or a row whose squared norm overflows, gives NaN. The reference and
+    "cpu" backends refuse (``ValueError``) a dense m×m Gram stack over ``MAX_GRAM_BYTES``.
     """
     op = "diversity_penalty"
     _check_W(op, W)
@@ -226,8 +226,8 @@ def orthogonality_penalty(W: torch.Tensor, side: str = "auto", squared: bool = T
 
     ``W (..., m, n)`` → ``(...)``. The norm's gradient at ``Gram(W, side) = I`` is the subgradient
     0. A NaN entry gives NaN, an Inf entry +inf. The C++ kernel forms the min(m, n)² Gram for
-    either side; the reference forms the Gram of ``side``. Refuses (``ValueError``) a dense Gram stack over ``MAX_GRAM_BYTES`` on the reference and "cpu"
-    backends (module docstring).
+    either side; the reference forms the Gram of ``side``; both refuse (``ValueError``) a dense
+    Gram stack over ``MAX_GRAM_BYTES`` (module docstring).
     """
     op = "orthogonality_penalty"
     _check_W(op, W)
@@ -243,9 +243,9 @@ def mhe_penalty(W: torch.Tensor, s: int = 2, half: bool = False, eps: float = 1e
     ``−log δ`` (s=0), ``δ^(−1/2)`` (s=1) or ``δ^(−1)`` (s=2) is averaged over the pairs
     i < j of the rows (``half=True``: of ``[W; −W]``). Needs ``eps > 0`` and at least
     2 rows unless ``half``. Duplicate filters give δ that rounds to 0 and an infinite
-    energy; this is deliberately not clamped. A matrix with NaN/Inf gives NaN.
-    Refuses (``ValueError``) a dense Gram stack over ``MAX_GRAM_BYTES`` on the reference and "cpu"
-    backends (module docstring) (k = m; the reference's ``half`` has 2m rows).
+    energy; this is deliberately not clamped. A matrix with NaN/Inf gives NaN. The reference and
+    "cpu" backends refuse (``ValueError``) a dense Gram stack over ``MAX_GRAM_BYTES`` (m×m; the
+    reference's ``half`` forms the 2m×2m one).
     """
     op = "mhe_penalty"
     _check_W(op, W)

@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from regkernels.reference._dtypes import upcast
 
 __all__ = [
-    "MAX_GRAM_BYTES", "check_gram_bytes", "sqrt0", "as_matrix", "gram", "frame_penalty", "gershgorin_bounds", "frame_bounds", "diversity_penalty",
+    "MAX_GRAM_BYTES", "check_gram_bytes", "sqrt0",
+    "as_matrix", "gram", "frame_penalty", "gershgorin_bounds", "frame_bounds", "diversity_penalty",
     "orthogonality_penalty", "mhe_penalty", "srip_penalty", "penalty_multi", "PENALTY_KINDS",
 ]
 
@@ -51,7 +52,7 @@ MAX_GRAM_BYTES = 2**31
 
 
 def check_gram_bytes(op: str, what: str, batch: int, k: int, dtype: torch.dtype, advice: str) -> None:
-    """Refuse (``ValueError``, before allocating) a dense Gram stack ``(batch, k, k)`` over ``MAX_GRAM_BYTES``.
+    """Refuse (``ValueError``, before allocating) a Gram stack ``(batch, k, k)`` over ``MAX_GRAM_BYTES``.
 
     ``dtype`` is the input's; half types count as float32, the compute dtype. ``what`` names the
     argument and the Gram in the message, ``advice`` says what would fit.
@@ -59,9 +60,10 @@ def check_gram_bytes(op: str, what: str, batch: int, k: int, dtype: torch.dtype,
     itemsize = 8 if dtype == torch.float64 else 4
     nbytes = batch * k * k * itemsize
     if nbytes > MAX_GRAM_BYTES:
-        raise ValueError(f"{op}: {what} needs a dense {k}×{k} Gram matrix{f' per matrix, {batch} matrices' if batch != 1 else ''}: "
-                         f"{nbytes} bytes ({nbytes / 2**30:.2f} GiB), over the limit MAX_GRAM_BYTES = "
-                         f"{MAX_GRAM_BYTES} ({MAX_GRAM_BYTES / 2**30:.0f} GiB) of the reference and the CPU kernel; {advice}")
+        grams = f"a dense {k}×{k} Gram matrix" if batch == 1 else f"{batch} dense {k}×{k} Gram matrices"
+        raise ValueError(f"{op}: {what} needs {grams}: {nbytes} bytes ({nbytes / 2**30:.2f} GiB), over the limit "
+                         f"MAX_GRAM_BYTES = {MAX_GRAM_BYTES} ({MAX_GRAM_BYTES / 2**30:.0f} GiB) of the reference and "
+                         f"the CPU kernel; {advice}")
 
 
 ADVICE_SIDE = ("side='auto' forms the smaller Gram (k = min(m, n)); otherwise split the batch, or use the "
