@@ -82,15 +82,20 @@ def test_gram_penalty_nan_inf_matrix_is_non_finite_only_there(kind, backend, dty
         assert _same_bits(out[i], out_clean[i]) and _same_bits(grad[i], grad_clean[i]), (kind, backend, i)
 
 
+@pytest.mark.parametrize("where", ["matrix", "row"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_gram_penalty_overflowing_gram_is_non_finite_only_there(kind, backend, dtype):
+def test_gram_penalty_overflowing_gram_is_non_finite_only_there(kind, backend, dtype, where):
     # entries of 1e20 are finite, their products are not (float32 is the compute dtype): the value
-    # must be NaN or inf, never the 0 that a hinge or mask turns a NaN into
+    # must be NaN or inf, never the 0 that a hinge or mask turns a NaN into, nor the finite/inf = 0
+    # cosine of one huge row against normal ones
     clean = torch.randn(3, 6, 4, dtype=torch.float64).div(2)
     bad = clean.clone()
-    bad[1] *= 1e20
+    if where == "matrix":
+        bad[1] *= 1e20
+    else:
+        bad[1, 2] *= 1e20
     out, grad = _value_and_grad(KINDS[kind], bad.to(dtype), backend)
     out_clean, grad_clean = _value_and_grad(KINDS[kind], clean.to(dtype), backend)
     assert not torch.isfinite(out[1]), f"{kind} {backend}: an overflowing Gram gave {out[1]}"

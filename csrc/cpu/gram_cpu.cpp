@@ -255,7 +255,12 @@ double mhe_epilogue(T* V, int64_t k, const at::ArrayRef<double> params, bool nee
   const double p = half ? 2.0 * k : static_cast<double>(k);
   const T inv_pairs = static_cast<T>(2.0 / (p * (p - 1.0)));
   RowVec<T> nu(k), val(k), dsum(k);
-  for (int64_t i = 0; i < k; ++i) nu[i] = std::sqrt(V[i * k + i] + eps);
+  // a squared norm that overflows the math dtype (finite huge rows) makes ν_i NaN, not inf: c_ij =
+  // V_ij / (ν_i ν_j) would be a silent finite/inf = 0 against every normal row (as in diversity)
+  for (int64_t i = 0; i < k; ++i) {
+    const T nu_i = std::sqrt(V[i * k + i] + eps);
+    nu[i] = std::isinf(nu_i) ? std::numeric_limits<T>::quiet_NaN() : nu_i;
+  }
   for_rows(k, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
       const T* v = V + i * k;

@@ -243,6 +243,9 @@ def mhe_penalty(W: torch.Tensor, s: int = 2, half: bool = False, eps: float = 1e
         X = torch.cat([X, -X], dim=-2)
     p = X.shape[-2]
     nu = (X.square().sum(-1) + eps).sqrt()
+    # a row whose squared norm overflows (finite huge entries) would have cos = finite/inf = 0
+    # against every normal row, silently: its ν is NaN (as the kernels do)
+    nu = torch.where(nu.isinf(), torch.nan, nu)
     cos = (X @ X.mT) / (nu[..., :, None] * nu[..., None, :])
     i, j = torch.triu_indices(p, p, offset=1, device=X.device)
     delta = 2 - 2 * cos[..., i, j]  # (..., p(p−1)/2), the pairs i < j

@@ -199,6 +199,14 @@ def _over_threshold(C, tau, INCLUSIVE: tl.constexpr):
 
 
 @triton.jit
+def _mhe_nu(sq, eps):
+    """``ν = sqrt(‖x‖² + eps)`` (SPEC §1.4); NaN where ‖x‖² overflowed float32 (finite huge rows):
+    cos = V / (ν_i ν_j) would be a silent finite/inf = 0 against every normal row."""
+    nu = tl.sqrt(sq + eps)
+    return tl.where(nu == float("inf"), float("nan"), nu)
+
+
+@triton.jit
 def _mhe_energy(delta, S: tl.constexpr):
     """``e(δ)``: ``−log δ`` (s=0), ``δ^(−1/2)`` (s=1), ``1/δ`` (s=2) — SPEC §1.4, unclamped."""
     if S == 0:
@@ -296,7 +304,7 @@ def _gram_fwd_kernel(X, GROUPS, TILES, STATS, PART, PART_STRIDE, JPS, A, B, tau,
     acc = tl.zeros((BLOCK_I,), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_I,), dtype=tl.float32)  # MHE only: u_i
     if KIND == _MHE:
-        nu_i = tl.sqrt(sq_i + eps)
+        nu_i = _mhe_nu(sq_i, eps)
         inv_pairs = 1.0 / (pf * (pf - 1.0) * 0.5)
     for jb in range(j_lo, j_hi):
         V, rows_j, mask_j, valid = _gram_tile(x_ptr, xs_r, xs_c, rows_i, mask_i, jb, p, n,
@@ -326,7 +334,7 @@ def _gram_fwd_kernel(X, GROUPS, TILES, STATS, PART, PART_STRIDE, JPS, A, B, tau,
             # diagonal, u_i = Σ_{j≠i} h_ij cos_ij with h = ∂e/∂cos / #pairs — the same
             # expression as in the backward
             sq_j = tl.load(st + rows_j, mask=mask_j, other=1.0)
-            nu_j = tl.sqrt(sq_j + eps)
+            nu_j = _mhe_nu(sq_j, eps)
             cos = V / (nu_i[:, None] * nu_j[None, :])
             off = valid & (ii != jj)
             # masked entries get δ = 1 so no log/division of 0 happens there
@@ -456,7 +464,7 @@ def _gram_bwd_kernel(X, DX, DX_SPLIT_STRIDE, JPS, GROUPS, TILES, STATS, GRAD, A,
         r_i = tl.load(st + p + rows_i, mask=mask_i, other=0.0)
         gd_i, gr_i = _frame_coefficients(sq_i, r_i, A, B, pf)
     if KIND == _MHE:
-        nu_i = tl.sqrt(sq_i + eps)
+        nu_i = _mhe_nu(sq_i, eps)
         inv_pairs = 1.0 / (pf * (pf - 1.0) * 0.5)
 
     if (KIND == _DIVERSITY) or (KIND == _MHE):
@@ -497,7 +505,7 @@ def _gram_bwd_kernel(X, DX, DX_SPLIT_STRIDE, JPS, GROUPS, TILES, STATS, GRAD, A,
             P = 4.0 * (V - tl.where(ii == jj, 1.0, 0.0))
         else:
             sq_j = tl.load(st + rows_j, mask=mask_j, other=1.0)
-            nu_j = tl.sqrt(sq_j + eps)
+            nu_j = _mhe_nu(sq_j, eps)
             nn = nu_i[:, None] * nu_j[None, :]
             cos = V / nn
             off = valid & (ii != jj)
