@@ -29,11 +29,16 @@ TORCH_LIBRARY(regkernels, m) {
   // sides[i] 0 = rows (W Wᵀ) / 1 = cols (Wᵀ W); kind 'frame' | 'diversity' | 'orthogonality' | 'mhe'
   // with params (A, B) | (tau, inclusive) | (squared) | (s, half, eps). Returns the
   // values (Σ b_i, in the math dtype: float32, or float64 for float64 mats) and, with need_grad,
-  // per entry the (b_i, k, k) coefficients P with dR/dW = P·W (rows) or W·P (cols).
+  // per entry the (b_i, k, k) coefficients P with dR/dW = P·W (rows) or W·P (cols). params must be
+  // finite (mhe: s in {0, 1, 2}, eps > 0). A matrix with NaN/Inf gives a NaN value and NaN
+  // coefficients (+inf for orthogonality with an Inf entry), the others are unaffected.
+  // Differentiable once: a create_graph=True backward gives the gradient, differentiating it raises.
   m.def(
       "gram_penalty_fwd(Tensor[] mats, str kind, int[] sides, float[] params, bool need_grad) "
       "-> (Tensor, Tensor[])");
-  // dW_i = grad_b · P_b · W_b (rows) or grad_b · W_b · P_b (cols), in the dtype of mats[i].
+  // dW_i = grad_b · P_b · W_b (rows) or grad_b · W_b · P_b (cols), in the dtype of mats[i]. grad is
+  // floating, shape (Σ b_i,); coefs[i] is the forward's (b_i, k, k) in the math dtype (need_grad=True).
+  // Its own backward raises (the forward's P is not differentiated).
   m.def("gram_penalty_bwd(Tensor[] mats, Tensor[] coefs, int[] sides, Tensor grad) -> Tensor[]");
   // Thin SVD of a batch X (b, m, n), float32/float64, by one-sided Jacobi (SPEC §3.1; the math
   // is csrc/core/jacobi_svd.h): U (b, m, k), S (b, k) descending, Vh (b, k, n), k = min(m, n),

@@ -14,15 +14,25 @@
 namespace regkernels {
 namespace core {
 
+// sign with sign(0) = 0, the subgradient of |x| (SPEC §1), and sign(NaN) = NaN as torch.sign: a
+// NaN Gram entry must reach the gradient coefficients P instead of becoming a zero coefficient.
 template <typename T>
-RK_HOST_DEVICE T sign0(T x) {  // sign with sign(0) = 0, the subgradient of |x| (SPEC §1)
-  return static_cast<T>((x > T(0)) - (x < T(0)));
+RK_HOST_DEVICE T sign0(T x) {
+  return x != x ? x : static_cast<T>((x > T(0)) - (x < T(0)));
+}
+
+// max(0, x) that keeps NaN, as torch.relu: a NaN hinge argument (a NaN entry of W, or d − r =
+// inf − inf once the Gram overflows) must give a NaN value and NaN coefficients, not 0 (SPEC §8).
+template <typename T>
+RK_HOST_DEVICE T relu_nan(T x) {
+  return x < T(0) ? T(0) : x;
 }
 
 // Frame penalty (SPEC §1.1), one row i of V with diagonal d and Gershgorin radius r:
 //   lower = relu(A − (d − r))², upper = relu((d + r) − B)², row value = lower + upper.
 // For R = (1/k) Σ_i row value: ∂R/∂r_i = (2/k)(lo + up) (→ S_ij = that · sign(V_ij), j ≠ i) and
-// ∂R/∂d_i = (2/k)(up − lo) (→ S_ii). relu'(0) = 0 as in torch, which the squares make moot.
+// ∂R/∂d_i = (2/k)(up − lo) (→ S_ii). relu'(0) = 0 as in torch, which the squares make moot; NaN
+// arguments stay NaN in the value and both derivatives.
 template <typename T>
 struct FrameRow {
   T value;   // lower + upper
@@ -34,8 +44,8 @@ template <typename T>
 RK_HOST_DEVICE FrameRow<T> frame_row(T d, T r, T A, T B) {
   const T lo_arg = A - (d - r);  // evaluated in the reference's order
   const T up_arg = (d + r) - B;
-  const T lo = lo_arg > T(0) ? lo_arg : T(0);
-  const T up = up_arg > T(0) ? up_arg : T(0);
+  const T lo = relu_nan(lo_arg);
+  const T up = relu_nan(up_arg);
   return {lo * lo + up * up, T(2) * (lo + up), T(2) * (up - lo)};
 }
 

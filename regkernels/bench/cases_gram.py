@@ -129,17 +129,30 @@ def _resnet50_shapes() -> list[tuple[int, ...]]:
     return shapes + [(1000, 2048)]
 
 
-def _multi_flops(shapes: list[tuple[int, ...]]) -> int:
+def _multi_flops(shapes: list[tuple[int, ...]], groups: int = 1) -> int:
     total = 0
     for s in shapes:
-        m, n = s[0], math.prod(s[1:])
-        total += _gram_flops(m, n, min(m, n))
+        m, n = s[0] // groups, math.prod(s[1:])  # per group: (out/g, in/g · prod(kernel))
+        total += groups * _gram_flops(m, n, min(m, n))
     return total
 
 
-def _multi_case(name: str, shapes: list[tuple[int, ...]], quick: bool) -> Case:
-    """``penalty_multi(weights, "frame", A, B)`` forward + backward over a whole model's weights."""
-    kw = {"A": FRAME_A, "B": FRAME_B}
+def _register_stacks() -> None:
+    """frame_penalty on stacks of many tiny matrices (the C++ kernel's batched path)."""
+    for name, shape, quick in (("4096x4x4", (4096, 4, 4), True), ("4096x16x16", (4096, 16, 16), False)):
+        def make(device, dtype, shape=shape):
+            gen = torch.Generator(device="cpu").manual_seed(SEED)
+            w = torch.randn(shape, generator=gen, dtype=torch.float64) / math.sqrt(shape[-1])
+            return (w.to(device=device, dtype=dtype),)
+
+        b, m, n = shape
+        penalty_case("frame_penalty", name, R.frame_penalty, G.frame_penalty, make,
+                     kwargs={"A": FRAME_A, "B": FRAME_B}, quick=quick, flops=b * _gram_flops(m, n, min(m, n)))
+
+
+def _multi_case(name: str, shapes: list[tuple[int, ...]], quick: bool, groups: int = 1) -> Case:
+    """``penalty_multi(weights, "frame", A, B, groups)`` forward + backward over a whole model's weights."""
+    kw = {"A": FRAME_A, "B": FRAME_B, "groups": groups}
 
     def runner(fn: Callable, weights: list[torch.Tensor]) -> Callable:
         def call():
@@ -159,13 +172,16 @@ def _multi_case(name: str, shapes: list[tuple[int, ...]], quick: bool) -> Case:
                 "regkernels": runner(G.penalty_multi, weights),
             },
             error=lambda out: max_rel_err(out, truth),
-            flops=_multi_flops(shapes),
-            note=f"{len(shapes)} weights, kind=frame, A={FRAME_A}, B={FRAME_B}",
+            flops=_multi_flops(shapes, groups),
+            note=f"{len(shapes)} weights, kind=frame, A={FRAME_A}, B={FRAME_B}, groups={groups}",
         )
 
     return register(Case(op="penalty_multi", name=name, setup=setup, quick=quick))
 
 
 _register_single_layer()
+_register_stacks()
 _multi_case("resnet18", _resnet18_shapes(), quick=True)
+# a depthwise conv (groups = channels): 1024 matrices of 1×9, the Regularizer's default path
+_multi_case("depthwise1024", [(1024, 1, 3, 3)], quick=True, groups=1024)
 _multi_case("resnet50", _resnet50_shapes(), quick=False)

@@ -8,6 +8,21 @@ tensor's device: a registered kernel, or the pure-torch reference in
 ``regkernels.reference.gram`` (autograd through torch ops, exact gradients).
 Inputs are never modified; non-contiguous and expanded inputs are fine.
 
+Numerics, on every backend (SPEC §8): a matrix with a NaN or Inf entry, or whose Gram
+overflows the compute dtype, gives NaN (``+inf`` where the formula is +∞, e.g. orthogonality
+with an Inf entry) and a non-finite gradient, for that matrix only. ``√`` at 0 has the
+subgradient 0 (``orthogonality_penalty(squared=False)`` at ``Gram(W) = I``).
+
+Memory: the reference and the C++ kernel form the dense ``(batch, k, k)`` Gram stack; over
+``regkernels.reference.gram.MAX_GRAM_BYTES`` (2 GiB, float32 or float64 entries) they raise
+``ValueError`` naming the size before allocating. The Triton kernel holds no k×k array and
+has no such limit.
+
+Double backward (``create_graph=True``, then differentiating the gradient): the reference and
+SRIP's kernel are differentiable twice. The C++ and Triton Gram kernels return the correct first
+gradient under ``create_graph=True`` but raise ``RuntimeError`` (naming ``backend="reference"``)
+when that gradient is differentiated.
+
 Kernels (``backend=None`` picks the first available; the end of this module registers them):
 
 ==================  ==========================================  ==========================
@@ -156,8 +171,10 @@ def frame_penalty(W: torch.Tensor, A: float, B: float, side: str = "auto", *,
 
         R(W) = (1/k) Σ_i max(0, A − (d_i − r_i))² + max(0, (d_i + r_i) − B)²
 
-    Zero certifies ``A ≤ λ(V) ≤ B``. Needs ``0 ≤ A ≤ B``. ``side``: "auto" (the k×k Gram,
-    k = min(m, n)), "rows" (W Wᵀ) or "cols" (Wᵀ W).
+    Zero certifies ``A ≤ λ(V) ≤ B``. Needs ``0 ≤ A ≤ B`` (finite numbers, not bools). ``side``:
+    "auto" (the k×k Gram, k = min(m, n)), "rows" (W Wᵀ) or "cols" (Wᵀ W). A matrix with NaN/Inf,
+    or whose Gram overflows, gives NaN. The reference and "cpu" backends refuse (``ValueError``)
+    a dense Gram stack over ``MAX_GRAM_BYTES`` (module docstring).
     """
     op = "frame_penalty"
     _check_W(op, W)
@@ -193,7 +210,9 @@ def diversity_penalty(W: torch.Tensor, tau: float, inclusive: bool = True, *,
 
     ``C = Ŵ Ŵᵀ`` of the rows normalised by ``max(‖w_i‖, 1e-12)``;
     ``R = ½ Σ_{i≠j, |C_ij| ≥ tau} C_ij²`` (``inclusive=False``: ``|C_ij| > tau``); the
-    mask carries no gradient. Needs ``0 ≤ tau ≤ 1``.
+    mask carries no gradient. Needs ``0 ≤ tau ≤ 1``. NaN cosines are never masked out (NaN · 0):
+    a matrix with NaN/Inf, or a row whose squared norm overflows, gives NaN. The reference and
+    "cpu" backends refuse (``ValueError``) a dense m×m Gram stack over ``MAX_GRAM_BYTES``.
     """
     op = "diversity_penalty"
     _check_W(op, W)
@@ -205,7 +224,10 @@ def orthogonality_penalty(W: torch.Tensor, side: str = "auto", squared: bool = T
                           backend: str | None = None) -> torch.Tensor:
     """Soft orthogonality (SPEC §1.3): ``‖Gram(W, side) − I‖_F²`` (``squared=False``: the norm).
 
-    ``W (..., m, n)`` → ``(...)``.
+    ``W (..., m, n)`` → ``(...)``. The norm's gradient at ``Gram(W, side) = I`` is the subgradient
+    0. A NaN entry gives NaN, an Inf entry +inf. The C++ kernel forms the min(m, n)² Gram for
+    either side; the reference forms the Gram of ``side``; both refuse (``ValueError``) a dense
+    Gram stack over ``MAX_GRAM_BYTES`` (module docstring).
     """
     op = "orthogonality_penalty"
     _check_W(op, W)
@@ -221,7 +243,9 @@ def mhe_penalty(W: torch.Tensor, s: int = 2, half: bool = False, eps: float = 1e
     ``−log δ`` (s=0), ``δ^(−1/2)`` (s=1) or ``δ^(−1)`` (s=2) is averaged over the pairs
     i < j of the rows (``half=True``: of ``[W; −W]``). Needs ``eps > 0`` and at least
     2 rows unless ``half``. Duplicate filters give δ that rounds to 0 and an infinite
-    energy; this is deliberately not clamped.
+    energy; this is deliberately not clamped. A matrix with NaN/Inf gives NaN. The reference and
+    "cpu" backends refuse (``ValueError``) a dense Gram stack over ``MAX_GRAM_BYTES`` (m×m; the
+    reference's ``half`` forms the 2m×2m one).
     """
     op = "mhe_penalty"
     _check_W(op, W)
@@ -237,7 +261,9 @@ def srip_penalty(W: torch.Tensor, n_iter: int = 1, generator: torch.Generator | 
     ``M = Gram(W, "auto") − I``; ``b ~ U(0,1)^k`` is drawn with ``torch.rand`` from
     ``generator`` (one per matrix, in float32, on W's device); ``n_iter`` power steps
     ``v = M b / ‖M b‖, b = v`` then ``R = ‖M v‖²``. ``M x`` is computed matrix-free
-    (``Wᵀ(W x) − x`` or ``W(Wᵀ x) − x``) and gradients flow through v.
+    (``Wᵀ(W x) − x`` or ``W(Wᵀ x) − x``) and gradients flow through v. No Gram is formed.
+    Differentiable twice on every backend ("cpu"/"cuda": the second derivative goes through the
+    reference's torch ops).
     """
     op = "srip_penalty"
     _check_W(op, W)
@@ -305,6 +331,9 @@ def penalty_multi(weights: Sequence[torch.Tensor], kind: str, backend: str | Non
     ``kind``: "frame" (A, B, side), "diversity" (tau, inclusive), "orthogonality"
     (side, squared), "mhe" (s, half, eps) or "srip" (n_iter, generator: one start vector
     per weight, drawn in list order); ``groups``: one int or one per weight (default 1).
+    A layer with NaN/Inf gives a non-finite entry; the other entries are unaffected. Dense
+    backends check each layer's Gram stack against ``MAX_GRAM_BYTES``; the C++ and Triton
+    kernels refuse double backward (module docstring).
     """
     op = "penalty_multi"
     groups = kw.pop("groups", 1)
@@ -420,6 +449,16 @@ if _ext.has_triton():
         ctx.kind, ctx.sides, ctx.params = kind, list(sides), list(params)
         ctx.save_for_backward(output[1], *mats)
 
+    def _triton_bwd_setup(ctx, inputs, output):
+        ctx.kind = inputs[1]
+
+    def _triton_bwd_backward(ctx, *grads):
+        raise RuntimeError(_no_double_backward(ctx.kind, "triton"))
+
+    # the gradient's own backward: the kernel's P is recomputed from constants of the forward
+    # (row statistics), not differentiated, so a second derivative is refused
+    _gram_penalty_triton_bwd.register_autograd(_triton_bwd_backward, setup_context=_triton_bwd_setup)
+
     def _gram_penalty_triton_backward(ctx, grad_values, _grad_stats):
         stats, *mats = ctx.saved_tensors
         grads = torch.ops.regkernels.gram_penalty_triton_bwd(mats, ctx.kind, ctx.sides, ctx.params, stats,
@@ -430,10 +469,16 @@ if _ext.has_triton():
     _gram_penalty_triton.register_autograd(_gram_penalty_triton_backward, setup_context=_gram_penalty_triton_setup)
 
 
+def _no_double_backward(kind: str, backend: str) -> str:
+    return (f"{kind}_penalty (and penalty_multi with kind={kind!r}): double backward (differentiating a gradient "
+            f"taken with create_graph=True) is not supported by the {backend!r} kernel; use "
+            f"backend='reference', which differentiates twice through torch ops")
+
+
 def _triton_values(mats: list[torch.Tensor], kind: str, sides: list[int], params: list[float]) -> torch.Tensor:
     if kind == "orthogonality":  # the kernel computes ‖V − I‖²; the norm is its sqrt (autograd)
         values, _ = torch.ops.regkernels.gram_penalty_triton(mats, kind, sides, [])
-        return values if params[0] else values.sqrt()
+        return values if params[0] else R.sqrt0(values)  # subgradient 0 at Gram(W) = I
     values, _ = torch.ops.regkernels.gram_penalty_triton(mats, kind, sides, params)
     return values
 
@@ -452,21 +497,48 @@ def _triton_values_batched(mats, kind, sides, params) -> torch.Tensor:
     return _triton_values([_as_batch(W) for W in mats], kind, sides, params)
 
 
-def _single_kernel(kind: str, run: Callable, dtypes) -> Callable:
+def _check_dense_gram(op: str, what: str, W: torch.Tensor, kind: str, side: int) -> None:
+    """The C++ kernel's Gram stack against ``R.MAX_GRAM_BYTES`` (ValueError before allocating).
+
+    It forms ``(batch, k, k)``: k = m ("rows", side 0) or n ("cols"), for orthogonality always
+    min(m, n) (the identity in gram_penalty_fwd_cpu), and keeps it for the backward.
+    """
+    m, n = W.shape[-2:]
+    k = min(m, n) if kind == "orthogonality" else (m if side == 0 else n)
+    R.check_gram_bytes(op, f"{what} of shape {tuple(W.shape)}", math.prod(W.shape[:-2]), k, W.dtype,
+                       R.ADVICE_ROWS if kind in _ROWS_ONLY else R.ADVICE_SIDE)
+
+
+def _single_kernel(kind: str, run: Callable, dtypes, dense: bool) -> Callable:
     """A registered kernel for one matrix op: ``W (..., m, n)`` → ``(...)`` via the list form.
 
-    Dtypes the kernel does not take (Triton: float64) run the reference.
+    Dtypes the kernel does not take (Triton: float64) run the reference. ``dense``: the kernel
+    forms the k×k Gram stack (the C++ kernel), whose size is checked first.
     """
     def impl(W: torch.Tensor, **args) -> torch.Tensor:
         if W.dtype not in dtypes:
             return getattr(R, _PUBLIC_OF_KIND[kind])(W, **args)
-        values = run([W], kind, [_side_code(W, kind, args)], _kernel_params(kind, args))
+        side = _side_code(W, kind, args)
+        if dense:
+            _check_dense_gram(_PUBLIC_OF_KIND[kind], "W", W, kind, side)
+        values = run([W], kind, [side], _kernel_params(kind, args))
         return values.view(W.shape[:-2]).to(W.dtype)
     impl.__name__ = f"{kind}_penalty_{run.__name__.strip('_')}"
     return impl
 
 
-def _multi_kernel(run: Callable, dtypes) -> Callable:
+@functools.lru_cache(maxsize=64)
+def _group_mean_tables(counts: tuple[int, ...], dtype: torch.dtype,
+                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """For ``values`` holding ``counts[i]`` consecutive group values of weight i: the weight of
+    each value (``index``) and ``1 / counts`` (``scale``). Cached: a model's counts repeat every
+    step, and building them cost more than the kernel on a depthwise conv's 1×9 groups."""
+    index = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts)).to(device)
+    scale = torch.tensor([1.0 / c for c in counts], dtype=dtype).to(device)
+    return index, scale
+
+
+def _multi_kernel(run: Callable, dtypes, dense: bool) -> Callable:
     """A registered kernel for ``penalty_multi``: every weight of the list in one call of ``run``."""
     def impl(weights: list[torch.Tensor], kind: str, groups, **args) -> torch.Tensor:
         if kind == "srip":  # matrix-free: no Gram to fuse; each weight through the SRIP kernel
@@ -478,12 +550,15 @@ def _multi_kernel(run: Callable, dtypes) -> Callable:
             return R.penalty_multi(weights, kind, groups, **args)
         mats = [R.as_matrix(w, g) for w, g in zip(weights, groups)]
         sides = [_side_code(m, kind, args) for m in mats]
+        if dense:
+            for i, (mat, side) in enumerate(zip(mats, sides)):
+                _check_dense_gram("penalty_multi", f"as_matrix(weights[{i}])", mat, kind, side)
         values = run(mats, kind, sides, _kernel_params(kind, args))
         counts = [m.shape[0] if m.dim() == 3 else 1 for m in mats]
         if any(c != 1 for c in counts):  # grouped convs: the mean over their groups (SPEC §0)
-            index = torch.repeat_interleave(torch.arange(len(mats), device=values.device),
-                                            torch.tensor(counts, device=values.device))
-            scale = torch.tensor([1.0 / c for c in counts], dtype=values.dtype, device=values.device)
+            # (built afresh while tracing, so that no traced tensor lands in the cache)
+            tables = _group_mean_tables.__wrapped__ if torch.compiler.is_compiling() else _group_mean_tables
+            index, scale = tables(tuple(counts), values.dtype, values.device)
             values = torch.zeros(len(mats), dtype=values.dtype, device=values.device).index_add(
                 0, index, values) * scale
         return values.to(weights[0].dtype)
@@ -522,14 +597,23 @@ class _SripPowerIteration(torch.autograd.Function):
         xv = X @ v
         y = X.mT @ xv - v
         vs.append(v), xvs.append(xv)
-        ctx.save_for_backward(W, y, *vs, *xvs, *norms)
+        ctx.save_for_backward(W, b, y, *vs, *xvs, *norms)
         ctx.n_iter = n_iter
         return y.square().sum((-2, -1))
 
     @staticmethod
     def backward(ctx, grad):
-        W, y, *rest = ctx.saved_tensors
+        W, b, y, *rest = ctx.saved_tensors
         T = ctx.n_iter
+        if torch.is_grad_enabled():
+            # create_graph=True (grad mode is on in a backward exactly then): the formula below
+            # takes v_t, X v_t and ‖u_t‖ as constants of the forward, so differentiating it would
+            # miss their dependence on W (a wrong Hessian). The gradient is then taken through the
+            # reference's torch ops from the same W and b, which autograd differentiates again.
+            with torch.enable_grad():
+                value = R.srip_penalty(W, b, T)
+            (dW,) = torch.autograd.grad(value, W, grad, create_graph=True)
+            return dW, None, None
         vs, xvs, norms = rest[:T + 1], rest[T + 1:2 * T + 2], rest[2 * T + 2:]
         cols = R._resolve_side(W, "auto") == "cols"
         X = W if cols else W.mT
@@ -556,20 +640,20 @@ _PUBLIC_OF_KIND = {"frame": "frame_penalty", "diversity": "diversity_penalty",
                    "orthogonality": "orthogonality_penalty", "mhe": "mhe_penalty"}
 
 
-def _register(device_type: str, backend: str, run: Callable, dtypes) -> None:
+def _register(device_type: str, backend: str, run: Callable, dtypes, dense: bool) -> None:
     for kind, op in _PUBLIC_OF_KIND.items():
-        _TABLE.register(op, device_type, backend, _single_kernel(kind, run, dtypes))
-    _TABLE.register("penalty_multi", device_type, backend, _multi_kernel(run, dtypes))
+        _TABLE.register(op, device_type, backend, _single_kernel(kind, run, dtypes, dense))
+    _TABLE.register("penalty_multi", device_type, backend, _multi_kernel(run, dtypes, dense))
 
 
 # earlier registrations are preferred: CPU tensors take the C++ kernel unless backend="triton"
 _ALL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 if _ext.HAS_C:
-    _register("cpu", "cpu", _cpu_values, _ALL_DTYPES)
+    _register("cpu", "cpu", _cpu_values, _ALL_DTYPES, dense=True)
 if _ext.has_triton():
-    _register("cuda", "triton", _triton_values_batched, TRITON_DTYPES)
+    _register("cuda", "triton", _triton_values_batched, TRITON_DTYPES, dense=False)
     if _ext.triton_interpreted():
-        _register("cpu", "triton", _triton_values_batched, TRITON_DTYPES)
+        _register("cpu", "triton", _triton_values_batched, TRITON_DTYPES, dense=False)
 # SRIP's fast path is torch matvecs with the one-product backward above, on either device
 _TABLE.register("srip_penalty", "cpu", "cpu", _srip_kernel)
 _TABLE.register("srip_penalty", "cuda", "cuda", _srip_kernel)

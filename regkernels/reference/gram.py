@@ -13,7 +13,13 @@ Conventions shared by every function here:
 * float32 / float64 are computed natively. float16 / bfloat16 are computed in float32
   (Gram sums of hundreds of products overflow or lose all precision in half types)
   and the result is returned in the input dtype; gradients flow through the casts.
-* ``|x|`` is ``torch.abs``, whose subgradient is ``sign(x)`` with ``sign(0) = 0``.
+* ``|x|`` is ``torch.abs``, whose subgradient is ``sign(x)`` with ``sign(0) = 0``; ``√x`` at
+  ``x = 0`` has the subgradient 0 (``sqrt0``).
+* NaN/Inf (SPEC §8): a matrix with a NaN or Inf entry, or whose Gram overflows the compute
+  dtype, gives a NaN value (``+inf`` where the formula is +∞) and a non-finite gradient for
+  that matrix only; nothing is clamped or dropped.
+* Memory: the functions that form a dense k×k Gram refuse, with a ``ValueError`` naming the
+  size before allocating, a Gram stack over ``MAX_GRAM_BYTES`` (``check_gram_bytes``).
 
 No argument checking happens here beyond what the formulas need; the public ops in
 ``regkernels.ops.gram`` validate their inputs and then call these functions.
@@ -21,6 +27,7 @@ No argument checking happens here beyond what the formulas need; the public ops 
 from __future__ import annotations
 
 import functools
+import math
 from typing import Sequence
 
 import torch
@@ -29,12 +36,57 @@ import torch.nn.functional as F
 from regkernels.reference._dtypes import upcast
 
 __all__ = [
+    "MAX_GRAM_BYTES", "check_gram_bytes", "sqrt0",
     "as_matrix", "gram", "frame_penalty", "gershgorin_bounds", "frame_bounds", "diversity_penalty",
     "orthogonality_penalty", "mhe_penalty", "srip_penalty", "penalty_multi", "PENALTY_KINDS",
 ]
 
 # DiReAL normalises rows as F.normalize does: w / max(‖w‖₂, 1e-12) (SPEC §1.2).
 _NORMALIZE_EPS = 1e-12
+
+# Largest dense Gram stack (batch · k² entries in the compute dtype, float32 or float64) that the
+# reference and the CPU kernel form, in bytes: 2 GiB, as the dense conv matrices
+# (regkernels.reference.conv.MAX_DENSE_BYTES). Their working memory is a small multiple of it (the
+# kernel keeps the stack for the backward; the reference's autograd saves a few k×k tensors).
+MAX_GRAM_BYTES = 2**31
+
+
+def check_gram_bytes(op: str, what: str, batch: int, k: int, dtype: torch.dtype, advice: str) -> None:
+    """Refuse (``ValueError``, before allocating) a Gram stack ``(batch, k, k)`` over ``MAX_GRAM_BYTES``.
+
+    ``dtype`` is the input's; half types count as float32, the compute dtype. ``what`` names the
+    argument and the Gram in the message, ``advice`` says what would fit.
+    """
+    itemsize = 8 if dtype == torch.float64 else 4
+    nbytes = batch * k * k * itemsize
+    if nbytes > MAX_GRAM_BYTES:
+        grams = f"a dense {k}×{k} Gram matrix" if batch == 1 else f"{batch} dense {k}×{k} Gram matrices"
+        raise ValueError(f"{op}: {what} needs {grams}: {nbytes} bytes ({nbytes / 2**30:.2f} GiB), over the limit "
+                         f"MAX_GRAM_BYTES = {MAX_GRAM_BYTES} ({MAX_GRAM_BYTES / 2**30:.0f} GiB) of the reference and "
+                         f"the CPU kernel; {advice}")
+
+
+ADVICE_SIDE = ("side='auto' forms the smaller Gram (k = min(m, n)); otherwise split the batch, or use the "
+               "Triton kernel (backend='triton', CUDA tensors), which never holds the k×k Gram")
+ADVICE_ROWS = ("the penalty pairs all m rows (k = m): only fewer rows or a split batch fit, or the Triton "
+               "kernel (backend='triton', CUDA tensors), which never holds the k×k Gram")
+
+
+def _gram_guard(op: str, W: torch.Tensor, k: int, advice: str) -> None:
+    check_gram_bytes(op, f"W of shape {tuple(W.shape)}", math.prod(W.shape[:-2]), k, W.dtype, advice)
+
+
+def _gram_k(W: torch.Tensor, side: str) -> int:
+    return W.shape[-2] if _resolve_side(W, side) == "rows" else W.shape[-1]
+
+
+def sqrt0(x: torch.Tensor) -> torch.Tensor:
+    """``√x`` (x ≥ 0) whose gradient at ``x = 0`` is the subgradient 0, not ``inf · 0 = NaN`` (SPEC §8).
+
+    NaN stays NaN, in the value and in the gradient.
+    """
+    zero = x == 0
+    return torch.where(zero, 0.0, torch.where(zero, 1.0, x).sqrt())
 
 
 def _resolve_side(W: torch.Tensor, side: str) -> str:
@@ -99,6 +151,7 @@ def frame_penalty(W: torch.Tensor, A: float, B: float, side: str = "auto") -> to
     Zero certifies ``A ≤ λ(V) ≤ B`` (``V − A·I`` and ``B·I − V`` diagonally dominant).
     """
     # formula: SPEC §1.1
+    _gram_guard("frame_penalty", W, _gram_k(W, side), ADVICE_SIDE)
     d, r = _diag_and_radius(upcast(W), side)
     lower = torch.relu(A - (d - r)).square()
     upper = torch.relu((d + r) - B).square()
@@ -138,8 +191,15 @@ def diversity_penalty(W: torch.Tensor, tau: float, inclusive: bool = True) -> to
 
     The mask is a constant for autograd.
     """
-    # formula: SPEC §1.2
-    Wn = F.normalize(upcast(W), dim=-1, eps=_NORMALIZE_EPS)
+    _gram_guard("diversity_penalty", W, W.shape[-2], ADVICE_ROWS)
+    # formula: SPEC §1.2. F.normalize's norm overflows for finite huge rows (‖w‖² > the dtype's
+    # max) and w / inf = 0 would then report them as orthogonal to everything: such a norm is NaN,
+    # as in the kernels, which form C from the Gram of W. NaN cosines are kept: C² · mask is NaN
+    # wherever C is (NaN · 0), though the mask (|C| ≥ tau) is false there.
+    X = upcast(W)
+    nrm = torch.linalg.vector_norm(X, dim=-1, keepdim=True)
+    nrm = torch.where(nrm.isinf(), torch.nan, nrm).clamp_min(_NORMALIZE_EPS)
+    Wn = X / nrm
     C = Wn @ Wn.mT
     a = C.detach().abs()
     over = a >= tau if inclusive else a > tau
@@ -153,13 +213,15 @@ def orthogonality_penalty(W: torch.Tensor, side: str = "auto", squared: bool = T
 
     ``R(W) = ‖Gram(W, side) − I‖_F²``; ``squared=False`` returns ``‖Gram(W, side) − I‖_F``.
     With ``side="cols"`` on a wide matrix (m < n) the rank of ``Wᵀ W`` is at most m < n,
-    so the penalty can never reach zero; ``"auto"`` uses the k×k Gram.
+    so the penalty can never reach zero; ``"auto"`` uses the k×k Gram. ``squared=False`` at
+    ``Gram(W, side) = I`` has the subgradient 0.
     """
     # formula: SPEC §1.3
+    _gram_guard("orthogonality_penalty", W, _gram_k(W, side), ADVICE_SIDE)
     V = gram(upcast(W), side)
     eye = torch.eye(V.shape[-1], dtype=V.dtype, device=V.device)
     dist2 = (V - eye).square().sum((-2, -1))
-    return (dist2 if squared else dist2.sqrt()).to(W.dtype)
+    return (dist2 if squared else sqrt0(dist2)).to(W.dtype)
 
 
 def mhe_penalty(W: torch.Tensor, s: int = 2, half: bool = False, eps: float = 1e-4) -> torch.Tensor:
@@ -175,11 +237,15 @@ def mhe_penalty(W: torch.Tensor, s: int = 2, half: bool = False, eps: float = 1e
     ``‖w‖² ≫ eps``; the energy is then ``+inf`` (s = 0: ``-log 0``). This is not clamped.
     """
     # formula: SPEC §1.4
+    _gram_guard("mhe_penalty", W, 2 * W.shape[-2] if half else W.shape[-2], ADVICE_ROWS)
     X = upcast(W)
     if half:
         X = torch.cat([X, -X], dim=-2)
     p = X.shape[-2]
     nu = (X.square().sum(-1) + eps).sqrt()
+    # a row whose squared norm overflows (finite huge entries) would have cos = finite/inf = 0
+    # against every normal row, silently: its ν is NaN (as the kernels do)
+    nu = torch.where(nu.isinf(), torch.nan, nu)
     cos = (X @ X.mT) / (nu[..., :, None] * nu[..., None, :])
     i, j = torch.triu_indices(p, p, offset=1, device=X.device)
     delta = 2 - 2 * cos[..., i, j]  # (..., p(p−1)/2), the pairs i < j
@@ -251,6 +317,14 @@ def penalty_multi(weights: Sequence[torch.Tensor], kind: str, groups: int | Sequ
     # formula: SPEC §1.7 (per layer) and §0 (mean over groups)
     fn = PENALTY_KINDS[kind]
     per_weight_groups = [groups] * len(weights) if isinstance(groups, int) else list(groups)
+    if kind != "srip":  # SRIP is matrix-free; the others form each layer's Gram (checked first)
+        for idx, (w, g) in enumerate(zip(weights, per_weight_groups)):
+            mat = as_matrix(w, g)
+            k = _gram_k(mat, kw.get("side", "auto")) if kind in ("frame", "orthogonality") else (
+                mat.shape[-2] * (2 if kind == "mhe" and kw.get("half", False) else 1))
+            check_gram_bytes("penalty_multi", f"as_matrix(weights[{idx}]) of shape {tuple(mat.shape)}",
+                             math.prod(mat.shape[:-2]), k, mat.dtype,
+                             ADVICE_SIDE if kind in ("frame", "orthogonality") else ADVICE_ROWS)
     starts = kw.pop("b", None)
     values = []
     for idx, (w, g) in enumerate(zip(weights, per_weight_groups)):

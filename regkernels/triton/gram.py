@@ -156,21 +156,54 @@ def _gram_tile(x_ptr, xs_r, xs_c, rows_i, mask_i, jb, p, n,
 
 
 @triton.jit
+def _relu(x):
+    """``max(x, 0)`` that keeps NaN, as torch.relu (``tl.maximum`` may return 0 for NaN): a NaN
+    hinge argument must give a NaN value and gradient (SPEC §8)."""
+    return tl.where(x < 0.0, 0.0, x)
+
+
+@triton.jit
+def _sign0(x):
+    """``sign(x)`` with ``sign(0) = 0`` (the subgradient of |x|, SPEC §1) and ``sign(NaN) = NaN``."""
+    return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, tl.where(x == 0, 0.0, x)))
+
+
+@triton.jit
+def _normalize_denominator(sq):
+    """``q = max(‖x‖, 1e-12)`` from ``sq = ‖x‖²`` (F.normalize), NaN kept. A squared norm that
+    overflowed float32 (finite huge rows) leaves the row's cosines undefined (inf/inf, or a
+    silent finite/inf = 0): q is NaN there, as in the reference."""
+    q = tl.sqrt(sq)
+    q = tl.where(q < _NORMALIZE_EPS, _NORMALIZE_EPS, q)
+    return tl.where(q == float("inf"), float("nan"), q)
+
+
+@triton.jit
 def _diversity_cosine(V, sq_i, sq_j):
     """``C_ij = V_ij / (q_i q_j)``, ``q = max(‖x‖, 1e-12)``: the Gram of the normalised rows."""
-    q_i = tl.maximum(tl.sqrt(sq_i), _NORMALIZE_EPS)
-    q_j = tl.maximum(tl.sqrt(sq_j), _NORMALIZE_EPS)
+    q_i = _normalize_denominator(sq_i)
+    q_j = _normalize_denominator(sq_j)
     return V / (q_i[:, None] * q_j[None, :]), q_i, q_j
 
 
 @triton.jit
 def _over_threshold(C, tau, INCLUSIVE: tl.constexpr):
-    """DiReAL's mask ``|C_ij| ≥ tau`` (``> tau`` when not inclusive); carries no gradient."""
+    """DiReAL's mask ``|C_ij| ≥ tau`` (``> tau`` when not inclusive); carries no gradient. The
+    callers use it as a 0/1 factor, as the reference's ``C² · mask``: a NaN cosine, for which the
+    comparison is false, still gives NaN · 0 = NaN (a ``where`` would drop it)."""
     if INCLUSIVE:
         keep = tl.abs(C) >= tau
     else:
         keep = tl.abs(C) > tau
     return keep
+
+
+@triton.jit
+def _mhe_nu(sq, eps):
+    """``ν = sqrt(‖x‖² + eps)`` (SPEC §1.4); NaN where ‖x‖² overflowed float32 (finite huge rows):
+    cos = V / (ν_i ν_j) would be a silent finite/inf = 0 against every normal row."""
+    nu = tl.sqrt(sq + eps)
+    return tl.where(nu == float("inf"), float("nan"), nu)
 
 
 @triton.jit
@@ -201,10 +234,10 @@ def _mhe_denergy_dcos(delta, S: tl.constexpr):
 def _frame_coefficients(d, r, A, B, pf):
     """``(∂R/∂d_i, ∂R/∂r_i)`` of ``R = (1/p) Σ relu(A − d + r)² + relu(d + r − B)²`` (SPEC §1.1).
 
-    relu(x)² has derivative 2·relu(x), which is 0 at x = 0 as torch's relu′(0) = 0.
+    relu(x)² has derivative 2·relu(x), which is 0 at x = 0 as torch's relu′(0) = 0; NaN stays NaN.
     """
-    lo = tl.maximum(A - (d - r), 0.0)
-    hi = tl.maximum((d + r) - B, 0.0)
+    lo = _relu(A - (d - r))
+    hi = _relu((d + r) - B)
     return 2.0 * (hi - lo) / pf, 2.0 * (hi + lo) / pf
 
 
@@ -271,7 +304,7 @@ def _gram_fwd_kernel(X, GROUPS, TILES, STATS, PART, PART_STRIDE, JPS, A, B, tau,
     acc = tl.zeros((BLOCK_I,), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_I,), dtype=tl.float32)  # MHE only: u_i
     if KIND == _MHE:
-        nu_i = tl.sqrt(sq_i + eps)
+        nu_i = _mhe_nu(sq_i, eps)
         inv_pairs = 1.0 / (pf * (pf - 1.0) * 0.5)
     for jb in range(j_lo, j_hi):
         V, rows_j, mask_j, valid = _gram_tile(x_ptr, xs_r, xs_c, rows_i, mask_i, jb, p, n,
@@ -286,20 +319,22 @@ def _gram_fwd_kernel(X, GROUPS, TILES, STATS, PART, PART_STRIDE, JPS, A, B, tau,
             # t_i = Σ_{j≠i} [|C_ij| ≥ tau] C_ij² (full rows: the backward's diagonal needs t_i)
             sq_j = tl.load(st + rows_j, mask=mask_j, other=1.0)
             C, q_i, q_j = _diversity_cosine(V, sq_i, sq_j)
-            keep = valid & (ii != jj) & _over_threshold(C, tau, INCLUSIVE)
-            contrib = tl.where(keep, C * C, 0.0)
+            keep = tl.where((ii != jj) & _over_threshold(C, tau, INCLUSIVE), 1.0, 0.0)
+            contrib = tl.where(valid, C * C * keep, 0.0)
         elif KIND == _ORTHOGONALITY:
             # formula: SPEC §1.3 — ‖V − I‖_F² = Σ_i (V_ii − 1)² + 2 Σ_{i<j} V_ij²
             E = V - tl.where(ii == jj, 1.0, 0.0)
-            weight = tl.where(jj > ii, 2.0, tl.where(jj == ii, 1.0, 0.0))
-            contrib = tl.where(valid, weight * E * E, 0.0)
+            # (the lower triangle is selected away, not weighted by 0: 0 · inf would be NaN where
+            # the formula is +inf)
+            weight = tl.where(jj > ii, 2.0, 1.0)
+            contrib = tl.where(valid & (jj >= ii), weight * E * E, 0.0)
         else:
             # formula: SPEC §1.4 — cos_ij = V_ij / (ν_i ν_j), ν = sqrt(‖x‖² + eps), δ = 2 − 2cos;
             # full rows: E_i = Σ_{j≠i} e_ij (R = ½ Σ_i E_i / #pairs) and, for the backward's
             # diagonal, u_i = Σ_{j≠i} h_ij cos_ij with h = ∂e/∂cos / #pairs — the same
             # expression as in the backward
             sq_j = tl.load(st + rows_j, mask=mask_j, other=1.0)
-            nu_j = tl.sqrt(sq_j + eps)
+            nu_j = _mhe_nu(sq_j, eps)
             cos = V / (nu_i[:, None] * nu_j[None, :])
             off = valid & (ii != jj)
             # masked entries get δ = 1 so no log/division of 0 happens there
@@ -349,8 +384,8 @@ def _finalize_kernel(GROUPS, MATS, STATS, PART, PART_STRIDE, SPLITS, VALUES, A, 
             tl.store(st + 2 * p + rows, acc2, mask=mask)
         if KIND == _FRAME:
             sq = tl.load(st + rows, mask=mask, other=0.0)
-            lo = tl.maximum(A - (sq - acc), 0.0)
-            hi = tl.maximum((sq + acc) - B, 0.0)
+            lo = _relu(A - (sq - acc))
+            hi = _relu((sq + acc) - B)
             total += tl.where(mask, lo * lo + hi * hi, 0.0)
         else:
             total += acc
@@ -429,16 +464,16 @@ def _gram_bwd_kernel(X, DX, DX_SPLIT_STRIDE, JPS, GROUPS, TILES, STATS, GRAD, A,
         r_i = tl.load(st + p + rows_i, mask=mask_i, other=0.0)
         gd_i, gr_i = _frame_coefficients(sq_i, r_i, A, B, pf)
     if KIND == _MHE:
-        nu_i = tl.sqrt(sq_i + eps)
+        nu_i = _mhe_nu(sq_i, eps)
         inv_pairs = 1.0 / (pf * (pf - 1.0) * 0.5)
 
     if (KIND == _DIVERSITY) or (KIND == _MHE):
         if s == 0:
             if KIND == _DIVERSITY:
                 t_i = tl.load(st + p + rows_i, mask=mask_i, other=0.0)
-                norm = tl.sqrt(sq_i)
-                q = tl.maximum(norm, _NORMALIZE_EPS)
-                diag = tl.where(norm >= _NORMALIZE_EPS, -2.0 * t_i / (q * q), 0.0)
+                q = _normalize_denominator(sq_i)
+                # clamped norms pass no gradient (clamp_min); NaN norms pass NaN
+                diag = tl.where(tl.sqrt(sq_i) < _NORMALIZE_EPS, 0.0, -2.0 * t_i / (q * q))
             else:
                 u_i = tl.load(st + 2 * p + rows_i, mask=mask_i, other=0.0)
                 diag = -u_i / (sq_i + eps)
@@ -458,18 +493,19 @@ def _gram_bwd_kernel(X, DX, DX_SPLIT_STRIDE, JPS, GROUPS, TILES, STATS, GRAD, A,
             sq_j = tl.load(st + rows_j, mask=mask_j, other=1.0)
             r_j = tl.load(st + p + rows_j, mask=mask_j, other=0.0)
             gd_j, gr_j = _frame_coefficients(sq_j, r_j, A, B, pf)
-            sign = tl.where(V > 0, 1.0, tl.where(V < 0, -1.0, 0.0))  # sign(0) = 0, SPEC §1
+            sign = _sign0(V)
             P = tl.where(ii == jj, 2.0 * gd_i[:, None], (gr_i[:, None] + gr_j[None, :]) * sign)
         elif KIND == _DIVERSITY:
             sq_j = tl.load(st + rows_j, mask=mask_j, other=1.0)
             C, q_i, q_j = _diversity_cosine(V, sq_i, sq_j)
-            Gm = tl.where(valid & (ii != jj) & _over_threshold(C, tau, INCLUSIVE), C, 0.0)
+            keep = tl.where((ii != jj) & _over_threshold(C, tau, INCLUSIVE), 1.0, 0.0)
+            Gm = tl.where(valid, C * keep, 0.0)
             P = 2.0 * Gm / (q_i[:, None] * q_j[None, :])
         elif KIND == _ORTHOGONALITY:
             P = 4.0 * (V - tl.where(ii == jj, 1.0, 0.0))
         else:
             sq_j = tl.load(st + rows_j, mask=mask_j, other=1.0)
-            nu_j = tl.sqrt(sq_j + eps)
+            nu_j = _mhe_nu(sq_j, eps)
             nn = nu_i[:, None] * nu_j[None, :]
             cos = V / nn
             off = valid & (ii != jj)
@@ -525,6 +561,8 @@ class _Plan:
             if any(w.dim() != 3 for w in mats):
                 raise ValueError("gram_penalty: every mat must be (B, m, n); got shapes "
                                  f"{[tuple(w.shape) for w in mats]}")
+            if mats[0].dtype not in (torch.float16, torch.bfloat16, torch.float32):
+                raise ValueError(f"gram_penalty: mats must be float16, bfloat16 or float32; got {mats[0].dtype}")
         self.device = mats[0].device if mats else torch.device("cpu")
         self.in_shapes = [tuple(w.shape) for w in mats]
 
@@ -663,6 +701,19 @@ def gram_penalty_backward(mats: list[torch.Tensor], kind: str, sides: list[int],
     of the dX buffer, then, with more than one split, the split reduction into dX.
     """
     plan = _Plan(mats, kind, sides, params)
+    # the kernels index stats and grad by the plan's offsets: wrong sizes would read past the end
+    if not (isinstance(stats, torch.Tensor) and stats.dim() == 1 and stats.numel() == plan.stats_numel
+            and stats.dtype == torch.float32 and stats.device == plan.device):
+        got = (f"{stats.dtype} of shape {tuple(stats.shape)} on {stats.device}" if isinstance(stats, torch.Tensor)
+               else type(stats).__name__)
+        raise ValueError(f"gram_penalty_backward: stats must be the forward's float32 stats, shape "
+                         f"({plan.stats_numel},) on {plan.device}; got {got}")
+    if not (isinstance(grad, torch.Tensor) and grad.dim() == 1 and grad.numel() == plan.n_values
+            and grad.dtype.is_floating_point and grad.device == plan.device):
+        got = (f"{grad.dtype} of shape {tuple(grad.shape)} on {grad.device}" if isinstance(grad, torch.Tensor)
+               else type(grad).__name__)
+        raise ValueError(f"gram_penalty_backward: grad must be a floating tensor of shape ({plan.n_values},) "
+                         f"(one entry per matrix) on {plan.device}; got {got}")
     if plan.n_tiles and plan.splits > 1:
         # one dX slice per split, added in a fixed order afterwards (no atomics)
         dx_part = torch.zeros(plan.splits * plan.dx_numel, dtype=torch.float32, device=plan.device)
