@@ -52,6 +52,24 @@ def _backward_by(backward_op):
     return backward
 
 
+def _save_geometry(ctx, inputs, output):
+    _grad, weight, *geometry = inputs
+    ctx.geometry = geometry
+    ctx.save_for_backward(weight)
+
+
+def _double_backward_by(forward_op):
+    """The autograd backward of a dense backward op. ``T`` is linear in the weight, so the backward
+    ``gW = Bᵀ(grad)`` is linear in ``grad`` (``B`` = the forward's map) and does not depend on the
+    weight's values: its derivative w.r.t. ``grad`` is the forward op applied to the incoming
+    ``∂L/∂gW``, and w.r.t. the weight it is 0. This makes double backward (create_graph=True)
+    exact, and the chain closes: the forward op's own backward is again this backward op."""
+    def backward(ctx, grad_gw):
+        (weight,) = ctx.saved_tensors
+        return (forward_op(grad_gw.to(weight.dtype), *ctx.geometry), None) + (None,) * 6
+    return backward
+
+
 if _ext.HAS_C:
 
     @torch.library.register_fake("regkernels::conv_to_matrix_dense")
@@ -66,6 +84,9 @@ if _ext.HAS_C:
     torch.library.register_autograd("regkernels::conv_to_matrix_dense",
                                     _backward_by(torch.ops.regkernels.conv_to_matrix_dense_backward),
                                     setup_context=_save_weight)
+    torch.library.register_autograd("regkernels::conv_to_matrix_dense_backward",
+                                    _double_backward_by(torch.ops.regkernels.conv_to_matrix_dense),
+                                    setup_context=_save_geometry)
 
 
 # ----------------------------------------------------------------------------- dense: Triton
@@ -100,6 +121,8 @@ if _ext.has_triton():
 
     _dense_triton.register_autograd(_backward_by(torch.ops.regkernels.conv_to_matrix_triton_backward),
                                     setup_context=_save_weight)
+    _dense_triton_backward.register_autograd(_double_backward_by(torch.ops.regkernels.conv_to_matrix_triton),
+                                             setup_context=_save_geometry)
 
 
 # ----------------------------------------------------------------------------- sparse
