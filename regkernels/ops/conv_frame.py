@@ -274,7 +274,9 @@ def _pow2_scale(Z: torch.Tensor) -> torch.Tensor:
 def _weight_of_factor(gZ: torch.Tensor, shape: torch.Size, rows: bool) -> torch.Tensor:
     c_out, c_in_g = shape[0], shape[1]
     groups = gZ.shape[0]
-    gW = gZ.reshape(groups, gZ.shape[1], -1, math.prod(shape[2:]))
+    # explicit sizes (no -1: a layer without channels has a 0-element factor)
+    gW = gZ.reshape(groups, *((c_in_g, c_out // groups) if rows else (c_out // groups, c_in_g)),
+                    math.prod(shape[2:]))
     if rows:
         gW = gW.transpose(1, 2)
     return gW.reshape(c_out, c_in_g, *shape[2:])

@@ -154,6 +154,26 @@ def _matrix_shape(weight: torch.Tensor, input_size, stride, padding, dilation, g
     return weight.shape[0] * math.prod(out_size), weight.shape[1] * groups * math.prod(input_size)
 
 
+def _check_sparse_matrix(weight: torch.Tensor, input_size, stride, padding, dilation, layout: str) -> None:
+    """The sparse layouts' size guard (every ``conv_to_matrix`` implementation runs it first): up to
+    ``C_out·Cg·P_out·K`` structural entries, each an int64 column, an int64 row (COO) or its share
+    of the row pointers (CSR) and a value, plus the spatial index map (``P_out·K``, about 12 int64
+    temporaries while it is built) and the per-channel index plan (``Cg·P_out·K``, about 6). Over
+    ``MAX_WORK_BYTES`` it raises ValueError naming the size, before allocating."""
+    d = weight.dim() - 2
+    kernel = tuple(weight.shape[2:])
+    out = conv_output_size(tuple(input_size), kernel, _expand(stride, d), _expand(padding, d), _expand(dilation, d))
+    spatial = math.prod(out) * math.prod(kernel)
+    c_out, c_in_g = weight.shape[0], weight.shape[1]
+    entries = c_out * c_in_g * spatial
+    nbytes = entries * (16 + weight.element_size()) + spatial * 8 * (12 + 6 * c_in_g)
+    if nbytes > MAX_WORK_BYTES:
+        raise ValueError(f"conv_to_matrix: the {layout!r} layout of T with up to {entries} structural entries "
+                         f"({c_out}·{c_in_g}·{math.prod(out)}·{math.prod(kernel)}: C_out·C_in/groups·output "
+                         f"positions·taps) needs about {nbytes} bytes ({nbytes / 2**30:.1f} GiB), over "
+                         f"MAX_WORK_BYTES={MAX_WORK_BYTES}; use a smaller input_size or fewer channels")
+
+
 def _check_dense_matrix(weight: torch.Tensor, shape: tuple[int, int], limit: int | None) -> None:
     """The dense layout's size guard (every ``conv_to_matrix`` implementation runs it first)."""
     _check_dense_size("conv_to_matrix", f"the dense matrix of shape {shape}",
@@ -186,11 +206,14 @@ def conv_to_matrix(weight: torch.Tensor, input_size: Sequence[int], stride=1, pa
         sparse layouts through their values).
 
     Raises:
-        ValueError: a dense ``T`` over ``max_dense_bytes`` (before allocating).
+        ValueError: a dense ``T`` over ``max_dense_bytes``, or a sparse one whose entries and
+        index plan would exceed ``MAX_WORK_BYTES`` (before allocating).
     """
     shape = _matrix_shape(weight, input_size, stride, padding, dilation, groups)
     if layout == "dense":
         _check_dense_matrix(weight, shape, max_dense_bytes)
+    else:
+        _check_sparse_matrix(weight, input_size, stride, padding, dilation, layout)
     rows, cols, vals, valid = _matrix_entries(weight, tuple(input_size), stride, padding, dilation,
                                               groups, padding_mode)
     if layout == "dense":
@@ -202,6 +225,30 @@ def conv_to_matrix(weight: torch.Tensor, input_size: Sequence[int], stride=1, pa
     return _sparse_matrix(rows[valid], cols[valid], vals[valid], shape, layout)
 
 
+class _SparseValues(torch.autograd.Function):
+    """Identity on the values of a sparse ``T`` whose backward refuses ``create_graph=True``:
+    torch's sparse constructors and ``values()`` have no double backward (the second derivative
+    would silently be 0), on every backend."""
+
+    @staticmethod
+    def forward(ctx, values: torch.Tensor, layout: str) -> torch.Tensor:
+        ctx.layout = layout
+        return values.view_as(values)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        if torch.is_grad_enabled():  # the caller asked for create_graph=True
+            raise RuntimeError(f"conv_to_matrix: double backward (create_graph=True) is not supported for "
+                               f"layout={ctx.layout!r} on any backend (torch's sparse tensors have no double "
+                               f"backward); layout='dense' supports it on every backend")
+        return grad, None
+
+
+def sparse_values(values: torch.Tensor, layout: str) -> torch.Tensor:
+    """``values`` for a sparse ``T``, first-order differentiable only (``_SparseValues``)."""
+    return _SparseValues.apply(values, layout) if values.requires_grad else values
+
+
 def _sparse_matrix(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, shape: tuple[int, int],
                    layout: str) -> torch.Tensor:
     """Coalesced COO (or CSR) from possibly repeated (row, col) entries.
@@ -210,7 +257,7 @@ def _sparse_matrix(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, s
     values stay an ordinary differentiable function of the weight.
     """
     keys, inverse = torch.unique(rows * shape[1] + cols, sorted=True, return_inverse=True)
-    values = vals.new_zeros(keys.numel()).index_add(0, inverse, vals)
+    values = sparse_values(vals.new_zeros(keys.numel()).index_add(0, inverse, vals), layout)
     r, c = keys // shape[1], keys % shape[1]
     if layout == "coo":
         return torch.sparse_coo_tensor(torch.stack([r, c]), values, shape, is_coalesced=True,
