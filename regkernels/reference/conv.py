@@ -388,7 +388,7 @@ def conv_orthogonality_penalty(weight: torch.Tensor, stride=1, padding=None) -> 
     o, c, kernel = weight.shape[0], weight.shape[1], tuple(weight.shape[2:])
     out = tuple(2 * p // s + 1 for p, s in zip(P, S))  # (k + 2P − k)/S + 1 per dim
     itemsize = torch.empty((), dtype=compute_dtype(weight.dtype)).element_size()
-    nbytes = (o * o * math.prod(out) + o * c * math.prod(k + 2 * p for k, p in zip(kernel, P))) * itemsize
+    nbytes = (o * o * math.prod(out) + o * c * math.prod([k + 2 * p for k, p in zip(kernel, P)])) * itemsize
     if nbytes > MAX_WORK_BYTES:
         raise ValueError(f"conv_orthogonality_penalty: the self-convolution O of shape {(o, o, *out)} and the padded "
                          f"kernel need {nbytes} bytes ({nbytes / 2**30:.1f} GiB), over MAX_WORK_BYTES="
