@@ -162,7 +162,13 @@ def conv_to_matrix(weight: torch.Tensor, input_size: Sequence[int], stride=1, pa
 
     Raises:
         TypeError / ValueError: bad arguments (SPEC §7); ValueError for a dense result
-        over ``max_dense_bytes`` (before allocating).
+        over ``max_dense_bytes``, or a sparse one whose entries and index plan exceed
+        ``regkernels.reference.conv.MAX_WORK_BYTES`` (before allocating).
+
+    Double backward: exact for the dense layout on every backend (``T`` is linear in the
+    weight); the sparse layouts refuse ``create_graph=True`` with a RuntimeError (torch's
+    sparse tensors have no double backward). The sparse index plans are cached per geometry in
+    an LRU bounded by ``regkernels.ops.conv_matrix.PLAN_CACHE_BYTES`` (spatial structure only).
     """
     op = "conv_to_matrix"
     _check_geometry(op, weight, input_size, stride, padding, dilation, groups, padding_mode)
@@ -195,6 +201,11 @@ def conv_frame_penalty(weight: torch.Tensor, input_size: Sequence[int], A: float
     64-channel 3×3 layer on 32×32 inputs, whose ``T`` has 4.3e9 entries, takes tens of milliseconds
     on a 2-core CPU);
     ``backend="reference"`` forms ``T`` and its Gram and raises ValueError over 2 GiB.
+
+    A weight holding NaN/±inf gives NaN; finite weights whose Gram overflows give ``+inf`` (as the
+    explicit path), with gradients NaN where they are undefined. The kernels refuse double
+    backward (RuntimeError; ``backend="reference"`` supports it) and work over
+    ``MAX_WORK_BYTES`` (ValueError, before allocating).
     """
     op = "conv_frame_penalty"
     _check_geometry(op, weight, input_size, stride, padding, dilation, groups, padding_mode)
@@ -229,7 +240,9 @@ def conv_orthogonality_penalty(weight: torch.Tensor, stride=1, padding=None, *,
             padding: None, or int / d-tuple >= 0 (``padding=1`` reproduces the official code).
 
     Returns:
-        0-dim tensor in the weight's dtype (float16/bfloat16 computed in float32).
+        0-dim tensor in the weight's dtype (float16/bfloat16 computed in float32); no filters
+        give 0, no input channels ``o`` (``O = 0``). An ``O`` plus padded kernel over
+        ``MAX_WORK_BYTES`` (a huge ``padding``) raises ValueError before allocating.
     """
     op = "conv_orthogonality_penalty"
     d = _check_weight(op, weight)
@@ -252,7 +265,10 @@ def conv_singular_values(weight: torch.Tensor, input_size: Sequence[int], *,
 
     Returns:
         ``(∏input_size, min(C_out, C_in))``, row f = frequency f (row-major fftn order),
-        descending within a row; real, the weight's dtype.
+        descending within a row; real, the weight's dtype. A weight holding NaN/inf gives NaN
+        (values and gradient) on every backend. The kernel backends refuse double backward
+        (RuntimeError; ``backend="reference"`` supports it); work over ``MAX_WORK_BYTES`` raises
+        ValueError before allocating.
     """
     op = "conv_singular_values"
     _check_circular_fit(op, weight, input_size)
@@ -270,7 +286,8 @@ def clip_conv_singular_values(weight: torch.Tensor, input_size: Sequence[int], l
 
     Returns:
         ``(new_weight, singular_values)``: the weight's shape and dtype, and the
-        ``(∏input_size, min(C_out, C_in))`` singular values of ``new_weight``.
+        ``(∏input_size, min(C_out, C_in))`` singular values of ``new_weight``; NaN for a weight
+        holding NaN/inf. Double backward and size limits as ``conv_singular_values``.
     """
     op = "clip_conv_singular_values"
     _check_circular_fit(op, weight, input_size)

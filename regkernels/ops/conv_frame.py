@@ -27,9 +27,10 @@ Math (all dims normalised to three spatial dims; a 2-D conv is a 3-D one with a 
   class: in the interior all positions agree (stride s: one class per residue mod s), and each
   border position near a zero-padded edge (or each wrap-around pattern of a circular one) has
   its own. A class table ``Cls_i`` holds each class's pattern over the reachable offsets ``q``,
-  with multiplicities (circular taps can reach one position twice). The tables are built by
-  enumeration in pure Python (``O(∏ out·k²)`` integer work per dim; cached), which also lets
-  the fake implementation size the outputs.
+  with multiplicities (circular taps can reach one position twice). The tables are built in pure
+  Python from one representative per class (``_class_positions``: the positions near the edges
+  and ``s`` interior ones, whose patterns repeat with period ``s``): ``O(classes·k²)`` work per dim,
+  independent of ``n`` (cached), which also lets the fake implementation size the outputs.
 * For every class combination ``κ = (κ_0, κ_1, κ_2)``::
 
       V_κ[a, a', q] = Σ_{t,t'} X[a, a', t, t'] · Π_i Cls_i[κ_i, t_i, t'_i, q_i]
@@ -45,6 +46,13 @@ Math (all dims normalised to three spatial dims; a 2-D conv is a 3-D one with a 
   elsewhere)``, contracted back through the class tables to ``∂X`` and then
   ``∂Z = Z (∂X + ∂Xᵀ)`` for ``X = Zᵀ Z``. The backward op recomputes ``V_κ`` block by block
   (the forward keeps only ``d`` and ``r``).
+* Range: ``X`` is formed from ``Z`` divided by a power of two near ``max|Z|`` and ``d``, ``r`` are
+  scaled back (``_pow2_scale``), so ``X`` never overflows on its own: a layer whose ``d`` or ``r``
+  exceeds the dtype's range gets ``+inf`` (penalty ``+inf``), a layer holding NaN/inf gets NaN —
+  both as the explicit ``frame_penalty(conv_to_matrix(...))``.
+* Double backward (``create_graph=True`` then differentiating again) raises RuntimeError (the
+  stats' backward ops refuse it); ``backend="reference"`` supports it. Problems whose tap Gram or
+  contraction rows exceed ``MAX_WORK_BYTES`` raise ValueError before allocating (``_check_work``).
 
 The op ``regkernels::conv_frame_stats`` returns ``(d, r)`` per (group, class, channel) in the
 math dtype (float32, or float64 for float64 weights); ``regkernels::conv_frame_stats_backward``
@@ -680,14 +688,16 @@ def _kernels(triton: bool):
                            padding=0, dilation=1, groups: int = 1, padding_mode: str = "zeros",
                            side: str = "auto") -> torch.Tensor:
         """SPEC §2.2 without ``T``: ``(1/k) Σ_κ count(κ) Σ_a h(d, r)`` (module docstring)."""
-        d, r, counts, k = _stats("conv_frame_penalty", weight, input_size, stride, padding, dilation, groups, padding_mode, side, triton)
+        d, r, counts, k = _stats("conv_frame_penalty", weight, input_size, stride, padding, dilation, groups,
+                                 padding_mode, side, triton)
         return R._frame_value(d, r, A, B, k, weight.dtype, counts=counts[:, None])
 
     def conv_gershgorin_bounds(weight: torch.Tensor, input_size: Sequence[int], stride=1, padding=0, dilation=1,
                                groups: int = 1, padding_mode: str = "zeros",
                                side: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
         """``(min(d − r), max(d + r))`` over the classes (every class has a position)."""
-        d, r, _, _ = _stats("conv_gershgorin_bounds", weight, input_size, stride, padding, dilation, groups, padding_mode, side, triton)
+        d, r, _, _ = _stats("conv_gershgorin_bounds", weight, input_size, stride, padding, dilation, groups,
+                            padding_mode, side, triton)
         return R._gershgorin_value(d, r, weight.dtype)
 
     return conv_frame_penalty, conv_gershgorin_bounds
