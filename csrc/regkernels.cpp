@@ -49,12 +49,18 @@ TORCH_LIBRARY(regkernels, m) {
   // (SPEC §2.1; the index map of regkernels.reference.conv.conv_to_matrix), in the weight's
   // dtype. weight is 5-D (C_out, C_in/groups, k0, k1, k2) and the int lists have 3 entries: the
   // Python op normalizes 1-D/2-D convolutions. circular: circular padding (entries of taps that
-  // wrap onto one column add up), else zeros.
+  // wrap onto one column add up), else zeros. Checked (TORCH_CHECK): a strided floating weight
+  // on the kernel's device, lists of 3 ints below 2^31 with input_size >= 1, stride >= 1,
+  // padding >= 0, dilation >= 1, groups >= 1 dividing C_out, output size >= 1, circular padding
+  // <= input_size, and T's entry count within int64.
   m.def(
       "conv_to_matrix_dense(Tensor weight, int[] input_size, int[] stride, int[] padding, int[] dilation, "
       "int groups, bool circular) -> Tensor");
   // Its gradient w.r.t. weight: gW[o, c', t] = Σ_y grad[row(o, y), col(o, c', y, t)] over the
-  // valid taps, contiguous in the weight's shape and dtype.
+  // valid taps, contiguous in the weight's shape and dtype. grad: strided, T's shape, the
+  // weight's dtype and device (the weight's values are not read). Linear in grad and the
+  // adjoint of conv_to_matrix_dense, so its own autograd (registered in Python) is
+  // conv_to_matrix_dense again: double backward is exact.
   m.def(
       "conv_to_matrix_dense_backward(Tensor grad, Tensor weight, int[] input_size, int[] stride, int[] padding, "
       "int[] dilation, int groups, bool circular) -> Tensor");

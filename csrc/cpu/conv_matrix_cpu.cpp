@@ -21,6 +21,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <c10/util/safe_numerics.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -37,6 +38,8 @@ namespace {
 
 // Outputs at least this large are advised onto transparent huge pages (advise_huge_pages).
 constexpr int64_t kHugePageMinBytes = int64_t(4) << 20;
+// Bound on every geometry entry (input_size, stride, padding, dilation): 2^31.
+constexpr int64_t kMaxEntry = int64_t(1) << 31;
 
 // The normalized geometry of one call.
 struct Geometry {
@@ -48,6 +51,7 @@ struct Geometry {
 
 Geometry make_geometry(const char* op, const at::Tensor& weight, at::IntArrayRef input_size, at::IntArrayRef stride,
                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool circular) {
+  TORCH_CHECK(weight.layout() == at::kStrided, op, ": weight must be a strided (dense) tensor; got ", weight.layout());
   TORCH_CHECK(weight.dim() == 5, op, ": weight must be 5-D (C_out, C_in/groups, k0, k1, k2); got shape ",
               weight.sizes());
   TORCH_CHECK(weight.device().is_cpu(), op, ": weight must be a CPU tensor; got ", weight.device());
@@ -57,6 +61,14 @@ Geometry make_geometry(const char* op, const at::Tensor& weight, at::IntArrayRef
   TORCH_CHECK(input_size.size() == 3 && stride.size() == 3 && padding.size() == 3 && dilation.size() == 3, op,
               ": input_size, stride, padding and dilation must have 3 entries each; got ", input_size, ", ", stride,
               ", ", padding, ", ", dilation);
+  // Every entry below 2^31 keeps y·s − p + t·dil and n + 2p − dil·(k − 1) inside int64.
+  for (const auto list : {input_size, stride, padding, dilation}) {
+    for (const int64_t v : list) {
+      TORCH_CHECK(v > -kMaxEntry && v < kMaxEntry, op,
+                  ": input_size, stride, padding and dilation must be ints below 2^31; got ", input_size, ", ", stride,
+                  ", ", padding, ", ", dilation);
+    }
+  }
   TORCH_CHECK(groups >= 1, op, ": groups must be >= 1; got ", groups);
   Geometry G;
   G.c_out = weight.size(0);
@@ -83,10 +95,17 @@ Geometry make_geometry(const char* op, const at::Tensor& weight, at::IntArrayRef
     TORCH_CHECK(span >= 0, op, ": the dilated kernel ", weight.sizes().slice(2), " does not fit input_size=",
                 input_size, " with padding=", padding, ", dilation=", dilation);
     G.out[i] = span / G.s[i] + 1;
-    G.K *= G.k[i];
-    G.P_in *= G.n[i];
-    G.P_out *= G.out[i];
+    G.K *= G.k[i];  // a product of tensor sizes: fits
+    TORCH_CHECK(!c10::mul_overflows(G.P_in, G.n[i], &G.P_in) && !c10::mul_overflows(G.P_out, G.out[i], &G.P_out),
+                op, ": the number of input or output positions overflows int64; got input_size=", input_size);
   }
+  // T is (C_out·P_out, C_in·P_in): its element count must fit int64 (the Python op refuses
+  // large dense results long before, by bytes)
+  int64_t rows = 0, cols = 0, entries = 0;
+  TORCH_CHECK(!c10::mul_overflows(G.c_out, G.P_out, &rows) && !c10::mul_overflows(G.c_in, G.P_in, &cols) &&
+                  !c10::mul_overflows(rows, cols, &entries) && !c10::mul_overflows(G.P_out, G.K, &entries),
+              op, ": T of (C_out·P_out) × (C_in·P_in) entries overflows int64; got weight ", weight.sizes(),
+              ", input_size=", input_size);
   return G;
 }
 
@@ -261,6 +280,7 @@ at::Tensor conv_to_matrix_dense_backward_cpu(const at::Tensor& grad, const at::T
                                              bool circular) {
   const char* op = "regkernels::conv_to_matrix_dense_backward (CPU)";
   const Geometry G = make_geometry(op, weight, input_size, stride, padding, dilation, groups, circular);
+  TORCH_CHECK(grad.layout() == at::kStrided, op, ": grad must be a strided (dense) tensor; got ", grad.layout());
   TORCH_CHECK(grad.dim() == 2 && grad.size(0) == G.c_out * G.P_out && grad.size(1) == G.c_in * G.P_in, op,
               ": grad must have the shape of T, (", G.c_out * G.P_out, ", ", G.c_in * G.P_in, "); got ", grad.sizes());
   TORCH_CHECK(grad.device().is_cpu(), op, ": grad must be a CPU tensor; got ", grad.device());

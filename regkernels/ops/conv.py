@@ -96,6 +96,43 @@ def _check_geometry(op: str, weight, input_size, stride, padding, dilation, grou
                          f"kernel={tuple(weight.shape[2:])}, padding={p}, dilation={dl}, stride={s}")
 
 
+def check_op_geometry(op: str, weight, input_size, stride, padding, dilation, groups, circular=False) -> None:
+    """The argument checks of the registered conv ops (``torch.ops.regkernels.*``, public too),
+    the Python twin of the C++ kernels' ``make_geometry``: a floating 5-D strided weight
+    ``(C_out, C_in/groups, k0, k1, k2)``, int lists of 3 entries with ``input_size >= 1``,
+    ``stride >= 1``, ``padding >= 0``, ``dilation >= 1``, each below 2^31, ``groups >= 1`` dividing
+    ``C_out``, an output size >= 1 per dim and, for circular padding, ``padding <= input_size``.
+    Raises RuntimeError (as ``TORCH_CHECK`` does) naming ``op``."""
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise RuntimeError(f"{op}: {what}")
+
+    need(isinstance(weight, torch.Tensor), f"weight must be a tensor; got {type(weight).__name__}")
+    need(weight.layout == torch.strided, f"weight must be a strided (dense) tensor; got {weight.layout}")
+    need(weight.dtype.is_floating_point, f"weight must be float16, bfloat16, float32 or float64; got {weight.dtype}")
+    need(weight.dim() == 5, f"weight must be 5-D (C_out, C_in/groups, k0, k1, k2); got shape {tuple(weight.shape)}")
+    lists = (input_size, stride, padding, dilation)
+    need(all(isinstance(v, (list, tuple)) and len(v) == 3 for v in lists),
+         f"input_size, stride, padding and dilation must have 3 entries each; got {input_size}, {stride}, "
+         f"{padding}, {dilation}")
+    need(all(isinstance(x, int) and abs(x) < 2**31 for v in lists for x in v),
+         f"input_size, stride, padding and dilation must be ints below 2^31; got {input_size}, {stride}, "
+         f"{padding}, {dilation}")
+    need(all(n >= 1 for n in input_size) and all(x >= 1 for x in stride) and all(x >= 0 for x in padding)
+         and all(x >= 1 for x in dilation),
+         f"need input_size >= 1, stride >= 1, padding >= 0 and dilation >= 1; got input_size={list(input_size)}, "
+         f"stride={list(stride)}, padding={list(padding)}, dilation={list(dilation)}")
+    need(isinstance(groups, int) and groups >= 1, f"groups must be >= 1; got {groups}")
+    need(weight.shape[0] % groups == 0,
+         f"C_out (weight.size(0) = {weight.shape[0]}) must be divisible by groups = {groups}")
+    need(not circular or all(p <= n for p, n in zip(padding, input_size)),
+         f"circular padding must not exceed input_size; got padding={list(padding)}, input_size={list(input_size)}")
+    out = R.conv_output_size(tuple(input_size), weight.shape[2:], tuple(stride), tuple(padding), tuple(dilation))
+    need(all(o >= 1 for o in out), f"the dilated kernel {tuple(weight.shape[2:])} does not fit "
+                                   f"input_size={list(input_size)} with padding={list(padding)}, "
+                                   f"dilation={list(dilation)}")
+
+
 def _check_circular_fit(op: str, weight, input_size) -> None:
     d = _check_weight(op, weight)
     size = _check_input_size(op, input_size, d)
@@ -125,7 +162,13 @@ def conv_to_matrix(weight: torch.Tensor, input_size: Sequence[int], stride=1, pa
 
     Raises:
         TypeError / ValueError: bad arguments (SPEC §7); ValueError for a dense result
-        over ``max_dense_bytes`` (before allocating).
+        over ``max_dense_bytes``, or a sparse one whose entries and index plan exceed
+        ``regkernels.reference.conv.MAX_WORK_BYTES`` (before allocating).
+
+    Double backward: exact for the dense layout on every backend (``T`` is linear in the
+    weight); the sparse layouts refuse ``create_graph=True`` with a RuntimeError (torch's
+    sparse tensors have no double backward). The sparse index plans are cached per geometry in
+    an LRU bounded by ``regkernels.ops.conv_matrix.PLAN_CACHE_BYTES`` (spatial structure only).
     """
     op = "conv_to_matrix"
     _check_geometry(op, weight, input_size, stride, padding, dilation, groups, padding_mode)
@@ -158,6 +201,11 @@ def conv_frame_penalty(weight: torch.Tensor, input_size: Sequence[int], A: float
     64-channel 3×3 layer on 32×32 inputs, whose ``T`` has 4.3e9 entries, takes tens of milliseconds
     on a 2-core CPU);
     ``backend="reference"`` forms ``T`` and its Gram and raises ValueError over 2 GiB.
+
+    A weight holding NaN/±inf gives NaN; finite weights whose Gram overflows give ``+inf`` (as the
+    explicit path), with gradients NaN where they are undefined. The kernels refuse double
+    backward (RuntimeError; ``backend="reference"`` supports it) and work over
+    ``MAX_WORK_BYTES`` (ValueError, before allocating).
     """
     op = "conv_frame_penalty"
     _check_geometry(op, weight, input_size, stride, padding, dilation, groups, padding_mode)
@@ -192,7 +240,9 @@ def conv_orthogonality_penalty(weight: torch.Tensor, stride=1, padding=None, *,
             padding: None, or int / d-tuple >= 0 (``padding=1`` reproduces the official code).
 
     Returns:
-        0-dim tensor in the weight's dtype (float16/bfloat16 computed in float32).
+        0-dim tensor in the weight's dtype (float16/bfloat16 computed in float32); no filters
+        give 0, no input channels ``o`` (``O = 0``). An ``O`` plus padded kernel over
+        ``MAX_WORK_BYTES`` (a huge ``padding``) raises ValueError before allocating.
     """
     op = "conv_orthogonality_penalty"
     d = _check_weight(op, weight)
@@ -215,7 +265,10 @@ def conv_singular_values(weight: torch.Tensor, input_size: Sequence[int], *,
 
     Returns:
         ``(∏input_size, min(C_out, C_in))``, row f = frequency f (row-major fftn order),
-        descending within a row; real, the weight's dtype.
+        descending within a row; real, the weight's dtype. A weight holding NaN/inf gives NaN
+        (values and gradient) on every backend. The kernel backends refuse double backward
+        (RuntimeError; ``backend="reference"`` supports it); work over ``MAX_WORK_BYTES`` raises
+        ValueError before allocating.
     """
     op = "conv_singular_values"
     _check_circular_fit(op, weight, input_size)
@@ -233,7 +286,8 @@ def clip_conv_singular_values(weight: torch.Tensor, input_size: Sequence[int], l
 
     Returns:
         ``(new_weight, singular_values)``: the weight's shape and dtype, and the
-        ``(∏input_size, min(C_out, C_in))`` singular values of ``new_weight``.
+        ``(∏input_size, min(C_out, C_in))`` singular values of ``new_weight``; NaN for a weight
+        holding NaN/inf. Double backward and size limits as ``conv_singular_values``.
     """
     op = "clip_conv_singular_values"
     _check_circular_fit(op, weight, input_size)

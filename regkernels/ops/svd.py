@@ -248,6 +248,24 @@ def svb_(weights_or_module: nn.Module | torch.Tensor | Iterable[torch.Tensor], e
 
 # ----------------------------------------------------------------------------- registrations
 
+class _FirstOrderOnly(torch.autograd.Function):
+    """Identity on the weight whose backward refuses ``create_graph=True``: the Sedghi kernels'
+    second derivative would go through the SVD of the real embedding, whose doubled singular
+    values make the SVD's backward divide by 0 (a NaN second derivative)."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, op: str, backend: str) -> torch.Tensor:
+        ctx.op, ctx.backend = op, backend
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        if torch.is_grad_enabled():  # the caller asked for create_graph=True
+            raise RuntimeError(f"{ctx.op}: double backward (create_graph=True) is not supported by "
+                               f"backend={ctx.backend!r}; backend='reference' supports it")
+        return grad, None, None
+
+
 def _sedghi_kernels(device_type: str) -> tuple[Callable, Callable]:
     """conv_singular_values / clip_conv_singular_values (SPEC §2.3, conv family) with the
     per-frequency SVDs on the kernel, through the real 2·C_out × 2·C_in embedding of each
@@ -260,10 +278,16 @@ def _sedghi_kernels(device_type: str) -> tuple[Callable, Callable]:
         return 2 * max(weight.shape[0], weight.shape[1]) <= limit
 
     def values(weight: torch.Tensor, input_size: Sequence[int]) -> torch.Tensor:
-        return _conv.R.conv_singular_values(weight, input_size, svd=svd if fits(weight) else None)
+        if not fits(weight):
+            return _conv.R.conv_singular_values(weight, input_size)
+        weight = _FirstOrderOnly.apply(weight, "conv_singular_values", device_type)
+        return _conv.R.conv_singular_values(weight, input_size, svd=svd)
 
     def clip(weight: torch.Tensor, input_size: Sequence[int], lo: float, hi: float):
-        return _conv.R.clip_conv_singular_values(weight, input_size, lo, hi, svd=svd if fits(weight) else None)
+        if not fits(weight):
+            return _conv.R.clip_conv_singular_values(weight, input_size, lo, hi)
+        weight = _FirstOrderOnly.apply(weight, "clip_conv_singular_values", device_type)
+        return _conv.R.clip_conv_singular_values(weight, input_size, lo, hi, svd=svd)
 
     return values, clip
 

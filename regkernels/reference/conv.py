@@ -31,6 +31,7 @@ from regkernels.reference._dtypes import compute_dtype, upcast
 
 __all__ = [
     "MAX_DENSE_BYTES",
+    "MAX_WORK_BYTES",
     "conv_output_size",
     "conv_to_matrix",
     "conv_frame_penalty",
@@ -44,6 +45,11 @@ __all__ = [
 # ValueError before allocating. For the explicit frame penalty the count includes the
 # Gram matrix and its absolute value (see ``_frame_working_bytes``).
 MAX_DENSE_BYTES = 2**31
+# Largest working set (in bytes) of the other size-dependent intermediates: the sparse layouts'
+# entries (indices and values), the OCNN self-convolution and its padded input, the Sedghi
+# per-frequency blocks, the implicit conv frame path's tap Gram and contraction rows. Over it
+# the op raises ValueError naming the size before allocating (SPEC §8), never an allocator error.
+MAX_WORK_BYTES = 2**34
 
 
 def _expand(value, d: int) -> tuple[int, ...]:
@@ -148,6 +154,26 @@ def _matrix_shape(weight: torch.Tensor, input_size, stride, padding, dilation, g
     return weight.shape[0] * math.prod(out_size), weight.shape[1] * groups * math.prod(input_size)
 
 
+def _check_sparse_matrix(weight: torch.Tensor, input_size, stride, padding, dilation, layout: str) -> None:
+    """The sparse layouts' size guard (every ``conv_to_matrix`` implementation runs it first): up to
+    ``C_out·Cg·P_out·K`` structural entries, each an int64 column, an int64 row (COO) or its share
+    of the row pointers (CSR) and a value, plus the spatial index map (``P_out·K``, about 12 int64
+    temporaries while it is built) and the per-channel index plan (``Cg·P_out·K``, about 6). Over
+    ``MAX_WORK_BYTES`` it raises ValueError naming the size, before allocating."""
+    d = weight.dim() - 2
+    kernel = tuple(weight.shape[2:])
+    out = conv_output_size(tuple(input_size), kernel, _expand(stride, d), _expand(padding, d), _expand(dilation, d))
+    spatial = math.prod(out) * math.prod(kernel)
+    c_out, c_in_g = weight.shape[0], weight.shape[1]
+    entries = c_out * c_in_g * spatial
+    nbytes = entries * (16 + weight.element_size()) + spatial * 8 * (12 + 6 * c_in_g)
+    if nbytes > MAX_WORK_BYTES:
+        raise ValueError(f"conv_to_matrix: the {layout!r} layout of T with up to {entries} structural entries "
+                         f"({c_out}·{c_in_g}·{math.prod(out)}·{math.prod(kernel)}: C_out·C_in/groups·output "
+                         f"positions·taps) needs about {nbytes} bytes ({nbytes / 2**30:.1f} GiB), over "
+                         f"MAX_WORK_BYTES={MAX_WORK_BYTES}; use a smaller input_size or fewer channels")
+
+
 def _check_dense_matrix(weight: torch.Tensor, shape: tuple[int, int], limit: int | None) -> None:
     """The dense layout's size guard (every ``conv_to_matrix`` implementation runs it first)."""
     _check_dense_size("conv_to_matrix", f"the dense matrix of shape {shape}",
@@ -180,11 +206,14 @@ def conv_to_matrix(weight: torch.Tensor, input_size: Sequence[int], stride=1, pa
         sparse layouts through their values).
 
     Raises:
-        ValueError: a dense ``T`` over ``max_dense_bytes`` (before allocating).
+        ValueError: a dense ``T`` over ``max_dense_bytes``, or a sparse one whose entries and
+        index plan would exceed ``MAX_WORK_BYTES`` (before allocating).
     """
     shape = _matrix_shape(weight, input_size, stride, padding, dilation, groups)
     if layout == "dense":
         _check_dense_matrix(weight, shape, max_dense_bytes)
+    else:
+        _check_sparse_matrix(weight, input_size, stride, padding, dilation, layout)
     rows, cols, vals, valid = _matrix_entries(weight, tuple(input_size), stride, padding, dilation,
                                               groups, padding_mode)
     if layout == "dense":
@@ -196,6 +225,30 @@ def conv_to_matrix(weight: torch.Tensor, input_size: Sequence[int], stride=1, pa
     return _sparse_matrix(rows[valid], cols[valid], vals[valid], shape, layout)
 
 
+class _SparseValues(torch.autograd.Function):
+    """Identity on the values of a sparse ``T`` whose backward refuses ``create_graph=True``:
+    torch's sparse constructors and ``values()`` have no double backward (the second derivative
+    would silently be 0), on every backend."""
+
+    @staticmethod
+    def forward(ctx, values: torch.Tensor, layout: str) -> torch.Tensor:
+        ctx.layout = layout
+        return values.view_as(values)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        if torch.is_grad_enabled():  # the caller asked for create_graph=True
+            raise RuntimeError(f"conv_to_matrix: double backward (create_graph=True) is not supported for "
+                               f"layout={ctx.layout!r} on any backend (torch's sparse tensors have no double "
+                               f"backward); layout='dense' supports it on every backend")
+        return grad, None
+
+
+def sparse_values(values: torch.Tensor, layout: str) -> torch.Tensor:
+    """``values`` for a sparse ``T``, first-order differentiable only (``_SparseValues``)."""
+    return _SparseValues.apply(values, layout) if values.requires_grad else values
+
+
 def _sparse_matrix(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, shape: tuple[int, int],
                    layout: str) -> torch.Tensor:
     """Coalesced COO (or CSR) from possibly repeated (row, col) entries.
@@ -204,7 +257,7 @@ def _sparse_matrix(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, s
     values stay an ordinary differentiable function of the weight.
     """
     keys, inverse = torch.unique(rows * shape[1] + cols, sorted=True, return_inverse=True)
-    values = vals.new_zeros(keys.numel()).index_add(0, inverse, vals)
+    values = sparse_values(vals.new_zeros(keys.numel()).index_add(0, inverse, vals), layout)
     r, c = keys // shape[1], keys % shape[1]
     if layout == "coo":
         return torch.sparse_coo_tensor(torch.stack([r, c]), values, shape, is_coalesced=True,
@@ -332,9 +385,20 @@ def conv_orthogonality_penalty(weight: torch.Tensor, stride=1, padding=None) -> 
         return weight.sum()  # no filters: an empty sum, 0, still attached to the graph
     S = _expand(stride, d)
     P = tuple((k - 1) // s * s for k, s in zip(weight.shape[2:], S)) if padding is None else _expand(padding, d)
+    o, c, kernel = weight.shape[0], weight.shape[1], tuple(weight.shape[2:])
+    out = tuple(2 * p // s + 1 for p, s in zip(P, S))  # (k + 2P − k)/S + 1 per dim
+    itemsize = torch.empty((), dtype=compute_dtype(weight.dtype)).element_size()
+    nbytes = (o * o * math.prod(out) + o * c * math.prod([k + 2 * p for k, p in zip(kernel, P)])) * itemsize
+    if nbytes > MAX_WORK_BYTES:
+        raise ValueError(f"conv_orthogonality_penalty: the self-convolution O of shape {(o, o, *out)} and the padded "
+                         f"kernel need {nbytes} bytes ({nbytes / 2**30:.1f} GiB), over MAX_WORK_BYTES="
+                         f"{MAX_WORK_BYTES}; use a smaller padding (the default ⌊(k−1)/S⌋·S already covers every "
+                         f"overlap of the kernel with itself)")
     K = upcast(weight)
-    O = _CONV[d](K, K, stride=S, padding=P)
-    o = weight.shape[0]
+    if c == 0:  # no input channels: O = K ⋆ K is an empty sum, 0 (kept attached to the graph)
+        O = K.sum() + K.new_zeros((o, o, *out))
+    else:
+        O = _CONV[d](K, K, stride=S, padding=P)
     centre = (slice(None), slice(None)) + tuple(s // 2 for s in O.shape[2:])
     target = torch.zeros_like(O)
     target[centre] = torch.eye(o, dtype=O.dtype, device=O.device)
@@ -342,10 +406,19 @@ def conv_orthogonality_penalty(weight: torch.Tensor, stride=1, padding=None) -> 
 
 
 def _check_fits(op: str, weight: torch.Tensor, input_size: Sequence[int]) -> None:
+    """The kernel fits the circular input, and the per-frequency work fits ``MAX_WORK_BYTES``: the
+    complex blocks ``(∏n, C_out, C_in)`` and their SVD factors (about 3× the blocks in all)."""
     kernel = tuple(weight.shape[2:])
     if any(k > n for k, n in zip(kernel, input_size)):
         raise ValueError(f"{op}: the kernel {kernel} must fit the circular input: need kernel size <= input_size "
                          f"per dim; got input_size={tuple(input_size)}")
+    itemsize = torch.empty((), dtype=compute_dtype(weight.dtype)).element_size()
+    entries = math.prod(input_size) * weight.shape[0] * weight.shape[1]
+    nbytes = 3 * 2 * entries * itemsize
+    if nbytes > MAX_WORK_BYTES:
+        raise ValueError(f"{op}: the {math.prod(input_size)} per-frequency {weight.shape[0]}×{weight.shape[1]} "
+                         f"blocks and their SVDs need about {nbytes} bytes ({nbytes / 2**30:.1f} GiB), over "
+                         f"MAX_WORK_BYTES={MAX_WORK_BYTES}; use a smaller input_size")
 
 
 def _frequency_matrices(weight: torch.Tensor, input_size: Sequence[int], onesided: bool = False) -> torch.Tensor:
@@ -374,23 +447,48 @@ def real_embedding(blocks: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.cat([A, -B], dim=-1), torch.cat([B, A], dim=-1)], dim=-2)
 
 
+def _split_nonfinite(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(finite blocks, bad, nan)`` for a batch of blocks: the non-finite blocks (``bad``, any NaN
+    or ±inf entry) replaced by zeros, and per block ``nan = |Σ(B − B)|``, which is NaN exactly for the
+    bad blocks (``inf − inf``, ``NaN − NaN``) and 0 for the others, with a NaN gradient for every
+    entry of a bad block (and 0 for the others: ``|·|`` has subgradient 0 at 0).
+
+    LAPACK's SVD refuses non-finite input and the Jacobi kernel returns NaN factors; SPEC §8 wants
+    one behaviour: such a block's singular values (and clipped block) are NaN, forward and gradient,
+    and the other blocks are unaffected. The zeroed blocks keep the SVD away from the bad entries;
+    the results of the bad blocks are then taken from ``nan``."""
+    bad = ~torch.isfinite(blocks).flatten(-2).all(-1)
+    nan = (blocks - blocks).sum((-2, -1)).abs()
+    return torch.where(bad[..., None, None], torch.zeros((), dtype=blocks.dtype, device=blocks.device), blocks), \
+        bad, nan
+
+
 def _block_svdvals(blocks: torch.Tensor, svd: Callable | None) -> torch.Tensor:
     """Singular values (descending) of every complex block: LAPACK's complex SVD, or ``svd`` (a real
-    batched thin SVD) of the real embedding, whose doubled values are taken once each."""
-    if svd is None:
-        return torch.linalg.svdvals(blocks)
-    return svd(real_embedding(blocks))[1][..., 0::2]
+    batched thin SVD) of the real embedding, whose doubled values are taken once each. A block
+    holding NaN/inf has NaN singular values (``_split_nonfinite``)."""
+    blocks, bad, nan = _split_nonfinite(blocks)
+    S = torch.linalg.svdvals(blocks) if svd is None else svd(real_embedding(blocks))[1][..., 0::2]
+    return torch.where(bad[..., None], nan[..., None], S)
 
 
 def _clamp_blocks(blocks: torch.Tensor, lo: float, hi: float, svd: Callable | None) -> torch.Tensor:
-    """``U clamp(S, lo, hi) Vᴴ`` of every complex block, complex SVD or ``svd`` of the embedding."""
+    """``U clamp(S, lo, hi) Vᴴ`` of every complex block, complex SVD or ``svd`` of the embedding; NaN
+    for a block holding NaN/inf (``_split_nonfinite``)."""
+    blocks, bad, nan = _split_nonfinite(blocks)
     if svd is None:
         U, S, Vh = torch.linalg.svd(blocks, full_matrices=False)
-        return (U * S.clamp(lo, hi).to(U.dtype)[..., None, :]) @ Vh
-    m, n = blocks.shape[-2:]
-    U, S, Vh = svd(real_embedding(blocks))
-    Y = (U * S.clamp(lo, hi)[..., None, :]) @ Vh
-    return torch.complex(Y[..., :m, :n], Y[..., m:, :n])
+        Y = (U * S.clamp(lo, hi).to(U.dtype)[..., None, :]) @ Vh
+    else:
+        # the embedding doubles every singular value: the SVD's own backward divides by
+        # σ_j² − σ_i² = 0 there (NaN), so the clamp goes through the spectral function with the
+        # divided-difference gradient of SPEC §3.2, finite at repeated values
+        from regkernels.reference.svd import clamp_singular_values
+
+        m, n = blocks.shape[-2:]
+        Y = clamp_singular_values(real_embedding(blocks), lo, hi, svd=svd)
+        Y = torch.complex(Y[..., :m, :n], Y[..., m:, :n])
+    return torch.where(bad[..., None, None], nan[..., None, None].to(Y.dtype), Y)
 
 
 def conv_singular_values(weight: torch.Tensor, input_size: Sequence[int], *, svd: Callable | None = None) -> torch.Tensor:
