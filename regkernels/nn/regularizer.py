@@ -300,8 +300,10 @@ class SVBProjector:
 
     ``operator=True`` bounds each conv's operator instead (SPEC §2.3; circular, stride-1 model):
     the input sizes are recorded by forward pre-hooks, or given as ``input_size`` (int, tuple or
-    ``{weight: size}``, as ``svb_`` takes them). ``step()`` returns the number of matrices projected
-    (0 on the steps in between).
+    ``{weight or conv module: size}``, as ``svb_`` takes them). ``step()`` returns the number of
+    matrices projected (0 on the steps in between). Every argument is checked here as ``svb_``
+    checks it (eps finite and > 0, operator a bool, input_size, a backend with the SVD on the
+    model's devices), and so are the layers (parametrized weights: see ``svb_``).
     """
 
     def __init__(self, model: nn.Module, eps: float, every: int = 1, operator: bool = False,
@@ -309,9 +311,13 @@ class SVBProjector:
         op = "SVBProjector"
         if not isinstance(model, nn.Module):
             raise TypeError(f"{op}: model must be an nn.Module; got {type(model).__name__}")
-        check_number(op, "eps", eps, lo=0)
         check_number(op, "every", every, lo=1, integer=True)
-        self.model, self.eps, self.every, self.operator = model, float(eps), every, bool(operator)
+        # svb_'s own checks (eps > 0 and finite, operator, input_size, a backend with the SVD on
+        # the model's devices) and its layer checks (parametrized weights that cannot be written
+        # back), now rather than at the every-th step
+        _svd.check_svb_args(op, eps, operator, input_size, backend, {p.device for p in model.parameters()})
+        _svd._svb_weights(model)
+        self.model, self.eps, self.every, self.operator = model, float(eps), every, operator
         self.input_size, self.backend, self.steps = input_size, backend, 0
         convs = [(n, m) for n, m in model.named_modules() if isinstance(m, _CONVS)]
         self._sizes = _InputSizes(convs, None) if operator and input_size is None else None
@@ -323,7 +329,8 @@ class SVBProjector:
             return 0
         size = self.input_size
         if self._sizes is not None:
-            size = {m.weight: self._sizes.get("SVBProjector", n, m) for n, m in self._convs}
+            # keyed by module: a parametrized conv's weight is a new tensor at every access
+            size = {m: self._sizes.get("SVBProjector", n, m) for n, m in self._convs}
         return _svd.svb_(self.model, self.eps, operator=self.operator, input_size=size, backend=self.backend)
 
     def remove_hooks(self) -> None:
