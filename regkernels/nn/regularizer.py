@@ -262,7 +262,8 @@ class Regularizer:
         out = {}
         side = self.kw.get("side", "auto")
         for (name, m), g in zip(self.layers, self._groups()):
-            M = _gram.as_matrix(m.weight, g).float() if m.weight.dtype != torch.float64 else _gram.as_matrix(m.weight, g)
+            M = _gram.as_matrix(m.weight, g)
+            M = M if M.dtype == torch.float64 else M.float()
             if self.kind == "conv_frame":
                 geo = self._geometry[name]
                 size = (1,) if isinstance(m, nn.Linear) else self._sizes.get("Regularizer.stats", name, m)
@@ -316,7 +317,7 @@ class SVBProjector:
         # the model's devices) and its layer checks (parametrized weights that cannot be written
         # back), now rather than at the every-th step
         _svd.check_svb_args(op, eps, operator, input_size, backend, {p.device for p in model.parameters()})
-        _svd._svb_weights(model)
+        _svd._svb_weights(model, op)
         self.model, self.eps, self.every, self.operator = model, float(eps), every, operator
         self.input_size, self.backend, self.steps = input_size, backend, 0
         convs = [(n, m) for n, m in model.named_modules() if isinstance(m, _CONVS)]

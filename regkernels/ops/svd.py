@@ -181,11 +181,11 @@ def clamp_singular_values(X: torch.Tensor, lo: float, hi: float, backend: str | 
     return _ref.clamp_singular_values(X, lo, hi, svd=svd_function(X.device, backend, name="clamp_singular_values"))
 
 
-def _svb_weights(weights_or_module) -> list[torch.Tensor]:
+def _svb_weights(weights_or_module, op: str = "svb_") -> list[torch.Tensor]:
     """The weight tensors svb_ would touch, validated (used for checks only); raises for a
     layer whose weight cannot be written back (see ``regkernels.reference.svd.svb_``)."""
     if isinstance(weights_or_module, nn.Module):
-        return [t.weight for t in _ref.collect_svb_weights(weights_or_module)]
+        return [t.weight for t in _ref.collect_svb_weights(weights_or_module, op)]
     if isinstance(weights_or_module, torch.Tensor):
         items = [weights_or_module]
     elif isinstance(weights_or_module, Iterable) and not isinstance(weights_or_module, (str, bytes, dict)):

@@ -230,11 +230,11 @@ class SVBTarget(NamedTuple):
     write: Callable[[torch.Tensor], None]
 
 
-def _refuse(layer: str, why: str) -> None:
-    raise ValueError(f"svb_: cannot bound the weight of layer {layer!r}: {why}")
+def _refuse(op: str, layer: str, why: str) -> None:
+    raise ValueError(f"{op}: cannot bound the weight of layer {layer!r}: {why}")
 
 
-def _module_target(name: str, mod: nn.Module) -> tuple[object, SVBTarget]:
+def _module_target(name: str, mod: nn.Module, op: str) -> tuple[object, SVBTarget]:
     """``(dedup key, target)`` for the weight of one SVB layer.
 
     A weight recomputed from other tensors at every access or forward would take an in-place
@@ -251,8 +251,9 @@ def _module_target(name: str, mod: nn.Module) -> tuple[object, SVBTarget]:
         plist = mod.parametrizations["weight"]
         missing = [type(p).__name__ for p in plist if not hasattr(p, "right_inverse")]
         if missing:
-            _refuse(layer, f"its weight parametrization {', '.join(missing)} has no right_inverse, so a bounded weight "
-                           "cannot be written back (give the parametrization a right_inverse or remove it)")
+            _refuse(op, layer, f"its weight parametrization {', '.join(missing)} has no right_inverse, so a "
+                               "bounded weight cannot be written back (give the parametrization a right_inverse or "
+                               "remove it)")
         with torch.no_grad():
             value = mod.weight
 
@@ -265,7 +266,7 @@ def _module_target(name: str, mod: nn.Module) -> tuple[object, SVBTarget]:
         if getattr(hook, "name", None) != "weight" or kind not in ("WeightNorm", "SpectralNorm"):
             continue
         if kind == "SpectralNorm":
-            _refuse(layer, "torch.nn.utils.spectral_norm divides the weight by its σ_max at every forward, so no "
+            _refuse(op, layer, "torch.nn.utils.spectral_norm divides the weight by its σ_max at every forward, so no "
                            "written weight keeps singular values in the band; remove spectral_norm")
         g, v = mod.weight_g, mod.weight_v
         with torch.no_grad():
@@ -280,32 +281,34 @@ def _module_target(name: str, mod: nn.Module) -> tuple[object, SVBTarget]:
         return id(v), SVBTarget(value, groups, layer, mod, write)
     w = mod.weight
     if not isinstance(w, nn.Parameter):
-        _refuse(layer, f"its weight is a {type(w).__name__}, not an nn.Parameter, so it is computed from something "
+        _refuse(op, layer, f"its weight is a {type(w).__name__}, not an nn.Parameter, so it is computed from something "
                        "else and an in-place write may be thrown away; pass the tensor itself if writing it is "
                        "what you want")
     return id(w), SVBTarget(w, groups, layer, mod, w.copy_)
 
 
-def collect_svb_weights(weights_or_module) -> list[SVBTarget]:
+def collect_svb_weights(weights_or_module, op: str = "svb_") -> list[SVBTarget]:
     """The targets ``svb_`` bounds, each parameter once (tied weights are bounded once).
 
     A module contributes the weight of every ``SVB_LAYERS`` submodule (with its conv
     ``groups``; see ``_module_target`` for parametrized layers); a single tensor or an iterable
     of tensors is taken as ungrouped weights written in place. Raises ValueError naming the
-    layer for a weight that cannot be written back.
+    layer (and ``op``) for a weight that cannot be written back.
     """
     found: list[tuple[object, SVBTarget]] = []
     if isinstance(weights_or_module, nn.Module):
         for name, mod in weights_or_module.named_modules():
             if isinstance(mod, SVB_LAYERS) and isinstance(mod.weight, torch.Tensor):
-                found.append(_module_target(name, mod))
+                found.append(_module_target(name, mod, op))
     else:
         items = [weights_or_module] if isinstance(weights_or_module, torch.Tensor) else weights_or_module
         for i, w in enumerate(items):
-            layer = f"weights_or_module[{i}]" if not isinstance(weights_or_module, torch.Tensor) else "weights_or_module"
+            single = isinstance(weights_or_module, torch.Tensor)
+            layer = "weights_or_module" if single else f"weights_or_module[{i}]"
             if w.grad_fn is not None and not w._is_view():
-                _refuse(layer, f"it is the output of an operation (grad_fn={type(w.grad_fn).__name__}), e.g. the weight "
-                               "of a parametrized layer, so writing into it changes no parameter; pass the module")
+                _refuse(op, layer, f"it is the output of an operation (grad_fn={type(w.grad_fn).__name__}), e.g. the "
+                                   "weight of a parametrized layer, so writing into it changes no parameter; pass the "
+                                   "module")
             found.append((id(w), SVBTarget(w, 1, layer, None, w.copy_)))
     seen: set = set()
     unique = []
