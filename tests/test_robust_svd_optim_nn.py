@@ -66,8 +66,10 @@ def test_batched_svd_double_backward_passes_gradgradcheck(backend, shape):
 
 @pytest.mark.parametrize("backend", SVD_BACKENDS)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_clamp_singular_values_nan_matrix_is_nan_only_there_forward_and_gradient(backend, bad):
-    X = torch.randn(3, 5, 4, dtype=D64)
+@pytest.mark.parametrize("shape", [(3, 5, 4), (3, 4, 140), (3, 140, 4)], ids=["kernel", "qr_wide", "qr_tall"])
+def test_clamp_singular_values_nan_matrix_is_nan_only_there_forward_and_gradient(backend, bad, shape):
+    # 140 > the kernel's 128: the long side is QR-reduced first (ops.svd._kernel_svd)
+    X = torch.randn(shape, dtype=D64)
     Xb = X.clone()
     Xb[1, 2, 3] = bad
     Xb.requires_grad_()
@@ -273,6 +275,19 @@ def test_svb_over_a_list_is_atomic_when_a_later_weight_fails():
 
 
 # ------------------------------------------------------------------ constructors validate
+
+@pytest.mark.parametrize("eps, exc, match", [
+    (float("inf"), ValueError, r"svb_: eps must be finite"),
+    (float("nan"), ValueError, r"svb_: eps must be finite"),
+    (True, TypeError, r"svb_: eps must be a real number .* not bool"),
+])
+def test_svb_refuses_non_finite_or_bool_eps(eps, exc, match):
+    layer = nn.Linear(4, 4)
+    kept = layer.weight.detach().clone()
+    with pytest.raises(exc, match=match):
+        regkernels.svb_(layer, eps)
+    assert torch.equal(layer.weight, kept)
+
 
 @pytest.mark.parametrize("kw, exc, match", [
     (dict(eps=0), ValueError, r"SVBProjector: eps must be > 0"),

@@ -175,6 +175,10 @@ def clamp_singular_values(X: torch.Tensor, lo: float, hi: float, backend: str | 
 
     ``0 ≤ lo ≤ hi``. Differentiable; the gradient uses divided differences of the clamp, so
     it stays finite at repeated singular values (where torch.linalg.svd's backward does not).
+    Twice differentiable on every backend (``create_graph=True`` differentiates the gradient
+    through the SVD's own gradient) where the singular values are distinct and non-zero; at
+    repeated or zero singular values the double backward raises a RuntimeError. A matrix
+    holding NaN/Inf gives NaN (value and gradient) for that matrix only.
     """
     check_matrix("clamp_singular_values", "X", X)
     check_bounds("clamp_singular_values", "lo", lo, "hi", hi)
