@@ -153,8 +153,11 @@ class Regularizer:
             ``diversity`` ``tau`` (required), ``inclusive``; ``orthogonality`` ``side, squared``;
             ``mhe`` ``s, half, eps``; ``srip`` ``n_iter, generator``; ``ocnn`` ``padding``.
 
-    Calling it returns a 0-dim tensor (float32 for low-precision weights) with gradients to
-    every selected weight.
+    Calling it returns a 0-dim tensor (float32 for float16/bfloat16 weights, every kind: the
+    layers are evaluated in float32) with gradients to every selected weight. Every argument
+    is checked here (the kind's keyword arguments as its op checks them, ``input_sizes``
+    against each conv's geometry, ``backend``); sizes recorded by the pre-hooks are checked
+    at the first call.
     """
 
     def __init__(self, model: nn.Module, kind: str, weight: float = 1.0,

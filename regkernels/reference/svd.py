@@ -266,8 +266,8 @@ def _module_target(name: str, mod: nn.Module, op: str) -> tuple[object, SVBTarge
         if getattr(hook, "name", None) != "weight" or kind not in ("WeightNorm", "SpectralNorm"):
             continue
         if kind == "SpectralNorm":
-            _refuse(op, layer, "torch.nn.utils.spectral_norm divides the weight by its σ_max at every forward, so no "
-                           "written weight keeps singular values in the band; remove spectral_norm")
+            _refuse(op, layer, "torch.nn.utils.spectral_norm divides the weight by its σ_max at every forward, so "
+                               "no written weight keeps singular values in the band; remove spectral_norm")
         g, v = mod.weight_g, mod.weight_v
         with torch.no_grad():
             value = hook.compute_weight(mod)
@@ -281,9 +281,9 @@ def _module_target(name: str, mod: nn.Module, op: str) -> tuple[object, SVBTarge
         return id(v), SVBTarget(value, groups, layer, mod, write)
     w = mod.weight
     if not isinstance(w, nn.Parameter):
-        _refuse(op, layer, f"its weight is a {type(w).__name__}, not an nn.Parameter, so it is computed from something "
-                       "else and an in-place write may be thrown away; pass the tensor itself if writing it is "
-                       "what you want")
+        _refuse(op, layer, f"its weight is a {type(w).__name__}, not an nn.Parameter, so it is computed from "
+                           "something else (a hook, torch.nn.utils.prune, ...) and an in-place write may be thrown "
+                           "away; pass the tensor itself if writing it is what you want")
     return id(w), SVBTarget(w, groups, layer, mod, w.copy_)
 
 
@@ -415,7 +415,8 @@ def _write_all(updates: list[tuple[SVBTarget, torch.Tensor]]) -> None:
     parametrization is restored and a RuntimeError names the layer. Plain copies cannot fail
     and come last.
     """
-    param = [(t, new) for t, new in updates if t.module is not None and parametrize.is_parametrized(t.module, "weight")]
+    param = [(t, new) for t, new in updates
+             if t.module is not None and parametrize.is_parametrized(t.module, "weight")]
     rest = [(t, new) for t, new in updates if not any(t is p for p, _ in param)]
     saved = [{k: v.detach().clone() for k, v in t.module.parametrizations["weight"].state_dict().items()}
              for t, _ in param]
@@ -466,8 +467,9 @@ def svb_(weights_or_module: nn.Module | torch.Tensor | Iterable[torch.Tensor], e
 
     ``operator=True`` bounds each conv weight's operator instead (SPEC §2.3), which needs
     ``input_size``: an int or tuple of spatial sizes used for every conv, or a dict from
-    weight tensor or conv module to its size; Linear weights are bounded as matrices either way. ``clip`` is
-    the ``clip_conv_singular_values(weight, size, lo, hi)`` to use (default: the reference).
+    weight tensor or conv module to its size; Linear weights are bounded as matrices either
+    way. ``clip`` is the ``clip_conv_singular_values(weight, size, lo, hi)`` to use (default:
+    the reference).
 
     Returns the number of matrices projected (a grouped conv counts once per group, an
     operator-bounded conv once per group as well).
