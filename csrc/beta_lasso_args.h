@@ -5,6 +5,8 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <vector>
 
 #include "core/beta_lasso.h"
@@ -46,7 +48,9 @@ inline void check_beta_lasso_args(at::TensorList params, at::TensorList grads, a
                 "beta_lasso_step_: all params of one call must share dtype and device; params[", i, "] is ",
                 p.scalar_type(), " on ", p.device(), ", params[0] is ", dtype, " on ", device);
     TORCH_CHECK(g.scalar_type() == dtype && g.device() == device && g.sizes() == p.sizes(),
-                "beta_lasso_step_: grads[", i, "] must match params[", i, "] in dtype, device and shape");
+                "beta_lasso_step_: grads[", i, "] must match params[", i, "] in dtype, device and shape (",
+                p.scalar_type(), " ", p.sizes(), " on ", p.device(), "); got ", g.scalar_type(), " ", g.sizes(),
+                " on ", g.device());
     TORCH_CHECK(p.is_contiguous() && g.is_contiguous(), "beta_lasso_step_: params[", i, "] and grads[", i,
                 "] must be contiguous");
     if (flags[kFlagsPerTensor * i] != 0) {
@@ -54,8 +58,37 @@ inline void check_beta_lasso_args(at::TensorList params, at::TensorList grads, a
       TORCH_CHECK(b.scalar_type() == dtype && b.device() == device && b.sizes() == p.sizes() &&
                       b.is_contiguous(),
                   "beta_lasso_step_: bufs[", i, "] must be a contiguous tensor matching params[", i,
-                  "] when momentum is used");
+                  "] when momentum is used; got ", b.scalar_type(), " ", b.sizes(), " on ", b.device(),
+                  " (contiguous=", b.is_contiguous(), ")");
     }
+  }
+  // The written tensors (params, and bufs where momentum is used) must not share memory: their
+  // chunks are updated concurrently, so an element reached through two of them would be read
+  // and written by two threads in any order (results would change from run to run). Contiguous
+  // tensors occupy [data, data + numel·itemsize); sorted by start, any overlap shows between
+  // neighbours.
+  struct Span {
+    uintptr_t begin, end;
+    const char* list;
+    int64_t index;
+  };
+  std::vector<Span> spans;
+  spans.reserve(2 * n);
+  for (int64_t i = 0; i < n; ++i) {
+    auto add = [&](const at::Tensor& t, const char* list) {
+      if (t.numel() == 0) return;
+      const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+      spans.push_back({begin, begin + static_cast<uintptr_t>(t.numel()) * t.element_size(), list, i});
+    };
+    add(params[i], "params");
+    if (flags[kFlagsPerTensor * i] != 0) add(bufs[i], "bufs");
+  }
+  std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.begin < b.begin; });
+  for (size_t j = 1; j < spans.size(); ++j) {
+    TORCH_CHECK(spans[j].begin >= spans[j - 1].end, "beta_lasso_step_: ", spans[j - 1].list, "[",
+                spans[j - 1].index, "] and ", spans[j].list, "[", spans[j].index,
+                "] share memory; every parameter and momentum buffer must be a separate tensor (list each "
+                "parameter once)");
   }
 }
 

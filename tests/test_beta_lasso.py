@@ -217,10 +217,10 @@ def test_closure_zero_grad_and_nonzeros(backend):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(lr=-1.0), "lr must be a number >= 0"),
-    (dict(lam=-0.1), "lam must be a number >= 0"),
-    (dict(beta=float("nan")), "beta must be a number >= 0"),
-    (dict(momentum=-0.5), "momentum must be a number >= 0"),
+    (dict(lr=-1.0), "BetaLasso: lr must be >= 0"),
+    (dict(lam=-0.1), "BetaLasso: lam must be >= 0"),
+    (dict(beta=float("nan")), "BetaLasso: beta must be finite"),
+    (dict(momentum=-0.5), "BetaLasso: momentum must be >= 0"),
     (dict(nesterov=True), "nesterov=True requires momentum > 0"),
     (dict(backend="gpu"), "backend must be one of"),
 ])

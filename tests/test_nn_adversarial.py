@@ -52,7 +52,7 @@ def test_gabor_bank_is_deterministic_per_seed_and_smoother_than_noise():
 
 
 @pytest.mark.parametrize("kw,exc,match", [
-    (dict(n=0, k=3), ValueError, "gabor_bank: n must be >= 1; got 0"),
+    (dict(n=0, k=3), ValueError, "gabor_bank: n must be >= 1; got n=0"),
     (dict(n=2.0, k=3), TypeError, "gabor_bank: n must be an integer"),
     (dict(n=2, k=1), ValueError, r"gabor_bank: k must be >= 2 \(a zero-mean 1x1 kernel is 0"),
     (dict(n=2, k=0), ValueError, "gabor_bank: k must be >= 2"),
@@ -87,7 +87,7 @@ def test_harvest_kernels_bad_input():
         A.harvest_kernels(_model(), 7)
     with pytest.raises(TypeError, match="harvest_kernels: model must be an nn.Module; got Tensor"):
         A.harvest_kernels(torch.zeros(2, 3, 3), 3)
-    with pytest.raises(ValueError, match="harvest_kernels: k must be >= 1; got 0"):
+    with pytest.raises(ValueError, match="harvest_kernels: k must be >= 1; got k=0"):
         A.harvest_kernels(_model(), 0)
 
 
@@ -241,8 +241,8 @@ _CLS = "AdversarialKernelRegularizer"
 
 
 @pytest.mark.parametrize("make,exc,match", [
-    (lambda m, b: A.AdversarialKernelRegularizer(m, b, lam=-0.1), ValueError, f"{_CLS}: lam must be >= 0; got -0.1"),
-    (lambda m, b: A.AdversarialKernelRegularizer(m, b, batch=0), ValueError, f"{_CLS}: batch must be >= 1; got 0"),
+    (lambda m, b: A.AdversarialKernelRegularizer(m, b, lam=-0.1), ValueError, f"{_CLS}: lam must be >= 0; got lam=-0.1"),
+    (lambda m, b: A.AdversarialKernelRegularizer(m, b, batch=0), ValueError, f"{_CLS}: batch must be >= 1; got batch=0"),
     (lambda m, b: A.AdversarialKernelRegularizer(m, b, batch=2.0), TypeError, f"{_CLS}: batch must be an integer"),
     (lambda m, b: A.AdversarialKernelRegularizer(m, b, hidden=0), ValueError, f"{_CLS}: hidden must be >= 1"),
     (lambda m, b: A.AdversarialKernelRegularizer(m, b, lr=0.0), ValueError, f"{_CLS}: lr must be > 0; got 0.0"),

@@ -166,7 +166,7 @@ def test_conv_frame_input_sizes():
     (lambda m: Regularizer(m, "frame", include=nn.LSTM, A=0.5, B=1.0), ValueError, r"no layer selected"),
     (lambda m: Regularizer(m, "frame", include=3, A=0.5, B=1.0), TypeError, r"include must be an nn.Module"),
     (lambda m: Regularizer(m.state_dict(), "frame", A=0.5, B=1.0), TypeError, r"model must be an nn.Module"),
-    (lambda m: SVBProjector(m, -0.1), ValueError, r"SVBProjector: eps must be >= 0"),
+    (lambda m: SVBProjector(m, -0.1), ValueError, r"SVBProjector: eps must be > 0"),
     (lambda m: SVBProjector(m, 0.1, every=0), ValueError, r"SVBProjector: every must be >= 1"),
 ])
 def test_bad_input(call, exc, match):

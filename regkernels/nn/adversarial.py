@@ -25,9 +25,15 @@ from torch.nn.utils import skip_init
 
 from regkernels.ops._common import check_number, check_tensor
 
-__all__ = ["gabor_bank", "harvest_kernels", "AdversarialKernelRegularizer"]
+__all__ = ["gabor_bank", "harvest_kernels", "AdversarialKernelRegularizer", "GABOR_MAX_ENTRIES"]
 
 _CLS = "AdversarialKernelRegularizer"
+# Largest n·k·k gabor_bank draws: its float64 working set is about eight arrays of that many
+# entries (grids, rotated coordinates, envelope, carrier), 4 GiB at this limit.
+GABOR_MAX_ENTRIES = 2**26
+# torch.Generator.manual_seed takes the 64-bit seeds 0 ... 2**64 − 1
+_SEED_MAX = 2**64 - 1
+
 # LeakyReLU slope of the discriminator, as in DCGAN's discriminator (Radford et al.), which the
 # seed follows.
 _SLOPE = 0.2
@@ -43,14 +49,20 @@ def gabor_bank(n: int, k: int, seed: int = 0, *, dtype: torch.dtype = torch.floa
     ``ψ ~ U[0, 2π)``, ``σ ~ U[max(0.5, k/6), k/2]``, ``γ ~ U[0.5, 1]``; then
     ``g ← (g − mean g) / ‖g − mean g‖``. Drawn in float64 on the CPU from
     ``torch.Generator().manual_seed(seed)``, so a seed gives the same bank on every device and
-    dtype (up to the final rounding). ``k >= 2``: a zero-mean 1×1 kernel is 0.
+    dtype (up to the final rounding). ``k >= 2``: a zero-mean 1×1 kernel is 0. ``seed`` is a
+    64-bit seed, ``0 <= seed < 2**64``; ``n·k·k <= GABOR_MAX_ENTRIES`` (the float64 working set
+    is about eight times that many entries), else a ValueError before anything is allocated.
     """
     op = "gabor_bank"
     check_number(op, "n", n, lo=1, integer=True)
     check_number(op, "k", k, integer=True)
     if k < 2:
         raise ValueError(f"{op}: k must be >= 2 (a zero-mean 1x1 kernel is 0 and cannot have unit norm); got {k}")
-    check_number(op, "seed", seed, integer=True)
+    check_number(op, "seed", seed, lo=0, hi=_SEED_MAX, integer=True)
+    if n * k * k > GABOR_MAX_ENTRIES:
+        raise ValueError(f"{op}: a bank of n·k·k = {n}·{k}·{k} = {n * k * k} entries needs about "
+                         f"{8 * 8 * n * k * k / 2**30:.3g} GiB of float64 working memory; the limit is "
+                         f"GABOR_MAX_ENTRIES = {GABOR_MAX_ENTRIES} entries (draw fewer or smaller kernels)")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"{op}: dtype must be a floating torch.dtype; got {dtype!r}")
     g = torch.Generator().manual_seed(seed)
@@ -125,6 +137,11 @@ class AdversarialKernelRegularizer(nn.Module):
         if real.shape[0] == 0 or real.shape[1] == 0:
             raise ValueError(f"{_CLS}: real must hold at least one kernel (N, k, k) with N, k >= 1; "
                              f"got shape {tuple(real.shape)}")
+        if real.device.type != "meta" and not bool(torch.isfinite(real).all()):
+            # D would train on NaN/Inf and every loss would turn NaN
+            bad = int((~torch.isfinite(real)).flatten(1).any(1).sum())
+            raise ValueError(f"{_CLS}: real must hold finite kernels; {bad} of its {real.shape[0]} kernels hold "
+                             "NaN or Inf")
         check_number(_CLS, "lam", lam, lo=0)
         check_number(_CLS, "hidden", hidden, lo=1, integer=True)
         check_number(_CLS, "batch", batch, lo=1, integer=True)

@@ -41,7 +41,7 @@ from torch import nn
 from regkernels.ops import conv as _conv
 from regkernels.ops import gram as _gram
 from regkernels.ops import svd as _svd
-from regkernels.ops._common import check_number
+from regkernels.ops._common import BACKENDS, check_bounds, check_number, check_side
 
 __all__ = ["Regularizer", "SVBProjector", "KINDS"]
 
@@ -125,6 +125,13 @@ def _conv_geometry(op: str, name: str, module: nn.Module) -> dict[str, Any]:
                 dilation=tuple(module.dilation), groups=module.groups, padding_mode=module.padding_mode)
 
 
+def _float32_if_half(w: torch.Tensor) -> torch.Tensor:
+    """float16/bfloat16 weights as float32 (differentiable cast): the ops return values in the
+    weight's dtype, and a penalty of a half-precision model easily exceeds fp16's 65504; the
+    model-level value is float32 for every kind (SPEC §8), its gradient reaches the weights."""
+    return w.float() if w.dtype in (torch.float16, torch.bfloat16) else w
+
+
 def _as_conv_weight(module: nn.Module) -> torch.Tensor:
     w = module.weight
     return w.unsqueeze(-1) if isinstance(module, nn.Linear) else w
@@ -146,8 +153,11 @@ class Regularizer:
             ``diversity`` ``tau`` (required), ``inclusive``; ``orthogonality`` ``side, squared``;
             ``mhe`` ``s, half, eps``; ``srip`` ``n_iter, generator``; ``ocnn`` ``padding``.
 
-    Calling it returns a 0-dim tensor (float32 for low-precision weights) with gradients to
-    every selected weight.
+    Calling it returns a 0-dim tensor (float32 for float16/bfloat16 weights, every kind: the
+    layers are evaluated in float32) with gradients to every selected weight. Every argument
+    is checked here (the kind's keyword arguments as its op checks them, ``input_sizes``
+    against each conv's geometry, ``backend``); sizes recorded by the pre-hooks are checked
+    at the first call.
     """
 
     def __init__(self, model: nn.Module, kind: str, weight: float = 1.0,
@@ -169,11 +179,38 @@ class Regularizer:
             if missing or unknown:
                 raise TypeError(f"{op}: kind='conv_frame' takes A, B (required) and side; got unknown {unknown}, "
                                 f"missing {missing}")
+            check_bounds(op, "A", kw["A"], "B", kw["B"])
+            check_side(op, kw.get("side", "auto"))
         elif kind == "ocnn" and any(a != "padding" for a in kw):
             raise TypeError(f"{op}: kind='ocnn' takes padding only; got {sorted(kw)}")
+        if backend is not None and backend not in BACKENDS:
+            raise ValueError(f"{op}: backend must be one of None, {', '.join(map(repr, BACKENDS))}; got {backend!r}")
         if kind in CONV_KINDS:
             self._geometry = {name: _conv_geometry(op, name, m) for name, m in self.layers}
+        if kind == "ocnn" and kw.get("padding") is not None:
+            for name, m in self.layers:
+                _conv._check_ints(f"{op} (layer {name!r})", "padding", kw["padding"], _as_conv_weight(m).dim() - 2, 0)
+        if input_sizes is not None:
+            if kind != "conv_frame":
+                raise TypeError(f"{op}: input_sizes is for kind='conv_frame' only; got kind={kind!r}")
+            self._check_input_sizes(op, input_sizes)
         self._sizes = _InputSizes(self.layers, input_sizes) if kind == "conv_frame" else None
+
+    def _check_input_sizes(self, op: str, input_sizes) -> None:
+        """Each given size names a selected conv layer and gives its operator a valid geometry
+        (the check ``conv_frame_penalty`` makes), so a bad size fails here, not at the first call."""
+        if not isinstance(input_sizes, dict):
+            raise TypeError(f"{op}: input_sizes must be a dict layer name -> spatial input size; got "
+                            f"{type(input_sizes).__name__}")
+        layers = dict(self.layers)
+        for name, size in input_sizes.items():
+            if name not in layers or not isinstance(layers[name], _CONVS):
+                raise ValueError(f"{op}: input_sizes names {name!r}, which is not a selected conv layer; selected "
+                                 f"convs: {[n for n, m in self.layers if isinstance(m, _CONVS)]}")
+            m, geo = layers[name], self._geometry[name]
+            size = (size,) * (m.weight.dim() - 2) if isinstance(size, int) and not isinstance(size, bool) else size
+            _conv._check_geometry(f"{op} (layer {name!r})", m.weight.detach(), size, geo["stride"], geo["padding"],
+                                  geo["dilation"], geo["groups"], geo["padding_mode"])
 
     def _groups(self) -> list[int]:
         return [getattr(m, "groups", 1) for _, m in self.layers]
@@ -185,7 +222,8 @@ class Regularizer:
     def values(self) -> torch.Tensor:
         """The per-layer penalties ``(L,)`` (before the mean and the factor)."""
         if self.kind in MATRIX_KINDS:
-            return _gram.penalty_multi([m.weight for _, m in self.layers], self.kind, backend=self.backend,
+            return _gram.penalty_multi([_float32_if_half(m.weight) for _, m in self.layers], self.kind,
+                                       backend=self.backend,
                                        groups=self._groups(), **self.kw)
         out: list = [None] * len(self.layers)
         if self.kind == "conv_frame":
@@ -193,7 +231,7 @@ class Regularizer:
             # Linear layers go through one grouped call
             linear = [i for i, (_, m) in enumerate(self.layers) if isinstance(m, nn.Linear)]
             if linear:
-                values = _gram.penalty_multi([self.layers[i][1].weight for i in linear], "frame",
+                values = _gram.penalty_multi([_float32_if_half(self.layers[i][1].weight) for i in linear], "frame",
                                              backend=self.backend, A=self.kw["A"], B=self.kw["B"],
                                              side=self.kw.get("side", "auto"))
                 for i, v in zip(linear, values):
@@ -201,7 +239,7 @@ class Regularizer:
         for i, (name, m) in enumerate(self.layers):
             if out[i] is not None:  # done above
                 continue
-            w, geo = _as_conv_weight(m), self._geometry[name]
+            w, geo = _float32_if_half(_as_conv_weight(m)), self._geometry[name]
             if self.kind == "conv_frame":
                 size = self._sizes.get("Regularizer", name, m)
                 out[i] = _conv.conv_frame_penalty(w, size, self.kw["A"], self.kw["B"], geo["stride"],
@@ -213,7 +251,7 @@ class Regularizer:
                                                               backend=self.backend)
                              for wg in w.chunk(geo["groups"], dim=0)]
                 out[i] = torch.stack(penalties).mean()  # grouped: the mean over groups (SPEC §0)
-        return torch.stack([v.float() if v.dtype in (torch.float16, torch.bfloat16) else v for v in out])
+        return torch.stack(out)
 
     def __call__(self) -> torch.Tensor:
         return self.weight * self.values().mean()
@@ -222,11 +260,13 @@ class Regularizer:
     def stats(self) -> dict[str, dict[str, float]]:
         """Per layer: ``gershgorin_lo`` / ``gershgorin_hi`` (bounds on the eigenvalues of the Gram
         the penalty acts on: the operator's for ``conv_frame``, else ``Gram(as_matrix(W))`` on the
-        kind's side) and ``sigma_min`` / ``sigma_max`` (exact, of ``as_matrix(W, groups)``)."""
+        kind's side) and ``sigma_min`` / ``sigma_max`` (exact, of ``as_matrix(W, groups)``). A layer
+        holding NaN/Inf gets NaN entries; the other layers are unaffected and nothing raises."""
         out = {}
         side = self.kw.get("side", "auto")
         for (name, m), g in zip(self.layers, self._groups()):
-            M = _gram.as_matrix(m.weight, g).float() if m.weight.dtype != torch.float64 else _gram.as_matrix(m.weight, g)
+            M = _gram.as_matrix(m.weight, g)
+            M = M if M.dtype == torch.float64 else M.float()
             if self.kind == "conv_frame":
                 geo = self._geometry[name]
                 size = (1,) if isinstance(m, nn.Linear) else self._sizes.get("Regularizer.stats", name, m)
@@ -237,10 +277,15 @@ class Regularizer:
                 matrix_side = side if self.kind in ("frame", "orthogonality") else "rows" \
                     if self.kind in ("diversity", "mhe", "ocnn") else "auto"
                 lo, hi = _gram.gershgorin_bounds(M, matrix_side)
-            s = torch.linalg.svdvals(M)
-            out[name] = {"gershgorin_lo": float(lo.min()), "gershgorin_hi": float(hi.max()),
-                         "sigma_min": float(s.min()) if s.numel() else math.nan,
-                         "sigma_max": float(s.max()) if s.numel() else math.nan}
+            if min(M.shape[-2:]) > 0:
+                # frame_bounds gives NaN for a non-finite matrix (LAPACK's svdvals would raise for
+                # the whole model); amin/amax propagate a group's NaN to the layer
+                s2_min, s2_max = _gram.frame_bounds(M)
+                s_min, s_max = float(s2_min.amin().sqrt()), float(s2_max.amax().sqrt())
+            else:
+                s_min = s_max = math.nan
+            out[name] = {"gershgorin_lo": float(lo.amin()), "gershgorin_hi": float(hi.amax()),
+                         "sigma_min": s_min, "sigma_max": s_max}
         return out
 
     def remove_hooks(self) -> None:
@@ -259,8 +304,10 @@ class SVBProjector:
 
     ``operator=True`` bounds each conv's operator instead (SPEC §2.3; circular, stride-1 model):
     the input sizes are recorded by forward pre-hooks, or given as ``input_size`` (int, tuple or
-    ``{weight: size}``, as ``svb_`` takes them). ``step()`` returns the number of matrices projected
-    (0 on the steps in between).
+    ``{weight or conv module: size}``, as ``svb_`` takes them). ``step()`` returns the number of
+    matrices projected (0 on the steps in between). Every argument is checked here as ``svb_``
+    checks it (eps finite and > 0, operator a bool, input_size, a backend with the SVD on the
+    model's devices), and so are the layers (parametrized weights: see ``svb_``).
     """
 
     def __init__(self, model: nn.Module, eps: float, every: int = 1, operator: bool = False,
@@ -268,9 +315,13 @@ class SVBProjector:
         op = "SVBProjector"
         if not isinstance(model, nn.Module):
             raise TypeError(f"{op}: model must be an nn.Module; got {type(model).__name__}")
-        check_number(op, "eps", eps, lo=0)
         check_number(op, "every", every, lo=1, integer=True)
-        self.model, self.eps, self.every, self.operator = model, float(eps), every, bool(operator)
+        # svb_'s own checks (eps > 0 and finite, operator, input_size, a backend with the SVD on
+        # the model's devices) and its layer checks (parametrized weights that cannot be written
+        # back), now rather than at the every-th step
+        _svd.check_svb_args(op, eps, operator, input_size, backend, {p.device for p in model.parameters()})
+        _svd._svb_weights(model, op)
+        self.model, self.eps, self.every, self.operator = model, float(eps), every, operator
         self.input_size, self.backend, self.steps = input_size, backend, 0
         convs = [(n, m) for n, m in model.named_modules() if isinstance(m, _CONVS)]
         self._sizes = _InputSizes(convs, None) if operator and input_size is None else None
@@ -282,7 +333,8 @@ class SVBProjector:
             return 0
         size = self.input_size
         if self._sizes is not None:
-            size = {m.weight: self._sizes.get("SVBProjector", n, m) for n, m in self._convs}
+            # keyed by module: a parametrized conv's weight is a new tensor at every access
+            size = {m: self._sizes.get("SVBProjector", n, m) for n, m in self._convs}
         return _svd.svb_(self.model, self.eps, operator=self.operator, input_size=size, backend=self.backend)
 
     def remove_hooks(self) -> None:

@@ -175,16 +175,21 @@ def clamp_singular_values(X: torch.Tensor, lo: float, hi: float, backend: str | 
 
     ``0 ≤ lo ≤ hi``. Differentiable; the gradient uses divided differences of the clamp, so
     it stays finite at repeated singular values (where torch.linalg.svd's backward does not).
+    Twice differentiable on every backend (``create_graph=True`` differentiates the gradient
+    through the SVD's own gradient) where the singular values are distinct and non-zero; at
+    repeated or zero singular values the double backward raises a RuntimeError. A matrix
+    holding NaN/Inf gives NaN (value and gradient) for that matrix only.
     """
     check_matrix("clamp_singular_values", "X", X)
     check_bounds("clamp_singular_values", "lo", lo, "hi", hi)
     return _ref.clamp_singular_values(X, lo, hi, svd=svd_function(X.device, backend, name="clamp_singular_values"))
 
 
-def _svb_weights(weights_or_module) -> list[torch.Tensor]:
-    """The weight tensors svb_ would touch, validated (used for checks only)."""
+def _svb_weights(weights_or_module, op: str = "svb_") -> list[torch.Tensor]:
+    """The weight tensors svb_ would touch, validated (used for checks only); raises for a
+    layer whose weight cannot be written back (see ``regkernels.reference.svd.svb_``)."""
     if isinstance(weights_or_module, nn.Module):
-        return [w for w, _ in _ref.collect_svb_weights(weights_or_module)]
+        return [t.weight for t in _ref.collect_svb_weights(weights_or_module, op)]
     if isinstance(weights_or_module, torch.Tensor):
         items = [weights_or_module]
     elif isinstance(weights_or_module, Iterable) and not isinstance(weights_or_module, (str, bytes, dict)):
@@ -194,28 +199,43 @@ def _svb_weights(weights_or_module) -> list[torch.Tensor]:
                         f"tensors; got {type(weights_or_module).__name__}")
     for i, w in enumerate(items):
         check_tensor("svb_", f"weights_or_module[{i}]", w, min_ndim=2, form="(out, in) or (out, in/groups, *kernel)")
+    _ref.collect_svb_weights(items)
     return items
 
 
 def _is_size(size) -> bool:
-    """An int or a sequence of ints (bools excluded)."""
+    """An int >= 1 or a sequence of such ints (bools excluded)."""
     def is_int(v) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
     if isinstance(size, Sequence) and not isinstance(size, str):
-        return all(is_int(v) for v in size)
+        return len(size) > 0 and all(is_int(v) for v in size)
     return is_int(size)
 
 
-def _check_input_size(input_size) -> None:
-    """None, a size, or a mapping weight tensor → size (a size: an int or a tuple of ints)."""
+def _check_input_size(op: str, input_size) -> None:
+    """None, a size, or a mapping weight tensor / conv module → size (a size: an int or a tuple of ints)."""
     if input_size is None:
         return
     sizes = input_size.values() if isinstance(input_size, Mapping) else [input_size]
     for size in sizes:
         if not _is_size(size):
-            raise TypeError("svb_: input_size must be None, an int, a tuple of ints (the conv input's spatial size) "
-                            f"or a dict weight -> such a size; got {size!r}")
+            raise TypeError(f"{op}: input_size must be None, an int, a tuple of ints (the conv input's spatial size, "
+                            f"each >= 1) or a dict weight or conv module -> such a size; got {size!r}")
+
+
+def check_svb_args(op: str, eps, operator, input_size, backend, devices: Iterable[torch.device]) -> None:
+    """The arguments of ``svb_`` (also checked by ``SVBProjector`` at construction): eps a finite
+    number > 0, operator a bool, input_size as ``svb_`` takes it, backend one that has the SVD
+    on every device of ``devices``."""
+    check_number(op, "eps", eps)
+    if eps <= 0:
+        raise ValueError(f"{op}: eps must be > 0 (singular values are bounded to [1/(1+eps), 1+eps]); got {eps}")
+    if not isinstance(operator, bool):
+        raise TypeError(f"{op}: operator must be a bool; got {operator!r}")
+    _check_input_size(op, input_size)
+    for device in set(devices) or {torch.device("cpu")}:
+        svd_function(device, backend, name=op)
 
 
 def svb_(weights_or_module: nn.Module | torch.Tensor | Iterable[torch.Tensor], eps: float, operator: bool = False,
@@ -226,19 +246,16 @@ def svb_(weights_or_module: nn.Module | torch.Tensor | Iterable[torch.Tensor], e
     convs per group), a weight tensor, or an iterable of weight tensors (groups = 1).
     Runs under ``torch.no_grad()``, never touches biases, and sends all matrices of one
     (m, n, dtype, device) through one ``batched_svd`` call. ``operator=True`` bounds each
-    conv operator (SPEC §2.3) and needs ``input_size`` (int, tuple, or dict weight → size).
+    conv operator (SPEC §2.3) and needs ``input_size`` (int, tuple, or dict weight / conv
+    module → size). Parametrized layers (``torch.nn.utils.parametrize`` with a
+    ``right_inverse``, hook-based ``weight_norm``) are bounded through the parametrization;
+    weights that cannot be written back are refused naming the layer. All arguments and all
+    new values are settled before the first weight changes: an error changes nothing.
     Returns the number of matrices projected. See ``regkernels.reference.svd.svb_``.
     """
-    check_number("svb_", "eps", eps)
-    if eps <= 0:
-        raise ValueError(f"svb_: eps must be > 0 (singular values are bounded to [1/(1+eps), 1+eps]); got {eps}")
-    if not isinstance(operator, bool):
-        raise TypeError(f"svb_: operator must be a bool; got {operator!r}")
-    _check_input_size(input_size)
     weights = _svb_weights(weights_or_module)
     # an unknown or missing backend fails before any weight changes
-    for device in {w.device for w in weights} or {torch.device("cpu")}:
-        svd_function(device, backend, name="svb_")
+    check_svb_args("svb_", eps, operator, input_size, backend, [w.device for w in weights])
     if not isinstance(weights_or_module, (nn.Module, torch.Tensor)):
         weights_or_module = weights  # a one-shot iterator was consumed by the checks above
     return _ref.svb_(weights_or_module, eps, operator=operator, input_size=input_size,

@@ -10,12 +10,28 @@ from typing import Callable, Iterable
 import torch
 from torch.optim import Optimizer
 
+from regkernels.ops._common import check_number
 from regkernels.ops.beta_lasso import FUSED_DTYPES, beta_lasso_step_, fused_backend_for, pack_hyper
 from regkernels.reference.beta_lasso import beta_lasso_update_
 
 __all__ = ["BetaLasso"]
 
 _BACKENDS = (None, "reference", "cpu", "cuda")
+_OP = "BetaLasso"
+
+
+def _check_hyper(group: dict) -> None:
+    """A group's hyper-parameters: finite Python numbers (SPEC §8), lr, lam, beta, momentum,
+    weight_decay >= 0, nesterov a bool that needs momentum > 0 and dampening = 0."""
+    for name in ("lr", "lam", "beta", "momentum", "weight_decay"):
+        check_number(_OP, name, group[name], lo=0)
+    check_number(_OP, "dampening", group["dampening"])
+    nesterov, momentum, dampening = group["nesterov"], group["momentum"], group["dampening"]
+    if not isinstance(nesterov, bool):
+        raise TypeError(f"{_OP}: nesterov must be a bool; got {nesterov!r}")
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError(f"{_OP}: nesterov=True requires momentum > 0 and dampening = 0; "
+                         f"got momentum={momentum}, dampening={dampening}")
 
 
 class _Launch:
@@ -58,28 +74,64 @@ class BetaLasso(Optimizer):
 
     float16/bfloat16 parameters are updated in float32 math; in float32 the fused CPU update
     equals the reference bit for bit.
+
+    Refused with a TypeError/ValueError: hyper-parameters that are not finite Python numbers in
+    their range (bools included; every group's values are checked when the group is added and
+    again at each step), complex parameters, a parameter listed twice. ``copy.deepcopy`` and
+    pickling keep ``backend``; ``nonzeros()`` works under ``torch.compile(opt.step)``.
     """
 
     def __init__(self, params: Iterable, lr: float, lam: float, beta: float, momentum: float = 0.0,
                  dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False, *,
                  backend: str | None = None):
-        for name, value in (("lr", lr), ("lam", lam), ("beta", beta), ("momentum", momentum),
-                            ("weight_decay", weight_decay)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise ValueError(f"BetaLasso: {name} must be a number >= 0; got {value!r}")
-        if isinstance(dampening, bool) or not isinstance(dampening, (int, float)) or dampening != dampening:
-            raise ValueError(f"BetaLasso: dampening must be a number; got {dampening!r}")
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("BetaLasso: nesterov=True requires momentum > 0 and dampening = 0; "
-                             f"got momentum={momentum}, dampening={dampening}")
         if backend not in _BACKENDS:
             raise ValueError(f"BetaLasso: backend must be one of None, 'reference', 'cpu', 'cuda'; got {backend!r}")
         defaults = dict(lr=lr, lam=lam, beta=beta, momentum=momentum, dampening=dampening,
                         weight_decay=weight_decay, nesterov=nesterov)
+        _check_hyper(defaults)
         super().__init__(params, defaults)
         self.backend = backend
         # counts of the last step: (params updated by one launch, their int64 counts tensor)
         self._counts: list[tuple[list[torch.Tensor], torch.Tensor]] = []
+
+    def add_param_group(self, param_group: dict) -> None:
+        """``torch.optim.Optimizer.add_param_group`` plus β-LASSO's checks: the group's
+        hyper-parameters (as the constructor checks them), real floating parameters (sign(θ)
+        and |θ| ≥ β·λ have no meaning for complex ones: pass ``torch.view_as_real(p)`` to treat
+        real and imaginary parts as separate entries) and no parameter twice (the fused kernel
+        would update it twice concurrently, with results that change from run to run)."""
+        group = dict(param_group)
+        params = group["params"]
+        if not isinstance(params, (torch.Tensor, set)):  # a set is refused by torch's own check
+            params = group["params"] = list(params)
+        seen: dict[int, int] = {}
+        for i, p in enumerate([params] if isinstance(params, torch.Tensor) else params):
+            if not isinstance(p, torch.Tensor):
+                continue  # torch's check names it
+            if p.is_complex():
+                raise TypeError(f"{_OP}: parameter {i} of param group {len(self.param_groups)} is complex ({p.dtype}); "
+                                "β-LASSO is defined for real parameters (view it as real pairs with "
+                                "torch.view_as_real)")
+            if id(p) in seen:
+                raise ValueError(f"{_OP}: parameter {i} of param group {len(self.param_groups)} is the same tensor as "
+                                 f"parameter {seen[id(p)]}; list each parameter once")
+            seen[id(p)] = i
+        super().add_param_group(group)
+        try:
+            _check_hyper(self.param_groups[-1])
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            raise
+
+    def __getstate__(self) -> dict:
+        # torch.optim.Optimizer pickles defaults, state and param_groups only
+        return {**super().__getstate__(), "backend": self.backend}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.backend = state.get("backend")
+        # the counts are tied to the parameter objects of the last step: a copy has not stepped
+        self._counts = []
 
     def _kernel_for(self, p: torch.Tensor, kernels: dict) -> str | None:
         """The fused backend that updates ``p``, or None for the reference path."""
@@ -107,11 +159,14 @@ class BetaLasso(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._counts = []
+        # cleared, never rebound: torch.compile(opt.step) does not write attribute assignments
+        # on the optimizer back (nonzeros() would see an empty list) but replays list mutations
+        self._counts.clear()
         # (device, dtype) → the fused op's argument lists, filled in one pass over the params
         launches: dict[tuple[torch.device, torch.dtype], _Launch] = {}
         kernels: dict[torch.device, str | None] = {}
         for group in self.param_groups:
+            _check_hyper(group)  # a scheduler or a user may have changed lr etc. since construction
             hyper, flags = pack_hyper(group["lr"], group["lam"], group["beta"], group["momentum"],
                                       group["dampening"], group["weight_decay"], group["nesterov"], False)
             flags_first = flags[:2] + [1]

@@ -174,11 +174,18 @@ def frame_bounds(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact frame bounds ``(σ_min², σ_max²)`` of ``W``, each of shape ``W.shape[:-2]``.
 
     ``σ`` are the ``k = min(m, n)`` singular values (``torch.linalg.svdvals``, descending),
-    so these are the extreme eigenvalues of the k×k Gram ``Gram(W, "auto")``.
+    so these are the extreme eigenvalues of the k×k Gram ``Gram(W, "auto")``. A matrix
+    holding NaN/Inf gives NaN for both bounds, that matrix only (SPEC §8).
     """
-    # formula: SPEC §1.1 (companion)
-    s = torch.linalg.svdvals(upcast(W))
-    return s[..., -1].square().to(W.dtype), s[..., 0].square().to(W.dtype)
+    # formula: SPEC §1.1 (companion). LAPACK fails the whole batch on a NaN matrix
+    # ("failed to converge"), so non-finite matrices are decomposed as zeros and their
+    # bounds overwritten with NaN; torch.where keeps the function differentiable.
+    Wc = upcast(W)
+    finite = torch.isfinite(Wc).all(dim=-1).all(dim=-1)  # (...)
+    s = torch.linalg.svdvals(torch.where(finite[..., None, None], Wc, torch.zeros_like(Wc)))
+    nan = float("nan")
+    lo, hi = torch.where(finite, s[..., -1], nan), torch.where(finite, s[..., 0], nan)
+    return lo.square().to(W.dtype), hi.square().to(W.dtype)
 
 
 def diversity_penalty(W: torch.Tensor, tau: float, inclusive: bool = True) -> torch.Tensor:

@@ -7,15 +7,16 @@ for reading: every function states its shapes and formula, comments cite the SPE
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Callable, Union
+from typing import Callable, NamedTuple, Union
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from regkernels.reference._dtypes import compute_dtype, upcast
 from regkernels.reference.gram import as_matrix
 
-__all__ = ["batched_svd", "clamp_singular_values", "svb_", "collect_svb_weights", "SVB_LAYERS"]
+__all__ = ["batched_svd", "clamp_singular_values", "svb_", "collect_svb_weights", "SVBTarget", "SVB_LAYERS"]
 
 SVDFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 InputSize = Union[int, Sequence[int], Mapping[torch.Tensor, Union[int, Sequence[int]]]]
@@ -146,8 +147,12 @@ def _clamp_backward(grad: torch.Tensor, U: torch.Tensor, S: torch.Tensor, Vh: to
 class _ClampSingularValues(torch.autograd.Function):
     """Y = U clamp(S) Vh, backward by divided differences (see ``_clamp_backward``).
 
-    fp16/bf16 inputs are decomposed and differentiated in float32. The backward is
-    once-differentiable: it treats the saved factors as constants.
+    fp16/bf16 inputs are decomposed and differentiated in float32. A first-order backward
+    treats the saved factors as constants. Under ``create_graph=True`` the backward recomputes
+    the factors with a differentiable ``svd`` of X and builds the same formula on them, so its
+    derivative w.r.t. X (the second derivative) comes from the SVD's own gradient; that one
+    divides by σ_i² − σ_j² and by σ, so it is refused (RuntimeError) where a singular value is
+    repeated or zero (the ``tie`` / ``null`` sets of ``_spectral_weights``).
     """
 
     @staticmethod
@@ -159,18 +164,39 @@ class _ClampSingularValues(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        _, lo, hi, _ = inputs
+        X, lo, hi, svd = inputs
         _, U, S, Vh = output
-        ctx.save_for_backward(U, S, Vh)
-        ctx.lo, ctx.hi = lo, hi
+        ctx.save_for_backward(X, U, S, Vh)
+        ctx.lo, ctx.hi, ctx.svd = lo, hi, svd
         ctx.mark_non_differentiable(U, S, Vh)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_Y, _gU, _gS, _gVh):
-        U, S, Vh = ctx.saved_tensors
+        X, U, S, Vh = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the gradient must itself be differentiable
+            U, S, Vh = ctx.svd(upcast(X))
+            _check_second_order(S.detach(), *X.shape[-2:])
         dX = _clamp_backward(grad_Y.to(U.dtype), U, S, Vh, ctx.lo, ctx.hi)
         return dX.to(grad_Y.dtype), None, None, None
+
+
+def _check_second_order(S: torch.Tensor, m: int, n: int) -> None:
+    """Refuse a second derivative through the SVD at repeated or zero singular values, where
+    the SVD's gradient (terms 1/(σ_i² − σ_j²) and 1/σ) is infinite although the spectral
+    function's second derivative may be finite: NaN/Inf would come back silently otherwise."""
+    if S.numel() == 0:
+        return
+    eps = torch.finfo(S.dtype).eps
+    si, sj = S[..., :, None], S[..., None, :]
+    off = ~torch.eye(S.shape[-1], dtype=torch.bool, device=S.device)
+    tie = ((si - sj).abs() <= 16 * eps * torch.maximum(si, sj)) & off
+    null = S <= max(m, n) * eps * S.amax(dim=-1, keepdim=True)
+    if bool(tie.any()) or bool(null.any()):
+        raise RuntimeError(
+            "clamp_singular_values: double backward (create_graph=True) is computed through the SVD's "
+            "gradient, which is infinite at repeated or zero singular values, and this input has some; no "
+            "backend computes it there (the first-order gradient is finite: call backward without "
+            "create_graph)")
 
 
 def clamp_singular_values(X: torch.Tensor, lo: float, hi: float, *, svd: SVDFn | None = None) -> torch.Tensor:
@@ -192,98 +218,227 @@ def clamp_singular_values(X: torch.Tensor, lo: float, hi: float, *, svd: SVDFn |
 # svb_: hard singular value bounding, in place
 # ---------------------------------------------------------------------------------------
 
-def collect_svb_weights(weights_or_module) -> list[tuple[torch.Tensor, int]]:
-    """``(weight, groups)`` for every weight to project, each parameter once.
+class SVBTarget(NamedTuple):
+    """One weight ``svb_`` bounds: its current value, conv ``groups``, the layer named in errors
+    (``weights_or_module[i]`` for a tensor) and ``write(new)``, which makes ``new`` the layer's
+    effective weight (in place, through its parametrization or weight-norm hook if it has one)."""
+
+    weight: torch.Tensor
+    groups: int
+    layer: str
+    module: nn.Module | None
+    write: Callable[[torch.Tensor], None]
+
+
+def _refuse(op: str, layer: str, why: str) -> None:
+    raise ValueError(f"{op}: cannot bound the weight of layer {layer!r}: {why}")
+
+
+def _module_target(name: str, mod: nn.Module, op: str) -> tuple[object, SVBTarget]:
+    """``(dedup key, target)`` for the weight of one SVB layer.
+
+    A weight recomputed from other tensors at every access or forward would take an in-place
+    write and lose it, so it is written where it comes from: a ``torch.nn.utils.parametrize``
+    parametrization through its ``right_inverse`` (``module.weight = new``), the hook-based
+    ``torch.nn.utils.weight_norm`` through ``weight_v ← new``, ``weight_g ← ‖new‖`` (per ``dim``).
+    Everything else that recomputes the weight (a parametrization without ``right_inverse``,
+    ``spectral_norm``, which always divides by σ_max, or any other non-Parameter weight) is
+    refused, naming the layer.
+    """
+    layer = name or type(mod).__name__
+    groups = getattr(mod, "groups", 1)
+    if parametrize.is_parametrized(mod, "weight"):
+        plist = mod.parametrizations["weight"]
+        missing = [type(p).__name__ for p in plist if not hasattr(p, "right_inverse")]
+        if missing:
+            _refuse(op, layer, f"its weight parametrization {', '.join(missing)} has no right_inverse, so a "
+                               "bounded weight cannot be written back (give the parametrization a right_inverse or "
+                               "remove it)")
+        with torch.no_grad():
+            value = mod.weight
+
+        def write(new: torch.Tensor) -> None:
+            mod.weight = new  # parametrize: right_inverse of the chain, stored in .original(s)
+
+        return id(plist), SVBTarget(value, groups, layer, mod, write)
+    for hook in mod._forward_pre_hooks.values():
+        kind = type(hook).__name__
+        if getattr(hook, "name", None) != "weight" or kind not in ("WeightNorm", "SpectralNorm"):
+            continue
+        if kind == "SpectralNorm":
+            _refuse(op, layer, "torch.nn.utils.spectral_norm divides the weight by its σ_max at every forward, so "
+                               "no written weight keeps singular values in the band; remove spectral_norm")
+        g, v = mod.weight_g, mod.weight_v
+        with torch.no_grad():
+            value = hook.compute_weight(mod)
+
+        def write(new: torch.Tensor, hook=hook, g=g, v=v) -> None:
+            # W = g · v / ‖v‖ (norm over every dim but `dim`): v = W, g = ‖W‖ reproduces W
+            v.copy_(new)
+            g.copy_(torch.norm_except_dim(new, 2, hook.dim))
+            setattr(mod, "weight", hook.compute_weight(mod))  # the cached weight the hook set last
+
+        return id(v), SVBTarget(value, groups, layer, mod, write)
+    w = mod.weight
+    if not isinstance(w, nn.Parameter):
+        _refuse(op, layer, f"its weight is a {type(w).__name__}, not an nn.Parameter, so it is computed from "
+                           "something else (a hook, torch.nn.utils.prune, ...) and an in-place write may be thrown "
+                           "away; pass the tensor itself if writing it is what you want")
+    return id(w), SVBTarget(w, groups, layer, mod, w.copy_)
+
+
+def collect_svb_weights(weights_or_module, op: str = "svb_") -> list[SVBTarget]:
+    """The targets ``svb_`` bounds, each parameter once (tied weights are bounded once).
 
     A module contributes the weight of every ``SVB_LAYERS`` submodule (with its conv
-    ``groups``); a single tensor or an iterable of tensors is taken as ungrouped weights.
+    ``groups``; see ``_module_target`` for parametrized layers); a single tensor or an iterable
+    of tensors is taken as ungrouped weights written in place. Raises ValueError naming the
+    layer (and ``op``) for a weight that cannot be written back.
     """
+    found: list[tuple[object, SVBTarget]] = []
     if isinstance(weights_or_module, nn.Module):
-        found = [(mod.weight, getattr(mod, "groups", 1)) for mod in weights_or_module.modules()
-                 if isinstance(mod, SVB_LAYERS) and isinstance(mod.weight, torch.Tensor)]
-    elif isinstance(weights_or_module, torch.Tensor):
-        found = [(weights_or_module, 1)]
+        for name, mod in weights_or_module.named_modules():
+            if isinstance(mod, SVB_LAYERS) and isinstance(mod.weight, torch.Tensor):
+                found.append(_module_target(name, mod, op))
     else:
-        found = [(w, 1) for w in weights_or_module]
-    seen: set[int] = set()
+        items = [weights_or_module] if isinstance(weights_or_module, torch.Tensor) else weights_or_module
+        for i, w in enumerate(items):
+            single = isinstance(weights_or_module, torch.Tensor)
+            layer = "weights_or_module" if single else f"weights_or_module[{i}]"
+            if w.grad_fn is not None and not w._is_view():
+                _refuse(op, layer, f"it is the output of an operation (grad_fn={type(w.grad_fn).__name__}), e.g. the "
+                                   "weight of a parametrized layer, so writing into it changes no parameter; pass the "
+                                   "module")
+            found.append((id(w), SVBTarget(w, 1, layer, None, w.copy_)))
+    seen: set = set()
     unique = []
-    for w, g in found:  # tied weights (shared parameters) are projected once
-        if id(w) not in seen:
-            seen.add(id(w))
-            unique.append((w, g))
+    for key, target in found:
+        if key not in seen:
+            seen.add(key)
+            unique.append(target)
     return unique
 
 
-def _bound(X: torch.Tensor, lo: float, hi: float, svd: SVDFn) -> torch.Tensor:
-    """``U clamp(S, lo, hi) Vh`` for a stack ``X (N, m, n)`` in its compute dtype.
+def _bound(X: torch.Tensor, lo: float, hi: float, svd: SVDFn) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(U clamp(S, lo, hi) Vh, inside)`` for a stack ``X (N, m, n)`` in its compute dtype.
 
-    A matrix whose singular values all lie in [lo, hi] keeps its original bits: SVB is a
-    projection, and re-synthesising U S Vh would only add rounding drift every call. The
-    test allows the relative rounding ``max(m, n)·eps`` of a re-synthesised U S Vh, so a
-    projected matrix stays put on the next call (the projection is idempotent).
+    A matrix whose singular values all lie in [lo, hi] (``inside``, ``(N,)``) keeps its
+    original bits: SVB is a projection, and re-synthesising U S Vh would only add rounding
+    drift every call. The test allows the relative rounding ``max(m, n)·eps`` of a
+    re-synthesised U S Vh, so a projected matrix stays put on the next call (the projection
+    is idempotent). A matrix holding NaN/Inf has NaN singular values, is not inside, and
+    becomes NaN (SPEC §8: that matrix only).
     """
     U, S, Vh = svd(X)
     slack = max(X.shape[-2:]) * torch.finfo(X.dtype).eps
-    inside = ((S >= lo * (1 - slack)) & (S <= hi * (1 + slack))).all(dim=-1)[:, None, None]
-    return torch.where(inside, X, (U * S.clamp(lo, hi)[..., None, :]) @ Vh)
+    inside = ((S >= lo * (1 - slack)) & (S <= hi * (1 + slack))).all(dim=-1)
+    return torch.where(inside[:, None, None], X, (U * S.clamp(lo, hi)[..., None, :]) @ Vh), inside
 
 
-def _svb_matrices(items: list[tuple[torch.Tensor, int]], lo: float, hi: float, svd: SVDFn) -> int:
-    """Project every ``as_matrix`` of the weights, one ``svd`` call per (m, n, dtype, device).
+def _svb_matrices(items: list[SVBTarget], lo: float, hi: float,
+                  svd: SVDFn) -> tuple[int, list[tuple[SVBTarget, torch.Tensor]]]:
+    """Bounded values of every ``as_matrix`` of the weights, one ``svd`` call per (m, n, dtype,
+    device); returns the number of matrices and ``(target, new weight)`` for each weight that
+    changes (nothing is written here).
 
     Grouping by the matrix shape (not the weight shape) merges e.g. a Linear (64, 576) with
     a Conv (64, 64, 3, 3), so the number of calls is at most the number of distinct
     (weight shape, dtype, device) groups.
     """
-    groups: dict[tuple, list[tuple[torch.Tensor, int]]] = {}
-    for w, g in items:
-        mats = as_matrix(w, g)
-        key = (tuple(mats.shape[-2:]), w.dtype, w.device)
-        groups.setdefault(key, []).append((w, g))
-    count = 0
+    groups: dict[tuple, list[SVBTarget]] = {}
+    for t in items:
+        mats = as_matrix(t.weight, t.groups)
+        key = (tuple(mats.shape[-2:]), t.weight.dtype, t.weight.device)
+        groups.setdefault(key, []).append(t)
+    count, updates = 0, []
     for key, members in groups.items():
-        stacks = [as_matrix(w, g).reshape(-1, *key[0]) for w, g in members]
-        X = torch.cat(stacks).to(compute_dtype(members[0][0].dtype))
-        Y = _bound(X, lo, hi, svd).to(members[0][0].dtype)
-        for (w, _), part in zip(members, Y.split([s.shape[0] for s in stacks])):
-            w.copy_(part.reshape(w.shape))
+        stacks = [as_matrix(t.weight, t.groups).reshape(-1, *key[0]) for t in members]
+        X = torch.cat(stacks).to(compute_dtype(key[1]))
+        Y, inside = _bound(X, lo, hi, svd)
+        sizes = [s.shape[0] for s in stacks]
+        for t, part, kept in zip(members, Y.to(key[1]).split(sizes), inside.split(sizes)):
+            if not bool(kept.all()):
+                updates.append((t, part.reshape(t.weight.shape)))
         count += X.shape[0]
-    return count
+    return count, updates
 
 
-def _size_for(weight: torch.Tensor, input_size: InputSize | None) -> tuple[int, ...]:
+def _size_for(target: SVBTarget, input_size: InputSize | None) -> tuple[int, ...]:
     """The spatial input size of one conv weight for the operator branch, as a tuple of
-    ``weight.dim() − 2`` ints (an int stands for the same size along every spatial dim)."""
+    ``weight.dim() − 2`` ints (an int stands for the same size along every spatial dim); a
+    dict is looked up by the weight tensor, then by the conv module."""
+    weight = target.weight
     if input_size is None:
         raise ValueError(
             f"svb_: operator=True needs input_size= (the spatial size of the conv's input: an int, a tuple "
-            f"of {weight.dim() - 2} ints, or a dict weight -> size) for the conv weight of shape {tuple(weight.shape)}")
+            f"of {weight.dim() - 2} ints, or a dict weight or module -> size) for the conv weight of layer "
+            f"{target.layer!r}, shape {tuple(weight.shape)}")
     if isinstance(input_size, Mapping):
-        if weight not in input_size:
-            raise ValueError(f"svb_: input_size has no entry for the conv weight of shape {tuple(weight.shape)}")
-        input_size = input_size[weight]
+        key = weight if weight in input_size else target.module
+        if key is None or key not in input_size:
+            raise ValueError(f"svb_: input_size has no entry for the conv weight of layer {target.layer!r}, shape "
+                             f"{tuple(weight.shape)} (keys: the weight tensor or the conv module)")
+        input_size = input_size[key]
     if isinstance(input_size, int):
         return (input_size,) * (weight.dim() - 2)
     return tuple(input_size)
 
 
-def _svb_operators(convs: list[tuple[torch.Tensor, int, tuple[int, ...]]], lo: float, hi: float,
-                   clip: Callable | None = None) -> int:
-    """Bound the singular values of each conv *operator* (SPEC §2.3, Sedghi et al.).
+def _svb_operators(convs: list[tuple[SVBTarget, tuple[int, ...]]], lo: float, hi: float,
+                   clip: Callable | None = None) -> tuple[int, list[tuple[SVBTarget, torch.Tensor]]]:
+    """Bounded values of each conv *operator* (SPEC §2.3, Sedghi et al.); returns the number
+    of blocks and ``(target, new weight)`` per conv (nothing is written here).
 
-    ``convs`` holds ``(weight, groups, input_size)``. A grouped conv is block diagonal over
-    its groups, so each group's kernel slice ``(out/g, in/g, *k)`` is clipped on its own.
+    ``convs`` holds ``(target, input_size)``. A grouped conv is block diagonal over its
+    groups, so each group's kernel slice ``(out/g, in/g, *k)`` is clipped on its own.
     Exact for circular padding and stride 1; the truncation to the kernel support makes the
     result an approximate projection.
     """
     if clip is None:
         from regkernels.reference.conv import clip_conv_singular_values as clip  # conv family, imported only here
 
-    for w, g, size in convs:
-        for block in w.chunk(g, dim=0):
-            new_block, _ = clip(block, size, lo, hi)
-            block.copy_(new_block)
-    return sum(g for _, g, _ in convs)
+    updates = []
+    for t, size in convs:
+        blocks = [clip(block, size, lo, hi)[0] for block in t.weight.chunk(t.groups, dim=0)]
+        updates.append((t, torch.cat(blocks).to(t.weight.dtype)))
+    return sum(t.groups for t, _ in convs), updates
+
+
+def _write_all(updates: list[tuple[SVBTarget, torch.Tensor]]) -> None:
+    """Write every new weight; all or nothing.
+
+    The writes through a parametrization's ``right_inverse`` go first and are checked: the
+    layer's effective weight must come back as the bounded one (to √eps of the dtype,
+    relative) — a right_inverse is only a right inverse on the parametrization's image, and a
+    bounded weight outside it (say an ``orthogonal`` parametrization given a non-orthogonal
+    matrix) would be stored as something else. On a mismatch or an error every
+    parametrization is restored and a RuntimeError names the layer. Plain copies cannot fail
+    and come last.
+    """
+    param = [(t, new) for t, new in updates
+             if t.module is not None and parametrize.is_parametrized(t.module, "weight")]
+    rest = [(t, new) for t, new in updates if not any(t is p for p, _ in param)]
+    saved = [{k: v.detach().clone() for k, v in t.module.parametrizations["weight"].state_dict().items()}
+             for t, _ in param]
+    try:
+        for t, new in param:
+            t.write(new)
+            eff = t.module.weight
+            tol = torch.finfo(new.dtype).eps ** 0.5
+            err = (eff.double() - new.double()).norm() / new.double().norm().clamp_min(torch.finfo(torch.float64).tiny)
+            if not bool(err <= tol):
+                raise RuntimeError(
+                    f"svb_: layer {t.layer!r}: its weight parametrization's right_inverse does not reproduce the "
+                    f"bounded weight (relative error {float(err):.3g}), i.e. the bounded weight is outside what the "
+                    "parametrization can represent; no weight was changed")
+    except Exception:
+        for (t, _), state in zip(param, saved):
+            live = t.module.parametrizations["weight"].state_dict(keep_vars=True)
+            for k, v in state.items():
+                live[k].data = v
+        raise
+    for t, new in rest:
+        t.write(new)
 
 
 def svb_(weights_or_module: nn.Module | torch.Tensor | Iterable[torch.Tensor], eps: float, *,
@@ -302,21 +457,36 @@ def svb_(weights_or_module: nn.Module | torch.Tensor | Iterable[torch.Tensor], e
     (up to a relative rounding slack of max(m, n)·eps) are left bit-for-bit unchanged, so
     a second call right after a first changes nothing.
 
+    Parametrized layers are bounded through their parametrization: the layer's effective
+    weight is projected and written back with ``module.weight = new`` (``right_inverse``;
+    hook-based ``weight_norm``: ``weight_v``, ``weight_g``), so afterwards the effective
+    weight has its singular values in the band. A weight that cannot be written back that
+    way (no ``right_inverse``, ``spectral_norm``, a non-Parameter weight, a computed tensor
+    passed directly) is refused with a ValueError naming the layer. All-or-nothing: every
+    new value is computed first, and an error leaves every weight unchanged.
+
     ``operator=True`` bounds each conv weight's operator instead (SPEC §2.3), which needs
     ``input_size``: an int or tuple of spatial sizes used for every conv, or a dict from
-    weight tensor to its size; Linear weights are bounded as matrices either way. ``clip`` is
-    the ``clip_conv_singular_values(weight, size, lo, hi)`` to use (default: the reference).
+    weight tensor or conv module to its size; Linear weights are bounded as matrices either
+    way. ``clip`` is the ``clip_conv_singular_values(weight, size, lo, hi)`` to use (default:
+    the reference).
 
     Returns the number of matrices projected (a grouped conv counts once per group, an
     operator-bounded conv once per group as well).
     """
     lo, hi = 1.0 / (1.0 + eps), 1.0 + eps
     svd = svd if svd is not None else batched_svd
-    items = collect_svb_weights(weights_or_module)
     with torch.no_grad():
+        items = collect_svb_weights(weights_or_module)
+        # every new value is computed before any weight is written, so an error in any of
+        # them leaves all weights as they were
         if not operator:
-            return _svb_matrices(items, lo, hi, svd)
-        # every conv's input size is resolved before any weight changes
-        convs = [(w, g, _size_for(w, input_size)) for w, g in items if w.dim() > 2]
-        mats = [(w, g) for w, g in items if w.dim() == 2]
-        return (_svb_operators(convs, lo, hi, clip) if convs else 0) + _svb_matrices(mats, lo, hi, svd)
+            count, updates = _svb_matrices(items, lo, hi, svd)
+        else:
+            convs = [(t, _size_for(t, input_size)) for t in items if t.weight.dim() > 2]
+            mats = [t for t in items if t.weight.dim() == 2]
+            n_ops, op_updates = _svb_operators(convs, lo, hi, clip) if convs else (0, [])
+            n_mats, updates = _svb_matrices(mats, lo, hi, svd)
+            count, updates = n_ops + n_mats, op_updates + updates
+        _write_all(updates)
+    return count
