@@ -266,9 +266,11 @@ def svb_(weights_or_module: nn.Module | torch.Tensor | Iterable[torch.Tensor], e
 # ----------------------------------------------------------------------------- registrations
 
 class _FirstOrderOnly(torch.autograd.Function):
-    """Identity on the weight whose backward refuses ``create_graph=True``: the Sedghi kernels'
+    """Identity on an output of a Sedghi kernel whose backward refuses ``create_graph=True``: the
     second derivative would go through the SVD of the real embedding, whose doubled singular
-    values make the SVD's backward divide by 0 (a NaN second derivative)."""
+    values make the SVD's backward divide by 0 (a NaN second derivative). Applied to the outputs,
+    so that this refusal (which names the backend that supports it) is the first node a
+    ``create_graph=True`` backward meets."""
 
     @staticmethod
     def forward(ctx, weight: torch.Tensor, op: str, backend: str) -> torch.Tensor:
@@ -297,14 +299,14 @@ def _sedghi_kernels(device_type: str) -> tuple[Callable, Callable]:
     def values(weight: torch.Tensor, input_size: Sequence[int]) -> torch.Tensor:
         if not fits(weight):
             return _conv.R.conv_singular_values(weight, input_size)
-        weight = _FirstOrderOnly.apply(weight, "conv_singular_values", device_type)
-        return _conv.R.conv_singular_values(weight, input_size, svd=svd)
+        out = _conv.R.conv_singular_values(weight, input_size, svd=svd)
+        return _FirstOrderOnly.apply(out, "conv_singular_values", device_type)
 
     def clip(weight: torch.Tensor, input_size: Sequence[int], lo: float, hi: float):
         if not fits(weight):
             return _conv.R.clip_conv_singular_values(weight, input_size, lo, hi)
-        weight = _FirstOrderOnly.apply(weight, "clip_conv_singular_values", device_type)
-        return _conv.R.clip_conv_singular_values(weight, input_size, lo, hi, svd=svd)
+        new_weight, sv = _conv.R.clip_conv_singular_values(weight, input_size, lo, hi, svd=svd)
+        return tuple(_FirstOrderOnly.apply(t, "clip_conv_singular_values", device_type) for t in (new_weight, sv))
 
     return values, clip
 
