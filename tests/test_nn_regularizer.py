@@ -199,3 +199,9 @@ def test_svb_projector_operator_mode_records_input_sizes():
     # an approximate projection (truncation to the 3×3 support): closer to the band than a random kernel
     assert float((sv - 1).abs().max()) < float((before - 1).abs().max())
     assert math.isfinite(float(sv.sum()))
+
+
+def test_regularizer_errors_name_the_layer_not_a_list_index():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8, 1))
+    with pytest.raises(ValueError, match=r"Regularizer: as_matrix\(layer '2'\.weight\) needs at least 2 rows"):
+        Regularizer(model, "mhe")

@@ -172,7 +172,8 @@ class Regularizer:
         if kind in MATRIX_KINDS:
             # validates kind's arguments once, on the selected weights
             _gram._check_weights(op, [m.weight for _, m in self.layers], self._groups(), kind,
-                                 _gram._multi_args(op, kind, dict(kw)))
+                                 _gram._multi_args(op, kind, dict(kw)),
+                                 names=[f"layer {name!r}.weight" for name in self.names])
         elif kind == "conv_frame":
             missing = [a for a in ("A", "B") if a not in kw]
             unknown = [a for a in kw if a not in ("A", "B", "side")]

@@ -297,8 +297,13 @@ def _multi_args(op: str, kind, kw: dict) -> dict:
     return checker(op, **kw)
 
 
-def _check_weights(op: str, weights, groups, kind: str, args: dict) -> list[int]:
-    """Check the weight list and ``groups``; returns one groups value per weight."""
+def _check_weights(op: str, weights, groups, kind: str, args: dict,
+                   names: Sequence[str] | None = None) -> list[int]:
+    """Check the weight list and ``groups``; returns one groups value per weight.
+
+    ``names``: what the messages call each weight (``Regularizer`` passes the layers' names);
+    default ``weights[i]``.
+    """
     if not isinstance(weights, (list, tuple)):
         raise TypeError(f"{op}: weights must be a list or tuple of weight tensors (out, in) or "
                         f"(out, in/groups, *kernel); got {type(weights).__name__}")
@@ -309,15 +314,15 @@ def _check_weights(op: str, weights, groups, kind: str, args: dict) -> list[int]
                              f"got {len(per_weight)} values")
     else:
         per_weight = [groups] * len(weights)
-    for i, (w, g) in enumerate(zip(weights, per_weight)):
-        name = f"weights[{i}]"
+    labels = [f"weights[{i}]" for i in range(len(weights))] if names is None else list(names)
+    for name, w, g in zip(labels, weights, per_weight):
         check_tensor(op, name, w, min_ndim=2, form="(out, in) or (out, in/groups, *kernel)")
         _check_groups(op, name, w, g)
         mat = R.as_matrix(w, g)
         _check_W(op, mat, f"as_matrix({name})")
         if kind == "mhe":
             _check_mhe_rows(op, f"as_matrix({name})", mat, args["half"])
-    check_same_device(op, **{f"weights[{i}]": w for i, w in enumerate(weights)})
+    check_same_device(op, **dict(zip(labels, weights)))
     return per_weight
 
 
