@@ -129,7 +129,7 @@ def _gram_backends(kind: str) -> list[str]:
 
 
 @pytest.mark.parametrize("kind", list(GRAM_KINDS))
-@bounded(30)
+@bounded(40)
 @given(W=matrices())
 def test_gram_kernels_equal_reference_and_leave_input_unmodified(kind, W):
     if kind in _NEEDS_TWO_ROWS:
@@ -148,7 +148,7 @@ def test_gram_kernels_equal_reference_and_leave_input_unmodified(kind, W):
 
 
 @pytest.mark.parametrize("kind", list(GRAM_KINDS))
-@bounded(15)
+@bounded(25)
 @given(data=poisoned_batches())
 def test_gram_nan_inf_matrix_is_non_finite_only_there(kind, data):
     W, bad = data
@@ -206,7 +206,7 @@ SINGLE_OF = {"frame": lambda W, b: regkernels.frame_penalty(W, 0.5, 2.0, backend
 
 
 @pytest.mark.parametrize("kind", list(MULTI_KW))
-@bounded(20)
+@bounded(30)
 @given(data=layer_lists(), poison=st.integers(-1, 3))
 def test_penalty_multi_is_the_per_layer_mean_and_isolates_nan(kind, data, poison):
     weights, groups = data
@@ -338,7 +338,7 @@ def _conv(x: torch.Tensor, weight: torch.Tensor, geo: dict) -> torch.Tensor:
     return conv(x, weight, None, geo["stride"], geo["padding"], geo["dilation"], geo["groups"])
 
 
-@bounded(25)
+@bounded(40)
 @given(data=conv_geometries(), layout=st.sampled_from(["dense", "csr", "coo"]))
 def test_conv_to_matrix_applies_the_convolution_on_every_backend(data, layout):
     weight, geo = data
@@ -353,7 +353,7 @@ def test_conv_to_matrix_applies_the_convolution_on_every_backend(data, layout):
     assert same_bits(weight, before)
 
 
-@bounded(20)
+@bounded(30)
 @given(data=conv_geometries(max_channels=2), side=st.sampled_from(["auto", "rows", "cols"]),
        poison=st.sampled_from([None, math.nan, math.inf]))
 def test_conv_frame_penalty_implicit_equals_explicit_and_propagates_nan(data, side, poison):
