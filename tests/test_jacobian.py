@@ -155,3 +155,16 @@ def test_bad_input(call, exc, match):
     x, y = _xy()
     with pytest.raises(exc, match=match):
         call(x, y)
+
+
+def test_jacobian_penalty_double_backward_gradgradcheck():
+    # the penalty is itself a first derivative of the model; its gradient w.r.t. a weight (what a
+    # training step uses) must be differentiable once more, exactly
+    lin = nn.Linear(3, 2).double()
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+
+    def f(weight):
+        y = torch.tanh(nn.functional.linear(x, weight, lin.bias))
+        return J.jacobian_penalty(y, x, exact=True)
+
+    assert torch.autograd.gradgradcheck(f, (lin.weight.detach().clone().requires_grad_(),))
