@@ -356,8 +356,12 @@ def _svb_matrices(items: list[SVBTarget], lo: float, hi: float,
         X = torch.cat(stacks).to(compute_dtype(key[1]))
         Y, inside = _bound(X, lo, hi, svd)
         sizes = [s.shape[0] for s in stacks]
-        for t, part, kept in zip(members, Y.to(key[1]).split(sizes), inside.split(sizes)):
-            if not bool(kept.all()):
+        # which weights change at all: one host sync per group (not per weight); an unchanged
+        # weight is not written, so a parametrization whose weight is already in the band is
+        # left alone
+        changed = torch.stack([~kept.all() for kept in inside.split(sizes)]).tolist()
+        for t, part, change in zip(members, Y.to(key[1]).split(sizes), changed):
+            if change:
                 updates.append((t, part.reshape(t.weight.shape)))
         count += X.shape[0]
     return count, updates
