@@ -2,6 +2,8 @@
 convolution filters): the Gabor bank, kernel harvesting, and the GAN regularizer."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -273,3 +275,38 @@ _CLS = "AdversarialKernelRegularizer"
 def test_regularizer_bad_input(make, exc, match):
     with pytest.raises(exc, match=match):
         make(_model(), A.gabor_bank(4, 3))
+
+
+def _two_conv_regularizer():
+    a, b = nn.Conv2d(2, 4, 3), nn.Conv2d(4, 4, 3)
+    reg = A.AdversarialKernelRegularizer(nn.Sequential(a, b), A.gabor_bank(64, 3),
+                                         generator=torch.Generator().manual_seed(0))
+    return reg, b
+
+
+def test_discriminator_step_on_a_nan_layer_leaves_the_discriminator_finite():
+    reg, b = _two_conv_regularizer()
+    before = {k: v.clone() for k, v in reg.discriminator.state_dict().items()}
+    with torch.no_grad():
+        b.weight[0, 0, 0, 0] = float("nan")
+    out = reg.discriminator_step()
+    assert math.isnan(out["loss"]) and math.isnan(out["d_fake"])
+    for k, v in reg.discriminator.state_dict().items():  # not stepped on: unchanged
+        assert torch.equal(v, before[k]), k
+    with torch.no_grad():  # the layer repaired: D trains on as before
+        b.weight[0, 0, 0, 0] = 0.1
+    out = reg.discriminator_step()
+    assert all(math.isfinite(v) for v in out.values())
+    assert all(torch.isfinite(p).all() for p in reg.discriminator.parameters())
+
+
+def test_discriminator_step_trains_under_no_grad_and_refuses_inference_mode():
+    reg, _ = _two_conv_regularizer()
+    before = [p.clone() for p in reg.discriminator.parameters()]
+    with torch.no_grad():
+        out = reg.discriminator_step()
+    assert math.isfinite(out["loss"])
+    assert any(not torch.equal(p, q) for p, q in zip(reg.discriminator.parameters(), before))
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="discriminator_step: cannot train the "
+                                                                   "discriminator under torch.inference_mode"):
+        reg.discriminator_step()

@@ -539,3 +539,16 @@ def test_conv_frame_penalty_large_2d_input_equals_bilinear_extrapolation():
     want = (f[a, a] + (f[b, a] - f[a, a]) * u + (f[a, b] - f[a, a]) * v
             + (f[b, b] - f[b, a] - f[a, b] + f[a, a]) * u * v)
     torch.testing.assert_close(total(n, n, "cpu"), want, rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("call, arg", [
+    (lambda: C.conv_frame_penalty(torch.randn(4, 4, 3), [2**40], 0.5, 2.0, padding=1), "input_size"),
+    (lambda: C.conv_gershgorin_bounds(torch.randn(4, 4, 3), [8], stride=2**31), "stride"),
+    (lambda: C.conv_to_matrix(torch.randn(4, 4, 3), [8], padding=2**31), "padding"),
+    (lambda: C.conv_orthogonality_penalty(torch.randn(4, 4, 3), stride=2**33), "stride"),
+], ids=["frame-input_size", "bounds-stride", "matrix-padding", "ocnn-stride"])
+def test_conv_ops_refuse_sizes_past_32_bit_indices_naming_the_argument(call, arg):
+    # the kernels index with 32-bit ints: the public op refuses up front (a ValueError naming the
+    # argument), not the internal op it would reach
+    with pytest.raises(ValueError, match=rf"{arg} must be .*below 2\^31"):
+        call()

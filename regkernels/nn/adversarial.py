@@ -258,14 +258,27 @@ class AdversarialKernelRegularizer(nn.Module):
         ``{"d_real": mean σ(D(real)), "d_fake": mean σ(D(fake)), "loss": …}`` measured on this
         batch before the step. D's gradients are reset first, so stray gradients (e.g. from a
         backward through D elsewhere) never enter the step. ``lam = 0`` leaves D unchanged.
+
+        A batch whose loss is not finite (a fake kernel holding NaN/Inf: a diverged layer) is
+        not stepped on: D keeps its parameters, so the NaN stays in the diverged layer instead of
+        entering D for good, and the returned numbers show it. It trains under
+        ``torch.no_grad()`` too (the step enables grad for D); under ``torch.inference_mode()``
+        it raises, as no gradient can be taken there.
         """
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(f"{_CLS}.discriminator_step: cannot train the discriminator under "
+                               "torch.inference_mode() (no gradient can be taken there); call it outside")
         real = self.real[self._pick(self.real.shape[0]).to(self.real.device)]
         with torch.no_grad():
             fake = self.fake()
-        lr, lf = self._logits(real), self._logits(fake)
-        loss = self.lam * (F.softplus(-lr).mean() + F.softplus(lf).mean())
+        with torch.enable_grad():
+            lr, lf = self._logits(real), self._logits(fake)
+            loss = self.lam * (F.softplus(-lr).mean() + F.softplus(lf).mean())
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        return {"d_real": torch.sigmoid(lr).mean().item(), "d_fake": torch.sigmoid(lf).mean().item(),
-                "loss": loss.item()}
+        # one host sync for the three numbers, which also decide whether to step
+        d_real, d_fake, value = torch.stack([torch.sigmoid(lr).mean(), torch.sigmoid(lf).mean(),
+                                             loss.detach()]).tolist()
+        if math.isfinite(value):
+            loss.backward()
+            self.optimizer.step()
+        return {"d_real": d_real, "d_fake": d_fake, "loss": value}

@@ -51,12 +51,17 @@ def _check_weight(op: str, weight) -> int:
     return weight.dim() - 2
 
 
+# the kernels index positions and taps with 32-bit ints (the raw ops refuse larger values too)
+_INT_LIMIT = 2**31
+
+
 def _check_input_size(op: str, input_size, d: int) -> tuple[int, ...]:
-    form = f"a sequence of {d} positive ints (the spatial size of one input, matching the weight's {d} spatial dims)"
+    form = (f"a sequence of {d} positive ints below 2^31 (the spatial size of one input, matching the "
+            f"weight's {d} spatial dims)")
     if isinstance(input_size, torch.Tensor) or not isinstance(input_size, Sequence) \
             or not all(isinstance(n, int) and not isinstance(n, bool) for n in input_size):
         raise TypeError(f"{op}: input_size must be {form}; got {input_size!r}")
-    if len(input_size) != d or any(n < 1 for n in input_size):
+    if len(input_size) != d or any(n < 1 or n >= _INT_LIMIT for n in input_size):
         raise ValueError(f"{op}: input_size must be {form}; got {tuple(input_size)}")
     return tuple(input_size)
 
@@ -70,6 +75,8 @@ def _check_ints(op: str, name: str, value, d: int, lo: int) -> tuple[int, ...]:
         raise TypeError(f"{op}: {name} must be {form}; got {value!r}")
     if (not isinstance(value, int) and len(value) != d) or any(v < lo for v in items):
         raise ValueError(f"{op}: {name} must be {form}; got {value!r}")
+    if any(v >= _INT_LIMIT for v in items):
+        raise ValueError(f"{op}: {name} must be below 2^31 (the kernels index with 32-bit ints); got {value!r}")
     return tuple(items) * d if isinstance(value, int) else tuple(value)
 
 
