@@ -424,3 +424,47 @@ def test_cpu_matrix_gives_the_same_bits_alone_or_in_any_stack(kind, dtype):
         assert _same_bits(out[idx], one) and _same_bits(grad[idx], g_one), idx
     part, g_part = _value_and_grad(KINDS[kind], W[1, 1:4], "cpu")
     assert _same_bits(out[1, 1:4], part) and _same_bits(grad[1, 1:4], g_part)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale", [1e9, 1e17])
+def test_orthogonality_norm_of_a_finite_gram_is_never_a_silent_zero_gradient(backend, scale):
+    # ‖V − I‖ of a float32 Gram with entries up to ~1e35 is finite although its sum of squares
+    # overflows: the reference and the C++ kernel scale before squaring and return the norm and
+    # its gradient (V − I)/‖V − I‖ exactly; the Triton kernel sums the squares and then takes the
+    # root, so it reports +inf with a NaN gradient — non-finite, never inf with a zero gradient
+    W0 = torch.randn(5, 7) * scale
+    W64 = W0.double().requires_grad_()
+    (g64,) = torch.autograd.grad(R.orthogonality_penalty(W64, squared=False), W64)
+    W = W0.clone().requires_grad_()
+    value = G.orthogonality_penalty(W, squared=False, backend=backend)
+    (g,) = torch.autograd.grad(value, W)
+    if backend == "triton" and scale > 1e8:
+        assert math.isinf(value.item()) and g.isnan().all()
+    else:
+        expected = R.orthogonality_penalty(W64.detach(), squared=False)
+        assert value.item() == pytest.approx(expected.item(), rel=1e-5)
+        assert ((g.double() - g64).abs().max() / g64.abs().max()).item() < 1e-5
+
+
+def test_sqrt0_slope_is_nan_at_infinity_not_zero():
+    x = torch.tensor([0.0, 4.0, math.inf], requires_grad=True)
+    R.sqrt0(x).sum().backward()
+    assert x.grad[0] == 0 and x.grad[1] == 0.25 and x.grad[2].isnan()
+
+
+def test_srip_refuses_an_iteration_count_that_would_run_for_hours():
+    with pytest.raises(ValueError, match=r"srip_penalty: n_iter must be <= 10000; got n_iter=1000000000000"):
+        G.srip_penalty(torch.randn(4, 6), n_iter=10**12)
+    with pytest.raises(ValueError, match=r"penalty_multi: n_iter must be <= 10000"):
+        G.penalty_multi([torch.randn(4, 6)], "srip", n_iter=10**5)
+
+
+@pytest.mark.parametrize("call", [
+    lambda W: G.frame_penalty(W, 0.0, 1.0),
+    lambda W: G.orthogonality_penalty(W),
+    lambda W: G.penalty_multi([W], "frame", A=0.0, B=1.0),
+], ids=["frame", "orthogonality", "penalty_multi"])
+def test_gram_penalties_refuse_sparse_weights_naming_the_layout(call):
+    with pytest.raises(TypeError, match=r"must be a dense \(strided\) tensor .*got layout torch.sparse_coo"):
+        call(torch.eye(3).to_sparse())

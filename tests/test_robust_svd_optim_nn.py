@@ -558,3 +558,10 @@ def test_adversarial_regularizer_refuses_a_bank_with_nan(bad):
     with pytest.raises(ValueError, match=r"AdversarialKernelRegularizer: real must hold finite kernels; 1 of its 6 "
                                          r"kernels hold NaN or Inf"):
         AdversarialKernelRegularizer(nn.Conv2d(1, 2, 3), bank)
+
+
+def test_svb_refuses_an_eps_whose_band_overflows_float32():
+    with pytest.raises(ValueError, match=r"svb_: eps must be <= 1e\+38; got eps=1e\+39"):
+        regkernels.svb_(torch.randn(3, 3), 1e39)
+    with pytest.raises(ValueError, match=r"SVBProjector: eps must be <= 1e\+38"):
+        regkernels.nn.SVBProjector(torch.nn.Linear(3, 3), 1e308)

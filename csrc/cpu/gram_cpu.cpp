@@ -221,20 +221,46 @@ double orthogonality_epilogue(T* V, int64_t k, const at::ArrayRef<double> params
   // squared=False: R = sqrt(R²) and P/(2R), with the subgradient 0 at R = 0 (Gram(W) = I exactly,
   // SPEC §8). offset: see gram_penalty_fwd_cpu. The diagonal is skipped, not subtracted: with an
   // infinite entry Σ_j V_ij² − V_ii² would be inf − inf = NaN where the formula is +inf.
+  // squared=False: ‖V − I‖ = s·‖(V − I)/s‖ with s the power of two just below max|V_ij − δ_ij|, so
+  // the sum of squares cannot overflow while the norm is finite (entries ~1e17 in float32: the
+  // squares overflow, the norm does not); dividing by a power of two is exact, and squared=True
+  // keeps s = 1 (the same bits as without it). A NaN / Inf entry keeps s = 1 and reaches the value.
   const bool squared = params[0] != 0.0;
+  T scale = T(1);
+  if (!squared) {
+    double big = 0;
+    bool finite = true;
+    for (int64_t i = 0; i < k * k && finite; ++i) {
+      const double x = std::abs(static_cast<double>(V[i]) - (i % (k + 1) == 0 ? 1.0 : 0.0));
+      finite = x <= std::numeric_limits<double>::max();
+      big = std::max(big, x);
+    }
+    if (finite && big > 0) {
+      int e = 0;
+      std::frexp(big, &e);  // big = f·2^e, f ∈ [0.5, 1): (V − I)/2^(e−1) ∈ [−2, 2]
+      scale = std::ldexp(T(1), e - 1);
+    }
+  }
+  const T inv = T(1) / scale;
   RowVec<T> row(k);
   for_rows(k, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
       const T* v = V + i * k;
-      const T e = v[i] - T(1);
-      row[i] = lane_sum<T>(0, i, [&](int64_t j) { return v[j] * v[j]; }) +
-               lane_sum<T>(i + 1, k, [&](int64_t j) { return v[j] * v[j]; }) + e * e;
+      const T e = (v[i] - T(1)) * inv;
+      row[i] = lane_sum<T>(0, i, [&](int64_t j) { const T x = v[j] * inv; return x * x; }) +
+               lane_sum<T>(i + 1, k, [&](int64_t j) { const T x = v[j] * inv; return x * x; }) + e * e;
     }
   });
-  const double r2 = offset + total_of(row);
-  const double value = squared ? r2 : std::sqrt(r2);
+  const double s = static_cast<double>(scale);
+  const double r2 = offset / (s * s) + total_of(row);
+  const double value = squared ? r2 : s * std::sqrt(r2);
   if (need_grad) {
-    const T coef = squared ? T(4) : (value == 0.0 ? T(0) : static_cast<T>(2.0 / value));
+    // squared=False: ∂R/∂V = (V − I)/R, with the subgradient 0 at R = 0 and NaN at R = inf (an
+    // overflowed norm is not a stationary point: 2/inf = 0 would be a silent zero gradient)
+    const T coef = squared ? T(4)
+                           : (value == 0.0 ? T(0)
+                                           : (std::isinf(value) ? std::numeric_limits<T>::quiet_NaN()
+                                                                : static_cast<T>(2.0 / value)));
     write_coefficients(
         V, k, [&](int64_t, int64_t, T x) { return coef * x; }, [&](int64_t, T x) { return coef * (x - T(1)); });
   }

@@ -75,6 +75,9 @@ def check_tensor(op: str, name: str, x, *, min_ndim: int | None = None, ndim: in
     what = f" {form}" if form else ""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor{what}; got {type(x).__name__}")
+    if x.layout != torch.strided:
+        raise TypeError(f"{op}: {name} must be a dense (strided) tensor{what}; got layout {x.layout} "
+                        f"(call .to_dense() first)")
     if floating and not x.dtype.is_floating_point:
         raise TypeError(f"{op}: {name} must have a floating dtype (float16, bfloat16, float32, float64); got {x.dtype}")
     if min_ndim is not None and x.dim() < min_ndim:

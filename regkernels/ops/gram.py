@@ -129,8 +129,13 @@ def _check_mhe_rows(op: str, name: str, W: torch.Tensor, half: bool) -> None:
                          f"got shape {tuple(W.shape)}")
 
 
+SRIP_MAX_ITER = 10_000
+
+
 def _srip_args(op: str, n_iter: int = 1, generator: torch.Generator | None = None) -> dict:
-    check_number(op, "n_iter", n_iter, lo=1, integer=True)
+    # the power iteration converges in a handful of steps (the official code uses 1-2); a bound
+    # keeps a typo like 10**12 from running for hours
+    check_number(op, "n_iter", n_iter, lo=1, hi=SRIP_MAX_ITER, integer=True)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"{op}: generator must be a torch.Generator or None; got {type(generator).__name__}")
     return {"n_iter": n_iter, "generator": generator}

@@ -228,7 +228,8 @@ def check_svb_args(op: str, eps, operator, input_size, backend, devices: Iterabl
     """The arguments of ``svb_`` (also checked by ``SVBProjector`` at construction): eps a finite
     number > 0, operator a bool, input_size as ``svb_`` takes it, backend one that has the SVD
     on every device of ``devices``."""
-    check_number(op, "eps", eps)
+    # 1 + eps must stay finite in float32 (fp16 / bf16 weights are bounded in float32 math)
+    check_number(op, "eps", eps, hi=1e38)
     if eps <= 0:
         raise ValueError(f"{op}: eps must be > 0 (singular values are bounded to [1/(1+eps), 1+eps]); got {eps}")
     if not isinstance(operator, bool):

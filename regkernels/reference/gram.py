@@ -80,13 +80,52 @@ def _gram_k(W: torch.Tensor, side: str) -> int:
     return W.shape[-2] if _resolve_side(W, side) == "rows" else W.shape[-1]
 
 
-def sqrt0(x: torch.Tensor) -> torch.Tensor:
-    """``√x`` (x ≥ 0) whose gradient at ``x = 0`` is the subgradient 0, not ``inf · 0 = NaN`` (SPEC §8).
+class _Sqrt0(torch.autograd.Function):
+    """``√x`` (x ≥ 0) with the derivative ``1/(2√x)`` except at the two ends of its range:
 
-    NaN stays NaN, in the value and in the gradient.
+    * ``x = 0``: the subgradient 0, not ``inf · 0 = NaN`` (SPEC §8);
+    * ``x = +inf``: NaN, not 0. A sum of squares that overflowed is not a stationary point, and
+      ``√``'s true derivative 0 there would hand the optimizer a silent zero gradient.
+
+    NaN stays NaN. The backward is made of torch ops, so it differentiates again.
     """
-    zero = x == 0
-    return torch.where(zero, 0.0, torch.where(zero, 1.0, x).sqrt())
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        zero = x == 0
+        return torch.where(zero, 0.0, torch.where(zero, 1.0, x).sqrt())
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        zero = x == 0
+        inner = 0.5 / torch.where(zero, 1.0, x).sqrt()
+        slope = torch.where(zero, 0.0, torch.where(torch.isinf(x), torch.nan, inner))
+        return grad * slope
+
+
+def sqrt0(x: torch.Tensor) -> torch.Tensor:
+    """``√x`` with the subgradient 0 at ``x = 0`` and a NaN derivative at ``x = +inf`` (``_Sqrt0``)."""
+    return _Sqrt0.apply(x)
+
+
+def frobenius0(E: torch.Tensor) -> torch.Tensor:
+    """``‖E‖_F`` over the last two dims, with ``sqrt0``'s derivative, and no overflow of the sum of
+    squares while the norm itself is finite.
+
+    ``‖E‖ = s·‖E/s‖`` for any constant ``s > 0``; ``s`` = the power of two at or above ``max|E|``
+    (detached: the identity holds for every ``s``, so the gradient is exactly ``E/‖E‖``) makes
+    every ``(E/s)²`` at most 1, and dividing by a power of two is exact. ``s = 1`` where ``E`` is
+    zero or non-finite (the NaN / Inf then reach the value unchanged).
+    """
+    big = E.detach().abs().amax((-2, -1)) if E.numel() else E.new_zeros(E.shape[:-2])
+    _, e = torch.frexp(big)
+    s = torch.where(torch.isfinite(big) & (big > 0), torch.ldexp(torch.ones_like(big), e), torch.ones_like(big))
+    return s * sqrt0((E / s[..., None, None]).square().sum((-2, -1)))
 
 
 def _resolve_side(W: torch.Tensor, side: str) -> str:
@@ -227,8 +266,8 @@ def orthogonality_penalty(W: torch.Tensor, side: str = "auto", squared: bool = T
     _gram_guard("orthogonality_penalty", W, _gram_k(W, side), ADVICE_SIDE)
     V = gram(upcast(W), side)
     eye = torch.eye(V.shape[-1], dtype=V.dtype, device=V.device)
-    dist2 = (V - eye).square().sum((-2, -1))
-    return (dist2 if squared else sqrt0(dist2)).to(W.dtype)
+    E = V - eye
+    return (E.square().sum((-2, -1)) if squared else frobenius0(E)).to(W.dtype)
 
 
 def mhe_penalty(W: torch.Tensor, s: int = 2, half: bool = False, eps: float = 1e-4) -> torch.Tensor:
