@@ -75,6 +75,7 @@ from regkernels import _ext
 from regkernels.ops import conv as _conv
 from regkernels.reference import conv as R
 from regkernels.reference._dtypes import compute_dtype
+from regkernels.reference._numerics import pow2_scale
 
 # Upper bound on the elements of one block's largest intermediate (the contraction's and the
 # backward's temporaries are a small multiple of it): 2^22 float32 = 16 MiB.
@@ -273,10 +274,7 @@ def _pow2_scale(Z: torch.Tensor) -> torch.Tensor:
     the explicit ``frame_penalty(conv_to_matrix(...))`` does. A NaN or ±inf weight keeps ``σ = 1``:
     its ``X`` holds NaN/inf and the whole layer is NaN, like the explicit path, whose ``TᵀT`` meets
     ``inf·0`` and ``NaN·0`` in its matmul."""
-    m = Z.abs().amax() if Z.numel() else Z.new_zeros(())
-    _, e = torch.frexp(m)  # m = f·2^e, f ∈ [0.5, 1)
-    one = torch.ones((), dtype=Z.dtype, device=Z.device)
-    return torch.where(torch.isfinite(m) & (m > 0), torch.ldexp(one, e - 1), one)
+    return pow2_scale(Z.abs().amax() if Z.numel() else Z.new_zeros(()))
 
 
 def _weight_of_factor(gZ: torch.Tensor, shape: torch.Size, rows: bool) -> torch.Tensor:

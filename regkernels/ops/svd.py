@@ -44,6 +44,7 @@ from regkernels.ops import conv as _conv
 from regkernels.ops._common import KernelTable, check_bounds, check_matrix, check_number, check_tensor
 from regkernels.reference import svd as _ref
 from regkernels.reference._dtypes import upcast
+from regkernels.reference._numerics import first_order_only
 
 __all__ = ["batched_svd", "clamp_singular_values", "svb_"]
 
@@ -266,24 +267,13 @@ def svb_(weights_or_module: nn.Module | torch.Tensor | Iterable[torch.Tensor], e
 
 # ----------------------------------------------------------------------------- registrations
 
-class _FirstOrderOnly(torch.autograd.Function):
-    """Identity on an output of a Sedghi kernel whose backward refuses ``create_graph=True``: the
-    second derivative would go through the SVD of the real embedding, whose doubled singular
-    values make the SVD's backward divide by 0 (a NaN second derivative). Applied to the outputs,
-    so that this refusal (which names the backend that supports it) is the first node a
-    ``create_graph=True`` backward meets."""
-
-    @staticmethod
-    def forward(ctx, weight: torch.Tensor, op: str, backend: str) -> torch.Tensor:
-        ctx.op, ctx.backend = op, backend
-        return weight.view_as(weight)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        if torch.is_grad_enabled():  # the caller asked for create_graph=True
-            raise RuntimeError(f"{ctx.op}: double backward (create_graph=True) is not supported by "
-                               f"backend={ctx.backend!r}; backend='reference' supports it")
-        return grad, None, None
+def _sedghi_first_order(x: torch.Tensor, op: str, backend: str) -> torch.Tensor:
+    """An output of a Sedghi kernel, differentiable once: the second derivative would go through
+    the SVD of the real embedding, whose doubled singular values make the SVD's backward divide
+    by 0 (a NaN second derivative). Applied to the outputs, so that this refusal (which names the
+    backend that supports it) is the first node a ``create_graph=True`` backward meets."""
+    return first_order_only(x, f"{op}: double backward (create_graph=True) is not supported by "
+                               f"backend={backend!r}; backend='reference' supports it")
 
 
 def _sedghi_kernels(device_type: str) -> tuple[Callable, Callable]:
@@ -301,13 +291,13 @@ def _sedghi_kernels(device_type: str) -> tuple[Callable, Callable]:
         if not fits(weight):
             return _conv.R.conv_singular_values(weight, input_size)
         out = _conv.R.conv_singular_values(weight, input_size, svd=svd)
-        return _FirstOrderOnly.apply(out, "conv_singular_values", device_type)
+        return _sedghi_first_order(out, "conv_singular_values", device_type)
 
     def clip(weight: torch.Tensor, input_size: Sequence[int], lo: float, hi: float):
         if not fits(weight):
             return _conv.R.clip_conv_singular_values(weight, input_size, lo, hi)
         new_weight, sv = _conv.R.clip_conv_singular_values(weight, input_size, lo, hi, svd=svd)
-        return tuple(_FirstOrderOnly.apply(t, "clip_conv_singular_values", device_type) for t in (new_weight, sv))
+        return tuple(_sedghi_first_order(t, "clip_conv_singular_values", device_type) for t in (new_weight, sv))
 
     return values, clip
 

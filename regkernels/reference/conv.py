@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from regkernels.reference._dtypes import compute_dtype, upcast
+from regkernels.reference._numerics import first_order_only
 
 __all__ = [
     "MAX_DENSE_BYTES",
@@ -225,28 +226,13 @@ def conv_to_matrix(weight: torch.Tensor, input_size: Sequence[int], stride=1, pa
     return _sparse_matrix(rows[valid], cols[valid], vals[valid], shape, layout)
 
 
-class _SparseValues(torch.autograd.Function):
-    """Identity on the values of a sparse ``T`` whose backward refuses ``create_graph=True``:
-    torch's sparse constructors and ``values()`` have no double backward (the second derivative
-    would silently be 0), on every backend."""
-
-    @staticmethod
-    def forward(ctx, values: torch.Tensor, layout: str) -> torch.Tensor:
-        ctx.layout = layout
-        return values.view_as(values)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        if torch.is_grad_enabled():  # the caller asked for create_graph=True
-            raise RuntimeError(f"conv_to_matrix: double backward (create_graph=True) is not supported for "
-                               f"layout={ctx.layout!r} on any backend (torch's sparse tensors have no double "
-                               f"backward); layout='dense' supports it on every backend")
-        return grad, None
-
-
 def sparse_values(values: torch.Tensor, layout: str) -> torch.Tensor:
-    """``values`` for a sparse ``T``, first-order differentiable only (``_SparseValues``)."""
-    return _SparseValues.apply(values, layout) if values.requires_grad else values
+    """``values`` for a sparse ``T``, differentiable once: torch's sparse constructors and
+    ``values()`` have no double backward (the second derivative would silently be 0), on every
+    backend, so a ``create_graph=True`` backward raises."""
+    return first_order_only(values, f"conv_to_matrix: double backward (create_graph=True) is not supported for "
+                                    f"layout={layout!r} on any backend (torch's sparse tensors have no double "
+                                    f"backward); layout='dense' supports it on every backend")
 
 
 def _sparse_matrix(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, shape: tuple[int, int],

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from regkernels.reference._dtypes import upcast
+from regkernels.reference._numerics import pow2_scale
 
 __all__ = [
     "MAX_GRAM_BYTES", "check_gram_bytes", "sqrt0",
@@ -117,14 +118,12 @@ def frobenius0(E: torch.Tensor) -> torch.Tensor:
     """``‖E‖_F`` over the last two dims, with ``sqrt0``'s derivative, and no overflow of the sum of
     squares while the norm itself is finite.
 
-    ``‖E‖ = s·‖E/s‖`` for any constant ``s > 0``; ``s`` = the power of two at or above ``max|E|``
-    (detached: the identity holds for every ``s``, so the gradient is exactly ``E/‖E‖``) makes
-    every ``(E/s)²`` at most 1, and dividing by a power of two is exact. ``s = 1`` where ``E`` is
-    zero or non-finite (the NaN / Inf then reach the value unchanged).
+    ``‖E‖ = s·‖E/s‖`` for any constant ``s > 0``; ``s = pow2_scale(max|E|)`` (detached: the
+    identity holds for every ``s``, so the gradient is exactly ``E/‖E‖``) keeps every ``(E/s)²``
+    at most 4, and dividing by a power of two is exact. ``s = 1`` where ``E`` is zero or
+    non-finite (the NaN / Inf then reach the value unchanged).
     """
-    big = E.detach().abs().amax((-2, -1)) if E.numel() else E.new_zeros(E.shape[:-2])
-    _, e = torch.frexp(big)
-    s = torch.where(torch.isfinite(big) & (big > 0), torch.ldexp(torch.ones_like(big), e), torch.ones_like(big))
+    s = pow2_scale(E.detach().abs().amax((-2, -1)) if E.numel() else E.new_zeros(E.shape[:-2]))
     return s * sqrt0((E / s[..., None, None]).square().sum((-2, -1)))
 
 
