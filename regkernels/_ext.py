@@ -45,3 +45,7 @@ def triton_interpreted() -> bool:
     never need it.
     """
     return os.environ.get("TRITON_INTERPRET") == "1" and has_triton()
+
+
+if HAS_C:  # the C++ ops' fakes and autograd (regkernels/_C_ops.py)
+    from regkernels import _C_ops  # noqa: E402,F401
