@@ -1,45 +1,91 @@
-"""The shared dispatch and validation helpers of regkernels/ops/_common.py."""
+"""The backend table (regkernels/ops/_table.py) and the shared validation helpers (ops/_common.py)."""
 from __future__ import annotations
-
-import types
 
 import pytest
 import torch
 
-from regkernels.ops._common import KernelTable, check_bounds, check_same_device, resolve_backend
+from regkernels import _ext
+from regkernels.ops._common import check_bounds, check_same_device
+from regkernels.ops._table import ALL_DTYPES, HALF_AND_FLOAT, Kernel, Table
+
+needs_ext = pytest.mark.skipif(not _ext.HAS_C, reason="compiled extension not available")
+CPU = torch.device("cpu")
+F32, F64 = torch.float32, torch.float64
+
+# implementations named by string: stdlib functions that tell the rows apart by their result
+REF, CPP, TRITON, TORCH = "operator:pos", "operator:neg", "operator:invert", "operator:abs"
 
 
-def _table():
-    ref = types.SimpleNamespace(op=lambda x: ("reference", x))
-    return KernelTable(ref)
+def _table(*rows: Kernel) -> Table:
+    return Table("test", list(rows) + [Kernel("op", "any", "reference", REF)])
 
 
-def test_kernel_table_prefers_registered_kernels_for_the_device():
-    t = _table()
-    cpu = torch.device("cpu")
-    assert t.implementation("op", None, cpu)(1) == ("reference", 1)
-    t.register("op", "cpu", "cpu", lambda x: ("cpu", x))
-    t.register("op", "cpu", "triton", lambda x: ("triton", x))
-    assert t.implementation("op", None, cpu)(2) == ("cpu", 2)          # first registered wins
-    assert t.implementation("op", "triton", cpu)(3) == ("triton", 3)
-    assert t.implementation("op", "reference", cpu)(4) == ("reference", 4)
-    # a kernel for another device type does not apply
-    t.register("op", "cuda", "cuda", lambda x: ("cuda", x))
-    with pytest.raises(ValueError, match=r"op: no 'cuda' kernel for cpu tensors; available backends: "
-                                         r"'reference', 'cpu', 'triton'"):
-        t.implementation("op", "cuda", cpu)
+@needs_ext
+def test_none_takes_the_first_usable_default_row_for_the_device_and_dtype():
+    t = _table(Kernel("op", "cuda", "cuda", CPP), Kernel("op", "cpu", "cpu", CPP, HALF_AND_FLOAT),
+               Kernel("op", "any", "torch", TORCH))
+    assert t.implementation("op", None, CPU, F32)(3) == -3          # C++ first for float32 CPU tensors
+    assert t.implementation("op", None, CPU, F64)(-3) == 3          # float64: the next row, "torch"
+    assert t.implementation("op", "reference", CPU, F64)(-3) == -3
+    assert t.backends("op", "cpu", F32) == ["cpu", "torch", "reference"]
+    assert t.backends("op", "cpu", F64) == ["torch", "reference"]
 
 
-def test_kernel_table_names_the_public_op_in_errors():
-    with pytest.raises(ValueError, match="svb_: no 'cpu' kernel"):
-        _table().implementation("op", "cpu", torch.device("cpu"), name="svb_")
+@needs_ext
+def test_a_named_backend_that_cannot_take_the_input_raises_listing_what_can():
+    t = _table(Kernel("op", "cpu", "cpu", CPP, HALF_AND_FLOAT), Kernel("op", "cuda", "triton", TRITON, HALF_AND_FLOAT))
+    with pytest.raises(ValueError, match=r"pub: the 'cpu' backend of pub takes torch.float16, torch.bfloat16, "
+                                         r"torch.float32, not torch.float64; backends that take cpu fp64 inputs "
+                                         r"here: 'reference'"):
+        t.implementation("op", "cpu", CPU, F64, name="pub")
+    with pytest.raises(ValueError, match=r"op: op has no 'cuda' backend for cpu tensors; backends that take cpu "
+                                         r"fp32 inputs here: 'cpu', .*'reference'"):
+        t.implementation("op", "cuda", CPU, F32)
+    with pytest.raises(ValueError, match=r"op: backend must be None or one of 'reference', 'torch', 'cpu', 'cuda', "
+                                         r"'triton'; got 'gpu'"):
+        t.implementation("op", "gpu", CPU, F32)
+
+
+def test_interpreted_triton_runs_cpu_tensors_only_when_named(monkeypatch):
+    if not _ext.has_triton():
+        pytest.skip("Triton not installed")
+    t = _table(Kernel("op", "cuda", "triton", TRITON, HALF_AND_FLOAT))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert t.implementation("op", None, CPU, F32)(5) == 5            # never picked by None on CPU
+    assert t.implementation("op", "triton", CPU, F32)(5) == ~5
+    with pytest.raises(ValueError, match=r"'triton' backend of op takes .*not torch.float64"):
+        t.implementation("op", "triton", CPU, F64)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match=r"cannot run here: Triton runs CPU tensors only interpreted"):
+        t.implementation("op", "triton", CPU, F32)
+
+
+@needs_ext
+def test_named_only_rows_and_dtype_lists():
+    t = _table(Kernel("op", "cpu", "cpu", CPP, default=False))
+    assert t.implementation("op", None, CPU, F32)(2) == 2
+    assert t.implementation("op", "cpu", CPU, F32)(2) == -2
+    # mixed dtypes (penalty_multi): a row must take every one of them
+    t2 = _table(Kernel("op", "cpu", "cpu", CPP, (F32,)))
+    assert t2.implementation("op", None, CPU, [F32, F32])(2) == -2
+    assert t2.implementation("op", None, CPU, [F32, F64])(2) == 2
+    with pytest.raises(ValueError, match="not torch.float32, torch.float64"):
+        t2.implementation("op", "cpu", CPU, [F32, F64])
+
+
+def test_tables_are_checked_when_built():
     with pytest.raises(ValueError, match="backend must be one of"):
-        _table().register("op", "cpu", "reference", lambda x: x)
-
-
-def test_resolve_backend_rejects_unknown_names():
-    with pytest.raises(ValueError, match="frame_penalty: backend must be one of None, 'reference'"):
-        resolve_backend("frame_penalty", "gpu", torch.device("cpu"), ())
+        _table(Kernel("op", "cpu", "gpu", CPP))
+    with pytest.raises(ValueError, match="device must be 'cpu', 'cuda' or 'any'"):
+        _table(Kernel("op", "xla", "cpu", CPP))
+    with pytest.raises(ValueError, match=r"two rows for \('op', 'any', 'reference'\)"):
+        _table(Kernel("op", "any", "reference", REF))
+    with pytest.raises(ValueError, match="op 'other' has no reference row"):
+        _table(Kernel("other", "cpu", "cpu", CPP))
+    with pytest.raises(KeyError, match="has no op 'nope'"):
+        _table().rows_for("nope")
+    assert "| `op` | any | `reference` | fp16, bf16, fp32, fp64 | yes | `operator:pos` |" in _table().markdown()
+    assert ALL_DTYPES[-1] is torch.float64
 
 
 def test_check_bounds_and_devices():
@@ -52,14 +98,3 @@ def test_check_bounds_and_devices():
     meta = torch.empty(2, device="meta")
     with pytest.raises(ValueError, match="all tensors must be on one device; got x on cpu, y on meta"):
         check_same_device("op", x=torch.zeros(2), y=meta)
-
-
-def test_kernel_table_named_only_kernels_run_when_named():
-    ref = types.SimpleNamespace(op=lambda: "reference")
-    table = KernelTable(ref)
-    table.register("op", "cpu", "cpu", lambda: "kernel", default=False)
-    cpu = torch.device("cpu")
-    assert table.implementation("op", None, cpu)() == "reference"
-    assert table.implementation("op", "cpu", cpu)() == "kernel"
-    with pytest.raises(ValueError, match="op: no 'cuda' kernel for cpu tensors; available backends: 'reference', 'cpu'"):
-        table.implementation("op", "cuda", cpu)
