@@ -62,5 +62,5 @@ def test_unknown_backend_is_rejected(backend):
 
     import regkernels
 
-    with pytest.raises(ValueError, match="backend must be one of"):
+    with pytest.raises((ValueError, TypeError), match="backend must be None or one of"):
         regkernels.frame_penalty(torch.randn(3, 4), 0.1, 1.0, backend=backend)
