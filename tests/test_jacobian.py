@@ -149,7 +149,11 @@ def _xy():
     (lambda x, y: J.jacobian_penalty(y, x, generator=5), TypeError,
      "jacobian_penalty: generator must be a torch.Generator"),
     (lambda x, y: J.jacobian_penalty(y, x, backend="cpu"), ValueError,
-     "jacobian_penalty: no 'cpu' kernel for cpu tensors; available backends: 'reference'"),
+     "jacobian_penalty: jacobian_penalty has no 'cpu' backend for cpu tensors; backends that take cpu fp32 "
+     "inputs here: 'reference'"),
+    (lambda x, y: J.jacobian_penalty(y, x, backend="torch"), ValueError,
+     "jacobian_penalty: jacobian_penalty has no 'torch' backend"),
+    (lambda x, y: J.jacobian_penalty(y, x, 1, False, None, "reference"), TypeError, "positional argument"),
 ])
 def test_bad_input(call, exc, match):
     x, y = _xy()

@@ -1,22 +1,28 @@
-"""Public Jacobian penalty (SPEC §5.2): validation → backend choice → implementation.
+"""Public Jacobian penalty (docs/jacobian.md): argument checks → ``TABLE`` → implementation.
 
 The penalty is a loop of autograd vector-Jacobian products through the user's model, so
-there is no kernel to write: every backend name but "reference" raises, listing what exists.
+there is no kernel to write: the table has the reference only, and every other backend name
+raises, listing what exists.
 """
 from __future__ import annotations
 
 import torch
 
-from regkernels.ops._common import check_number, check_same_device, check_tensor, resolve_backend
-from regkernels.reference import jacobian as _ref
+from regkernels.ops._common import check_number, check_same_device, check_tensor
+from regkernels.ops._table import Kernel, Table, check_backend_keyword
 
-__all__ = ["jacobian_penalty"]
+__all__ = ["TABLE", "jacobian_penalty"]
 
 _OP = "jacobian_penalty"
 
+TABLE = Table("jacobian", [
+    Kernel(_OP, "any", "reference", "regkernels.reference.jacobian:jacobian_penalty",
+           note="autograd vector-Jacobian products through the user's model (create_graph=True)"),
+])
+
 
 def _check_inputs(y, x, n_proj, exact, generator) -> None:
-    """SPEC §7 checks: y (B, C) floating, x (B, ...) floating and requiring grad, y in x's graph."""
+    """The checks of docs/jacobian.md: y (B, C) floating, x (B, ...) floating and requiring grad, y in x's graph."""
     check_tensor(_OP, "y", y, ndim=2, form="(B, C)")
     check_tensor(_OP, "x", x, min_ndim=1, form="(B, ...)")
     check_same_device(_OP, y=y, x=x)
@@ -34,15 +40,16 @@ def _check_inputs(y, x, n_proj, exact, generator) -> None:
 
 
 def jacobian_penalty(y: torch.Tensor, x: torch.Tensor, n_proj: int = 1, exact: bool = False,
-                     generator: torch.Generator | None = None, backend: str | None = None) -> torch.Tensor:
+                     generator: torch.Generator | None = None, *, backend: str | None = None) -> torch.Tensor:
     """Batch mean of ‖∂y_b/∂x_b‖_F², estimated with random projections (Hoffman et al. 2019).
 
     ``y (B, C)`` computed from ``x (B, ...)`` (x requires grad) → scalar, differentiable
     (built with create_graph) so it can be added to a loss. ``exact=False``:
     ``C/(n_proj·B) · Σ_p ‖∂(Σ_b v_pb·y_b)/∂x‖²`` with one unit vector v_pb per sample and
     projection, drawn from ``generator``; ``exact=True``: the C basis vectors, no factor.
-    Formula: SPEC §5.2; details in ``regkernels.reference.jacobian``.
+    Formula: docs/jacobian.md; details in ``regkernels.reference.jacobian``.
     """
     _check_inputs(y, x, n_proj, exact, generator)
-    resolve_backend(_OP, backend, y.device, available=())
-    return _ref.jacobian_penalty(y, x, n_proj=n_proj, exact=exact, generator=generator)
+    check_backend_keyword(_OP, backend)
+    impl = TABLE.implementation(_OP, backend, y.device, y.dtype)
+    return impl(y, x, n_proj=n_proj, exact=exact, generator=generator)
