@@ -21,11 +21,23 @@ TABLE = Table("jacobian", [
 ])
 
 
+def _wrapped(t: torch.Tensor) -> bool:
+    """Whether ``t`` is wrapped by a torch.func transform (never while dynamo traces: it cannot
+    trace the query, and the penalty's torch.autograd.grad breaks the graph there anyway)."""
+    return not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
 def _check_inputs(y, x, n_proj, exact, generator) -> None:
     """The checks of docs/jacobian.md: y (B, C) floating, x (B, ...) floating and requiring grad, y in x's graph."""
     check_tensor(_OP, "y", y, ndim=2, form="(B, C)")
     check_tensor(_OP, "x", x, min_ndim=1, form="(B, ...)")
     check_same_device(_OP, y=y, x=x)
+    if _wrapped(y) and not _wrapped(x):
+        raise ValueError(f"{_OP}: y is a torch.func-transformed tensor and x is not: the penalty differentiates y "
+                         "w.r.t. x with torch.autograd.grad, which under torch.func.grad / vjp needs x to be an input "
+                         "of the transformed function (e.g. torch.func.grad(f, argnums=(0, 1))(params, x)); "
+                         "torch.func.vmap of the penalty itself is not supported, vmap a torch.func.grad of it "
+                         "with x among the grad's inputs")
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"{_OP}: x and y must share the batch dim B; got x {tuple(x.shape)} and y {tuple(y.shape)}")
     if not x.requires_grad:
@@ -47,6 +59,8 @@ def jacobian_penalty(y: torch.Tensor, x: torch.Tensor, n_proj: int = 1, exact: b
     (built with create_graph) so it can be added to a loss. ``exact=False``:
     ``C/(n_proj·B) · Σ_p ‖∂(Σ_b v_pb·y_b)/∂x‖²`` with one unit vector v_pb per sample and
     projection, drawn from ``generator``; ``exact=True``: the C basis vectors, no factor.
+    Under ``torch.func.grad`` / ``vjp`` (and ``vmap`` of those) x must be an input of the
+    transformed function; ``torch.func.vmap`` of the penalty alone raises ValueError.
     Formula: docs/jacobian.md; details in ``regkernels.reference.jacobian``.
     """
     _check_inputs(y, x, n_proj, exact, generator)
