@@ -235,7 +235,13 @@ def _sedghi_first_order(x: torch.Tensor, op: str, backend: str) -> torch.Tensor:
     """An output of a Sedghi kernel, differentiable once: the second derivative would go through
     the SVD of the real embedding, whose doubled singular values make the SVD's backward divide
     by 0 (a NaN second derivative). Applied to the outputs, so that this refusal (which names the
-    backend that supports it) is the first node a ``create_graph=True`` backward meets."""
+    backend that supports it) is the first node a ``create_graph=True`` backward meets.
+
+    Not under torch.func transforms: they run every backward with grad mode on (the refusal would
+    fire on a first-order torch.func.grad) and the identity has no vmap rule; there a second-order
+    transform gets the NaN described above instead of an error."""
+    if not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(x):
+        return x
     return _first_order_only(x, f"{op}: double backward (create_graph=True) is not supported by "
                                 f"backend={backend!r}; backend='reference' supports it")
 

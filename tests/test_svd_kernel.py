@@ -426,3 +426,21 @@ def test_clamp_torch_func_grad_is_finite_at_repeated_singular_values():
     for backend in (None, "reference"):
         g = torch.func.grad(lambda Y: (S.clamp_singular_values(Y, 0.5, 1.5, backend=backend) * gY).sum())(Q)
         torch.testing.assert_close(g, gY, atol=1e-10, rtol=1e-10)  # Y = X locally: the identity map
+
+
+def test_sedghi_entries_torch_func_grad_and_vmap():
+    """The conv family's default rows on CUDA: first-order torch.func.grad equals the reference's
+    (the double-backward refusal is not applied to transformed tensors), vmap equals a loop."""
+    w = torch.randn(3, 2, 3, 3, dtype=torch.float64)
+    G = torch.randn(12, 2, dtype=torch.float64)
+    for entry, ref in ((lambda w: (_C_ops.conv_singular_values(w, (4, 3)) * G).sum(),
+                        lambda w: (RC.conv_singular_values(w, (4, 3)) * G).sum()),
+                       (lambda w: _C_ops.clip_conv_singular_values(w, (4, 3), 0.5, 1.0)[0].pow(2).sum(),
+                        lambda w: RC.clip_conv_singular_values(w, (4, 3), 0.5, 1.0)[0].pow(2).sum())):
+        torch.testing.assert_close(torch.func.grad(entry)(w), torch.func.grad(ref)(w), atol=1e-12, rtol=1e-12)
+    ws = torch.stack([w, 2 * w, -w])
+    torch.testing.assert_close(torch.func.vmap(lambda w: _C_ops.conv_singular_values(w, (4, 3)))(ws),
+                               torch.stack([RC.conv_singular_values(x, (4, 3)) for x in ws]), atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(torch.func.vmap(lambda w: _C_ops.clip_conv_singular_values(w, (4, 3), 0.5, 1.0)[0])(ws),
+                               torch.stack([RC.clip_conv_singular_values(x, (4, 3), 0.5, 1.0)[0] for x in ws]),
+                               atol=1e-12, rtol=1e-12)
