@@ -25,10 +25,264 @@ import torch
 # ============================================================================ svd family
 # (fakes, autograd and table entries of batched_svd; the Sedghi conv singular values)
 
+from regkernels.reference import conv as _conv_ref  # noqa: E402
+from regkernels.reference import svd as _svd_ref  # noqa: E402
+from regkernels.reference._dtypes import upcast as _upcast  # noqa: E402
+from regkernels.reference._numerics import first_order_only as _first_order_only  # noqa: E402
+
+# Largest max(m, n) the Jacobi kernel takes (csrc: CPU kMaxSide, CUDA shared-memory layout), by
+# device: a named backend ("cpu" / "cuda") uses it whole. backend=None uses the kernel only up to
+# SVD_DEFAULT_LIMIT, the range where it was measured faster than LAPACK: on the 2-core EPYC CPU of
+# benchmarks/results the kernel is 1.7x LAPACK at 64 x 64 and 0.8x at 128 x 128.
+SVD_KERNEL_LIMIT = {"cpu": 128, "cuda": 64}
+SVD_DEFAULT_LIMIT = {"cpu": 64, "cuda": 64}
+
+
+def _svd_backward(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, gU, gS, gVh) -> torch.Tensor:
+    """∂L/∂X of the thin real SVD X = U diag(S) Vh — the formula torch.linalg.svd's backward uses
+    (so both agree, including where it is undefined: repeated singular values give inf/NaN
+    unless the loss is invariant to the basis of the repeated subspace).
+
+    With skew(A) = A − Aᵀ, E_ij = S_j² − S_i² (1 on the diagonal):
+    core = (skew(Uᵀ gU) ∘ S_row + S_col ∘ skew(Vh gVhᵀ)) / E + diag(gS), and the tall/wide
+    complement terms (I − UUᵀ) gU S⁻¹ Vh or U S⁻¹ gVh (I − VVᵀ). Plain torch ops on any leading
+    dims, so it runs under torch.func transforms and is itself differentiable.
+    """
+    m, n = U.shape[-2], Vh.shape[-1]
+    k = S.shape[-1]
+    if gU is None and gVh is None:
+        return U @ (gS.unsqueeze(-1) * Vh) if gS is not None else U.new_zeros((*U.shape[:-1], n))
+    S2 = S * S
+    E = S2.unsqueeze(-2) - S2.unsqueeze(-1)
+    E = E + torch.eye(k, dtype=E.dtype, device=E.device)  # the diagonal of E is 0: make it 1
+    gA = torch.zeros_like(E)
+    if gU is not None:
+        UtgU = U.mT @ gU
+        gA = gA + (UtgU - UtgU.mT) * S.unsqueeze(-2)
+    if gVh is not None:
+        VhgV = Vh @ gVh.mT
+        gA = gA + S.unsqueeze(-1) * (VhgV - VhgV.mT)
+    gA = gA / E
+    if gS is not None:
+        gA = gA + torch.diag_embed(gS)
+    if m > k and gU is not None:
+        gUSinv = gU / S.unsqueeze(-2)
+        return (U @ gA + gUSinv - U @ (U.mT @ gUSinv)) @ Vh
+    if n > k and gVh is not None:
+        SinvgVh = gVh / S.unsqueeze(-1)
+        return U @ (gA @ Vh + SinvgVh - (SinvgVh @ Vh.mT) @ Vh)
+    return U @ gA @ Vh
+
+
+@torch.library.register_fake("regkernels::batched_svd")
+def _batched_svd_fake(X: torch.Tensor):
+    b, m, n = X.shape
+    k = min(m, n)
+    return X.new_empty((b, m, k)), X.new_empty((b, k)), X.new_empty((b, k, n))
+
+
+def _batched_svd_setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*output)
+    # unused outputs arrive as None, as in torch.linalg.svd's backward: a loss of S alone then
+    # never divides by S_j² − S_i² (finite at repeated values, e.g. the doubled values of the
+    # conv-operator embedding)
+    ctx.set_materialize_grads(False)
+
+
+def _batched_svd_autograd_backward(ctx, gU, gS, gVh):
+    U, S, Vh = ctx.saved_tensors
+    return _svd_backward(U, S, Vh, gU, gS, gVh)
+
+
+# the op's own autograd: plain tensors (and opcheck, direct users) run it; torch.func cannot
+# (a custom op's registered autograd is an autograd.Function without setup_context to functorch),
+# so tensors wrapped by a transform go through _JacobiSVD (_jacobi_op)
+torch.library.register_autograd("regkernels::batched_svd", _batched_svd_autograd_backward,
+                                setup_context=_batched_svd_setup_context)
+
+
+def _jacobi_raw(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The op on ``X (..., m, n)``: leading dims flattened into its batch and restored."""
+    *lead, m, n = X.shape
+    k = min(m, n)
+    U, S, Vh = torch.ops.regkernels.batched_svd(X.reshape(-1, m, n))
+    return U.reshape(*lead, m, k), S.reshape(*lead, k), Vh.reshape(*lead, k, n)
+
+
+def _jacobi_op(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kernel, differentiable: the op itself (its registered autograd) for plain tensors and
+    under torch.compile, ``_JacobiSVD`` for tensors wrapped by a torch.func transform.
+
+    Two paths because ``autograd.Function.apply`` with ``setup_context`` binds its arguments with
+    ``inspect.signature`` on every call: measured 40-90 µs on an 8 × 8 × 8 batch on the 2-core
+    CPU, as much as the kernel, for a call made per layer per step. The functorch query cannot be
+    traced by dynamo, and dynamo never sees wrapped tensors, hence the is_compiling guard.
+    """
+    if not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(X):
+        return _JacobiSVD.apply(X)
+    return _jacobi_raw(X)
+
+
+class _JacobiSVD(torch.autograd.Function):
+    """The kernel on float32/float64 ``X (..., m, n)`` for inputs wrapped by torch.func
+    (``_jacobi_op``). ``forward`` runs below the transform; ``vmap`` moves the vmapped dim in
+    front of the leading dims the op already takes, so a vmap is one kernel launch over the stack.
+    """
+
+    @staticmethod
+    def forward(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _jacobi_raw(X)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        _batched_svd_setup_context(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, gU, gS, gVh):
+        U, S, Vh = ctx.saved_tensors
+        return _svd_backward(U, S, Vh, gU, gS, gVh)
+
+    @staticmethod
+    def vmap(info, in_dims, X):
+        return _JacobiSVD.apply(X.movedim(in_dims[0], 0)), (0, 0, 0)
+
+
+def _jacobi_svd(X: torch.Tensor, limit: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD of ``X (..., m, n)`` through the kernel when ``max(m, n) ≤ limit`` (and both ≥ 1).
+
+    A long matrix (``min(m, n) ≤ limit < max(m, n)``, e.g. a conv weight 64 × 576) is first
+    reduced by a QR (LAPACK / cuSOLVER through torch.linalg.qr): X = Q R gives U = Q·U_R for a
+    tall X; Xᵀ = Q R, so X = Rᵀ Qᵀ and Vh = Vh_{Rᵀ}·Qᵀ, for a wide one. The small square factor
+    goes through the kernel. min(m, n) > limit or an empty side runs the reference. fp16/bf16
+    run in float32 and come back in the input dtype.
+    """
+    m, n = X.shape[-2:]
+    if min(m, n) < 1 or min(m, n) > limit:
+        return _svd_ref.batched_svd(X)
+    Xc = _upcast(X)
+    if max(m, n) > limit:
+        if m >= n:
+            Q, R = torch.linalg.qr(Xc)
+            U, S, Vh = _jacobi_op(R)
+            U = Q @ U
+        else:
+            Q, R = torch.linalg.qr(Xc.mT)
+            U, S, Vh = _jacobi_op(R.mT)
+            Vh = Vh @ Q.mT
+    else:
+        U, S, Vh = _jacobi_op(Xc)
+    return U.to(X.dtype), S.to(X.dtype), Vh.to(X.dtype)
+
+
+def _svd_default_range(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``batched_svd`` for backend=None: the kernel in its measured-faster range, LAPACK above."""
+    return _jacobi_svd(X, SVD_DEFAULT_LIMIT[X.device.type])
+
+
+def _svd_kernel_range(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``batched_svd`` for a named backend: the kernel on every size it takes."""
+    return _jacobi_svd(X, SVD_KERNEL_LIMIT[X.device.type])
+
+
+def _check_svd_fits(op: str, X: torch.Tensor) -> None:
+    """A named kernel backend refuses a matrix it cannot decompose (min(m, n) past its limit;
+    only the long side past it is QR-reduced onto the kernel)."""
+    m, n = X.shape[-2:]
+    device = X.device.type
+    limit = SVD_KERNEL_LIMIT[device]
+    if min(m, n) > limit:
+        raise ValueError(f"{op}: backend={device!r} (the Jacobi SVD kernel) takes matrices with min(m, n) <= "
+                         f"{limit} on {device} tensors; got X of shape {tuple(X.shape)}; backend='reference' or "
+                         "None takes any size")
+
+
+def batched_svd(X: torch.Tensor, *, strict: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Table entry of ``batched_svd`` ("cpu" / "cuda"). ``strict``: the backend was named — the
+    kernel's whole range, ValueError beyond it; otherwise the measured-faster range and the
+    reference beyond it."""
+    if strict:
+        _check_svd_fits("batched_svd", X)
+        return _svd_kernel_range(X)
+    return _svd_default_range(X)
+
+
+def clamp_singular_values(X: torch.Tensor, lo: float, hi: float, *, strict: bool = False) -> torch.Tensor:
+    """Table entry of ``clamp_singular_values`` ("cpu" / "cuda"): the reference's divided-difference
+    autograd on the kernel's SVD; ``strict`` as in ``batched_svd``."""
+    if strict:
+        _check_svd_fits("clamp_singular_values", X)
+        return _svd_ref.clamp_singular_values(X, lo, hi, svd=_svd_kernel_range)
+    return _svd_ref.clamp_singular_values(X, lo, hi, svd=_svd_default_range)
+
+
+def _sedghi_fits(op: str, weight: torch.Tensor, strict: bool) -> bool:
+    """Whether the real ``2·C_out × 2·C_in`` embedding of the frequency blocks fits the kernel
+    (64 channels on CPU, 32 on CUDA); past it ``strict`` (a named backend) raises, else the
+    reference (LAPACK's / cuSOLVER's complex SVD) runs."""
+    device = weight.device.type
+    limit = SVD_KERNEL_LIMIT[device]
+    if 2 * max(weight.shape[0], weight.shape[1]) <= limit:
+        return True
+    if strict:
+        raise ValueError(f"{op}: backend={device!r} runs the per-frequency SVDs on the Jacobi kernel through the "
+                         f"real 2·C_out × 2·C_in embedding of each block, and the kernel takes 2·max(C_out, C_in) "
+                         f"<= {limit} on {device} tensors; got C_out={weight.shape[0]}, C_in={weight.shape[1]}; "
+                         "backend='reference' takes any size")
+    return False
+
+
+def _sedghi_first_order(x: torch.Tensor, op: str, backend: str) -> torch.Tensor:
+    """An output of a Sedghi kernel, differentiable once: the second derivative would go through
+    the SVD of the real embedding, whose doubled singular values make the SVD's backward divide
+    by 0 (a NaN second derivative). Applied to the outputs, so that this refusal (which names the
+    backend that supports it) is the first node a ``create_graph=True`` backward meets.
+
+    Not under torch.func transforms: they run every backward with grad mode on (the refusal would
+    fire on a first-order torch.func.grad) and the identity has no vmap rule; there a second-order
+    transform gets the NaN described above instead of an error."""
+    if not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(x):
+        return x
+    return _first_order_only(x, f"{op}: double backward (create_graph=True) is not supported by "
+                                f"backend={backend!r}; backend='reference' supports it")
+
+
+def conv_singular_values(weight: torch.Tensor, input_size, *, strict: bool = False) -> torch.Tensor:
+    """Conv-family table entry ("cpu" / "cuda"): ``regkernels.reference.conv.conv_singular_values``
+    with the per-frequency SVDs on the Jacobi kernel (docs/conv.md). First-order differentiable.
+    ``strict`` (the backend was named): a weight whose embedding the kernel cannot take raises
+    ValueError; otherwise it goes to the reference."""
+    if not _sedghi_fits("conv_singular_values", weight, strict):
+        return _conv_ref.conv_singular_values(weight, input_size)
+    out = _conv_ref.conv_singular_values(weight, input_size, svd=_svd_kernel_range)
+    return _sedghi_first_order(out, "conv_singular_values", weight.device.type)
+
+
+def clip_conv_singular_values(weight: torch.Tensor, input_size, lo: float, hi: float, *,
+                              strict: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Conv-family table entry ("cpu" / "cuda"): ``regkernels.reference.conv.clip_conv_singular_values``
+    on the Jacobi kernel, as ``conv_singular_values``."""
+    if not _sedghi_fits("clip_conv_singular_values", weight, strict):
+        return _conv_ref.clip_conv_singular_values(weight, input_size, lo, hi)
+    new_weight, sv = _conv_ref.clip_conv_singular_values(weight, input_size, lo, hi, svd=_svd_kernel_range)
+    return (_sedghi_first_order(new_weight, "clip_conv_singular_values", weight.device.type),
+            _sedghi_first_order(sv, "clip_conv_singular_values", weight.device.type))
+
 # ============================================================================ end of svd family
 
 
 # ============================================================================ beta_lasso family
 # (fake and table entry of beta_lasso_step_)
+
+@torch.library.register_fake("regkernels::beta_lasso_step_")
+def _beta_lasso_step_fake(params, grads, bufs, hyper, flags):
+    device = params[0].device if len(params) else torch.device("cpu")
+    return torch.empty(len(params), dtype=torch.long, device=device)
+
+
+def beta_lasso_step_(params, grads, bufs, hyper, flags) -> torch.Tensor:
+    """Table entry of the β-LASSO update ("cpu" / "cuda"): one fused launch over every tensor of one
+    (device, dtype), with ``hyper`` / ``flags`` packed by ``regkernels.ops.beta_lasso.pack_hyper``;
+    returns the per-tensor non-zero counts (int64)."""
+    return torch.ops.regkernels.beta_lasso_step_(list(params), list(grads), list(bufs), list(hyper), list(flags))
 
 # ============================================================================ end of beta_lasso family

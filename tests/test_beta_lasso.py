@@ -13,6 +13,8 @@ from regkernels.optim import BetaLasso
 from regkernels.reference.beta_lasso import beta_lasso_update_
 
 needs_ext = pytest.mark.skipif(not _ext.HAS_C, reason="compiled extension not built")
+if _ext.HAS_C:
+    from regkernels import _C_ops
 
 CONFIGS = {
     "plain": dict(lr=0.05, lam=0.02, beta=1.0),
@@ -140,11 +142,15 @@ def test_nan_gradient_stays_visible(backend):
 @needs_ext
 def test_one_launch_per_device_dtype(monkeypatch):
     """Two param groups with different hyper-parameters, two dtypes → exactly two launches."""
-    import regkernels.optim.beta_lasso as mod
-
     calls = []
-    real = mod.beta_lasso_step_
-    monkeypatch.setattr(mod, "beta_lasso_step_", lambda *a: calls.append(len(a[0])) or real(*a))
+    real = torch.ops.regkernels.beta_lasso_step_
+
+    class Spy:  # the table's fused entry (regkernels._C_ops.beta_lasso_step_) calls the op by name
+        def __call__(self, *a):
+            calls.append(len(a[0]))
+            return real(*a)
+
+    monkeypatch.setattr(torch.ops.regkernels, "beta_lasso_step_", Spy())
     p32 = make_params([(3, 4), (5,), (0,)])
     p64 = make_params([(6,)], torch.float64)
     opt = BetaLasso([{"params": p32[:2], "lr": 0.1}, {"params": p32[2:] + p64, "momentum": 0.5}],
@@ -165,6 +171,20 @@ def test_noncontiguous_param_falls_back_exactly():
     BetaLasso([a], lr=0.1, lam=0.05, beta=1.0).step()
     BetaLasso([b], lr=0.1, lam=0.05, beta=1.0, backend="reference").step()
     assert torch.equal(a, b)
+
+
+@needs_ext
+def test_named_fused_backend_refuses_what_it_cannot_update():
+    """None falls back to the reference for a non-contiguous parameter (above); a named fused
+    backend raises instead, naming what takes it. Names without rows are refused up front."""
+    p = torch.randn(6, 5).t().requires_grad_()
+    p.grad = torch.randn(6, 5).t()
+    with pytest.raises(ValueError, match=r"BetaLasso: backend='cpu' cannot update a torch.float32 parameter on cpu "
+                                         r"\(contiguous=False.*backend='reference' or None takes any"):
+        BetaLasso([p], lr=0.1, lam=0.05, beta=1.0, backend="cpu").step()
+    for name in ("torch", "triton"):
+        with pytest.raises(ValueError, match=r"BetaLasso: backend must be one of None, 'cpu', 'cuda', 'reference'"):
+            BetaLasso([p], lr=0.1, lam=0.05, beta=1.0, backend=name)
 
 
 # ------------------------------------------------------------------ optimizer conformance
@@ -234,7 +254,8 @@ def test_bad_hyperparameters(kwargs, match):
 def test_backend_cuda_on_cpu_param_and_sparse_grad():
     p = torch.zeros(3, requires_grad=True)
     p.grad = torch.ones(3)
-    with pytest.raises(ValueError, match="backend='cuda' cannot update a torch.float32 parameter on cpu"):
+    with pytest.raises(ValueError, match=r"BetaLasso: BetaLasso has no 'cuda' backend for cpu tensors; backends that "
+                                         r"take cpu fp32 inputs here: 'cpu', 'reference'"):
         BetaLasso([p], lr=0.1, lam=0.1, beta=1.0, backend="cuda").step()
     p.grad = torch.ones(3).to_sparse()
     with pytest.raises(RuntimeError, match="does not support sparse gradients"):
@@ -265,7 +286,7 @@ def test_op_under_torch_compile_fullgraph():
     params, grads, bufs, hyper, flags = _op_args()
     expect = [p.clone() for p in params]
     ebufs = [b.clone() for b in bufs]
-    counts_ref = ops.beta_lasso_step_(expect, grads, ebufs, hyper, flags)
+    counts_ref = _C_ops.beta_lasso_step_(expect, grads, ebufs, hyper, flags)
 
     @torch.compile(fullgraph=True, backend="aot_eager")
     def step(ps, gs, bs):
@@ -281,15 +302,15 @@ def test_op_under_torch_compile_fullgraph():
 def test_op_bad_arguments():
     params, grads, bufs, hyper, flags = _op_args()
     with pytest.raises(RuntimeError, match="hyper must hold 6 values per tensor"):
-        ops.beta_lasso_step_(params, grads, bufs, hyper[:-1], flags)
+        _C_ops.beta_lasso_step_(params, grads, bufs, hyper[:-1], flags)
     with pytest.raises(RuntimeError, match="same length"):
-        ops.beta_lasso_step_(params, grads[:1], bufs, hyper, flags)
+        _C_ops.beta_lasso_step_(params, grads[:1], bufs, hyper, flags)
     with pytest.raises(RuntimeError, match=r"grads\[0\] must match params\[0\]"):
-        ops.beta_lasso_step_(params, [grads[0].double()] + grads[1:], bufs, hyper, flags)
+        _C_ops.beta_lasso_step_(params, [grads[0].double()] + grads[1:], bufs, hyper, flags)
     with pytest.raises(RuntimeError, match="must share dtype and device"):
-        ops.beta_lasso_step_([params[0], params[2].double()], grads[::2], bufs[::2], hyper[:12], flags[:6])
+        _C_ops.beta_lasso_step_([params[0], params[2].double()], grads[::2], bufs[::2], hyper[:12], flags[:6])
     with pytest.raises(RuntimeError, match="must be float16, bfloat16, float32 or float64"):
-        ops.beta_lasso_step_([torch.zeros(2, dtype=torch.int32)], [torch.zeros(2, dtype=torch.int32)],
+        _C_ops.beta_lasso_step_([torch.zeros(2, dtype=torch.int32)], [torch.zeros(2, dtype=torch.int32)],
                              [torch.zeros(0)], hyper[:6], flags[:3])
 
 
@@ -310,11 +331,15 @@ def test_fused_cuda_vs_reference(name, dtype):
 
 @pytest.mark.cuda
 def test_cuda_single_launch_many_tensors(monkeypatch):
-    import regkernels.optim.beta_lasso as mod
-
     calls = []
-    real = mod.beta_lasso_step_
-    monkeypatch.setattr(mod, "beta_lasso_step_", lambda *a: calls.append(len(a[0])) or real(*a))
+    real = torch.ops.regkernels.beta_lasso_step_
+
+    class Spy:  # the table's fused entry (regkernels._C_ops.beta_lasso_step_) calls the op by name
+        def __call__(self, *a):
+            calls.append(len(a[0]))
+            return real(*a)
+
+    monkeypatch.setattr(torch.ops.regkernels, "beta_lasso_step_", Spy())
     ps = make_params([(i * 37 + 1,) for i in range(60)] + [(0,)], device="cuda")
     for p in ps:
         p.grad = torch.randn_like(p)

@@ -149,7 +149,11 @@ def _xy():
     (lambda x, y: J.jacobian_penalty(y, x, generator=5), TypeError,
      "jacobian_penalty: generator must be a torch.Generator"),
     (lambda x, y: J.jacobian_penalty(y, x, backend="cpu"), ValueError,
-     "jacobian_penalty: no 'cpu' kernel for cpu tensors; available backends: 'reference'"),
+     "jacobian_penalty: jacobian_penalty has no 'cpu' backend for cpu tensors; backends that take cpu fp32 "
+     "inputs here: 'reference'"),
+    (lambda x, y: J.jacobian_penalty(y, x, backend="torch"), ValueError,
+     "jacobian_penalty: jacobian_penalty has no 'torch' backend"),
+    (lambda x, y: J.jacobian_penalty(y, x, 1, False, None, "reference"), TypeError, "positional argument"),
 ])
 def test_bad_input(call, exc, match):
     x, y = _xy()
@@ -168,3 +172,43 @@ def test_jacobian_penalty_double_backward_gradgradcheck():
         return J.jacobian_penalty(y, x, exact=True)
 
     assert torch.autograd.gradgradcheck(f, (lin.weight.detach().clone().requires_grad_(),))
+
+
+# ------------------------------------------------------------------------------ torch.func
+
+def _penalty_of(W: torch.Tensor, x: torch.Tensor, exact: bool = True) -> torch.Tensor:
+    y = torch.tanh(x @ W.T)
+    return J.jacobian_penalty(y, x, exact=exact, generator=torch.Generator().manual_seed(4))
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_torch_func_grad_and_vjp_with_x_among_the_inputs(exact):
+    W = torch.randn(3, 4, dtype=torch.float64)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    Wg, xg = W.clone().requires_grad_(), x.clone().requires_grad_()
+    want = torch.autograd.grad(_penalty_of(Wg, xg, exact), (Wg, xg))
+    got = torch.func.grad(lambda W, x: _penalty_of(W, x, exact), argnums=(0, 1))(W, x)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    value, pullback = torch.func.vjp(lambda W, x: _penalty_of(W, x, exact), W, x)
+    torch.testing.assert_close(value, _penalty_of(Wg, xg, exact).detach(), atol=1e-13, rtol=1e-13)
+    for a, b in zip(pullback(torch.ones((), dtype=torch.float64)), want):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    # per-model gradients: vmap of the grad over a stack of weights
+    Ws = torch.stack([W, 2 * W, -W])
+    per = torch.func.vmap(lambda W: torch.func.grad(_penalty_of, argnums=(0, 1))(W, x)[0])(Ws)
+    loop = []
+    for Wi in Ws:
+        Wi = Wi.clone().requires_grad_()
+        loop.append(torch.autograd.grad(_penalty_of(Wi, x.clone().requires_grad_()), Wi)[0])
+    torch.testing.assert_close(per, torch.stack(loop), atol=1e-12, rtol=1e-12)
+
+
+def test_torch_func_with_x_outside_the_transform_is_refused_clearly():
+    W = torch.randn(3, 4, dtype=torch.float64)
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    match = r"jacobian_penalty: y is a torch.func-transformed tensor and x is not: .* x to be an input"
+    with pytest.raises(ValueError, match=match):
+        torch.func.grad(lambda W: _penalty_of(W, x))(W)
+    with pytest.raises(ValueError, match=r"torch.func.vmap of the penalty itself is not supported"):
+        torch.func.vmap(lambda W: _penalty_of(W, x))(torch.stack([W, W]))

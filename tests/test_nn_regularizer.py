@@ -205,3 +205,19 @@ def test_regularizer_errors_name_the_layer_not_a_list_index():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8, 1))
     with pytest.raises(ValueError, match=r"Regularizer: as_matrix\(layer '2'\.weight\) needs at least 2 rows"):
         Regularizer(model, "mhe")
+
+
+def test_regularizer_takes_every_backend_name_and_a_named_backend_raises_the_ops_error():
+    """Every backend name is accepted ("torch" included); a name the kind's op lacks for the
+    layers' device raises that op's ValueError at the call, it never falls back silently."""
+    from regkernels.ops._table import BACKENDS
+
+    model = _model()
+    _run(model)
+    for name in BACKENDS:
+        for kind in KINDS:
+            Regularizer(model, kind, backend=name, **KIND_KW[kind])
+    with pytest.raises(ValueError, match=r"'cuda'"):
+        Regularizer(model, "frame", backend="cuda", **KIND_KW["frame"])()
+    with pytest.raises(ValueError, match=r"Regularizer: backend must be one of None, 'reference', 'torch'"):
+        Regularizer(model, "frame", backend="fast", **KIND_KW["frame"])

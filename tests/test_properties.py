@@ -41,7 +41,7 @@ def bounded(n: int):
 # kernel backends of each family on CPU tensors (the reference is always there)
 GRAM_BACKENDS = (["cpu"] if _ext.HAS_C else []) + (["triton"] if _ext.triton_interpreted() else [])
 CONV_MATRIX_BACKENDS = (["cpu"] if _ext.HAS_C else []) + (["triton"] if _ext.triton_interpreted() else [])
-SVD_BACKENDS = ["cpu"] if _ext.HAS_C else []
+SVD_BACKENDS = [b for b in regkernels.ops.svd.TABLE.backends("batched_svd", "cpu") if b != "reference"]
 
 # (rtol, atol) of a kernel against the reference in the same dtype: float16 / bfloat16 results are
 # the float32 result rounded once, so two roundings apart at most

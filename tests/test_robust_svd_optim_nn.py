@@ -293,8 +293,10 @@ def test_svb_refuses_non_finite_or_bool_eps(eps, exc, match):
     (dict(eps=0), ValueError, r"SVBProjector: eps must be > 0"),
     (dict(eps=float("inf")), ValueError, r"SVBProjector: eps must be finite"),
     (dict(eps=True), TypeError, r"SVBProjector: eps must be a real number .* not bool"),
-    (dict(eps=0.1, backend="gpu"), ValueError, r"SVBProjector: backend must be one of None, 'reference'"),
-    (dict(eps=0.1, backend="cuda"), ValueError, r"SVBProjector: no 'cuda' kernel for cpu tensors"),
+    (dict(eps=0.1, backend="gpu"), ValueError, r"SVBProjector: backend must be None or one of 'reference'"),
+    (dict(eps=0.1, backend="cuda"), ValueError, r"SVBProjector: SVBProjector has no 'cuda' backend for cpu tensors"),
+    (dict(eps=0.1, backend="torch"), ValueError, r"SVBProjector: SVBProjector has no 'torch' backend for cpu "
+                                                 r"tensors; backends that take cpu fp32 inputs here: .*'reference'"),
     (dict(eps=0.1, operator=1), TypeError, r"SVBProjector: operator must be a bool; got 1"),
     (dict(eps=0.1, operator=True, input_size="x"), TypeError, r"SVBProjector: input_size must be None, an int"),
     (dict(eps=0.1, every=True), TypeError, r"SVBProjector: every must be an integer"),

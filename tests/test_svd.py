@@ -372,7 +372,7 @@ def test_svb_one_batched_call_per_matrix_shape_dtype_device(monkeypatch):
     # groups: (8x16, f32) ×3, (16x8, f32), (8x72, f32) ×2, (8x16, f64)
     assert sorted(calls) == sorted([(3, 8, 16), (1, 16, 8), (2, 8, 72), (1, 8, 16)])
     calls.clear()
-    monkeypatch.setattr(S, "svd_function", lambda device, backend=None, name=None: counting)
+    monkeypatch.setattr(S, "svd_function", lambda device, backend=None, dtype=None, name=None: counting)
     assert S.svb_(model, 0.1) == 7
     assert len(calls) == 4
 
@@ -459,8 +459,13 @@ def test_svb_operator_needs_input_size_and_changes_nothing():
      "batched_svd: X must have a floating dtype"),
     (lambda: S.batched_svd([[1.0, 2.0]]), TypeError, "batched_svd: X must be a torch.Tensor"),
     (lambda: S.batched_svd(torch.randn(3, 3), backend="cuda"), ValueError,
-     "batched_svd: no 'cuda' kernel for cpu tensors; available backends: 'reference', 'cpu'"),
-    (lambda: S.batched_svd(torch.randn(3, 3), backend="fast"), ValueError, "batched_svd: backend must be one of"),
+     "batched_svd: batched_svd has no 'cuda' backend for cpu tensors; backends that take cpu fp32 inputs here: "
+     "'cpu', 'reference'"),
+    (lambda: S.batched_svd(torch.randn(3, 3), backend="fast"), ValueError, "batched_svd: backend must be None or one of"),
+    (lambda: S.batched_svd(torch.randn(3, 3), backend="torch"), ValueError, "batched_svd: batched_svd has no 'torch'"),
+    (lambda: S.batched_svd(torch.randn(3, 3), "reference"), TypeError, "positional argument"),
+    (lambda: S.clamp_singular_values(torch.randn(3, 3), 0.5, 1.0, "cpu"), TypeError, "positional argument"),
+    (lambda: S.svb_(nn.Linear(3, 3), 0.1, False, None, "cpu"), TypeError, "positional argument"),
     (lambda: S.clamp_singular_values(torch.randn(3), 0.5, 1), ValueError,
      "clamp_singular_values: X must have at least 2 dims"),
     (lambda: S.clamp_singular_values(torch.ones(3, 3, dtype=torch.int32), 0.5, 1), TypeError, "floating dtype"),
@@ -468,7 +473,8 @@ def test_svb_operator_needs_input_size_and_changes_nothing():
     (lambda: S.clamp_singular_values(torch.randn(3, 3), 2.0, 1.0), ValueError, "clamp_singular_values: need lo <= hi"),
     (lambda: S.clamp_singular_values(torch.randn(3, 3), torch.tensor(0.5), 1.0), TypeError, "lo must be a real number"),
     (lambda: S.clamp_singular_values(torch.randn(3, 3), 0.5, 1.0, backend="triton"), ValueError,
-     "clamp_singular_values: no 'triton' kernel for cpu tensors; available backends: 'reference', 'cpu'"),
+     "clamp_singular_values: clamp_singular_values has no 'triton' backend for cpu tensors; backends that take "
+     "cpu fp32 inputs here: 'cpu', 'reference'"),
     (lambda: S.svb_(nn.Linear(3, 3), 0.0), ValueError, r"svb_: eps must be > 0"),
     (lambda: S.svb_(nn.Linear(3, 3), -1), ValueError, r"svb_: eps must be > 0"),
     (lambda: S.svb_(nn.Linear(3, 3), "0.1"), TypeError, "svb_: eps must be a real number"),
@@ -484,7 +490,8 @@ def test_svb_operator_needs_input_size_and_changes_nothing():
     (lambda: S.svb_(nn.Conv2d(2, 2, 3), 0.1, operator=True, input_size=(8.0, 8)), TypeError,
      "svb_: input_size must be"),
     (lambda: S.svb_(nn.Linear(3, 3), 0.1, backend="cuda"), ValueError,
-     "svb_: no 'cuda' kernel for cpu tensors; available backends: 'reference', 'cpu'"),
+     "svb_: svb_ has no 'cuda' backend for cpu tensors; backends that take cpu fp32 inputs here: 'cpu', "
+     "'reference'"),
 ])
 def test_bad_input(call, exc, match):
     with pytest.raises(exc, match=match):

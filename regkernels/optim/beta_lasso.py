@@ -1,7 +1,9 @@
-"""``BetaLasso``: SGD with an L1 term and hard thresholding (SPEC §4), fused.
+"""``BetaLasso``: SGD with an L1 term and hard thresholding (docs/beta_lasso.md), fused.
 
 All parameters of one (device, dtype) are updated by one kernel launch (CPU or CUDA) that also
-counts each tensor's non-zeros, so ``nonzeros()`` costs no extra pass over memory.
+counts each tensor's non-zeros, so ``nonzeros()`` costs no extra pass over memory. Which
+implementation updates a parameter is ``regkernels.ops.beta_lasso.TABLE``'s choice for its device
+and dtype, as for every op.
 """
 from __future__ import annotations
 
@@ -11,17 +13,18 @@ import torch
 from torch.optim import Optimizer
 
 from regkernels.ops._common import check_number
-from regkernels.ops.beta_lasso import FUSED_DTYPES, beta_lasso_step_, fused_backend_for, pack_hyper
+from regkernels.ops.beta_lasso import OP, TABLE, fused_takes, pack_hyper
 from regkernels.reference.beta_lasso import beta_lasso_update_
 
 __all__ = ["BetaLasso"]
 
-_BACKENDS = (None, "reference", "cpu", "cuda")
+# the backends the table has rows for, in its order
+_BACKENDS = tuple(dict.fromkeys(r.backend for r in TABLE.rows))
 _OP = "BetaLasso"
 
 
 def _check_hyper(group: dict) -> None:
-    """A group's hyper-parameters: finite Python numbers (SPEC §8), lr, lam, beta, momentum,
+    """A group's hyper-parameters: finite Python numbers (docs/beta_lasso.md), lr, lam, beta, momentum,
     weight_decay >= 0, nesterov a bool that needs momentum > 0 and dampening = 0."""
     for name in ("lr", "lam", "beta", "momentum", "weight_decay"):
         check_number(_OP, name, group[name], lo=0)
@@ -37,9 +40,10 @@ def _check_hyper(group: dict) -> None:
 class _Launch:
     """Argument lists of one fused launch: every parameter of one (device, dtype)."""
 
-    __slots__ = ("params", "grads", "bufs", "hyper", "flags", "placeholder")
+    __slots__ = ("fused", "params", "grads", "bufs", "hyper", "flags", "placeholder")
 
-    def __init__(self, placeholder: torch.Tensor):
+    def __init__(self, fused: Callable, placeholder: torch.Tensor):
+        self.fused = fused  # the table's fused entry for this (device, dtype)
         self.params: list[torch.Tensor] = []
         self.grads: list[torch.Tensor] = []
         self.bufs: list[torch.Tensor] = []
@@ -70,7 +74,8 @@ class BetaLasso(Optimizer):
         momentum, dampening, weight_decay, nesterov: as in ``torch.optim.SGD``.
         backend: ``None`` (fused kernel where one exists for the device and dtype, otherwise
             the reference), ``"reference"`` (per-tensor torch ops), ``"cpu"`` or ``"cuda"``
-            (the fused kernel; an error if it cannot run the parameters).
+            (the fused kernel; a ValueError at ``step()`` for a parameter it cannot update,
+            listing the backends that can).
 
     float16/bfloat16 parameters are updated in float32 math; in float32 the fused CPU update
     equals the reference bit for bit.
@@ -84,8 +89,9 @@ class BetaLasso(Optimizer):
     def __init__(self, params: Iterable, lr: float, lam: float, beta: float, momentum: float = 0.0,
                  dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False, *,
                  backend: str | None = None):
-        if backend not in _BACKENDS:
-            raise ValueError(f"BetaLasso: backend must be one of None, 'reference', 'cpu', 'cuda'; got {backend!r}")
+        if backend is not None and backend not in _BACKENDS:
+            raise ValueError(f"{_OP}: backend must be one of None, {', '.join(map(repr, _BACKENDS))}; "
+                             f"got {backend!r}")
         defaults = dict(lr=lr, lam=lam, beta=beta, momentum=momentum, dampening=dampening,
                         weight_decay=weight_decay, nesterov=nesterov)
         _check_hyper(defaults)
@@ -133,24 +139,26 @@ class BetaLasso(Optimizer):
         # the counts are tied to the parameter objects of the last step: a copy has not stepped
         self._counts = []
 
-    def _kernel_for(self, p: torch.Tensor, kernels: dict) -> str | None:
-        """The fused backend that updates ``p``, or None for the reference path."""
-        if self.backend == "reference":
+    def _fused_for(self, p: torch.Tensor, impls: dict) -> Callable | None:
+        """The fused update that takes ``p`` (the table's row for its device and dtype), or None
+        for the per-tensor reference. ``impls`` caches the table's answer per (device, dtype)
+        for one step. A named fused backend that cannot take ``p`` raises."""
+        key = (p.device, p.dtype)
+        if key not in impls:
+            impls[key] = TABLE.implementation(OP, self.backend, p.device, p.dtype, name=_OP)
+        impl = impls[key]
+        if impl is beta_lasso_update_:
             return None
-        if p.device not in kernels:
-            kernels[p.device] = fused_backend_for(p.device)
-        kernel = kernels[p.device]
-        g = p.grad
-        usable = (kernel is not None and p.dtype in FUSED_DTYPES and g.dtype == p.dtype and p.is_contiguous()
-                  and g.is_contiguous())
+        if fused_takes(p):
+            return impl
         if self.backend is None:
-            return kernel if usable else None
-        if not usable or kernel != self.backend:
-            raise ValueError(
-                f"BetaLasso: backend={self.backend!r} cannot update a {p.dtype} parameter on {p.device} "
-                f"(contiguous={p.is_contiguous()}); the fused kernels take contiguous {', '.join(map(str, FUSED_DTYPES))} "
-                "tensors on the device they were built for")
-        return kernel
+            return None
+        g = p.grad
+        raise ValueError(
+            f"{_OP}: backend={self.backend!r} cannot update a {p.dtype} parameter on {p.device} "
+            f"(contiguous={p.is_contiguous()}, gradient {g.dtype} contiguous={g.is_contiguous()}): the fused kernels "
+            "take contiguous parameters with contiguous gradients of their dtype; backend='reference' or None "
+            "takes any")
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
@@ -164,7 +172,7 @@ class BetaLasso(Optimizer):
         self._counts.clear()
         # (device, dtype) → the fused op's argument lists, filled in one pass over the params
         launches: dict[tuple[torch.device, torch.dtype], _Launch] = {}
-        kernels: dict[torch.device, str | None] = {}
+        impls: dict[tuple[torch.device, torch.dtype], Callable] = {}
         for group in self.param_groups:
             _check_hyper(group)  # a scheduler or a user may have changed lr etc. since construction
             hyper, flags = pack_hyper(group["lr"], group["lam"], group["beta"], group["momentum"],
@@ -176,12 +184,13 @@ class BetaLasso(Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("BetaLasso does not support sparse gradients")
-                if self._kernel_for(p, kernels) is None:
+                fused = self._fused_for(p, impls)
+                if fused is None:
                     self._reference_update(p, group)
                     continue
                 launch = launches.get((p.device, p.dtype))
                 if launch is None:
-                    launch = launches[(p.device, p.dtype)] = _Launch(p.new_empty(0))
+                    launch = launches[(p.device, p.dtype)] = _Launch(fused, p.new_empty(0))
                 buf, first = launch.placeholder, False
                 if momentum:
                     state = self.state[p]
@@ -198,7 +207,7 @@ class BetaLasso(Optimizer):
                 launch.hyper += hyper
                 launch.flags += flags_first if first else flags
         for launch in launches.values():
-            counts = beta_lasso_step_(launch.params, launch.grads, launch.bufs, launch.hyper, launch.flags)
+            counts = launch.fused(launch.params, launch.grads, launch.bufs, launch.hyper, launch.flags)
             self._counts.append((launch.params, counts))
         return loss
 

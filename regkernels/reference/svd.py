@@ -175,9 +175,28 @@ class _ClampSingularValues(torch.autograd.Function):
         X, U, S, Vh = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: the gradient must itself be differentiable
             U, S, Vh = ctx.svd(upcast(X))
-            _check_second_order(S.detach(), *X.shape[-2:])
+            if not _under_functorch(grad_Y):
+                _check_second_order(S.detach(), *X.shape[-2:])
         dX = _clamp_backward(grad_Y.to(U.dtype), U, S, Vh, ctx.lo, ctx.hi)
         return dX.to(grad_Y.dtype), None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, X, lo, hi, svd):
+        # every step takes leading batch dims: the vmapped dim becomes one more of them
+        return _ClampSingularValues.apply(X.movedim(in_dims[0], 0), lo, hi, svd), (0, 0, 0, 0)
+
+
+def _under_functorch(t: torch.Tensor) -> bool:
+    """Whether ``t`` is wrapped by a torch.func transform (grad, vjp, vmap).
+
+    Those transforms run every backward with grad mode on (they may differentiate it again), so
+    a first-order ``torch.func.grad`` takes the differentiable branch of the backward above; the
+    refusal ``_check_second_order`` is a host-side test (a ``bool`` of a tensor, impossible on a
+    vmapped one) and is skipped there. The first-order gradient is the same either way; a
+    second-order transform at repeated or zero singular values then gets NaN/Inf, not an error.
+    Never true while dynamo traces (it cannot trace the functorch query and never wraps).
+    """
+    return not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
 def _check_second_order(S: torch.Tensor, m: int, n: int) -> None:
