@@ -27,7 +27,6 @@ import torch
 
 from regkernels.reference import gram as R
 
-KERNEL_KINDS = ("frame", "diversity", "orthogonality", "mhe")
 ROWS_ONLY = ("diversity", "mhe")
 
 

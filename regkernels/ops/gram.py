@@ -299,8 +299,8 @@ def srip_penalty(W: torch.Tensor, n_iter: int = 1, generator: torch.Generator | 
     op = "srip_penalty"
     _check_W(op, W)
     args = _srip_args(op, n_iter, generator)
-    b = _start_vector(W, args["generator"], op)
-    return _dispatch(op, backend, W)(W, b, n_iter)
+    impl = _dispatch(op, backend, W)  # a refused backend draws nothing from the generator
+    return impl(W, _start_vector(W, args["generator"], op), n_iter)
 
 
 # ----------------------------------------------------------------------------- multi
