@@ -296,31 +296,72 @@ def _with_backend(name, W, backend):
 
 
 # ops with a fused kernel (csrc/cpu/gram_cpu.cpp, regkernels/triton/gram.py); the others run
-# their reference on every device
+# their reference on every device, SRIP its composite (backend "torch")
 KERNEL_IDS = {"frame", "frame_rows", "diversity", "orthogonality", "mhe", "multi"}
 
 
 def _cpu_backends(name):
-    if name == "srip":  # torch matvecs with a one-product backward (ops/gram.py)
-        return ["cpu"]
+    """The backends that take CPU float64 inputs, in table order (Triton takes fp16/bf16/fp32)."""
+    if name == "srip":  # torch matvecs with a one-product backward (composite/gram.py)
+        return ["torch", "reference"]
     if name not in KERNEL_IDS:
-        return []
-    return ["cpu"] + (["triton"] if _ext.triton_interpreted() else [])
+        return ["reference"]
+    return ["cpu", "reference"]
 
 
 @pytest.mark.parametrize("name", PAIR_IDS + ["multi"])
-@pytest.mark.parametrize("backend", ["cpu", "triton", "cuda"])
+@pytest.mark.parametrize("backend", ["cpu", "triton", "cuda", "torch"])
 def test_missing_kernel_backend_raises(name, backend):
     have = _cpu_backends(name)
     if backend in have:
-        return  # covered by tests/test_gram_cpu.py and tests/test_gram_triton.py
-    listing = ", ".join(["'reference'"] + [repr(b) for b in have])
-    with pytest.raises(ValueError, match=rf"no '{backend}' kernel for cpu tensors; available backends: {listing}$"):
+        return  # covered by tests/test_gram_cpu.py and tests/test_robust_gram.py
+    listing = ", ".join(repr(b) for b in have)
+    # no row for the backend, or a row that cannot take the input: Triton has no float64 (a
+    # named backend never falls back to the reference)
+    why = (rf"the 'triton' backend of \w+ (takes torch.float16, torch.bfloat16, torch.float32, not torch.float64|"
+           rf"cannot run here: .*)" if backend == "triton" and name in KERNEL_IDS and _ext.has_triton()
+           else rf"\w+ has no '{backend}' backend for cpu tensors")
+    with pytest.raises(ValueError, match=rf": {why}; backends that take cpu fp64 inputs here: {listing}$"):
         _with_backend(name, _randn(2, 6, 9), backend)
 
 
+@pytest.mark.skipif(not _ext.triton_interpreted(), reason="Triton is not installed or not interpreted")
+@pytest.mark.parametrize("name", sorted(KERNEL_IDS))
+def test_named_triton_refuses_float64(name):
+    # before the backend tables, a named "triton" ran the reference on float64 without a word
+    with pytest.raises(ValueError, match=r"the 'triton' backend of \w+ takes torch.float16, torch.bfloat16, "
+                                         r"torch.float32, not torch.float64; backends that take cpu fp64 inputs "
+                                         r"here: 'cpu', 'reference'$"):
+        _with_backend(name, _randn(2, 6, 9), "triton")
+
+
+def test_penalty_multi_mixed_dtypes_run_the_reference_only():
+    weights = [_randn(4, 3, dtype=torch.float32), _randn(5, 2, dtype=torch.float64)]
+    # backend=None picks the reference, which computes each layer in its own dtype
+    assert torch.equal(G.penalty_multi(weights, "frame", A=0.5, B=1.5),
+                       G.penalty_multi(weights, "frame", backend="reference", A=0.5, B=1.5))
+    kernels = ["cpu"] if _ext.HAS_C else []
+    for backend in kernels + (["triton"] if _ext.triton_interpreted() else []):
+        with pytest.raises(ValueError, match=rf"penalty_multi: weights of mixed dtypes \(torch.float32, "
+                                             rf"torch.float64\) run only on backend='reference'.*'{backend}' kernel "
+                                             rf"takes one dtype"):
+            G.penalty_multi(weights, "frame", backend=backend, A=0.5, B=1.5)
+    # SRIP runs per weight in every backend, mixed dtypes too
+    if _ext.HAS_C:
+        out = G.penalty_multi(weights, "srip", backend="cpu", generator=torch.Generator().manual_seed(2))
+        ref = G.penalty_multi(weights, "srip", backend="reference", generator=torch.Generator().manual_seed(2))
+        torch.testing.assert_close(out, ref)
+
+
+def test_backend_is_keyword_only():
+    with pytest.raises(TypeError):
+        G.frame_penalty(_randn(3, 4), 0.0, 1.0, "auto", "reference")
+    with pytest.raises(TypeError, match=r"frame_penalty: backend must be None or one of"):
+        G.frame_penalty(_randn(3, 4), 0.0, 1.0, backend=1)
+
+
 def test_unknown_backend_raises():
-    with pytest.raises(ValueError, match=r"frame_penalty: backend must be one of None, 'reference'"):
+    with pytest.raises(ValueError, match=r"frame_penalty: backend must be None or one of 'reference'"):
         G.frame_penalty(_randn(3, 4), 0.0, 1.0, backend="gpu")
 
 
@@ -544,6 +585,88 @@ def test_torch_compile_fullgraph(name, fn):
     for c, e in zip(compiled, eager):
         torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------- torch.func
+
+# (name, public op with backend=None, reference) on one matrix stack; the defaults run the C++
+# kernel (CPU tensors) or SRIP's composite, whose autograd cannot run under torch.func: they take
+# the Python autograd.Function path for functorch-wrapped inputs
+FUNC_CASES = [
+    ("frame", lambda W: G.frame_penalty(W, 0.5, 1.5), lambda W: R.frame_penalty(W, 0.5, 1.5)),
+    ("frame_rows", lambda W: G.frame_penalty(W, 0.2, 1.0, "rows"), lambda W: R.frame_penalty(W, 0.2, 1.0, "rows")),
+    ("diversity", lambda W: G.diversity_penalty(W, 0.1), lambda W: R.diversity_penalty(W, 0.1)),
+    ("orthogonality", lambda W: G.orthogonality_penalty(W), lambda W: R.orthogonality_penalty(W)),
+    ("orthogonality_norm", lambda W: G.orthogonality_penalty(W, "cols", False),
+     lambda W: R.orthogonality_penalty(W, "cols", False)),
+    ("mhe", lambda W: G.mhe_penalty(W, 1, True), lambda W: R.mhe_penalty(W, 1, True)),
+    ("srip", lambda W: G.srip_penalty(W, 2, torch.Generator().manual_seed(7)),
+     lambda W: R.srip_penalty(W, _seeded_b(W, 7), 2)),
+    ("multi", lambda W: G.penalty_multi([W[0], W[1].reshape(3, 2, 9)], "frame", groups=[1, 3], A=0.5, B=1.5),
+     lambda W: R.penalty_multi([W[0], W[1].reshape(3, 2, 9)], "frame", groups=[1, 3], A=0.5, B=1.5)),
+    ("multi_srip", lambda W: G.penalty_multi([W[0], W[1]], "srip", n_iter=2, generator=torch.Generator().manual_seed(5)),
+     lambda W: R.penalty_multi([W[0], W[1]], "srip", b=_drawn_in_order(5, 2, min(W.shape[-2:])), n_iter=2)),
+]
+FUNC_IDS = [c[0] for c in FUNC_CASES]
+
+
+def _drawn_in_order(seed, count, k):
+    """``count`` start vectors drawn one after the other from one generator (penalty_multi's srip)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.rand(k, generator=gen) for _ in range(count)]
+
+
+def _reference_grad(reference, W, cotangent):
+    X = W.clone().requires_grad_(True)
+    (reference(X) * cotangent).sum().backward()
+    return X.grad
+
+
+@pytest.mark.parametrize("name, public, reference", FUNC_CASES, ids=FUNC_IDS)
+def test_torch_func_grad_and_vjp_equal_the_reference_gradient(name, public, reference):
+    W = _randn(2, 6, 9)
+    cot = torch.rand(reference(W).shape, dtype=W.dtype) + 0.5
+    expected = _reference_grad(reference, W, cot)
+    _close(torch.func.grad(lambda w: (public(w) * cot).sum())(W), expected, rtol=1e-10, atol=1e-12)
+    out, vjp_fn = torch.func.vjp(public, W)
+    _close(out, reference(W), rtol=1e-12, atol=1e-14)
+    (dW,) = vjp_fn(cot)
+    _close(dW, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name, public, reference", FUNC_CASES, ids=FUNC_IDS)
+def test_torch_func_vmap_equals_a_loop(name, public, reference):
+    Ws = _randn(3, 2, 6, 9)
+    if name.endswith("srip"):
+        # SRIP draws its start vector inside the op: vmap needs randomness="same" (every call
+        # draws the same b from its freshly seeded generator, as the loop does)
+        vmapped = torch.func.vmap(public, randomness="same")
+        grads = torch.func.vmap(torch.func.grad(lambda w: public(w).sum()), randomness="same")(Ws)
+    else:
+        vmapped = torch.func.vmap(public)
+        grads = torch.func.vmap(torch.func.grad(lambda w: public(w).sum()))(Ws)
+    _close(vmapped(Ws), torch.stack([public(w) for w in Ws]), rtol=1e-12, atol=1e-14)
+    _close(grads, torch.stack([torch.func.grad(lambda w: public(w).sum())(w) for w in Ws]), rtol=1e-12, atol=1e-14)
+    if not name.endswith("srip"):  # a vmapped dim other than 0, and jacrev (a vmapped cotangent)
+        _close(torch.func.vmap(public, in_dims=1)(Ws.movedim(0, 1)), vmapped(Ws), rtol=1e-12, atol=1e-14)
+        W = Ws[0]
+        jac = torch.func.jacrev(public)(W)
+        for idx in range(len(reference(W))):
+            onehot = torch.zeros(reference(W).shape, dtype=W.dtype)
+            onehot[idx] = 1.0
+            _close(jac[idx], _reference_grad(reference, W, onehot), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.skipif(not _ext.HAS_C, reason="regkernels._C is not built")
+def test_torch_func_second_derivative_of_the_kernel_is_refused_naming_reference():
+    W = _randn(5, 3)
+    with pytest.raises(RuntimeError, match=r"frame_penalty .*double backward.*'cpu'.*backend='reference'"):
+        torch.func.grad(lambda w: torch.func.grad(lambda x: G.frame_penalty(x, 0.5, 1.5))(w).square().sum())(W)
+    # SRIP's composite and the reference differentiate twice
+    srip = lambda w: G.srip_penalty(w, 2, torch.Generator().manual_seed(1))  # noqa: E731
+    hess = torch.func.jacrev(torch.func.jacrev(srip))(W)
+    ref = torch.autograd.functional.hessian(lambda w: R.srip_penalty(w, _seeded_b(w, 1), 2), W)
+    _close(hess, ref, rtol=1e-9, atol=1e-11)
 
 
 # ----------------------------------------------------------------- bad input

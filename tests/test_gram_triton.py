@@ -1,4 +1,4 @@
-"""Tests for the grouped Triton Gram-penalty kernels (``regkernels.triton.gram``, SPEC §1.1–§1.4).
+"""Tests for the grouped Triton Gram-penalty kernels (``regkernels.triton.gram``, docs/gram.md).
 
 Without a GPU the kernels run interpreted on CPU tensors (``TRITON_INTERPRET=1``, set by
 conftest), so the shapes are small; on a GPU machine the same tests run compiled on CUDA
@@ -433,7 +433,8 @@ def _public(kind: str):
 
 @pytest.mark.parametrize("kind", ["frame", "diversity", "orthogonality", "mhe"])
 def test_public_op_triton_backend(kind):
-    # (..., m, n) with two leading dims, float64 inputs fall back to the reference
+    # (..., m, n) with two leading dims; float64 inputs are refused by a named "triton" (only
+    # backend=None falls back, to the reference on CUDA tensors)
     fn = _public(kind)
     W = _randn(2, 3, 9, 14)
     x = W.clone().requires_grad_(True)
@@ -446,7 +447,9 @@ def test_public_op_triton_backend(kind):
     assert out.shape == (2, 3) and out.dtype == torch.float32
     _close(out.detach(), ref.detach(), *F32_TOL)
     _close(x.grad, X.grad, *F32_TOL)
-    assert torch.equal(fn(W.double(), "triton"), fn(W.double(), "reference"))
+    with pytest.raises(ValueError, match=r"the 'triton' backend of \w+ takes torch.float16, torch.bfloat16, "
+                                         r"torch.float32, not torch.float64"):
+        fn(W.double(), "triton")
 
 
 def test_penalty_multi_triton_resnet_like():
@@ -498,3 +501,28 @@ def test_cuda_no_gram_sized_allocation(kind):
     _public(kind)(W, None).backward()
     torch.cuda.synchronize()
     assert torch.cuda.max_memory_allocated() - base < 16 * 2**20
+
+
+@pytest.mark.parametrize("kind", ["frame", "diversity", "orthogonality", "mhe", "multi"])
+def test_torch_func_grad_and_vmap(kind):
+    # the custom op's register_autograd cannot run under torch.func: functorch-wrapped inputs take
+    # the Python autograd.Function path (regkernels/triton/gram.py), with a vmap rule
+    if kind == "multi":
+        def fn(W, b):
+            return G.penalty_multi([W[0], W[1].reshape(3, 3, 14)], "frame", backend=b, groups=[1, 3], A=0.5, B=1.5)
+    else:
+        fn = _public(kind)
+    Ws = _randn(3, 2, 9, 14)
+    ref = fn(Ws[0].double(), "reference")
+    X = Ws[0].double().requires_grad_(True)
+    fn(X, "reference").sum().backward()
+    grad = torch.func.grad(lambda w: fn(w, "triton").sum())(Ws[0])
+    _close(grad, X.grad, *F32_TOL)
+    out, vjp_fn = torch.func.vjp(lambda w: fn(w, "triton"), Ws[0])
+    _close(out, ref, *F32_TOL)
+    _close(vjp_fn(torch.ones_like(out))[0], X.grad, *F32_TOL)
+    loop = torch.stack([fn(w, "triton") for w in Ws])
+    torch.testing.assert_close(torch.func.vmap(lambda w: fn(w, "triton"))(Ws), loop, rtol=1e-6, atol=1e-7)
+    loop_grads = torch.stack([torch.func.grad(lambda w: fn(w, "triton").sum())(w) for w in Ws])
+    torch.testing.assert_close(torch.func.vmap(torch.func.grad(lambda w: fn(w, "triton").sum()))(Ws), loop_grads,
+                               rtol=1e-6, atol=1e-7)

@@ -124,7 +124,7 @@ _NEEDS_TWO_ROWS = ("mhe_log",)
 
 def _gram_backends(kind: str) -> list[str]:
     if kind == "srip":
-        return ["cpu"]  # SRIP's fast path is torch matvecs with a hand-written backward
+        return ["torch"]  # SRIP's fast path: torch matvecs with a hand-written backward (composite)
     return GRAM_BACKENDS
 
 

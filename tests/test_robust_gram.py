@@ -1,5 +1,5 @@
-"""Robustness of the Gram-penalty family (SPEC §7, §8) on every backend CI runs: the reference,
-"cpu" (the C++ kernel, and SRIP's hand-written backward) and "triton" (interpreted on CPU).
+"""Robustness of the Gram-penalty family (docs/gram.md) on every backend CI runs: the reference,
+"cpu" (the C++ kernel), "torch" (SRIP's hand-written backward) and "triton" (interpreted on CPU).
 
 NaN / Inf / overflowing matrices give non-finite values and gradients for that matrix only; √ at 0
 has the subgradient 0; double backward is correct or refused naming backend="reference"; dense
@@ -43,7 +43,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 def _skip_unsupported(backend: str, dtype: torch.dtype) -> None:
     if backend == "triton" and dtype == torch.float64:
-        pytest.skip("Triton takes float16 / bfloat16 / float32 (float64 runs the reference)")
+        pytest.skip("Triton takes float16 / bfloat16 / float32 (a named 'triton' refuses float64)")
 
 
 def _value_and_grad(fn, W, backend):
@@ -205,19 +205,18 @@ def test_reference_double_backward_is_correct(kind):
     assert torch.autograd.gradgradcheck(lambda w: KINDS[kind](w, "reference"), (W,))
 
 
-@needs_c
 @pytest.mark.parametrize("n_iter", [1, 3])
-def test_srip_cpu_double_backward_is_correct(n_iter):
+def test_srip_torch_double_backward_is_correct(n_iter):
     W = torch.randn(2, 6, 4, dtype=torch.float64, requires_grad=True)
 
-    def fn(w, backend="cpu"):
+    def fn(w, backend="torch"):
         return G.srip_penalty(w, n_iter, torch.Generator().manual_seed(1), backend=backend)
 
     assert torch.autograd.gradgradcheck(fn, (W,))
     # the Hessian-vector product of the kernel equals the reference's
     v = torch.randn_like(W)
     hvps = []
-    for backend in ("cpu", "reference"):
+    for backend in ("torch", "reference"):
         (g,) = torch.autograd.grad(fn(W, backend).sum(), W, create_graph=True)
         (hvp,) = torch.autograd.grad((g * v).sum(), W)
         hvps.append(hvp)

@@ -88,8 +88,11 @@ class _Sqrt0(torch.autograd.Function):
     * ``x = +inf``: NaN, not 0. A sum of squares that overflowed is not a stationary point, and
       ``√``'s true derivative 0 there would hand the optimizer a silent zero gradient.
 
-    NaN stays NaN. The backward is made of torch ops, so it differentiates again.
+    NaN stays NaN. The backward is made of torch ops, so it differentiates again, and vmaps
+    (the generated rule).
     """
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(x: torch.Tensor) -> torch.Tensor:

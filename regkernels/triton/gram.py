@@ -53,12 +53,20 @@ orthogonality ``(V_ii − 1)² + 2Σ_{j>i} V_ij²`` (upper triangle, R = Σ); MH
 Everything is computed in float32 from inputs of any of float16 / bfloat16 / float32; dot
 products use ``input_precision="ieee"`` (no TF32). Not importable without Triton: import
 this module only after ``regkernels._ext.has_triton()``.
+
+Order: kernels → host launchers → the torch.library custom ops ``regkernels::gram_penalty_triton``
+(values and stats) and ``regkernels::gram_penalty_triton_bwd`` with fakes and autograd → the
+torch.func path → the entry functions of the gram TABLE's "triton" rows (docs/gram.md).
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from regkernels import _gram_kernels as GK
+from regkernels.composite import gram as _composite
+from regkernels.reference import gram as R
 
 # ----------------------------------------------------------------------------- constants
 
@@ -736,3 +744,179 @@ def gram_penalty_backward(mats: list[torch.Tensor], kind: str, sides: list[int],
             d = d[:, : r // 2] - d[:, r // 2:]
         out.append(d)
     return out
+
+
+# ----------------------------------------------------------------------------- custom ops
+# Python custom ops: the launchers build a problem table on the host. CUDA tensors, or CPU
+# tensors when interpreted (TRITON_INTERPRET=1, how CI runs them); float16 / bfloat16 / float32.
+
+@torch.library.custom_op("regkernels::gram_penalty_triton", mutates_args=())
+def gram_penalty_triton(mats: list[torch.Tensor], kind: str, sides: list[int],
+                        params: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    return gram_penalty_forward(mats, kind, sides, params)
+
+
+@gram_penalty_triton.register_fake
+def _gram_penalty_triton_fake(mats, kind, sides, params):
+    device = mats[0].device if mats else torch.device("cpu")
+    values = torch.empty(sum(w.shape[0] for w in mats), dtype=torch.float32, device=device)
+    stats = torch.empty(stats_numel(mats, kind, sides, params), dtype=torch.float32, device=device)
+    return values, stats
+
+
+@torch.library.custom_op("regkernels::gram_penalty_triton_bwd", mutates_args=())
+def gram_penalty_triton_bwd(mats: list[torch.Tensor], kind: str, sides: list[int], params: list[float],
+                            stats: torch.Tensor, grad: torch.Tensor) -> list[torch.Tensor]:
+    grads = gram_penalty_backward(mats, kind, sides, params, stats, grad)
+    # the launcher's gradients are views of one float32 buffer; outputs must not alias
+    return [d.to(w.dtype) if w.dtype != d.dtype or len(grads) == 1 else d.clone() for w, d in zip(mats, grads)]
+
+
+@gram_penalty_triton_bwd.register_fake
+def _gram_penalty_triton_bwd_fake(mats, kind, sides, params, stats, grad):
+    return [torch.empty_like(w, memory_format=torch.contiguous_format) for w in mats]
+
+
+def _gram_penalty_triton_setup(ctx, inputs, output):
+    mats, kind, sides, params = inputs
+    ctx.kind, ctx.sides, ctx.params = kind, list(sides), list(params)
+    ctx.save_for_backward(output[1], *mats)
+
+
+def _gram_penalty_triton_backward(ctx, grad_values, _grad_stats):
+    stats, *mats = ctx.saved_tensors
+    grads = torch.ops.regkernels.gram_penalty_triton_bwd(mats, ctx.kind, ctx.sides, ctx.params, stats, grad_values)
+    # an empty params list (orthogonality) is a pytree node, not a leaf: mirror it
+    return list(grads), None, None, ([] if not ctx.params else None)
+
+
+def _triton_bwd_setup(ctx, inputs, output):
+    ctx.kind = inputs[1]
+
+
+def _triton_bwd_backward(ctx, *grads):
+    raise RuntimeError(GK.no_double_backward(ctx.kind, "triton"))
+
+
+gram_penalty_triton.register_autograd(_gram_penalty_triton_backward, setup_context=_gram_penalty_triton_setup)
+# the gradient's own backward: the kernel's P is recomputed from constants of the forward
+# (row statistics), not differentiated, so a second derivative is refused
+gram_penalty_triton_bwd.register_autograd(_triton_bwd_backward, setup_context=_triton_bwd_setup)
+
+
+# ----------------------------------------------------------------------------- torch.func
+# A custom op's register_autograd cannot run under torch.func transforms: functorch-wrapped
+# inputs go through these Functions, which call the custom ops below the transforms
+# (regkernels/_gram_kernels.py). Plain tensors keep the custom op's own autograd.
+
+def _stats_sizes(mats: list[torch.Tensor], kind: str, sides, params, batch_size: int) -> list[int]:
+    """Stats floats per vmap index of each stack of ``mats`` (each ``(batch_size·B, ·, ·)``)."""
+    return [stats_numel([w], kind, [side], params) // batch_size for w, side in zip(mats, sides)]
+
+
+class _GramPenaltyTritonFunction(torch.autograd.Function):
+    """gram_penalty_triton for torch.func: inputs ``(kind, sides, params, *mats)`` (each
+    ``(B, m, n)``), outputs ``(values, stats)``, the stats returned (non-differentiable) so that
+    torch.func can save them."""
+
+    @staticmethod
+    def forward(kind, sides, params, *mats):
+        return torch.ops.regkernels.gram_penalty_triton(list(mats), kind, list(sides), list(params))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        kind, sides, params, *mats = inputs
+        ctx.kind, ctx.sides, ctx.params = kind, sides, params
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(output[1], *mats)
+
+    @staticmethod
+    def backward(ctx, grad_values, _grad_stats):
+        stats, *mats = ctx.saved_tensors
+        grads = _GramPenaltyTritonGradFunction.apply(ctx.kind, ctx.sides, ctx.params, stats, grad_values, *mats)
+        return (None, None, None, *grads)
+
+    @staticmethod
+    def vmap(info, in_dims, kind, sides, params, *mats):
+        V = info.batch_size
+        mats = [w.flatten(0, 1) for w in GK.to_front(V, in_dims[3:], mats)]  # (V·B, m, n)
+        values, stats = _GramPenaltyTritonFunction.apply(kind, sides, params, *mats)
+        values = GK.batch_major(values, [w.shape[0] // V for w in mats], V)
+        stats = GK.batch_major(stats, _stats_sizes(mats, kind, sides, params, V), V)
+        return (values, stats), (0, 0)
+
+
+class _GramPenaltyTritonGradFunction(torch.autograd.Function):
+    """gram_penalty_triton_bwd as a graph node for torch.func: the first gradient; differentiating
+    it raises, naming backend='reference'. Inputs ``(kind, sides, params, stats, grad, *mats)``."""
+
+    @staticmethod
+    def forward(kind, sides, params, stats, grad, *mats):
+        return tuple(torch.ops.regkernels.gram_penalty_triton_bwd(list(mats), kind, list(sides), list(params),
+                                                                 stats, grad))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.kind = inputs[0]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(GK.no_double_backward(ctx.kind, "triton"))
+
+    @staticmethod
+    def vmap(info, in_dims, kind, sides, params, stats, grad, *mats):
+        V = info.batch_size
+        mats = [w.flatten(0, 1) for w in GK.to_front(V, in_dims[5:], mats)]
+        stats, grad = GK.to_front(V, in_dims[3:5], [stats, grad])
+        stats = GK.item_major(stats, _stats_sizes(mats, kind, sides, params, V))
+        grad = GK.item_major(grad, [w.shape[0] // V for w in mats])
+        grads = _GramPenaltyTritonGradFunction.apply(kind, sides, params, stats, grad, *mats)
+        return tuple(d.view(V, -1, *d.shape[1:]) for d in grads), (0,) * len(grads)
+
+
+# ----------------------------------------------------------------------------- table entries
+
+def _gram_values(mats: list[torch.Tensor], kind: str, sides: list[int], params: list[float]) -> torch.Tensor:
+    """float32 values, one per matrix of ``mats`` (each ``(B, m, n)``)."""
+    if GK.functorch_wrapped(mats):
+        return _GramPenaltyTritonFunction.apply(kind, tuple(sides), tuple(params), *mats)[0]
+    values, _ = torch.ops.regkernels.gram_penalty_triton(mats, kind, sides, params)
+    return values
+
+
+def _penalty_values(mats: list[torch.Tensor], kind: str, sides: list[int], params: list[float]) -> torch.Tensor:
+    if kind == "orthogonality":  # the kernel computes ‖V − I‖²; the norm is its sqrt (autograd)
+        values = _gram_values(mats, kind, sides, [])
+        return values if params[0] else R.sqrt0(values)  # subgradient 0 at Gram(W) = I
+    return _gram_values(mats, kind, sides, params)
+
+
+def _gram_penalty_one(kind: str, W: torch.Tensor, side: int, params: list[float]) -> torch.Tensor:
+    return _penalty_values([GK.as_batch(W)], kind, [side], params).view(W.shape[:-2]).to(W.dtype)
+
+
+def frame_penalty(W: torch.Tensor, A: float, B: float, side: str = "auto") -> torch.Tensor:
+    return _gram_penalty_one("frame", W, GK.side_code(W, "frame", side), [float(A), float(B)])
+
+
+def diversity_penalty(W: torch.Tensor, tau: float, inclusive: bool = True) -> torch.Tensor:
+    return _gram_penalty_one("diversity", W, 0, [float(tau), float(inclusive)])
+
+
+def orthogonality_penalty(W: torch.Tensor, side: str = "auto", squared: bool = True) -> torch.Tensor:
+    return _gram_penalty_one("orthogonality", W, GK.side_code(W, "orthogonality", side), [float(squared)])
+
+
+def mhe_penalty(W: torch.Tensor, s: int = 2, half: bool = False, eps: float = 1e-4) -> torch.Tensor:
+    return _gram_penalty_one("mhe", W, 0, [float(s), float(half), float(eps)])
+
+
+def penalty_multi(weights: list[torch.Tensor], kind: str, groups: list[int], **args) -> torch.Tensor:
+    """Every weight of the list in one grouped launch per pass (one dtype; the public op checks).
+    kind="srip" has no Gram to fuse: each weight goes through the SRIP composite."""
+    if kind == "srip":
+        return _composite.srip_penalty_multi(weights, groups, args["b"], args["n_iter"])
+    mats = [R.as_matrix(w, g) for w, g in zip(weights, groups)]
+    sides = [GK.side_code(mat, kind, args.get("side", "auto")) for mat in mats]
+    values = _penalty_values([GK.as_batch(mat) for mat in mats], kind, sides, GK.kernel_params(kind, args))
+    return GK.group_means(values, mats).to(weights[0].dtype)
