@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 
+import regkernels
 from regkernels import _ext
 from regkernels.ops import gram as G
 from regkernels.reference import gram as R
@@ -467,3 +468,19 @@ def test_srip_refuses_an_iteration_count_that_would_run_for_hours():
 def test_gram_penalties_refuse_sparse_weights_naming_the_layout(call):
     with pytest.raises(TypeError, match=r"must be a dense \(strided\) tensor .*got layout torch.sparse_coo"):
         call(torch.eye(3).to_sparse())
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", None])
+def test_srip_penalty_at_an_exactly_orthonormal_weight_is_zero_not_nan(backend):
+    # M = Gram(W) − I = 0 makes the first iterate M b exactly 0: the step must not divide 0 by 0
+    for W0 in (torch.eye(5, 7, dtype=torch.float64), torch.eye(6, dtype=torch.float64)):
+        W = W0.clone().requires_grad_(True)
+        value = regkernels.srip_penalty(W, n_iter=2, backend=backend)
+        value.backward()
+        assert value.item() == 0.0 and torch.equal(W.grad, torch.zeros_like(W))
+    if backend != "torch":  # penalty_multi has no "torch" row (its kernels run SRIP's composite)
+        assert torch.equal(regkernels.penalty_multi([torch.eye(4), torch.eye(3, 6)], "srip", backend=backend),
+                           torch.zeros(2))
+    W = torch.eye(5, 7, dtype=torch.float64)
+    W[0, 0] = float("nan")
+    assert regkernels.srip_penalty(W, backend=backend).isnan()

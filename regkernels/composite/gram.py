@@ -29,7 +29,7 @@ def _power_iteration(X: torch.Tensor, b: torch.Tensor, n_iter: int):
     for _ in range(n_iter):
         xv = X @ v
         u = X.mT @ xv - v
-        nrm = torch.linalg.vector_norm(u, dim=-2, keepdim=True)
+        nrm = R.power_step_norm(u, -2)  # 1 where u = 0 (M = 0): value and gradient 0, not NaN
         vs.append(v), xvs.append(xv), norms.append(nrm)
         v = u / nrm
     xv = X @ v

@@ -317,6 +317,18 @@ def _gram_minus_identity_times(W: torch.Tensor, x: torch.Tensor) -> torch.Tensor
     return (W @ (W.mT @ col)).squeeze(-1) - x
 
 
+def power_step_norm(u: torch.Tensor, dim: int) -> torch.Tensor:
+    """``‖u‖`` along ``dim`` (keepdim), 1 where it is 0: the divisor of SRIP's ``v = u / ‖u‖``.
+
+    ``u = M b = 0`` happens when ``M = Gram(W) − I`` is 0 (W with orthonormal rows or columns,
+    e.g. the identity a layer may be initialised to): the penalty is then 0, a minimum, with
+    gradient 0, where ``0 / 0`` would make value and gradient NaN. Dividing by 1 keeps ``v = 0``,
+    so ``R = ‖M v‖² = 0``; NaN and Inf still propagate (``NaN > 0`` is false, ``u`` stays NaN).
+    """
+    n = torch.linalg.vector_norm(u, dim=dim, keepdim=True)
+    return torch.where(n > 0, n, torch.ones_like(n))
+
+
 def srip_penalty(W: torch.Tensor, b: torch.Tensor, n_iter: int = 1) -> torch.Tensor:
     """Spectral restricted isometry penalty (SPEC §1.5): ``(..., m, n)`` → ``(...)``.
 
@@ -334,7 +346,7 @@ def srip_penalty(W: torch.Tensor, b: torch.Tensor, n_iter: int = 1) -> torch.Ten
     v = b.to(X.dtype)
     for _ in range(n_iter):
         u = _gram_minus_identity_times(X, v)
-        v = u / torch.linalg.vector_norm(u, dim=-1, keepdim=True)
+        v = u / power_step_norm(u, -1)
     return _gram_minus_identity_times(X, v).square().sum(-1).to(W.dtype)
 
 
