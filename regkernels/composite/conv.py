@@ -487,7 +487,8 @@ def _sparse_plan(kernel: tuple[int, ...], input_size: tuple[int, ...], stride, p
 
 
 def conv_to_matrix(weight: torch.Tensor, input_size, stride=1, padding=0, dilation=1, groups: int = 1,
-                   padding_mode: str = "zeros", layout: str = "coo", max_dense_bytes: int | None = None) -> torch.Tensor:
+                   padding_mode: str = "zeros", layout: str = "coo",
+                   max_dense_bytes: int | None = None) -> torch.Tensor:
     """``T`` in the sparse ``layout`` (``"coo"`` or ``"csr"``), arguments as the reference's
     (``max_dense_bytes`` is for the dense layout, which this backend does not build: the dense
     kernels are the ``"cpu"`` and ``"triton"`` backends). Built directly in CSR order from the

@@ -37,7 +37,6 @@ import torch
 from regkernels._geometry import conv_output_size
 from regkernels.ops._common import check_bounds, check_number, check_side, check_tensor
 from regkernels.ops._table import HALF_AND_FLOAT, Kernel, Table, check_backend_keyword
-from regkernels.reference import conv as R
 
 __all__ = [
     "conv_to_matrix",
@@ -124,7 +123,7 @@ def _check_ints(op: str, name: str, value, d: int, lo: int) -> tuple[int, ...]:
 
 
 def _check_geometry(op: str, weight, input_size, stride, padding, dilation, groups, padding_mode) -> None:
-    """Everything that defines the operator T of SPEC §2.1."""
+    """Everything that defines the operator T (docs/conv.md)."""
     d = _check_weight(op, weight)
     size = _check_input_size(op, input_size, d)
     s = _check_ints(op, "stride", stride, d, 1)
@@ -171,7 +170,7 @@ def _refuse_layout(op: str, backend: str, layout: str, weight: torch.Tensor) -> 
 def conv_to_matrix(weight: torch.Tensor, input_size: Sequence[int], stride=1, padding=0, dilation=1,
                    groups: int = 1, padding_mode: str = "zeros", layout: str = "dense",
                    max_dense_bytes: int | None = None, *, backend: str | None = None) -> torch.Tensor:
-    """The matrix ``T`` of a convolution on inputs of spatial size ``input_size`` (SPEC §2.1).
+    """The matrix ``T`` of a convolution on inputs of spatial size ``input_size`` (docs/conv.md).
 
     ``T @ x.reshape(-1) == conv(x[None], weight, None, stride, padding, dilation, groups).reshape(-1)``
     for ``x`` of shape ``(C_in, *input_size)``; ``padding_mode="circular"`` is circular
@@ -188,7 +187,7 @@ def conv_to_matrix(weight: torch.Tensor, input_size: Sequence[int], stride=1, pa
         row-major; the weight's dtype; differentiable w.r.t. ``weight``.
 
     Raises:
-        TypeError / ValueError: bad arguments (SPEC §7); ValueError for a dense result
+        TypeError / ValueError: bad arguments (docs/design.md); ValueError for a dense result
         over ``max_dense_bytes``, or a sparse one whose entries and index plan exceed
         ``regkernels.reference.conv.MAX_WORK_BYTES`` (before allocating).
 
@@ -218,11 +217,11 @@ def conv_to_matrix(weight: torch.Tensor, input_size: Sequence[int], stride=1, pa
 def conv_frame_penalty(weight: torch.Tensor, input_size: Sequence[int], A: float, B: float, stride=1, padding=0,
                        dilation=1, groups: int = 1, padding_mode: str = "zeros", side: str = "auto", *,
                        backend: str | None = None) -> torch.Tensor:
-    """Frame penalty of the convolution operator ``T`` (SPEC §2.2).
+    """Frame penalty of the convolution operator ``T`` (docs/conv.md).
 
     ``= frame_penalty(conv_to_matrix(weight, input_size, …), A, B, side)``:
     ``V = Gram(T, side)``, ``d_i = V_ii``, ``r_i = Σ_{j≠i}|V_ij|``,
-    ``R = (1/k)·Σ_i [max(0, A − (d_i − r_i))² + max(0, d_i + r_i − B)²]`` (SPEC §1.1).
+    ``R = (1/k)·Σ_i [max(0, A − (d_i − r_i))² + max(0, d_i + r_i − B)²]`` (docs/gram.md).
 
     Args:
         weight: ``(C_out, C_in/groups, *k)``; input_size: ``(n_1, …, n_d)``; ``0 ≤ A ≤ B``.
@@ -232,14 +231,14 @@ def conv_frame_penalty(weight: torch.Tensor, input_size: Sequence[int], A: float
         0-dim tensor, the weight's dtype (float16/bfloat16 computed in float32); 0 for an
         empty Gram (k = 0).
 
-    The kernels compute it exactly without ``T`` (memory independent of ``(C·∏n)²``: a
-    64-channel 3×3 layer on 32×32 inputs, whose ``T`` has 4.3e9 entries, takes tens of milliseconds
-    on a 2-core CPU);
-    ``backend="reference"`` forms ``T`` and its Gram and raises ValueError over 2 GiB.
+    The implicit backends (``"torch"``, the default, and ``"triton"``) compute it exactly without
+    ``T`` (memory independent of ``(C·∏n)²``: a 64-channel 3×3 layer on 32×32 inputs, whose ``T``
+    has 4.3e9 entries, takes tens of milliseconds on a 2-core CPU); ``backend="reference"`` forms
+    ``T`` and its Gram and raises ValueError over 2 GiB.
 
     A weight holding NaN/±inf gives NaN; finite weights whose Gram overflows give ``+inf`` (as the
-    explicit path), with gradients NaN where they are undefined. The kernels refuse double
-    backward (RuntimeError; ``backend="reference"`` supports it) and work over
+    explicit path), with gradients NaN where they are undefined. The implicit backends refuse
+    double backward (RuntimeError; ``backend="reference"`` supports it) and work over
     ``MAX_WORK_BYTES`` (ValueError, before allocating).
     """
     op = "conv_frame_penalty"
@@ -255,7 +254,7 @@ def conv_gershgorin_bounds(weight: torch.Tensor, input_size: Sequence[int], stri
                            groups: int = 1, padding_mode: str = "zeros", side: str = "auto", *,
                            backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Gershgorin bounds ``(min_i(d_i − r_i), max_i(d_i + r_i))`` of ``Gram(T, side)``
-    (SPEC §1.1 companion on the operator of SPEC §2.1): two 0-dim tensors enclosing
+    (docs/gram.md's companion, on the operator of docs/conv.md): two 0-dim tensors enclosing
     every eigenvalue of the Gram matrix; ``(+inf, −inf)`` for an empty Gram."""
     op = "conv_gershgorin_bounds"
     check_backend_keyword(op, backend)
@@ -267,7 +266,7 @@ def conv_gershgorin_bounds(weight: torch.Tensor, input_size: Sequence[int], stri
 
 def conv_orthogonality_penalty(weight: torch.Tensor, stride=1, padding=None, *,
                                backend: str | None = None) -> torch.Tensor:
-    """OCNN kernel orthogonality penalty (SPEC §1.6).
+    """OCNN kernel orthogonality penalty (docs/conv.md).
 
     ``P = ⌊(k−1)/S⌋·S`` unless given; ``O = conv(K, K, stride=S, padding=P)`` ``(o, o, *s)``;
     target ``I_o`` at the spatial centre ``⌊s/2⌋``; ``R = ‖O − target‖_F²``.
@@ -297,7 +296,7 @@ _SEDGHI_KERNELS = ("cpu", "cuda")
 
 def conv_singular_values(weight: torch.Tensor, input_size: Sequence[int], *,
                          backend: str | None = None) -> torch.Tensor:
-    """Singular values of the circular stride-1 convolution on ``input_size`` (SPEC §2.3).
+    """Singular values of the circular stride-1 convolution on ``input_size`` (docs/conv.md).
 
     ``F = fftn(weight, s=input_size)`` over the spatial dims → one ``C_out × C_in``
     matrix per frequency → its singular values.
@@ -311,6 +310,11 @@ def conv_singular_values(weight: torch.Tensor, input_size: Sequence[int], *,
         (values and gradient) on every backend. The kernel backends refuse double backward
         (RuntimeError; ``backend="reference"`` supports it); work over ``MAX_WORK_BYTES`` raises
         ValueError before allocating.
+
+    Backends: ``"cuda"`` (the default on CUDA) and ``"cpu"`` (named only) run each frequency's
+    ``2·C_out × 2·C_in`` real embedding on the batched Jacobi SVD kernel; named, they raise
+    ValueError for a weight larger than the kernel takes, while ``backend=None`` runs such a
+    weight on the reference's complex SVD.
     """
     op = "conv_singular_values"
     check_backend_keyword(op, backend)
@@ -323,7 +327,7 @@ def conv_singular_values(weight: torch.Tensor, input_size: Sequence[int], *,
 
 def clip_conv_singular_values(weight: torch.Tensor, input_size: Sequence[int], lo: float, hi: float, *,
                               backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clamp the circular operator's singular values into ``[lo, hi]`` (SPEC §2.3).
+    """Clamp the circular operator's singular values into ``[lo, hi]`` (docs/conv.md).
 
     Per frequency ``U diag(clamp(σ, lo, hi)) Vᴴ``, inverse FFT, real part, truncated to the
     kernel's support — an APPROXIMATE projection because of the truncation (exact when
