@@ -121,9 +121,16 @@ SWEEP = [_random_config(_RNG, 2) for _ in range(30)] + [_random_config(_RNG, 1) 
 
 
 SWEEP_IDS = [f"{c['shape']}@{c['input_size']}-{c['kw']}" for c in SWEEP]
-# the conv_to_matrix implementations on CPU tensors: the reference, the C++ kernel (dense) with
-# the structured sparse builder, and the Triton kernel where interpreted (CI) or compiled
+# the conv_to_matrix implementations on CPU tensors: the reference, the C++ kernel and the Triton
+# kernel (where interpreted, as in CI) for the dense layout; the sparse layouts are built by the
+# reference and the composite ("torch", regkernels/composite/conv.py)
 MATRIX_BACKENDS = ["reference", "cpu"] + (["triton"] if TRITON_ON_CPU else [])
+SPARSE_BACKENDS = ["reference", "torch"]
+
+
+def sparse_backend(backend: str) -> str:
+    """The sparse builder a dense backend's test runs alongside: the reference's own, else "torch"."""
+    return backend if backend == "reference" else "torch"
 
 
 @pytest.mark.parametrize("backend", MATRIX_BACKENDS)
@@ -142,7 +149,7 @@ def test_conv_to_matrix_matches_impulse_responses(cfg, backend):
     dense = C.conv_to_matrix(wp, size, backend=backend, **kw)
     structural = int((impulse_matrix(wp, size, **kw) != 0).sum())
     for layout in ("coo", "csr"):
-        S = C.conv_to_matrix(wp, size, layout=layout, backend=backend, **kw)
+        S = C.conv_to_matrix(wp, size, layout=layout, backend=sparse_backend(backend), **kw)
         assert S.layout == {"coo": torch.sparse_coo, "csr": torch.sparse_csr}[layout]
         assert S.shape == dense.shape and S.dtype == D64
         assert S.values().numel() == structural and bool((S.values() != 0).all())
@@ -151,13 +158,13 @@ def test_conv_to_matrix_matches_impulse_responses(cfg, backend):
             assert S.is_coalesced()
 
 
-@pytest.mark.parametrize("layout", ["dense", "coo", "csr"])
 @pytest.mark.parametrize("kw,shape,size", [
     (dict(stride=2, padding=1, groups=2), (4, 1, 3, 2), (5, 4)),
     (dict(padding=2, padding_mode="circular"), (2, 2, 5, 3), (3, 2)),
     (dict(dilation=2, padding=(1,)), (2, 3, 2), (6,)),
 ])
-@pytest.mark.parametrize("backend", MATRIX_BACKENDS)
+@pytest.mark.parametrize("layout,backend", [("dense", b) for b in MATRIX_BACKENDS]
+                         + [(layout, b) for layout in ("coo", "csr") for b in SPARSE_BACKENDS])
 def test_conv_to_matrix_gradcheck(layout, kw, shape, size, backend):
     w = torch.randn(shape, dtype=D64, requires_grad=True)
     # the interpreted Triton backward would run once per entry of T: random projections instead
@@ -175,7 +182,8 @@ def test_conv_to_matrix_kernel_gradient_vs_reference(cfg, backend):
     for layout in ("dense", "csr"):
         G = torch.randn(R.conv_to_matrix(w.detach(), size, **kw).shape, dtype=D64)
         want, = torch.autograd.grad((R.conv_to_matrix(w, size, layout=layout, **kw).to_dense() * G).sum(), w)
-        got, = torch.autograd.grad((C.conv_to_matrix(w, size, layout=layout, backend=backend, **kw).to_dense()
+        named = backend if layout == "dense" else sparse_backend(backend)
+        got, = torch.autograd.grad((C.conv_to_matrix(w, size, layout=layout, backend=named, **kw).to_dense()
                                     * G).sum(), w)
         torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
 
@@ -246,10 +254,11 @@ FRAME_CASES = [
 ]
 
 
-# the explicit reference and the implicit kernel (class statistics, regkernels/ops/conv_frame.py);
-# its fused Triton form runs only when named ("triton"; interpreted on CPU tensors in CI)
-FRAME_BACKENDS = ["reference", "cpu"]
-FRAME_KERNELS = ["cpu"] + (["triton"] if TRITON_ON_CPU else [])
+# the explicit reference and the implicit composite (class statistics, backend "torch",
+# regkernels/composite/conv.py); its fused Triton form runs only when named ("triton"; interpreted on
+# CPU tensors in CI; float16 / bfloat16 / float32 only)
+FRAME_BACKENDS = ["reference", "torch"]
+FRAME_KERNELS = ["torch"] + (["triton"] if TRITON_ON_CPU else [])
 
 
 @pytest.mark.parametrize("backend", FRAME_BACKENDS)
@@ -285,12 +294,12 @@ def test_conv_frame_penalty_implicit_equals_explicit(cfg):
     for side in ("auto", "rows", "cols"):
         for A, B in ((0.5, 2.0), (0.0, 0.3)):
             want = C.conv_frame_penalty(w, size, A, B, side=side, backend="reference", **kw)
-            got = C.conv_frame_penalty(w, size, A, B, side=side, backend="cpu", **kw)
+            got = C.conv_frame_penalty(w, size, A, B, side=side, backend="torch", **kw)
             torch.testing.assert_close(got, want, atol=1e-13, rtol=1e-11)
             g_want, = torch.autograd.grad(want, w)
             g_got, = torch.autograd.grad(got, w)
             torch.testing.assert_close(g_got, g_want, atol=1e-12, rtol=1e-10)
-        for a, b in zip(C.conv_gershgorin_bounds(w, size, side=side, backend="cpu", **kw),
+        for a, b in zip(C.conv_gershgorin_bounds(w, size, side=side, backend="torch", **kw),
                         C.conv_gershgorin_bounds(w, size, side=side, backend="reference", **kw)):
             torch.testing.assert_close(a, b, atol=1e-13, rtol=1e-11)
 
@@ -319,17 +328,17 @@ def test_conv_frame_penalty_triton_equals_explicit(cfg):
 def test_conv_frame_penalty_implicit_blocks_and_recomputed_backward(monkeypatch, keep_signs):
     # one channel row per block, and (keep_signs=False) a forward too large to keep sign(V):
     # the backward contracts V again block by block; both must equal the explicit path
-    from regkernels.ops import conv_frame as CF
+    from regkernels.composite import conv as CC
 
-    monkeypatch.setattr(CF, "_BLOCK_ELEMENTS", 1)
+    monkeypatch.setattr(CC, "_BLOCK_ELEMENTS", 1)
     if not keep_signs:
-        monkeypatch.setattr(CF, "_SIGN_ELEMENTS", 0)
+        monkeypatch.setattr(CC, "_SIGN_ELEMENTS", 0)
     w = (0.4 * torch.randn(6, 5, 3, 2, dtype=D64)).requires_grad_(True)
     for kw in (dict(padding=1, groups=1), dict(stride=2, padding=(1, 0), groups=1),
                dict(padding=1, padding_mode="circular")):
         for side in ("rows", "cols"):
             want = C.conv_frame_penalty(w, (5, 4), 0.5, 2.0, side=side, backend="reference", **kw)
-            got = C.conv_frame_penalty(w, (5, 4), 0.5, 2.0, side=side, backend="cpu", **kw)
+            got = C.conv_frame_penalty(w, (5, 4), 0.5, 2.0, side=side, backend="torch", **kw)
             torch.testing.assert_close(got, want, atol=1e-13, rtol=1e-11)
             torch.testing.assert_close(torch.autograd.grad(got, w)[0], torch.autograd.grad(want, w)[0],
                                        atol=1e-12, rtol=1e-10)
@@ -347,22 +356,24 @@ def test_conv_frame_penalty_implicit_float32_at_scale():
 
 
 def test_conv_frame_stats_opcheck():
-    from regkernels.ops import conv_frame as CF
+    from regkernels.composite import conv as CC
 
     w = torch.randn(4, 3, 1, 3, 2, dtype=D64, requires_grad=True)
     for rows, keep_signs in ((False, True), (True, True), (False, False)):
         args = (w, [1, 5, 4], [1, 2, 1], [0, 1, 1], [1, 1, 2], 1, False, rows, keep_signs)
-        torch.library.opcheck(CF._conv_frame_stats, args)
-        d, r, signs = CF._conv_frame_stats(*args)
+        torch.library.opcheck(CC._conv_frame_stats, args)
+        d, r, signs = CC._conv_frame_stats(*args)
         assert (signs.dim() > 1) == keep_signs
-        torch.library.opcheck(CF._conv_frame_stats_backward,
+        torch.library.opcheck(CC._conv_frame_stats_backward,
                               (w.detach(), torch.randn_like(d), torch.randn_like(r), signs, *args[1:-1]))
     if TRITON_ON_CPU:  # the fused Triton form (float32)
+        from regkernels.triton import conv_frame as TF
+
         w32 = w.detach().float().requires_grad_(True)
         args = (w32, [1, 5, 4], [1, 2, 1], [0, 1, 1], [1, 1, 2], 1, False, True)
-        torch.library.opcheck(CF._conv_frame_stats_triton, args)
-        d, r = CF._conv_frame_stats_triton(*args)
-        torch.library.opcheck(CF._conv_frame_stats_triton_backward,
+        torch.library.opcheck(TF._conv_frame_stats_triton, args)
+        d, r = TF._conv_frame_stats_triton(*args)
+        torch.library.opcheck(TF._conv_frame_stats_triton_backward,
                               (w32.detach(), torch.randn_like(d), torch.randn_like(r), *args[1:]))
 
 
@@ -508,11 +519,24 @@ def test_empty_weight():
 
 # ---------------------------------------------------------------- backends and torch.compile
 
-# kernel backends each op has for CPU tensors (besides "reference"); the Sedghi ops' per-frequency
-# SVD kernel runs only when named there (LAPACK's complex SVD is faster on CPU)
-CPU_KERNELS = {"conv_to_matrix": MATRIX_BACKENDS[1:], "conv_frame_penalty": FRAME_KERNELS,
-               "conv_gershgorin_bounds": FRAME_KERNELS,
+# backends each op has for CPU tensors besides "reference" (tables in regkernels/ops/conv.py): the
+# Sedghi ops' per-frequency SVD kernel runs only when named there (LAPACK's complex SVD is faster on
+# CPU); the fused Triton frame stats take float16 / bfloat16 / float32, not these float64 weights
+CPU_KERNELS = {"conv_to_matrix": MATRIX_BACKENDS[1:], "conv_frame_penalty": ["torch"],
+               "conv_gershgorin_bounds": ["torch"],
                "conv_orthogonality_penalty": [], "conv_singular_values": ["cpu"], "clip_conv_singular_values": ["cpu"]}
+# what backend=None takes for float64 CPU weights
+CPU_DEFAULT = {"conv_to_matrix": "cpu", "conv_frame_penalty": "torch", "conv_gershgorin_bounds": "torch",
+               "conv_orthogonality_penalty": "reference", "conv_singular_values": "reference",
+               "clip_conv_singular_values": "reference"}
+
+
+def _backends_listed(name: str) -> str:
+    """The listing of a refusal: every backend that takes CPU float64 weights, in table order."""
+    have = {"conv_to_matrix": MATRIX_BACKENDS[1:] + ["torch"], "conv_frame_penalty": ["torch"],
+            "conv_gershgorin_bounds": ["torch"], "conv_orthogonality_penalty": [],
+            "conv_singular_values": ["cpu"], "clip_conv_singular_values": ["cpu"]}[name] + ["reference"]
+    return ", ".join(f"'{b}'" for b in have)
 
 
 @pytest.mark.parametrize("name", list(OPS))
@@ -528,13 +552,146 @@ def test_backend_selection(name):
     for backend in CPU_KERNELS[name]:
         for a, b in zip(_as_tuple(fn(w, *args, backend=backend)), want):
             torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
-    have = "".join(f", '{b}'" for b in CPU_KERNELS[name])
-    missing = "cuda" if CPU_KERNELS[name] else "cpu"
-    with pytest.raises(ValueError, match=rf"{name}: no '{missing}' kernel for cpu tensors; available backends: "
-                                         rf"'reference'{have}$"):
+    assert C.TABLE.implementation(name, None, w.device, w.dtype) is \
+        C.TABLE.implementation(name, CPU_DEFAULT[name], w.device, w.dtype)
+    missing = "cuda" if name not in ("conv_singular_values", "clip_conv_singular_values") else "triton"
+    with pytest.raises(ValueError, match=rf"{name}: {name} has no '{missing}' backend for cpu tensors; backends "
+                                         rf"that take cpu fp64 inputs here: {_backends_listed(name)}$"):
         fn(w, *args, backend=missing)
-    with pytest.raises(ValueError, match=rf"{name}: backend must be one of None"):
+    with pytest.raises(ValueError, match=rf"{name}: backend must be None or one of 'reference', 'torch', 'cpu', "
+                                         rf"'cuda', 'triton'; got 'fast'"):
         fn(w, *args, backend="fast")
+    with pytest.raises(TypeError, match=rf"{name}: backend must be None or one of .* got int"):
+        fn(w, *args, backend=1)
+    with pytest.raises(TypeError, match=r"positional"):  # backend is keyword-only
+        fn(w, *args, *((None,) * (10 - len(args))), "reference")
+
+
+@pytest.mark.skipif(not TRITON_ON_CPU, reason="Triton runs on CPU tensors only interpreted (TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("name", ["conv_frame_penalty", "conv_gershgorin_bounds"])
+def test_named_triton_refuses_float64_listing_what_takes_it(name):
+    # the fused stats are float32 inside: a float64 weight used to run the torch path silently
+    w = torch.randn(4, 2, 3, 3, dtype=D64)
+    args = ((5, 4), 0.5, 2.0) if name == "conv_frame_penalty" else ((5, 4),)
+    with pytest.raises(ValueError, match=rf"{name}: the 'triton' backend of {name} takes torch.float16, "
+                                         rf"torch.bfloat16, torch.float32, not torch.float64; backends that take "
+                                         rf"cpu fp64 inputs here: 'torch', 'reference'$"):
+        getattr(C, name)(w, *args, padding=1, backend="triton")
+    for a, b in zip(_as_tuple(getattr(C, name)(w.float(), *args, padding=1, backend="triton")),
+                    _as_tuple(getattr(C, name)(w, *args, padding=1, backend="reference"))):
+        torch.testing.assert_close(a.double(), b, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["dense", "coo", "csr"])
+def test_conv_to_matrix_named_backend_must_build_the_layout(layout):
+    # the dense kernels ("cpu", "triton") do not build the sparse layouts, the sparse composite
+    # ("torch") not the dense one: named, they refuse and list the backends that do
+    w = torch.randn(4, 2, 3, 3, dtype=D64)
+    builds = MATRIX_BACKENDS if layout == "dense" else SPARSE_BACKENDS
+    for backend in ("reference", "torch", "cpu") + (("triton",) if TRITON_ON_CPU else ()):
+        if backend in builds:
+            T = C.conv_to_matrix(w, (5, 4), padding=1, layout=layout, backend=backend)
+            torch.testing.assert_close(T.to_dense(), R.conv_to_matrix(w, (5, 4), padding=1))
+            continue
+        have = ", ".join(f"'{b}'" for b in (["cpu"] + MATRIX_BACKENDS[2:] + ["reference"] if layout == "dense"
+                                            else ["torch", "reference"]))
+        with pytest.raises(ValueError, match=rf"conv_to_matrix: the '{backend}' backend builds the "
+                                             rf"{'sparse layouts' if layout == 'dense' else 'dense layout'} only, "
+                                             rf"not layout='{layout}'; backends that build layout='{layout}' for "
+                                             rf"cpu float64 weights here: {have}$"):
+            C.conv_to_matrix(w, (5, 4), padding=1, layout=layout, backend=backend)
+    # backend=None: the C++ kernel for the dense layout, the composite for the sparse ones
+    S = C.conv_to_matrix(w, (5, 4), padding=1, layout=layout)
+    assert S.layout == {"dense": torch.strided, "coo": torch.sparse_coo, "csr": torch.sparse_csr}[layout]
+
+
+def test_conv_singular_values_named_kernel_refuses_weights_it_cannot_take():
+    # the SVD kernel takes the 2·C_out × 2·C_in real embedding up to its size limit (128 on CPU);
+    # backend=None runs larger weights on the reference's complex SVD, a named kernel refuses them
+    w = torch.randn(80, 72, 1, 1, dtype=D64)
+    sv = C.conv_singular_values(w, (2, 2))
+    torch.testing.assert_close(sv, R.conv_singular_values(w, (2, 2)))
+    with pytest.raises(ValueError, match=r"conv_singular_values"):
+        C.conv_singular_values(w, (2, 2), backend="cpu")
+    with pytest.raises(ValueError, match=r"clip_conv_singular_values"):
+        C.clip_conv_singular_values(w, (2, 2), 0.5, 1.0, backend="cpu")
+
+
+# ---------------------------------------------------------------- torch.func
+
+# each differentiable op as a scalar loss of the weight (a fixed projection of conv_to_matrix's T)
+_PROJ = torch.Generator().manual_seed(7)
+_G = torch.randn(4 * 20, 2 * 20, generator=_PROJ, dtype=D64)
+FUNC_LOSSES = {
+    "conv_to_matrix": lambda w, b=None: (C.conv_to_matrix(w, (5, 4), stride=(1, 1), padding=1, backend=b) * _G).sum(),
+    "conv_frame_penalty": lambda w, b=None: C.conv_frame_penalty(w, (5, 4), 0.5, 2.0, padding=1, groups=2, backend=b),
+    "conv_gershgorin_bounds": lambda w, b=None: (lambda lo, hi: hi - 2 * lo)(
+        *C.conv_gershgorin_bounds(w, (5, 4), padding=1, side="cols", backend=b)),
+    "conv_orthogonality_penalty": lambda w, b=None: C.conv_orthogonality_penalty(w, stride=2, backend=b),
+    "conv_singular_values": lambda w, b=None: C.conv_singular_values(w, (5, 4), backend=b).pow(2).sum(),
+    "clip_conv_singular_values": lambda w, b=None: C.clip_conv_singular_values(w, (5, 4), 0.5, 1.0,
+                                                                                backend=b)[0].pow(2).sum(),
+}
+
+
+@pytest.mark.parametrize("name", list(FUNC_LOSSES))
+def test_torch_func_grad_and_vjp_equal_the_reference_gradient(name):
+    # backend=None on CPU tensors: the C++ conv_to_matrix and the composite frame stats go through
+    # their autograd.Functions under torch.func (their custom ops' register_autograd does not run there)
+    loss = FUNC_LOSSES[name]
+    w = 0.5 * torch.randn(4, 2, 3, 3, dtype=D64)
+    x = w.clone().requires_grad_(True)
+    want, = torch.autograd.grad(loss(x, "reference"), x)
+    torch.testing.assert_close(torch.func.grad(loss)(w), want, atol=1e-11, rtol=1e-10)
+    value, pullback = torch.func.vjp(loss, w)
+    torch.testing.assert_close(value, loss(w, "reference"), atol=1e-11, rtol=1e-10)
+    torch.testing.assert_close(pullback(torch.ones((), dtype=D64))[0], want, atol=1e-11, rtol=1e-10)
+
+
+@pytest.mark.parametrize("name", list(FUNC_LOSSES))
+def test_torch_func_vmap_over_a_stack_of_weights_equals_a_loop(name):
+    loss = FUNC_LOSSES[name]
+    Ws = 0.5 * torch.randn(3, 4, 2, 3, 3, dtype=D64)
+    torch.testing.assert_close(torch.func.vmap(loss)(Ws), torch.stack([loss(w) for w in Ws]), atol=1e-12, rtol=1e-12)
+    if name == "clip_conv_singular_values":
+        # the reference's complex SVD backward checks its phase gauge with torch.allclose, which
+        # torch.vmap does not batch ("vmap over torch.allclose isn't supported yet")
+        return
+    grads = torch.func.vmap(torch.func.grad(loss))(Ws)
+    torch.testing.assert_close(grads, torch.stack([torch.func.grad(loss)(w) for w in Ws]), atol=1e-12, rtol=1e-12)
+
+
+def test_torch_func_full_matrix_and_frame_stats_ops():
+    # the vmap rules of the dense T (and of its backward, under vmap of vjp) and of the stats op
+    # returning several outputs, against per-layer calls
+    Ws = torch.randn(2, 4, 2, 3, 3, dtype=D64)
+    T = torch.func.vmap(lambda w: C.conv_to_matrix(w, (5, 4), padding=1))(Ws)
+    torch.testing.assert_close(T, torch.stack([R.conv_to_matrix(w, (5, 4), padding=1) for w in Ws]))
+    cot = torch.randn_like(T)
+    _, pullback = torch.func.vjp(lambda W: torch.func.vmap(lambda w: C.conv_to_matrix(w, (5, 4), padding=1))(W), Ws)
+    want = torch.stack([torch.autograd.grad((R.conv_to_matrix(w.requires_grad_(), (5, 4), padding=1) * c).sum(), w)[0]
+                        for w, c in zip(Ws.clone(), cot)])
+    torch.testing.assert_close(pullback(cot)[0], want)
+    lo, hi = torch.func.vmap(lambda w: C.conv_gershgorin_bounds(w, (5, 4), padding=1))(Ws)
+    for i, w in enumerate(Ws):
+        torch.testing.assert_close((lo[i], hi[i]), C.conv_gershgorin_bounds(w, (5, 4), padding=1, backend="reference"))
+
+
+@pytest.mark.skipif(not TRITON_ON_CPU, reason="Triton runs on CPU tensors only interpreted (TRITON_INTERPRET=1)")
+def test_torch_func_on_the_triton_backends():
+    # conv_to_matrix's Triton kernel is the default on CUDA; the fused frame stats run when named
+    w = 0.5 * torch.randn(2, 2, 2, 2)
+    G = torch.randn(2 * 16, 2 * 9)  # T: (C_out·4·4, C_in·3·3)
+    losses = {"conv_to_matrix": lambda w, b: (C.conv_to_matrix(w, (3, 3), padding=1, backend=b) * G).sum(),
+              "conv_frame_penalty": lambda w, b: C.conv_frame_penalty(w, (3, 3), 0.5, 2.0, padding=1, backend=b)}
+    for name, loss in losses.items():
+        x = w.double().requires_grad_(True)
+        want, = torch.autograd.grad(loss(x, "reference"), x)
+        got = torch.func.grad(loss)(w, "triton")
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+        Ws = torch.stack([w, 2 * w])
+        torch.testing.assert_close(torch.func.vmap(loss, in_dims=(0, None))(Ws, "triton"),
+                                   torch.stack([loss(v, "triton") for v in Ws]))
 
 
 @pytest.mark.parametrize("name", list(OPS))

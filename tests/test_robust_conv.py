@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from regkernels import _ext
+from regkernels import _geometry as CG
+from regkernels.composite import conv as CC
 from regkernels.ops import conv as C
-from regkernels.ops import conv_frame as CF
-from regkernels.ops import conv_matrix as CM
 from regkernels.reference import conv as R
 
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta state",
@@ -26,8 +26,11 @@ pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in 
 
 D64 = torch.float64
 TRITON_ON_CPU = _ext.triton_interpreted()
+# conv_to_matrix: the dense kernels, and the sparse builder besides the reference's (the composite)
 MATRIX_KERNELS = ["cpu"] + (["triton"] if TRITON_ON_CPU else [])
-FRAME_KERNELS = ["cpu"] + (["triton"] if TRITON_ON_CPU else [])
+SPARSE_BACKENDS = ["reference", "torch"]
+# the implicit frame stats: the composite, and the fused Triton form (float32)
+FRAME_KERNELS = ["torch"] + (["triton"] if TRITON_ON_CPU else [])
 ops = torch.ops.regkernels
 
 
@@ -77,6 +80,11 @@ def test_conv_frame_penalty_nonfinite_weight_is_nan_like_explicit(backend, bad, 
     shape, size, kw = FRAME_GEOMETRIES[0]
     w = torch.randn(shape, dtype=dtype)
     w[1, 2, 1, 1] = bad
+    if backend == "triton" and dtype == D64:  # the fused stats are float32 inside: named, it refuses float64
+        with pytest.raises(ValueError, match=r"conv_frame_penalty: the 'triton' backend of conv_frame_penalty takes "
+                                             r"torch.float16, torch.bfloat16, torch.float32, not torch.float64"):
+            C.conv_frame_penalty(w, size, 0.5, 2.0, backend=backend, **kw)
+        return
     for side in ("rows", "cols"):
         vals = [C.conv_frame_penalty(w, size, 0.5, 2.0, side=side, backend=b, **kw) for b in (backend, "reference")]
         assert all(bool(torch.isnan(v)) for v in vals)
@@ -131,7 +139,7 @@ def test_conv_to_matrix_dense_hessian_vector_product_equals_reference(backend):
     torch.testing.assert_close(hvp(backend), want, atol=1e-10, rtol=1e-10)
 
 
-@pytest.mark.parametrize("backend", ["reference"] + MATRIX_KERNELS)
+@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
 @pytest.mark.parametrize("layout", ["coo", "csr"])
 def test_conv_to_matrix_sparse_double_backward_is_refused(backend, layout):
     # torch's sparse constructors have no double backward: the second derivative was silently 0
@@ -228,7 +236,7 @@ def test_conv_singular_values_nonfinite_weight_is_nan_on_every_backend(backend, 
 
 # ---------------------------------------------------------------- item 8: sizes that cannot fit
 
-@pytest.mark.parametrize("backend", ["reference"] + MATRIX_KERNELS)
+@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
 @pytest.mark.parametrize("layout", ["coo", "csr"])
 def test_conv_to_matrix_sparse_refuses_what_cannot_fit_before_allocating(backend, layout):
     w = torch.randn(1, 1, 3, 3)
@@ -379,7 +387,8 @@ def test_conv_to_matrix_without_channels_is_empty(shape, backend):
     w = torch.randn(shape, requires_grad=True)
     want = (shape[0] * 20, shape[1] * 20)
     for layout in ("dense", "coo", "csr"):
-        T = C.conv_to_matrix(w, (5, 4), padding=1, layout=layout, backend=backend)
+        named = backend if layout == "dense" or backend == "reference" else "torch"  # the sparse builder
+        T = C.conv_to_matrix(w, (5, 4), padding=1, layout=layout, backend=named)
         assert T.shape == want
         g, = torch.autograd.grad(T.to_dense().sum(), w, allow_unused=True)
         assert g is None or g.shape == w.shape
@@ -388,12 +397,14 @@ def test_conv_to_matrix_without_channels_is_empty(shape, backend):
 @pytest.mark.parametrize("shape", EMPTY_SHAPES)
 @pytest.mark.parametrize("backend", FRAME_KERNELS)
 def test_conv_frame_penalty_without_channels_equals_explicit(shape, backend):
-    # an empty side of T: its Gram is empty (penalty 0) or the zero matrix (d = r = 0: penalty A²)
+    # an empty side of T: its Gram is empty (penalty 0) or the zero matrix (d = r = 0: penalty A²),
+    # exact in float32 too (the fused Triton stats take float32, not float64)
+    dtype = torch.float32 if backend == "triton" else D64
     for side in ("auto", "rows", "cols"):
-        w = torch.randn(shape, dtype=D64, requires_grad=True)
+        w = torch.randn(shape, dtype=dtype, requires_grad=True)
         got = C.conv_frame_penalty(w, (5, 4), 0.5, 2.0, padding=1, side=side, backend=backend)
         want = C.conv_frame_penalty(w, (5, 4), 0.5, 2.0, padding=1, side=side, backend="reference")
-        torch.testing.assert_close(got.double(), want)
+        torch.testing.assert_close(got.double(), want.double())
         assert torch.autograd.grad(got, w)[0].shape == w.shape
         for a, b in zip(C.conv_gershgorin_bounds(w, (5, 4), padding=1, side=side, backend=backend),
                         C.conv_gershgorin_bounds(w, (5, 4), padding=1, side=side, backend="reference")):
@@ -423,14 +434,14 @@ def test_conv_singular_values_without_channels_are_empty(shape, backend):
 # ---------------------------------------------------------------- item 13: the sparse plan cache is bounded by bytes
 
 def test_conv_to_matrix_sparse_plan_cache_stays_under_its_byte_bound():
-    CM._plan_cache.clear()
+    CC._plan_cache.clear()
     w = torch.randn(64, 64, 3, 3)
     for i in range(60):  # 60 geometries at 64 channels (the issue's case kept +7 GB)
         T = C.conv_to_matrix(w, (8 + i, 8), padding=1, layout="csr")
         assert T.shape == (64 * (8 + i) * 8, 64 * (8 + i) * 8)
         del T
-        assert CM._plan_cache_bytes() <= CM.PLAN_CACHE_BYTES
-    assert len(CM._plan_cache) >= 1
+        assert CC._plan_cache_bytes() <= CC.PLAN_CACHE_BYTES
+    assert len(CC._plan_cache) >= 1
     # a plan served from the cache builds the same matrix as the reference
     small = torch.randn(4, 3, 3, 3, dtype=D64)
     for _ in range(2):
@@ -439,12 +450,12 @@ def test_conv_to_matrix_sparse_plan_cache_stays_under_its_byte_bound():
 
 
 def test_conv_to_matrix_sparse_plan_larger_than_the_cache_is_not_kept(monkeypatch):
-    CM._plan_cache.clear()
-    monkeypatch.setattr(CM, "PLAN_CACHE_BYTES", 1000)
+    CC._plan_cache.clear()
+    monkeypatch.setattr(CC, "PLAN_CACHE_BYTES", 1000)
     w = torch.randn(2, 2, 3, 3, dtype=D64)
     S = C.conv_to_matrix(w, (9, 9), padding=1, layout="csr")
     torch.testing.assert_close(S.to_dense(), R.conv_to_matrix(w, (9, 9), padding=1))
-    assert CM._plan_cache_bytes() == 0
+    assert CC._plan_cache_bytes() == 0
 
 
 # ---------------------------------------------------------------- item 15: border classes in O(classes)
@@ -500,7 +511,7 @@ def test_conv_frame_border_classes_equal_the_per_position_enumeration():
         circular, rows, n = rng.random() < 0.5, rng.random() < 0.5, rng.randint(1, 45)
         if (circular and p > n) or n + 2 * p - dil * (k - 1) - 1 < 0:
             continue
-        dc = CF._dim_classes(n, k, s, p, dil, circular, rows)
+        dc = CG.dim_classes(n, k, s, p, dil, circular, rows)
         assert _classes_of(dc) == _classes_by_position(n, k, s, p, dil, circular, rows), (n, k, s, p, dil, circular,
                                                                                            rows)
         checked += 1
@@ -518,7 +529,7 @@ def test_conv_frame_penalty_large_1d_input_equals_affine_extrapolation():
 
     t20, t21 = total(20, "reference"), total(21, "reference")
     n = 3_000_000
-    torch.testing.assert_close(total(n, "cpu"), t20 + (t21 - t20) * (n - 20), rtol=1e-9, atol=0)
+    torch.testing.assert_close(total(n, "torch"), t20 + (t21 - t20) * (n - 20), rtol=1e-9, atol=0)
     lo, hi = C.conv_gershgorin_bounds(w, (n,), padding=1, side="cols")
     lo20, hi20 = C.conv_gershgorin_bounds(w, (20,), padding=1, side="cols", backend="reference")
     torch.testing.assert_close((lo, hi), (lo20, hi20))
@@ -538,7 +549,7 @@ def test_conv_frame_penalty_large_2d_input_equals_bilinear_extrapolation():
     u = v = n - a  # steps of one from (a, a)
     want = (f[a, a] + (f[b, a] - f[a, a]) * u + (f[a, b] - f[a, a]) * v
             + (f[b, b] - f[b, a] - f[a, b] + f[a, a]) * u * v)
-    torch.testing.assert_close(total(n, n, "cpu"), want, rtol=1e-9, atol=0)
+    torch.testing.assert_close(total(n, n, "torch"), want, rtol=1e-9, atol=0)
 
 
 @pytest.mark.parametrize("call, arg", [

@@ -1,13 +1,15 @@
-"""Benchmark cases of the conv-as-operator family (SPEC §1.6, §2).
+"""Benchmark cases of the conv-as-operator family (docs/conv.md).
 
 Names are ``C_outxC_inxkxk@HxW`` (layer, input size). ``conv_to_matrix`` is timed forward
-only, dense and CSR (bytes moved: the dense T written once). ``conv_frame_penalty`` runs
-forward + backward at padding 1 with A = 0.5, B = 2; the providers eager / compile are the
-explicit reference (T and its Gram), regkernels the implicit class statistics. Its two large
-cases exceed the explicit path's size guard, so eager and compile record ValueError there and
-the error of the implicit path is measured against itself in float64 (the tests check implicit =
-explicit in float64 on a sweep). ``conv_orthogonality_penalty`` runs forward + backward; the
-Sedghi ops forward only. All inputs are seeded; the float64 truth is computed on first use.
+only, dense (the C++ / Triton kernel) and CSR (the composite builder, backend "torch"); bytes
+moved: the dense T written once. ``conv_frame_penalty`` runs forward + backward at padding 1 with
+A = 0.5, B = 2; the providers eager / compile are the explicit reference (T and its Gram),
+regkernels the implicit class statistics (backend "torch", regkernels/composite/conv.py). Its two
+large cases exceed the explicit path's size guard, so eager and compile record ValueError there
+and the error of the implicit path is measured against itself in float64 (the tests check
+implicit = explicit in float64 on a sweep). ``conv_orthogonality_penalty`` runs forward +
+backward; the Sedghi ops forward only. All inputs are seeded; the float64 truth is computed on
+first use.
 """
 from __future__ import annotations
 

@@ -1,22 +1,32 @@
-"""Public ops on convolutions viewed as linear operators (SPEC §1.6, §2).
+"""Public ops on convolutions viewed as linear operators (docs/conv.md).
 
-Each op validates its arguments (SPEC §7: every message names the op, the argument
-and the expected form), picks a backend and calls it; kernel backends register in ``_TABLE``:
+Each op checks its arguments (every message names the op, the argument and the expected form),
+then runs the implementation ``TABLE`` gives for the backend, the weight's device and dtype:
 
-* ``conv_to_matrix`` (``regkernels.ops.conv_matrix``): dense ``T`` by the C++ kernel (CPU,
-  backend ``"cpu"``) or the Triton kernel (CUDA, backend ``"triton"``); COO / CSR built
-  directly in CSR order from the spatial structure on either device.
-* ``conv_frame_penalty`` / ``conv_gershgorin_bounds`` (``regkernels.ops.conv_frame``): exact,
-  without ``T`` — the tap Gram contracted with per-dim border-class tables (backends ``"cpu"`` /
-  ``"cuda"``). The reference builds ``T`` and its Gram and refuses layers over 2 GiB.
-* ``conv_singular_values`` / ``clip_conv_singular_values``: per-frequency SVDs on the batched
-  Jacobi SVD kernel (registered by ``regkernels.ops.svd``: the default on CUDA,
-  ``backend="cpu"`` on CPU, where LAPACK's complex SVD is faster).
+* ``conv_to_matrix``, ``layout="dense"``: the C++ kernel on CPU tensors (``"cpu"``), the Triton
+  kernel on CUDA tensors (``"triton"``). The sparse layouts (``"coo"`` / ``"csr"``) are built by one
+  composite on either device (``"torch"``: CSR order from a cached spatial plan, no dense
+  intermediate): ``backend=None`` takes it for them, and the dense kernels do not build them. So a
+  named ``"cpu"`` / ``"triton"`` with a sparse layout, or ``"torch"`` with the dense one, raises
+  ValueError listing the backends that build that layout (its row is marked named-only in the table
+  because ``backend=None`` reaches it through the layout, never through the row order).
+* ``conv_frame_penalty`` / ``conv_gershgorin_bounds``: exact, without ``T`` — the tap Gram contracted
+  with per-dim border-class tables (``"torch"``: GEMMs in torch ops with a hand-written backward, any
+  device); the fused Triton form runs when named (``"triton"``, float16 / bfloat16 / float32). The
+  reference builds ``T`` and its Gram and refuses layers over 2 GiB.
+* ``conv_singular_values`` / ``clip_conv_singular_values``: per-frequency SVDs on the batched Jacobi
+  SVD kernel (``"cuda"``: the default on CUDA; ``"cpu"``: named only, LAPACK's complex SVD in the
+  reference is faster on CPU). Named, a weight larger than the kernel takes raises ValueError;
+  under ``backend=None`` such a weight takes the reference's complex SVD.
 * ``conv_orthogonality_penalty``: the reference (one ``conv2d`` of the kernel with itself).
+
+``backend=None`` takes the first row for the device that can run the dtype; a named backend that
+cannot take the input raises ValueError listing those that can (``regkernels.ops._table``).
 
 Shapes: ``weight`` is ``(C_out, C_in/groups, *k)`` with 1, 2 or 3 spatial dims ``d``;
 ``input_size`` is the spatial size ``(n_1, …, n_d)`` of one input sample (weights are
-single layers, not batched). stride / padding / dilation are an int or a d-tuple.
+single layers, not batched; ``torch.func.vmap`` maps over a stack of them).
+stride / padding / dilation are an int or a d-tuple.
 """
 from __future__ import annotations
 
@@ -24,8 +34,9 @@ from typing import Sequence
 
 import torch
 
-from regkernels.ops._common import KernelTable, check_bounds, check_number, check_side, check_tensor
-from regkernels.reference import conv as R
+from regkernels._geometry import conv_output_size
+from regkernels.ops._common import check_bounds, check_number, check_side, check_tensor
+from regkernels.ops._table import HALF_AND_FLOAT, Kernel, Table, check_backend_keyword
 
 __all__ = [
     "conv_to_matrix",
@@ -36,9 +47,40 @@ __all__ = [
     "clip_conv_singular_values",
 ]
 
-# Kernels of this family register here (the Sedghi ops: from regkernels.ops.svd).
-_TABLE = KernelTable(R)
-_implementation = _TABLE.implementation
+_REF = "regkernels.reference.conv"
+_SPARSE_NOTE = "layout='coo' / 'csr' only, and the default for them (the dense kernels build layout='dense' only)"
+
+TABLE = Table("conv", [
+    Kernel("conv_to_matrix", "cpu", "cpu", "regkernels._C_ops:conv_to_matrix", note="layout='dense' only"),
+    Kernel("conv_to_matrix", "cuda", "triton", "regkernels.triton.conv_matrix:conv_to_matrix",
+           note="layout='dense' only"),
+    Kernel("conv_to_matrix", "any", "torch", "regkernels.composite.conv:conv_to_matrix", default=False,
+           note=_SPARSE_NOTE),
+    Kernel("conv_to_matrix", "any", "reference", f"{_REF}:conv_to_matrix"),
+    Kernel("conv_frame_penalty", "any", "torch", "regkernels.composite.conv:conv_frame_penalty",
+           note="implicit: border classes, no T"),
+    Kernel("conv_frame_penalty", "cuda", "triton", "regkernels.triton.conv_frame:conv_frame_penalty",
+           dtypes=HALF_AND_FLOAT, default=False, note="the implicit stats fused; computed in float32"),
+    Kernel("conv_frame_penalty", "any", "reference", f"{_REF}:conv_frame_penalty", note="explicit T and its Gram"),
+    Kernel("conv_gershgorin_bounds", "any", "torch", "regkernels.composite.conv:conv_gershgorin_bounds",
+           note="implicit: border classes, no T"),
+    Kernel("conv_gershgorin_bounds", "cuda", "triton", "regkernels.triton.conv_frame:conv_gershgorin_bounds",
+           dtypes=HALF_AND_FLOAT, default=False, note="the implicit stats fused; computed in float32"),
+    Kernel("conv_gershgorin_bounds", "any", "reference", f"{_REF}:conv_gershgorin_bounds",
+           note="explicit T and its Gram"),
+    Kernel("conv_orthogonality_penalty", "any", "reference", f"{_REF}:conv_orthogonality_penalty"),
+    Kernel("conv_singular_values", "cuda", "cuda", "regkernels._C_ops:conv_singular_values",
+           note="Jacobi SVD of each frequency's real embedding"),
+    Kernel("conv_singular_values", "cpu", "cpu", "regkernels._C_ops:conv_singular_values", default=False,
+           note="Jacobi SVD of each frequency's real embedding; LAPACK's complex SVD is faster on CPU"),
+    Kernel("conv_singular_values", "any", "reference", f"{_REF}:conv_singular_values", note="complex SVD"),
+    Kernel("clip_conv_singular_values", "cuda", "cuda", "regkernels._C_ops:clip_conv_singular_values",
+           note="Jacobi SVD of each frequency's real embedding"),
+    Kernel("clip_conv_singular_values", "cpu", "cpu", "regkernels._C_ops:clip_conv_singular_values",
+           default=False, note="Jacobi SVD of each frequency's real embedding; LAPACK's complex SVD is faster on CPU"),
+    Kernel("clip_conv_singular_values", "any", "reference", f"{_REF}:clip_conv_singular_values",
+           note="complex SVD"),
+])
 
 _WEIGHT_FORM = "(C_out, C_in/groups, *kernel) with 1, 2 or 3 spatial dims"
 
@@ -81,7 +123,7 @@ def _check_ints(op: str, name: str, value, d: int, lo: int) -> tuple[int, ...]:
 
 
 def _check_geometry(op: str, weight, input_size, stride, padding, dilation, groups, padding_mode) -> None:
-    """Everything that defines the operator T of SPEC §2.1."""
+    """Everything that defines the operator T (docs/conv.md)."""
     d = _check_weight(op, weight)
     size = _check_input_size(op, input_size, d)
     s = _check_ints(op, "stride", stride, d, 1)
@@ -96,48 +138,11 @@ def _check_geometry(op: str, weight, input_size, stride, padding, dilation, grou
     if padding_mode == "circular" and any(pi > n for pi, n in zip(p, size)):
         raise ValueError(f"{op}: padding must be <= input_size per dim for padding_mode='circular' (circular "
                          f"padding wraps at most once, as torch's); got padding={p}, input_size={size}")
-    out = R.conv_output_size(size, weight.shape[2:], s, p, dl)
+    out = conv_output_size(size, weight.shape[2:], s, p, dl)
     if any(o < 1 for o in out):
         raise ValueError(f"{op}: the output size must be >= 1 per dim, i.e. input_size + 2·padding >= "
                          f"dilation·(kernel − 1) + 1; got output size {out} for input_size={size}, "
                          f"kernel={tuple(weight.shape[2:])}, padding={p}, dilation={dl}, stride={s}")
-
-
-def check_op_geometry(op: str, weight, input_size, stride, padding, dilation, groups, circular=False) -> None:
-    """The argument checks of the registered conv ops (``torch.ops.regkernels.*``, public too),
-    the Python twin of the C++ kernels' ``make_geometry``: a floating 5-D strided weight
-    ``(C_out, C_in/groups, k0, k1, k2)``, int lists of 3 entries with ``input_size >= 1``,
-    ``stride >= 1``, ``padding >= 0``, ``dilation >= 1``, each below 2^31, ``groups >= 1`` dividing
-    ``C_out``, an output size >= 1 per dim and, for circular padding, ``padding <= input_size``.
-    Raises RuntimeError (as ``TORCH_CHECK`` does) naming ``op``."""
-    def need(ok: bool, what: str) -> None:
-        if not ok:
-            raise RuntimeError(f"{op}: {what}")
-
-    need(isinstance(weight, torch.Tensor), f"weight must be a tensor; got {type(weight).__name__}")
-    need(weight.layout == torch.strided, f"weight must be a strided (dense) tensor; got {weight.layout}")
-    need(weight.dtype.is_floating_point, f"weight must be float16, bfloat16, float32 or float64; got {weight.dtype}")
-    need(weight.dim() == 5, f"weight must be 5-D (C_out, C_in/groups, k0, k1, k2); got shape {tuple(weight.shape)}")
-    lists = (input_size, stride, padding, dilation)
-    need(all(isinstance(v, (list, tuple)) and len(v) == 3 for v in lists),
-         f"input_size, stride, padding and dilation must have 3 entries each; got {input_size}, {stride}, "
-         f"{padding}, {dilation}")
-    need(all(isinstance(x, int) and abs(x) < 2**31 for v in lists for x in v),
-         f"input_size, stride, padding and dilation must be ints below 2^31; got {input_size}, {stride}, "
-         f"{padding}, {dilation}")
-    need(all(n >= 1 for n in input_size) and all(x >= 1 for x in stride) and all(x >= 0 for x in padding)
-         and all(x >= 1 for x in dilation),
-         f"need input_size >= 1, stride >= 1, padding >= 0 and dilation >= 1; got input_size={list(input_size)}, "
-         f"stride={list(stride)}, padding={list(padding)}, dilation={list(dilation)}")
-    need(isinstance(groups, int) and groups >= 1, f"groups must be >= 1; got {groups}")
-    need(weight.shape[0] % groups == 0,
-         f"C_out (weight.size(0) = {weight.shape[0]}) must be divisible by groups = {groups}")
-    need(not circular or all(p <= n for p, n in zip(padding, input_size)),
-         f"circular padding must not exceed input_size; got padding={list(padding)}, input_size={list(input_size)}")
-    out = R.conv_output_size(tuple(input_size), weight.shape[2:], tuple(stride), tuple(padding), tuple(dilation))
-    need(all(o >= 1 for o in out), f"the dilated kernel {tuple(weight.shape[2:])} does not fit "
-                                   f"input_size={list(input_size)} with padding={list(padding)}, "
-                                   f"dilation={list(dilation)}")
 
 
 def _check_circular_fit(op: str, weight, input_size) -> None:
@@ -148,10 +153,24 @@ def _check_circular_fit(op: str, weight, input_size) -> None:
                          f"kernel size <= input_size per dim; got input_size={size}")
 
 
+# backends that do not build a layout: [dense] and [sparse]
+_LAYOUT_REFUSES = (("torch",), ("cpu", "cuda", "triton"))
+
+
+def _refuse_layout(op: str, backend: str, layout: str, weight: torch.Tensor) -> None:
+    """ValueError: the named ``backend`` does not build ``layout``; lists the backends that do here."""
+    sparse = layout != "dense"
+    can = [b for b in TABLE.backends(op, weight.device.type, weight.dtype) if b not in _LAYOUT_REFUSES[sparse]]
+    have = ", ".join(map(repr, can)) or "none"
+    raise ValueError(f"{op}: the {backend!r} backend builds {'the dense layout' if sparse else 'the sparse layouts'} "
+                     f"only, not layout={layout!r}; backends that build layout={layout!r} for "
+                     f"{weight.device.type} {str(weight.dtype).replace('torch.', '')} weights here: {have}")
+
+
 def conv_to_matrix(weight: torch.Tensor, input_size: Sequence[int], stride=1, padding=0, dilation=1,
                    groups: int = 1, padding_mode: str = "zeros", layout: str = "dense",
                    max_dense_bytes: int | None = None, *, backend: str | None = None) -> torch.Tensor:
-    """The matrix ``T`` of a convolution on inputs of spatial size ``input_size`` (SPEC §2.1).
+    """The matrix ``T`` of a convolution on inputs of spatial size ``input_size`` (docs/conv.md).
 
     ``T @ x.reshape(-1) == conv(x[None], weight, None, stride, padding, dilation, groups).reshape(-1)``
     for ``x`` of shape ``(C_in, *input_size)``; ``padding_mode="circular"`` is circular
@@ -168,33 +187,41 @@ def conv_to_matrix(weight: torch.Tensor, input_size: Sequence[int], stride=1, pa
         row-major; the weight's dtype; differentiable w.r.t. ``weight``.
 
     Raises:
-        TypeError / ValueError: bad arguments (SPEC §7); ValueError for a dense result
+        TypeError / ValueError: bad arguments (docs/design.md); ValueError for a dense result
         over ``max_dense_bytes``, or a sparse one whose entries and index plan exceed
         ``regkernels.reference.conv.MAX_WORK_BYTES`` (before allocating).
 
     Double backward: exact for the dense layout on every backend (``T`` is linear in the
     weight); the sparse layouts refuse ``create_graph=True`` with a RuntimeError (torch's
     sparse tensors have no double backward). The sparse index plans are cached per geometry in
-    an LRU bounded by ``regkernels.ops.conv_matrix.PLAN_CACHE_BYTES`` (spatial structure only).
+    an LRU bounded by ``regkernels.composite.conv.PLAN_CACHE_BYTES`` (spatial structure only).
+
+    Backends: ``"cpu"`` (C++) / ``"triton"`` build the dense layout, ``"torch"`` the sparse ones
+    (``backend=None`` picks by layout and device); ``"reference"`` builds all three.
     """
     op = "conv_to_matrix"
+    check_backend_keyword(op, backend)
     _check_geometry(op, weight, input_size, stride, padding, dilation, groups, padding_mode)
     if layout not in ("dense", "coo", "csr"):
         raise ValueError(f"{op}: layout must be 'dense', 'coo' or 'csr'; got {layout!r}")
     if max_dense_bytes is not None:
         check_number(op, "max_dense_bytes", max_dense_bytes, lo=0, integer=True)
-    impl = _implementation(op, backend, weight.device)
+    if layout != "dense" and backend is None:
+        backend = "torch"  # the one sparse builder besides the reference (module docstring)
+    elif backend in _LAYOUT_REFUSES[layout != "dense"]:
+        _refuse_layout(op, backend, layout, weight)
+    impl = TABLE.implementation(op, backend, weight.device, weight.dtype)
     return impl(weight, input_size, stride, padding, dilation, groups, padding_mode, layout, max_dense_bytes)
 
 
 def conv_frame_penalty(weight: torch.Tensor, input_size: Sequence[int], A: float, B: float, stride=1, padding=0,
                        dilation=1, groups: int = 1, padding_mode: str = "zeros", side: str = "auto", *,
                        backend: str | None = None) -> torch.Tensor:
-    """Frame penalty of the convolution operator ``T`` (SPEC §2.2).
+    """Frame penalty of the convolution operator ``T`` (docs/conv.md).
 
     ``= frame_penalty(conv_to_matrix(weight, input_size, …), A, B, side)``:
     ``V = Gram(T, side)``, ``d_i = V_ii``, ``r_i = Σ_{j≠i}|V_ij|``,
-    ``R = (1/k)·Σ_i [max(0, A − (d_i − r_i))² + max(0, d_i + r_i − B)²]`` (SPEC §1.1).
+    ``R = (1/k)·Σ_i [max(0, A − (d_i − r_i))² + max(0, d_i + r_i − B)²]`` (docs/gram.md).
 
     Args:
         weight: ``(C_out, C_in/groups, *k)``; input_size: ``(n_1, …, n_d)``; ``0 ≤ A ≤ B``.
@@ -204,21 +231,22 @@ def conv_frame_penalty(weight: torch.Tensor, input_size: Sequence[int], A: float
         0-dim tensor, the weight's dtype (float16/bfloat16 computed in float32); 0 for an
         empty Gram (k = 0).
 
-    The kernels compute it exactly without ``T`` (memory independent of ``(C·∏n)²``: a
-    64-channel 3×3 layer on 32×32 inputs, whose ``T`` has 4.3e9 entries, takes tens of milliseconds
-    on a 2-core CPU);
-    ``backend="reference"`` forms ``T`` and its Gram and raises ValueError over 2 GiB.
+    The implicit backends (``"torch"``, the default, and ``"triton"``) compute it exactly without
+    ``T`` (memory independent of ``(C·∏n)²``: a 64-channel 3×3 layer on 32×32 inputs, whose ``T``
+    has 4.3e9 entries, takes tens of milliseconds on a 2-core CPU); ``backend="reference"`` forms
+    ``T`` and its Gram and raises ValueError over 2 GiB.
 
     A weight holding NaN/±inf gives NaN; finite weights whose Gram overflows give ``+inf`` (as the
-    explicit path), with gradients NaN where they are undefined. The kernels refuse double
-    backward (RuntimeError; ``backend="reference"`` supports it) and work over
+    explicit path), with gradients NaN where they are undefined. The implicit backends refuse
+    double backward (RuntimeError; ``backend="reference"`` supports it) and work over
     ``MAX_WORK_BYTES`` (ValueError, before allocating).
     """
     op = "conv_frame_penalty"
+    check_backend_keyword(op, backend)
     _check_geometry(op, weight, input_size, stride, padding, dilation, groups, padding_mode)
     check_bounds(op, "A", A, "B", B)
     check_side(op, side)
-    impl = _implementation(op, backend, weight.device)
+    impl = TABLE.implementation(op, backend, weight.device, weight.dtype)
     return impl(weight, input_size, A, B, stride, padding, dilation, groups, padding_mode, side)
 
 
@@ -226,18 +254,19 @@ def conv_gershgorin_bounds(weight: torch.Tensor, input_size: Sequence[int], stri
                            groups: int = 1, padding_mode: str = "zeros", side: str = "auto", *,
                            backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Gershgorin bounds ``(min_i(d_i − r_i), max_i(d_i + r_i))`` of ``Gram(T, side)``
-    (SPEC §1.1 companion on the operator of SPEC §2.1): two 0-dim tensors enclosing
+    (docs/gram.md's companion, on the operator of docs/conv.md): two 0-dim tensors enclosing
     every eigenvalue of the Gram matrix; ``(+inf, −inf)`` for an empty Gram."""
     op = "conv_gershgorin_bounds"
+    check_backend_keyword(op, backend)
     _check_geometry(op, weight, input_size, stride, padding, dilation, groups, padding_mode)
     check_side(op, side)
-    impl = _implementation(op, backend, weight.device)
+    impl = TABLE.implementation(op, backend, weight.device, weight.dtype)
     return impl(weight, input_size, stride, padding, dilation, groups, padding_mode, side)
 
 
 def conv_orthogonality_penalty(weight: torch.Tensor, stride=1, padding=None, *,
                                backend: str | None = None) -> torch.Tensor:
-    """OCNN kernel orthogonality penalty (SPEC §1.6).
+    """OCNN kernel orthogonality penalty (docs/conv.md).
 
     ``P = ⌊(k−1)/S⌋·S`` unless given; ``O = conv(K, K, stride=S, padding=P)`` ``(o, o, *s)``;
     target ``I_o`` at the spatial centre ``⌊s/2⌋``; ``R = ‖O − target‖_F²``.
@@ -252,17 +281,22 @@ def conv_orthogonality_penalty(weight: torch.Tensor, stride=1, padding=None, *,
         ``MAX_WORK_BYTES`` (a huge ``padding``) raises ValueError before allocating.
     """
     op = "conv_orthogonality_penalty"
+    check_backend_keyword(op, backend)
     d = _check_weight(op, weight)
     _check_ints(op, "stride", stride, d, 1)
     if padding is not None:
         _check_ints(op, "padding", padding, d, 0)
-    impl = _implementation(op, backend, weight.device)
+    impl = TABLE.implementation(op, backend, weight.device, weight.dtype)
     return impl(weight, stride, padding)
+
+
+# the Sedghi rows' backends: their functions take strict=True when named (regkernels._C_ops, svd section)
+_SEDGHI_KERNELS = ("cpu", "cuda")
 
 
 def conv_singular_values(weight: torch.Tensor, input_size: Sequence[int], *,
                          backend: str | None = None) -> torch.Tensor:
-    """Singular values of the circular stride-1 convolution on ``input_size`` (SPEC §2.3).
+    """Singular values of the circular stride-1 convolution on ``input_size`` (docs/conv.md).
 
     ``F = fftn(weight, s=input_size)`` over the spatial dims → one ``C_out × C_in``
     matrix per frequency → its singular values.
@@ -276,16 +310,24 @@ def conv_singular_values(weight: torch.Tensor, input_size: Sequence[int], *,
         (values and gradient) on every backend. The kernel backends refuse double backward
         (RuntimeError; ``backend="reference"`` supports it); work over ``MAX_WORK_BYTES`` raises
         ValueError before allocating.
+
+    Backends: ``"cuda"`` (the default on CUDA) and ``"cpu"`` (named only) run each frequency's
+    ``2·C_out × 2·C_in`` real embedding on the batched Jacobi SVD kernel; named, they raise
+    ValueError for a weight larger than the kernel takes, while ``backend=None`` runs such a
+    weight on the reference's complex SVD.
     """
     op = "conv_singular_values"
+    check_backend_keyword(op, backend)
     _check_circular_fit(op, weight, input_size)
-    impl = _implementation(op, backend, weight.device)
+    impl = TABLE.implementation(op, backend, weight.device, weight.dtype)
+    if backend in _SEDGHI_KERNELS:  # named: a weight the SVD kernel cannot take raises, no silent fallback
+        return impl(weight, input_size, strict=True)
     return impl(weight, input_size)
 
 
 def clip_conv_singular_values(weight: torch.Tensor, input_size: Sequence[int], lo: float, hi: float, *,
                               backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clamp the circular operator's singular values into ``[lo, hi]`` (SPEC §2.3).
+    """Clamp the circular operator's singular values into ``[lo, hi]`` (docs/conv.md).
 
     Per frequency ``U diag(clamp(σ, lo, hi)) Vᴴ``, inverse FFT, real part, truncated to the
     kernel's support — an APPROXIMATE projection because of the truncation (exact when
@@ -297,14 +339,10 @@ def clip_conv_singular_values(weight: torch.Tensor, input_size: Sequence[int], l
         holding NaN/inf. Double backward and size limits as ``conv_singular_values``.
     """
     op = "clip_conv_singular_values"
+    check_backend_keyword(op, backend)
     _check_circular_fit(op, weight, input_size)
     check_bounds(op, "lo", lo, "hi", hi)
-    impl = _implementation(op, backend, weight.device)
+    impl = TABLE.implementation(op, backend, weight.device, weight.dtype)
+    if backend in _SEDGHI_KERNELS:
+        return impl(weight, input_size, lo, hi, strict=True)
     return impl(weight, input_size, lo, hi)
-
-
-# The kernels of this family register themselves in _TABLE when imported (the Sedghi ops' from
-# regkernels.ops.svd): conv_to_matrix (C++ / Triton dense, structured sparse) and the implicit
-# conv frame penalty / Gershgorin bounds.
-from regkernels.ops import conv_frame as _conv_frame  # noqa: E402,F401
-from regkernels.ops import conv_matrix as _conv_matrix  # noqa: E402,F401

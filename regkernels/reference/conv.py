@@ -27,6 +27,9 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+# the index maps and the hinge are shared with the kernels' glue (one copy, regkernels/_geometry.py)
+from regkernels._geometry import (conv_output_size, expand, frame_value, gershgorin_value, matrix_shape,
+                                  spatial_index_map)
 from regkernels.reference._dtypes import compute_dtype, upcast
 from regkernels.reference._numerics import first_order_only
 
@@ -53,73 +56,11 @@ MAX_DENSE_BYTES = 2**31
 MAX_WORK_BYTES = 2**34
 
 
-def _expand(value, d: int) -> tuple[int, ...]:
-    """An int or a length-d sequence of ints as a d-tuple (the one normaliser for
-    stride / padding / dilation / kernel arguments)."""
-    if isinstance(value, int):
-        return (value,) * d
-    return tuple(int(v) for v in value)
-
-
-def _expand3(value, d: int, fill: int) -> tuple[int, int, int]:
-    """``_expand(value, d)`` led by ``fill``s to three entries: a d-dim conv as a 3-D one (the
-    kernels' normalised form; a unit dim has kernel / input 1, stride 1, padding 0, dilation 1)."""
-    return (fill,) * (3 - d) + _expand(value, d)
-
-
-def conv_output_size(input_size: Sequence[int], kernel: Sequence[int], stride, padding, dilation) -> tuple[int, ...]:
-    """Spatial output size of a convolution, per dim
-    ``⌊(n + 2p − dil·(k − 1) − 1) / s⌋ + 1`` (the formula of ``nn.Conv2d``).
-    May be < 1 for impossible configurations; callers validate."""
-    d = len(input_size)
-    s, p, dl = _expand(stride, d), _expand(padding, d), _expand(dilation, d)
-    return tuple((n + 2 * pi - di * (k - 1) - 1) // si + 1
-                 for n, k, si, pi, di in zip(input_size, kernel, s, p, dl))
-
-
 def _check_dense_size(op: str, what: str, nbytes: int, limit: int | None, advice: str) -> None:
     limit = MAX_DENSE_BYTES if limit is None else limit
     if nbytes > limit:
         raise ValueError(f"{op}: {what} needs {nbytes} bytes ({nbytes / 2**30:.2f} GiB), over the dense size "
                          f"limit max_dense_bytes={limit}; {advice}")
-
-
-def _spatial_index_map(input_size: tuple[int, ...], kernel: tuple[int, ...], stride: tuple[int, ...],
-                       padding: tuple[int, ...], dilation: tuple[int, ...], circular: bool,
-                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Index map of the spatial part of a convolution.
-
-    Returns ``(col, valid)``, both ``(P_out, K)`` with ``P_out = ∏ out_size`` and
-    ``K = ∏ kernel``: for output position ``p`` (row-major over ``out_size``) and kernel
-    tap ``t`` (row-major over ``kernel``), ``col[p, t]`` is the flat (row-major) input
-    position the tap reads and ``valid[p, t]`` says whether it lies inside the input.
-
-    Per dim ``i``: ``u = y·s_i − p_i + t·dil_i`` (output position y, tap t). Zero padding:
-    valid iff ``0 ≤ u < n_i``. Circular padding: ``u mod n_i``, always valid; two taps of
-    one output can then land on the same input position (their entries add up in T).
-    """
-    d = len(input_size)
-    out_size = conv_output_size(input_size, kernel, stride, padding, dilation)
-    col = torch.zeros((), dtype=torch.long, device=device)
-    valid = torch.ones((), dtype=torch.bool, device=device)
-    in_stride = 1
-    for i in reversed(range(d)):  # reversed: row-major flat index, last dim fastest
-        y = torch.arange(out_size[i], device=device)[:, None]
-        t = torch.arange(kernel[i], device=device)[None, :]
-        u = y * stride[i] - padding[i] + t * dilation[i]  # (out_i, k_i)
-        ok = (u >= 0) & (u < input_size[i])
-        if circular:
-            u, ok = u.remainder(input_size[i]), torch.ones_like(ok)
-        else:
-            u = torch.where(ok, u, 0)  # dummy in-range position for taps in the zero padding
-        # place (out_i, k_i) at axes (i, d + i) of a 2d-dim tensor ordered (y_1..y_d, t_1..t_d)
-        shape = [1] * (2 * d)
-        shape[i], shape[d + i] = out_size[i], kernel[i]
-        col = col + u.reshape(shape) * in_stride
-        valid = valid & ok.reshape(shape)
-        in_stride *= input_size[i]
-    full, flat = (*out_size, *kernel), (math.prod(out_size), math.prod(kernel))
-    return col.expand(full).reshape(flat), valid.expand(full).reshape(flat)
 
 
 def _matrix_entries(weight: torch.Tensor, input_size, stride, padding, dilation, groups: int, padding_mode: str):
@@ -133,8 +74,8 @@ def _matrix_entries(weight: torch.Tensor, input_size, stride, padding, dilation,
     d = weight.dim() - 2
     c_out, c_in_g = weight.shape[0], weight.shape[1]
     kernel = tuple(weight.shape[2:])
-    stride, padding, dilation = _expand(stride, d), _expand(padding, d), _expand(dilation, d)
-    col_sp, valid = _spatial_index_map(tuple(input_size), kernel, stride, padding, dilation,
+    stride, padding, dilation = expand(stride, d), expand(padding, d), expand(dilation, d)
+    col_sp, valid = spatial_index_map(tuple(input_size), kernel, stride, padding, dilation,
                                        padding_mode == "circular", weight.device)
     p_out, k = col_sp.shape
     p_in = math.prod(input_size)
@@ -149,12 +90,6 @@ def _matrix_entries(weight: torch.Tensor, input_size, stride, padding, dilation,
     return rows, cols, vals, valid[None, None].expand(c_out, c_in_g, p_out, k)
 
 
-def _matrix_shape(weight: torch.Tensor, input_size, stride, padding, dilation, groups: int) -> tuple[int, int]:
-    """``(C_out·∏out_size, C_in·∏input_size)``, the shape of T."""
-    out_size = conv_output_size(input_size, weight.shape[2:], stride, padding, dilation)
-    return weight.shape[0] * math.prod(out_size), weight.shape[1] * groups * math.prod(input_size)
-
-
 def _check_sparse_matrix(weight: torch.Tensor, input_size, stride, padding, dilation, layout: str) -> None:
     """The sparse layouts' size guard (every ``conv_to_matrix`` implementation runs it first): up to
     ``C_out·Cg·P_out·K`` structural entries, each an int64 column, an int64 row (COO) or its share
@@ -163,7 +98,7 @@ def _check_sparse_matrix(weight: torch.Tensor, input_size, stride, padding, dila
     ``MAX_WORK_BYTES`` it raises ValueError naming the size, before allocating."""
     d = weight.dim() - 2
     kernel = tuple(weight.shape[2:])
-    out = conv_output_size(tuple(input_size), kernel, _expand(stride, d), _expand(padding, d), _expand(dilation, d))
+    out = conv_output_size(tuple(input_size), kernel, expand(stride, d), expand(padding, d), expand(dilation, d))
     spatial = math.prod(out) * math.prod(kernel)
     c_out, c_in_g = weight.shape[0], weight.shape[1]
     entries = c_out * c_in_g * spatial
@@ -210,7 +145,7 @@ def conv_to_matrix(weight: torch.Tensor, input_size: Sequence[int], stride=1, pa
         ValueError: a dense ``T`` over ``max_dense_bytes``, or a sparse one whose entries and
         index plan would exceed ``MAX_WORK_BYTES`` (before allocating).
     """
-    shape = _matrix_shape(weight, input_size, stride, padding, dilation, groups)
+    shape = matrix_shape(weight, input_size, stride, padding, dilation, groups)
     if layout == "dense":
         _check_dense_matrix(weight, shape, max_dense_bytes)
     else:
@@ -272,7 +207,7 @@ def _frame_terms(T: torch.Tensor, side: str) -> tuple[torch.Tensor, torch.Tensor
 def _frame_working_bytes(weight: torch.Tensor, input_size, stride, padding, dilation, groups: int,
                          side: str) -> tuple[tuple[int, int], int]:
     """Shape of T and the bytes of the explicit path: T plus the Gram V and |V| (k×k)."""
-    m, n = _matrix_shape(weight, input_size, stride, padding, dilation, groups)
+    m, n = matrix_shape(weight, input_size, stride, padding, dilation, groups)
     k = m if side == "rows" else n if side == "cols" else min(m, n)
     itemsize = torch.empty((), dtype=compute_dtype(weight.dtype)).element_size()
     return (m, n), (m * n + 2 * k * k) * itemsize
@@ -311,24 +246,7 @@ def conv_frame_penalty(weight: torch.Tensor, input_size: Sequence[int], A: float
     """
     d, r = _explicit_frame("conv_frame_penalty", weight, input_size, stride, padding, dilation, groups,
                            padding_mode, side)
-    return _frame_value(d, r, A, B, d.numel(), weight.dtype)
-
-
-def _frame_value(d: torch.Tensor, r: torch.Tensor, A: float, B: float, k: int, dtype: torch.dtype,
-                 counts: torch.Tensor | None = None) -> torch.Tensor:
-    """SPEC §1.1's ``(1/k) Σ_i [max(0, A − (d_i − r_i))² + max(0, d_i + r_i − B)²]``, each row
-    ``i`` of ``d, r`` standing for ``counts[i]`` rows of the Gram (1 each without ``counts``)."""
-    h = torch.clamp(A - (d - r), min=0) ** 2 + torch.clamp((d + r) - B, min=0) ** 2
-    total = (h if counts is None else h * counts).sum()
-    return (total / max(k, 1)).to(dtype)
-
-
-def _gershgorin_value(d: torch.Tensor, r: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(min(d − r), max(d + r))``; ``(+inf, −inf)`` (the identities of min and max) when empty."""
-    if d.numel() == 0:
-        inf = torch.tensor(float("inf"), dtype=dtype, device=d.device)
-        return inf, -inf
-    return (d - r).min().to(dtype), (d + r).max().to(dtype)
+    return frame_value(d, r, A, B, d.numel(), weight.dtype)
 
 
 def conv_gershgorin_bounds(weight: torch.Tensor, input_size: Sequence[int], stride=1, padding=0, dilation=1,
@@ -343,7 +261,7 @@ def conv_gershgorin_bounds(weight: torch.Tensor, input_size: Sequence[int], stri
     """
     d, r = _explicit_frame("conv_gershgorin_bounds", weight, input_size, stride, padding, dilation, groups,
                            padding_mode, side)
-    return _gershgorin_value(d, r, weight.dtype)
+    return gershgorin_value(d, r, weight.dtype)
 
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -369,8 +287,8 @@ def conv_orthogonality_penalty(weight: torch.Tensor, stride=1, padding=None) -> 
     d = weight.dim() - 2
     if weight.shape[0] == 0:
         return weight.sum()  # no filters: an empty sum, 0, still attached to the graph
-    S = _expand(stride, d)
-    P = tuple((k - 1) // s * s for k, s in zip(weight.shape[2:], S)) if padding is None else _expand(padding, d)
+    S = expand(stride, d)
+    P = tuple((k - 1) // s * s for k, s in zip(weight.shape[2:], S)) if padding is None else expand(padding, d)
     o, c, kernel = weight.shape[0], weight.shape[1], tuple(weight.shape[2:])
     out = tuple(2 * p // s + 1 for p, s in zip(P, S))  # (k + 2P − k)/S + 1 per dim
     itemsize = torch.empty((), dtype=compute_dtype(weight.dtype)).element_size()

@@ -2,7 +2,7 @@
 ``d`` and Gershgorin radius ``r`` of a convolution operator's Gram, and their backward to the
 tap Gram, fused so that the class blocks ``V_κ`` never reach memory.
 
-This is the fused form of the contraction in ``regkernels.ops.conv_frame`` (``_contract`` /
+This is the fused form of the contraction in ``regkernels.composite.conv`` (``_contract`` /
 ``_stats_forward`` / ``_stats_backward``), with the three per-dim class tables combined into
 one table over the flattened taps and offsets:
 
@@ -46,12 +46,22 @@ column; valid entries follow IEEE like the torch path (``grad_r = NaN`` times ``
 Indexing: offsets inside one ``(g, a)`` slab (``K·Cx·K`` elements) and one class table
 (``K·K·Q``) are int32, checked by the launchers; slab and table bases are int64. Not importable
 without Triton: import this module only after ``regkernels._ext.has_triton()``.
+
+Layout: kernels → launchers → the custom ops ``regkernels::conv_frame_stats_triton`` (+ ``_backward``)
+with fakes and autograd → ``conv_frame_penalty`` / ``conv_gershgorin_bounds``, the ``"triton"``
+rows of the conv table (float16 / bfloat16 / float32 weights, computed in float32; docs/conv.md).
 """
 from __future__ import annotations
+
+import functools
+import math
 
 import torch
 import triton
 import triton.language as tl
+
+from regkernels import _geometry as CG
+from regkernels.reference import conv as R
 
 # ----------------------------------------------------------------------------- constants
 
@@ -248,3 +258,187 @@ def class_stats_backward(X: torch.Tensor, tab: torch.Tensor, zero: int, grad_d: 
         raise ValueError(f"class_stats_backward: {G * cx * n_ab} programs exceed grid axis 0")
     _class_stats_bwd_kernel[(G * cx * n_ab,)](X, tab, gd, gr, gX, nc, cx, K, K * K, Q, zero, n_ab, **meta)
     return gX
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+@functools.lru_cache(maxsize=64)
+def _combined_table(geo: CG.FrameGeometry, device: torch.device) -> tuple[torch.Tensor, int]:
+    """``(NC, K, K, Q)`` float32 table ``Π_i Cls_i[κ_i, t_i, t'_i, q_i]`` (κ, t, q flat row-major
+    over the dims, κ in the order of the stats' class axis) and the flat index of offset 0."""
+    T0, T1, T2 = CG.class_tables(geo, torch.float32, device)
+    tab = torch.einsum("iaxr,jbys,kczq->ijkabcxyzrsq", T0, T1, T2)
+    K = math.prod(geo.kernel)
+    (z0, z1, z2), (_, r1, r2) = (dim.zero for dim in geo.dims), (len(dim.rel) for dim in geo.dims)
+    return tab.reshape(geo.n_cls, K, K, -1).contiguous(), (z0 * r1 + z1) * r2 + z2
+
+
+def _stats_problem(weight, input_size, stride, padding, dilation, groups, circular, rows):
+    """``(geo, Z, X̂, tab, zero, σ)``: the tap Gram ``X̂`` of the scaled factor ``Z/σ``
+    (``regkernels._geometry.factor_scale``)."""
+    geo = CG.stats_geometry(weight, input_size, stride, padding, dilation, circular, rows)
+    Z = CG.tap_gram_factor(weight.float(), groups, rows)
+    K = math.prod(geo.kernel)
+    G, cx = Z.shape[0], Z.shape[2] // K
+    CG.check_frame_work(geo, G, cx, "regkernels::conv_frame_stats_triton", R.MAX_WORK_BYTES, triton=True)
+    tab, zero = _combined_table(geo, weight.device)
+    scale = CG.factor_scale(Z)
+    Zs = Z / scale
+    return geo, Z, (Zs.mT @ Zs).view(G, cx, K, cx, K), tab, zero, scale
+
+
+@torch.library.custom_op("regkernels::conv_frame_stats_triton", mutates_args=())
+def _conv_frame_stats_triton(weight: torch.Tensor, input_size: list[int], stride: list[int],
+                             padding: list[int], dilation: list[int], groups: int, circular: bool,
+                             rows: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(d, r)`` as ``regkernels::conv_frame_stats``, by the fused kernel (float32)."""
+    CG.check_op_geometry("regkernels::conv_frame_stats_triton", weight, input_size, stride, padding, dilation,
+                         groups, circular)
+    *_, X, tab, zero, scale = _stats_problem(weight, input_size, stride, padding, dilation, groups, circular, rows)
+    d, r = class_stats_forward(X, tab, zero)
+    return d.mul_(scale).mul_(scale), r.mul_(scale).mul_(scale)
+
+
+@_conv_frame_stats_triton.register_fake
+def _conv_frame_stats_triton_fake(weight, input_size, stride, padding, dilation, groups, circular, rows):
+    CG.check_op_geometry("regkernels::conv_frame_stats_triton", weight, input_size, stride, padding, dilation,
+                         groups, circular)
+    geo = CG.stats_geometry(weight, input_size, stride, padding, dilation, circular, rows)
+    d = weight.new_empty(CG.stats_shape(weight.shape, geo, groups), dtype=torch.float32)
+    return d, torch.empty_like(d)
+
+
+@torch.library.custom_op("regkernels::conv_frame_stats_triton_backward", mutates_args=())
+def _conv_frame_stats_triton_backward(weight: torch.Tensor, grad_d: torch.Tensor, grad_r: torch.Tensor,
+                                      input_size: list[int], stride: list[int], padding: list[int],
+                                      dilation: list[int], groups: int, circular: bool,
+                                      rows: bool) -> torch.Tensor:
+    op = "regkernels::conv_frame_stats_triton_backward"
+    CG.check_op_geometry(op, weight, input_size, stride, padding, dilation, groups, circular)
+    geo, Z, X, tab, zero, _ = _stats_problem(weight, input_size, stride, padding, dilation, groups, circular, rows)
+    CG.check_stats_grads(op, weight, geo, groups, grad_d, grad_r)
+    # gX depends on sign(V̂) = sign(V) and the incoming grads only: no σ to undo
+    gX = class_stats_backward(X, tab, zero, grad_d, grad_r).view(Z.shape[0], Z.shape[2], Z.shape[2])
+    gZ = Z @ (gX + gX.mT)  # X = Zᵀ Z
+    return CG.weight_of_factor(gZ, weight.shape, rows).to(weight.dtype).contiguous()
+
+
+@_conv_frame_stats_triton_backward.register_fake
+def _conv_frame_stats_triton_backward_fake(weight, grad_d, grad_r, input_size, stride, padding, dilation,
+                                           groups, circular, rows):
+    op = "regkernels::conv_frame_stats_triton_backward"
+    CG.check_op_geometry(op, weight, input_size, stride, padding, dilation, groups, circular)
+    CG.check_stats_grads(op, weight, CG.stats_geometry(weight, input_size, stride, padding, dilation, circular, rows),
+                         groups, grad_d, grad_r)
+    return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
+_DOUBLE_BACKWARD = ("conv_frame_penalty / conv_gershgorin_bounds: double backward (a backward with create_graph=True "
+                    "differentiated again) is not supported by backend='triton'; backend='reference' supports it")
+
+
+def _stats_setup(ctx, inputs, output) -> None:
+    weight, *geometry = inputs
+    ctx.geometry = geometry
+    ctx.save_for_backward(weight)
+
+
+def _stats_op_backward(ctx, grad_d, grad_r):
+    (weight,) = ctx.saved_tensors
+    gW = torch.ops.regkernels.conv_frame_stats_triton_backward(weight, grad_d, grad_r, *ctx.geometry)
+    return (gW,) + (None,) * 7
+
+
+def _refuse_double_backward(ctx, *grads):
+    # the second derivative of d / r (through sign(V) and the tap Gram) is not implemented, and
+    # torch's default for an op without autograd is a warning and a silent 0
+    raise RuntimeError(_DOUBLE_BACKWARD)
+
+
+def _no_context(ctx, inputs, output) -> None:
+    pass
+
+
+# the raw ops stay differentiable (torch.ops.regkernels.*, opcheck); the entries below go through
+# _FrameStats, which torch.func can transform
+_conv_frame_stats_triton.register_autograd(_stats_op_backward, setup_context=_stats_setup)
+_conv_frame_stats_triton_backward.register_autograd(_refuse_double_backward, setup_context=_no_context)
+
+
+class _FrameStats(torch.autograd.Function):
+    """``regkernels::conv_frame_stats_triton`` for the entries: a custom op's ``register_autograd``
+    does not run under ``torch.func.grad``, an autograd.Function with ``setup_context`` does; its
+    vmap rule runs the op once per layer. Taken under torch.func and torch.compile, the raw op
+    otherwise (``regkernels._geometry.through_function``)."""
+
+    @staticmethod
+    def forward(weight, input_size, stride, padding, dilation, groups, circular, rows):
+        return torch.ops.regkernels.conv_frame_stats_triton(weight, input_size, stride, padding, dilation, groups,
+                                                            circular, rows)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        _stats_setup(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, grad_d, grad_r):
+        (weight,) = ctx.saved_tensors
+        return (_FrameStatsBackward.apply(weight, grad_d, grad_r, *ctx.geometry),) + (None,) * 7
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return CG.vmap_by_loop(_FrameStats.apply, info, in_dims, *args)
+
+
+class _FrameStatsBackward(torch.autograd.Function):
+    """``regkernels::conv_frame_stats_triton_backward``, differentiable once: differentiating it raises."""
+
+    @staticmethod
+    def forward(weight, grad_d, grad_r, input_size, stride, padding, dilation, groups, circular, rows):
+        return torch.ops.regkernels.conv_frame_stats_triton_backward(weight, grad_d, grad_r, input_size, stride,
+                                                                     padding, dilation, groups, circular, rows)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError(_DOUBLE_BACKWARD)
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return CG.vmap_by_loop(_FrameStatsBackward.apply, info, in_dims, *args)
+
+
+# ----------------------------------------------------------------------------- the table entries
+
+def _stats(op: str, weight: torch.Tensor, input_size, stride, padding, dilation, groups: int, padding_mode: str,
+           side: str):
+    """``(d, r, counts, k)`` as ``regkernels.composite.conv._stats``, by the fused kernel."""
+    (kernel, *geometry), circular, rows, counts, positions = CG.frame_plan(
+        op, tuple(weight.shape), tuple(input_size), stride, padding, dilation, groups, padding_mode, side, True,
+        R.MAX_WORK_BYTES)
+    w5 = weight.reshape(weight.shape[0], weight.shape[1], *kernel)
+    if CG.through_function():
+        d, r = _FrameStats.apply(w5, *geometry, groups, circular, rows)
+    else:
+        d, r = torch.ops.regkernels.conv_frame_stats_triton(w5, *geometry, groups, circular, rows)
+    counts = torch.tensor(counts, dtype=d.dtype, device=d.device)
+    return d, r, counts, d.shape[0] * d.shape[2] * positions
+
+
+def conv_frame_penalty(weight: torch.Tensor, input_size, A: float, B: float, stride=1, padding=0, dilation=1,
+                       groups: int = 1, padding_mode: str = "zeros", side: str = "auto") -> torch.Tensor:
+    """docs/conv.md's frame penalty on the fused kernel's stats, arguments as the reference's."""
+    d, r, counts, k = _stats("conv_frame_penalty", weight, input_size, stride, padding, dilation, groups,
+                             padding_mode, side)
+    return CG.frame_value(d, r, A, B, k, weight.dtype, counts=counts[:, None])
+
+
+def conv_gershgorin_bounds(weight: torch.Tensor, input_size, stride=1, padding=0, dilation=1, groups: int = 1,
+                           padding_mode: str = "zeros", side: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(min(d − r), max(d + r))`` over the classes, on the fused kernel's stats."""
+    d, r, _, _ = _stats("conv_gershgorin_bounds", weight, input_size, stride, padding, dilation, groups,
+                        padding_mode, side)
+    return CG.gershgorin_value(d, r, weight.dtype)

@@ -48,6 +48,9 @@ Integer ``//`` and ``%`` only ever see non-negative operands (C and Python disag
 negatives). Weight offsets are int32: the launchers copy a weight whose strided extent
 reaches 2³¹ elements. Not importable without Triton: import this module only after
 ``regkernels._ext.has_triton()``.
+
+Layout: kernels → launchers → the custom ops ``regkernels::conv_to_matrix_triton`` (+ ``_backward``)
+with fakes and autograd → ``conv_to_matrix``, the ``"triton"`` row of the conv table (docs/conv.md).
 """
 from __future__ import annotations
 
@@ -56,6 +59,9 @@ import math
 import torch
 import triton
 import triton.language as tl
+
+from regkernels import _geometry as CG
+from regkernels.reference import conv as R
 
 # ----------------------------------------------------------------------------- constants
 
@@ -247,14 +253,13 @@ def _conv_matrix_bwd_kernel(G, GW, gs0, gs1,
 
 # ----------------------------------------------------------------------------- host launchers
 
-def _geometry(weight: torch.Tensor, input_size, stride, padding, dilation, groups: int):
+def _launch_geometry(weight: torch.Tensor, input_size, stride, padding, dilation, groups: int):
     """``(out_size, P_out, P_in, K, Og, Cg, C_in)`` of the normalised 3-D problem."""
     if weight.dim() != 5:
         raise ValueError(f"conv_to_matrix_dense: weight must be 5-D (C_out, Cg, k0, k1, k2); got {tuple(weight.shape)}")
     c_out, cg = weight.shape[0], weight.shape[1]
     kernel = tuple(weight.shape[2:])
-    out_size = tuple((n + 2 * p - d * (k - 1) - 1) // s + 1
-                     for n, k, s, p, d in zip(input_size, kernel, stride, padding, dilation))
+    out_size = CG.conv_output_size(input_size, kernel, stride, padding, dilation)
     return (out_size, math.prod(out_size), math.prod(input_size), math.prod(kernel),
             c_out // groups, cg, cg * groups)
 
@@ -279,7 +284,7 @@ def conv_to_matrix_dense(weight: torch.Tensor, input_size: tuple[int, int, int],
     entry is written once. Arguments are validated by the caller (``out_i ≥ 1``; circular
     needs ``p_i ≤ n_i``).
     """
-    out_size, p_out, p_in, k, og, cg, c_in = _geometry(weight, input_size, stride, padding, dilation, groups)
+    out_size, p_out, p_in, k, og, cg, c_in = _launch_geometry(weight, input_size, stride, padding, dilation, groups)
     c_out = weight.shape[0]
     n_rows, n_cols = c_out * p_out, c_in * p_in
     T = torch.empty((n_rows, n_cols), dtype=weight.dtype, device=weight.device)
@@ -311,7 +316,7 @@ def conv_to_matrix_dense_backward(grad: torch.Tensor, weight: torch.Tensor, inpu
 
     One launch over ``(C_out·Cg, ⌈K/BLOCK_T⌉)`` programs; deterministic (no atomics).
     """
-    out_size, p_out, p_in, k, og, cg, c_in = _geometry(weight, input_size, stride, padding, dilation, groups)
+    out_size, p_out, p_in, k, og, cg, c_in = _launch_geometry(weight, input_size, stride, padding, dilation, groups)
     c_out = weight.shape[0]
     gw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
     if weight.numel() == 0:
@@ -329,3 +334,134 @@ def conv_to_matrix_dense_backward(grad: torch.Tensor, weight: torch.Tensor, inpu
         CIRCULAR=bool(circular), ACC_DTYPE=_acc_dtype(weight.dtype),
         BLOCK_Y=block_y, BLOCK_T=block_t, num_warps=NUM_WARPS)
     return gw
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+@torch.library.custom_op("regkernels::conv_to_matrix_triton", mutates_args=())
+def _dense_triton(weight: torch.Tensor, input_size: list[int], stride: list[int], padding: list[int],
+                  dilation: list[int], groups: int, circular: bool) -> torch.Tensor:
+    CG.check_dense_args("regkernels::conv_to_matrix_triton", weight, input_size, stride, padding, dilation, groups,
+                        circular)
+    return conv_to_matrix_dense(weight, tuple(input_size), tuple(stride), tuple(padding), tuple(dilation), groups,
+                                circular)
+
+
+@_dense_triton.register_fake
+def _dense_triton_fake(weight, input_size, stride, padding, dilation, groups, circular):
+    rows, cols = CG.check_dense_args("regkernels::conv_to_matrix_triton", weight, input_size, stride, padding,
+                                     dilation, groups, circular)
+    return weight.new_empty((rows, cols))
+
+
+@torch.library.custom_op("regkernels::conv_to_matrix_triton_backward", mutates_args=())
+def _dense_triton_backward(grad: torch.Tensor, weight: torch.Tensor, input_size: list[int], stride: list[int],
+                           padding: list[int], dilation: list[int], groups: int, circular: bool) -> torch.Tensor:
+    op = "regkernels::conv_to_matrix_triton_backward"
+    CG.check_dense_grad(op, grad, weight, CG.check_dense_args(op, weight, input_size, stride, padding, dilation,
+                                                              groups, circular))
+    return conv_to_matrix_dense_backward(grad, weight, tuple(input_size), tuple(stride), tuple(padding),
+                                         tuple(dilation), groups, circular)
+
+
+@_dense_triton_backward.register_fake
+def _dense_triton_backward_fake(grad, weight, input_size, stride, padding, dilation, groups, circular):
+    op = "regkernels::conv_to_matrix_triton_backward"
+    CG.check_dense_grad(op, grad, weight, CG.check_dense_args(op, weight, input_size, stride, padding, dilation,
+                                                              groups, circular))
+    return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
+def _save_weight(ctx, inputs, output) -> None:
+    weight, *geometry = inputs
+    ctx.geometry = geometry
+    ctx.save_for_backward(weight)
+
+
+def _dense_grad(ctx, grad):
+    (weight,) = ctx.saved_tensors
+    return (torch.ops.regkernels.conv_to_matrix_triton_backward(grad, weight, *ctx.geometry),) + (None,) * 6
+
+
+def _save_backward_weight(ctx, inputs, output) -> None:
+    _grad, weight, *geometry = inputs
+    ctx.geometry = geometry
+    ctx.save_for_backward(weight)
+
+
+def _dense_backward_grad(ctx, grad_gw):
+    # the backward is linear in grad and independent of the weight's values (T is linear in the
+    # weight): its derivative w.r.t. grad is the forward, so double backward is exact
+    (weight,) = ctx.saved_tensors
+    return (torch.ops.regkernels.conv_to_matrix_triton(grad_gw.to(weight.dtype), *ctx.geometry), None) + (None,) * 6
+
+
+# the raw ops stay differentiable (torch.ops.regkernels.*, opcheck); conv_to_matrix goes through
+# _Dense below, which torch.func can transform
+_dense_triton.register_autograd(_dense_grad, setup_context=_save_weight)
+_dense_triton_backward.register_autograd(_dense_backward_grad, setup_context=_save_backward_weight)
+
+
+class _Dense(torch.autograd.Function):
+    """``regkernels::conv_to_matrix_triton`` for ``conv_to_matrix``: a custom op's
+    ``register_autograd`` does not run under ``torch.func.grad``, an autograd.Function with
+    ``setup_context`` does; its vmap rule runs the op once per layer. ``conv_to_matrix`` takes it
+    under torch.func and torch.compile, the raw op otherwise (``regkernels._geometry.through_function``)."""
+
+    @staticmethod
+    def forward(weight, input_size, stride, padding, dilation, groups, circular):
+        return torch.ops.regkernels.conv_to_matrix_triton(weight, input_size, stride, padding, dilation, groups,
+                                                          circular)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        _save_weight(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        return (_DenseBackward.apply(grad, weight, *ctx.geometry),) + (None,) * 6
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return CG.vmap_by_loop(_Dense.apply, info, in_dims, *args)
+
+
+class _DenseBackward(torch.autograd.Function):
+    """``regkernels::conv_to_matrix_triton_backward``; differentiated, it is the forward again."""
+
+    @staticmethod
+    def forward(grad, weight, input_size, stride, padding, dilation, groups, circular):
+        return torch.ops.regkernels.conv_to_matrix_triton_backward(grad, weight, input_size, stride, padding,
+                                                                   dilation, groups, circular)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        _save_backward_weight(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, grad_gw):
+        (weight,) = ctx.saved_tensors
+        return (_Dense.apply(grad_gw.to(weight.dtype), *ctx.geometry), None) + (None,) * 6
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return CG.vmap_by_loop(_DenseBackward.apply, info, in_dims, *args)
+
+
+# ----------------------------------------------------------------------------- the table entry
+
+def conv_to_matrix(weight: torch.Tensor, input_size, stride=1, padding=0, dilation=1, groups: int = 1,
+                   padding_mode: str = "zeros", layout: str = "dense",
+                   max_dense_bytes: int | None = None) -> torch.Tensor:
+    """Dense ``T`` by the Triton kernels, arguments as the reference's; the sparse layouts are
+    backend ``"torch"``."""
+    if layout != "dense":
+        raise ValueError(f"conv_to_matrix: backend 'triton' builds layout='dense' only; got layout={layout!r} "
+                         f"(the sparse layouts: backends 'torch', 'reference')")
+    shape = CG.matrix_shape(weight, input_size, stride, padding, dilation, groups)
+    R._check_dense_matrix(weight, shape, max_dense_bytes)
+    w5, *geometry = CG.normalise(weight, input_size, stride, padding, dilation)
+    if CG.through_function():
+        return _Dense.apply(w5, *geometry, groups, padding_mode == "circular")
+    return torch.ops.regkernels.conv_to_matrix_triton(w5, *geometry, groups, padding_mode == "circular")
