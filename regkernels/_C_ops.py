@@ -291,8 +291,8 @@ def conv_to_matrix(weight: torch.Tensor, input_size, stride=1, padding=0, dilati
 
 from regkernels.reference import conv as _conv_ref  # noqa: E402
 from regkernels.reference import svd as _svd_ref  # noqa: E402
-from regkernels.reference._dtypes import upcast as _upcast  # noqa: E402
-from regkernels.reference._numerics import first_order_only as _first_order_only  # noqa: E402
+from regkernels._dtypes import upcast as _upcast  # noqa: E402
+from regkernels._numerics import first_order_only as _first_order_only  # noqa: E402
 
 # Largest max(m, n) the Jacobi kernel takes (csrc: CPU kMaxSide, CUDA shared-memory layout), by
 # device: a named backend ("cpu" / "cuda") uses it whole. backend=None uses the kernel only up to
@@ -521,13 +521,18 @@ def conv_singular_values(weight: torch.Tensor, input_size, *, strict: bool = Fal
     return _sedghi_first_order(out, "conv_singular_values", weight.device.type)
 
 
+def _clamp_kernel_range(X: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    return _svd_ref.clamp_singular_values(X, lo, hi, svd=_svd_kernel_range)
+
+
 def clip_conv_singular_values(weight: torch.Tensor, input_size, lo: float, hi: float, *,
                               strict: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Conv-family table entry ("cpu" / "cuda"): ``regkernels.reference.conv.clip_conv_singular_values``
     on the Jacobi kernel, as ``conv_singular_values``."""
     if not _sedghi_fits("clip_conv_singular_values", weight, strict):
         return _conv_ref.clip_conv_singular_values(weight, input_size, lo, hi)
-    new_weight, sv = _conv_ref.clip_conv_singular_values(weight, input_size, lo, hi, svd=_svd_kernel_range)
+    new_weight, sv = _conv_ref.clip_conv_singular_values(weight, input_size, lo, hi, svd=_svd_kernel_range,
+                                                          clamp=_clamp_kernel_range)
     return (_sedghi_first_order(new_weight, "clip_conv_singular_values", weight.device.type),
             _sedghi_first_order(sv, "clip_conv_singular_values", weight.device.type))
 

@@ -26,6 +26,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from regkernels._numerics import pow2_scale
+
 # ----------------------------------------------------------------------------- index maps
 
 
@@ -449,9 +451,6 @@ def factor_scale(Z: torch.Tensor) -> torch.Tensor:
     the explicit ``frame_penalty(conv_to_matrix(...))`` does. A NaN or ±inf weight keeps ``σ = 1``:
     its ``X`` holds NaN/inf and the whole layer is NaN, like the explicit path, whose ``TᵀT`` meets
     ``inf·0`` and ``NaN·0`` in its matmul."""
-    # imported here: this module imports torch only at load (the reference package imports it)
-    from regkernels.reference._numerics import pow2_scale
-
     return pow2_scale(Z.abs().amax() if Z.numel() else Z.new_zeros(()))
 
 

@@ -23,8 +23,7 @@ def _tiny():
     return ref, make
 
 
-def test_run_case_rows_and_ratios(monkeypatch):
-    monkeypatch.setattr(C, "_REGISTRY", [])
+def test_run_case_rows_and_ratios():
     ref, make = _tiny()
     case = C.penalty_case("tiny_op", "4x8x16", ref, ref, make, flops=4 * 2 * 8 * 8 * 16)
     ceilings = {"copy_bandwidth_GBps": 1.0, "matmul_fp32_GFLOPs": 1.0}
@@ -39,8 +38,7 @@ def test_run_case_rows_and_ratios(monkeypatch):
     assert k["speedup_vs_eager"] == pytest.approx(rows[0]["median_ms"] / k["median_ms"], rel=1e-2)
 
 
-def test_failing_provider_is_recorded_not_fatal(monkeypatch):
-    monkeypatch.setattr(C, "_REGISTRY", [])
+def test_failing_provider_is_recorded_not_fatal():
 
     def broken(x):
         raise ValueError("too big for the explicit path")

@@ -18,9 +18,18 @@ from typing import Callable
 
 import torch
 
-from regkernels.bench.cases import Case, Prepared, compiled, max_rel_err, penalty_case, register
+from regkernels.bench._case import Case, Prepared, compiled, max_rel_err, penalty_case
 from regkernels.ops import conv as C
 from regkernels.reference import conv as R
+
+# this family's cases, in the order the runner lists them (appended below as they are built)
+CASES: list[Case] = []
+
+
+def register(case: Case) -> Case:
+    CASES.append(case)
+    return case
+
 
 FRAME_KW = dict(A=0.5, B=2.0, padding=1)
 
@@ -101,15 +110,15 @@ def _frame_case(name: str, quick: bool = False) -> Case:
 
 def _ocnn_case(name: str, quick: bool = False) -> Case:
     shape = tuple(map(int, name.split("x")))
-    return penalty_case("conv_orthogonality_penalty", name, R.conv_orthogonality_penalty,
+    return register(penalty_case("conv_orthogonality_penalty", name, R.conv_orthogonality_penalty,
                         C.conv_orthogonality_penalty, lambda device, dtype: (_weight(shape, device, dtype),),
-                        quick=quick)
+                        quick=quick))
 
 
 def _sedghi_case(op: str, name: str, extra: tuple = (), quick: bool = False) -> Case:
     shape, size = _parse(name)
-    return penalty_case(op, name, getattr(R, op), getattr(C, op),
-                        lambda device, dtype: (_weight(shape, device, dtype), size, *extra), grad=False, quick=quick)
+    return register(penalty_case(op, name, getattr(R, op), getattr(C, op),
+                        lambda device, dtype: (_weight(shape, device, dtype), size, *extra), grad=False, quick=quick))
 
 
 _matrix_case("16x16x3x3@16x16-dense", quick=True)

@@ -15,9 +15,18 @@ from typing import Callable
 
 import torch
 
-from regkernels.bench.cases import Case, Prepared, compiled, max_rel_err, penalty_case, register
+from regkernels.bench._case import Case, Prepared, compiled, max_rel_err, penalty_case
 from regkernels.ops import gram as G
 from regkernels.reference import gram as R
+
+# this family's cases, in the order the runner lists them (appended below as they are built)
+CASES: list[Case] = []
+
+
+def register(case: Case) -> Case:
+    CASES.append(case)
+    return case
+
 
 SHAPES = {
     "64x576": (64, 576),
@@ -89,17 +98,17 @@ def _register_single_layer() -> None:
             return (_weight((m, n), device, dtype, SEED), _srip_b(device, k))
 
         quick = name == QUICK
-        penalty_case("frame_penalty", name, R.frame_penalty, G.frame_penalty, make,
-                     kwargs={"A": FRAME_A, "B": FRAME_B}, quick=quick, flops=_gram_flops(m, n, k))
-        penalty_case("diversity_penalty", name, R.diversity_penalty, G.diversity_penalty, make,
-                     kwargs={"tau": _diversity_tau(n)}, quick=quick, flops=_gram_flops(m, n, m))
-        penalty_case("orthogonality_penalty", name, R.orthogonality_penalty, G.orthogonality_penalty, make,
-                     quick=quick, flops=_gram_flops(m, n, k))
-        penalty_case("mhe_penalty", name, R.mhe_penalty, G.mhe_penalty, make,
-                     quick=quick, flops=_gram_flops(m, n, m))
+        register(penalty_case("frame_penalty", name, R.frame_penalty, G.frame_penalty, make,
+                     kwargs={"A": FRAME_A, "B": FRAME_B}, quick=quick, flops=_gram_flops(m, n, k)))
+        register(penalty_case("diversity_penalty", name, R.diversity_penalty, G.diversity_penalty, make,
+                     kwargs={"tau": _diversity_tau(n)}, quick=quick, flops=_gram_flops(m, n, m)))
+        register(penalty_case("orthogonality_penalty", name, R.orthogonality_penalty, G.orthogonality_penalty, make,
+                     quick=quick, flops=_gram_flops(m, n, k)))
+        register(penalty_case("mhe_penalty", name, R.mhe_penalty, G.mhe_penalty, make,
+                     quick=quick, flops=_gram_flops(m, n, m)))
         # M x costs 4·m·n (W x and Wᵀ·, matrix-free); n_iter = 1 means 2 applications; ×2 backward
-        penalty_case("srip_penalty", name, R.srip_penalty, _srip_public, make_srip,
-                     quick=quick, flops=2 * 2 * (4 * m * n), eager_fn=_srip_reference, compile_factory=_srip_compile)
+        register(penalty_case("srip_penalty", name, R.srip_penalty, _srip_public, make_srip,
+                     quick=quick, flops=2 * 2 * (4 * m * n), eager_fn=_srip_reference, compile_factory=_srip_compile))
 
 
 def _resnet18_shapes() -> list[tuple[int, ...]]:
@@ -146,8 +155,8 @@ def _register_stacks() -> None:
             return (w.to(device=device, dtype=dtype),)
 
         b, m, n = shape
-        penalty_case("frame_penalty", name, R.frame_penalty, G.frame_penalty, make,
-                     kwargs={"A": FRAME_A, "B": FRAME_B}, quick=quick, flops=b * _gram_flops(m, n, min(m, n)))
+        register(penalty_case("frame_penalty", name, R.frame_penalty, G.frame_penalty, make,
+                     kwargs={"A": FRAME_A, "B": FRAME_B}, quick=quick, flops=b * _gram_flops(m, n, min(m, n))))
 
 
 def _multi_case(name: str, shapes: list[tuple[int, ...]], quick: bool, groups: int = 1) -> Case:

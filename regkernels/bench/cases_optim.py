@@ -9,9 +9,18 @@ from __future__ import annotations
 
 import torch
 
-from regkernels.bench.cases import Case, Prepared, compiled, max_rel_err, register
+from regkernels.bench._case import Case, Prepared, compiled, max_rel_err
 from regkernels.optim import BetaLasso
 from regkernels.reference.beta_lasso import beta_lasso_update_
+
+# this family's cases, in the order the runner lists them (appended below as they are built)
+CASES: list[Case] = []
+
+
+def register(case: Case) -> Case:
+    CASES.append(case)
+    return case
+
 
 # paper-like hyper-parameters: lam = 2e-5, beta = 50 (threshold 1e-3)
 HYPER = dict(lr=0.1, lam=2e-5, beta=50.0)

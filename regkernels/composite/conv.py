@@ -81,7 +81,7 @@ import torch
 
 from regkernels import _geometry as CG
 from regkernels.reference import conv as R
-from regkernels.reference._dtypes import compute_dtype
+from regkernels._dtypes import compute_dtype
 
 # Upper bound on the elements of one block's largest intermediate (the contraction's and the
 # backward's temporaries are a small multiple of it): 2^22 float32 = 16 MiB.

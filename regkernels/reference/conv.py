@@ -30,8 +30,8 @@ import torch.nn.functional as F
 # the index maps and the hinge are shared with the kernels' glue (one copy, regkernels/_geometry.py)
 from regkernels._geometry import (conv_output_size, expand, frame_value, gershgorin_value, matrix_shape,
                                   spatial_index_map)
-from regkernels.reference._dtypes import compute_dtype, upcast
-from regkernels.reference._numerics import first_order_only
+from regkernels._dtypes import compute_dtype, upcast
+from regkernels._numerics import first_order_only
 
 __all__ = [
     "MAX_DENSE_BYTES",
@@ -376,21 +376,16 @@ def _block_svdvals(blocks: torch.Tensor, svd: Callable | None) -> torch.Tensor:
     return torch.where(bad[..., None], nan[..., None], S)
 
 
-def _clamp_blocks(blocks: torch.Tensor, lo: float, hi: float, svd: Callable | None) -> torch.Tensor:
-    """``U clamp(S, lo, hi) Vᴴ`` of every complex block, complex SVD or ``svd`` of the embedding; NaN
-    for a block holding NaN/inf (``_split_nonfinite``)."""
+def _clamp_blocks(blocks: torch.Tensor, lo: float, hi: float, clamp: Callable | None) -> torch.Tensor:
+    """``U clamp(S, lo, hi) Vᴴ`` of every complex block, by LAPACK's complex SVD or by ``clamp`` on
+    the real embeddings; NaN for a block holding NaN/inf (``_split_nonfinite``)."""
     blocks, bad, nan = _split_nonfinite(blocks)
-    if svd is None:
+    if clamp is None:
         U, S, Vh = torch.linalg.svd(blocks, full_matrices=False)
         Y = (U * S.clamp(lo, hi).to(U.dtype)[..., None, :]) @ Vh
     else:
-        # the embedding doubles every singular value: the SVD's own backward divides by
-        # σ_j² − σ_i² = 0 there (NaN), so the clamp goes through the spectral function with the
-        # divided-difference gradient of SPEC §3.2, finite at repeated values
-        from regkernels.reference.svd import clamp_singular_values
-
         m, n = blocks.shape[-2:]
-        Y = clamp_singular_values(real_embedding(blocks), lo, hi, svd=svd)
+        Y = clamp(real_embedding(blocks), lo, hi)
         Y = torch.complex(Y[..., :m, :n], Y[..., m:, :n])
     return torch.where(bad[..., None, None], nan[..., None, None].to(Y.dtype), Y)
 
@@ -423,7 +418,8 @@ def conv_singular_values(weight: torch.Tensor, input_size: Sequence[int], *, svd
 
 
 def clip_conv_singular_values(weight: torch.Tensor, input_size: Sequence[int], lo: float, hi: float, *,
-                              svd: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                              svd: Callable | None = None,
+                              clamp: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Clamp the operator's singular values into ``[lo, hi]`` (Sedghi et al., SPEC §2.3).
 
     Per frequency ``F_f = U diag(σ) Vᴴ`` → ``U diag(clamp(σ, lo, hi)) Vᴴ``; the inverse
@@ -441,8 +437,15 @@ def clip_conv_singular_values(weight: torch.Tensor, input_size: Sequence[int], l
         ``(new_weight, singular_values)``: ``new_weight`` has the weight's shape and
         dtype; ``singular_values`` is ``conv_singular_values(new_weight, input_size)``,
         shape ``(∏n, min(C_out, C_in))``. The input is not modified. ``svd`` as in
-        ``conv_singular_values`` (used for both the clipping and the returned values).
+        ``conv_singular_values`` (for the returned values); ``clamp``: a real batched
+        ``clamp_singular_values(X, lo, hi)`` for the real embeddings, given with ``svd`` (the kernel
+        backends pass ``regkernels.reference.svd.clamp_singular_values`` on their SVD: the
+        embedding doubles every singular value, where an SVD's own backward divides by
+        σ_j² − σ_i² = 0, so the clamp needs that op's divided-difference gradient).
     """
+    if (svd is None) != (clamp is None):
+        raise ValueError("clip_conv_singular_values: svd and clamp are given together (the kernel backends' "
+                         "real SVD and clamp) or not at all (LAPACK's complex SVD)")
     _check_fits("clip_conv_singular_values", weight, input_size)
     if weight.numel() == 0:
         return weight.clone(), conv_singular_values(weight, input_size, svd=svd)
@@ -451,7 +454,7 @@ def clip_conv_singular_values(weight: torch.Tensor, input_size: Sequence[int], l
     # Hermitian symmetry of a real kernel and irfftn returns the real part of ifftn of
     # the full set, at half the SVDs
     Fk = _frequency_matrices(weight, input_size, onesided=True)
-    clipped = _clamp_blocks(Fk, lo, hi, svd)
+    clipped = _clamp_blocks(Fk, lo, hi, clamp)
     # back to (C_out, C_in, n_1, …, n_d//2 + 1) and through the inverse DFT
     half = (*input_size[:-1], input_size[-1] // 2 + 1)
     blocks = clipped.reshape(*half, weight.shape[0], weight.shape[1]).permute(d, d + 1, *range(d))

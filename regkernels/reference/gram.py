@@ -33,8 +33,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from regkernels.reference._dtypes import upcast
-from regkernels.reference._numerics import pow2_scale
+from regkernels._dtypes import upcast
+from regkernels._numerics import pow2_scale
 
 __all__ = [
     "MAX_GRAM_BYTES", "check_gram_bytes", "sqrt0",

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from regkernels.reference._dtypes import compute_dtype, upcast
+from regkernels._dtypes import compute_dtype, upcast
+from regkernels.reference.conv import clip_conv_singular_values
 from regkernels.reference.gram import as_matrix
 
 __all__ = ["batched_svd", "clamp_singular_values", "svb_", "collect_svb_weights", "SVBTarget", "SVB_LAYERS"]
@@ -418,7 +419,7 @@ def _svb_operators(convs: list[tuple[SVBTarget, tuple[int, ...]]], lo: float, hi
     result an approximate projection.
     """
     if clip is None:
-        from regkernels.reference.conv import clip_conv_singular_values as clip  # conv family, imported only here
+        clip = clip_conv_singular_values
 
     updates = []
     for t, size in convs:
