@@ -459,7 +459,8 @@ GRAM_CASES = [
                ]),
     _gram_case("srip_penalty", regkernels.srip_penalty, r_srip, o_srip,
                [("n2-seeded", dict(n_iter=2, generator=True)), ("n1-global-rng", dict(n_iter=1))], bad=[
-                   Bad("n_iter-zero", (W0,), dict(n_iter=0), ValueError, r"srip_penalty: n_iter must be >= 1; got n_iter=0"),
+                   Bad("n_iter-zero", (W0,), dict(n_iter=0), ValueError,
+                       r"srip_penalty: n_iter must be >= 1; got n_iter=0"),
                    Bad("n_iter-float", (W0,), dict(n_iter=2.0), TypeError, r"srip_penalty: n_iter must be an integer"),
                    Bad("generator-int", (W0,), dict(generator=3), TypeError,
                        r"srip_penalty: generator must be a torch.Generator or None"),
@@ -673,6 +674,13 @@ CONV_GEOMETRIES = [
 ]
 
 
+# the implicit frame statistics tile channel rows a' by FRAME_BLOCK_A (Triton): C_out at the block edges
+FRAME_GEOMETRIES = CONV_GEOMETRIES[:5] + [
+    (f"{FRAME_BLOCK_A + 1}x2x3@5-p1", (FRAME_BLOCK_A + 1, 2, 3), (5,), dict(padding=1)),
+    (f"{FRAME_BLOCK_A - 1}x1x2x2@3x2-p1", (FRAME_BLOCK_A - 1, 1, 2, 2), (3, 2), dict(padding=1)),
+]
+
+
 def _conv_samples(geometries, extra_args=(), extra_kw=None, *, views=True, empty=True, scale=0.5, tag="",
                   empty_kw=(("padding", 1),)):
     def samples(device, dtype, rg):
@@ -722,7 +730,8 @@ CONV_CASES = [
            _conv_to_matrix_samples, normalize=_dense, rtol64=1e-12, bad=[
                Bad("weight-2d", (CW[0, 0], (5, 5)), {}, ValueError, r"conv_to_matrix: weight must have 3 or 4 or 5 dims"),
                Bad("weight-6d", (CW[None, None], (5, 5)), {}, ValueError, r"weight must have 3 or 4 or 5 dims"),
-               Bad("weight-int64", (CW.long(), (5, 5)), {}, TypeError, r"conv_to_matrix: weight must have a floating dtype"),
+               Bad("weight-int64", (CW.long(), (5, 5)), {}, TypeError,
+                   r"conv_to_matrix: weight must have a floating dtype"),
                Bad("weight-numpy", (CW.numpy(), (5, 5)), {}, TypeError, r"weight must be a torch.Tensor"),
                Bad("kernel-size-0", (torch.randn(4, 2, 0, 3), (5, 5)), {}, ValueError,
                    r"weight must have kernel sizes >= 1"),
@@ -758,7 +767,7 @@ CONV_CASES = [
                    r"shape \(50, 50\) needs 20000 bytes.*max_dense_bytes=1000"),
            ]),
     OpCase("conv_frame_penalty", "conv", regkernels.conv_frame_penalty, R_conv.conv_frame_penalty, o_conv_frame,
-           _conv_samples(CONV_GEOMETRIES[:6], (0.5, 2.0), tag="frame"), rtol64=1e-10, bad=[
+           _conv_samples(FRAME_GEOMETRIES, (0.5, 2.0), tag="frame"), rtol64=1e-10, bad=[
                Bad("A-negative", (CW, (5, 5), -0.1, 1.0), {}, ValueError, r"conv_frame_penalty: A must be >= 0"),
                Bad("A-above-B", (CW, (5, 5), 2.0, 1.0), {}, ValueError, r"conv_frame_penalty: need A <= B"),
                Bad("A-str", (CW, (5, 5), "a", 1.0), {}, TypeError, r"A must be a real number"),
@@ -769,7 +778,7 @@ CONV_CASES = [
                    r"matrix\) needs .* bytes"),
            ]),
     OpCase("conv_gershgorin_bounds", "conv", regkernels.conv_gershgorin_bounds, R_conv.conv_gershgorin_bounds,
-           o_conv_gershgorin, _conv_samples(CONV_GEOMETRIES[:6], tag="gersh", empty=False), rtol64=1e-10, bad=[
+           o_conv_gershgorin, _conv_samples(FRAME_GEOMETRIES, tag="gersh", empty=False), rtol64=1e-10, bad=[
                Bad("groups-not-dividing", (CW, (5, 5)), dict(groups=3), ValueError, r"conv_gershgorin_bounds: groups must"),
                Bad("reference-too-large", (torch.randn(32, 32, 3, 3, dtype=D64) / 17, (23, 23)),
                    dict(padding=1, backend="reference"), ValueError, r"conv_gershgorin_bounds: the explicit reference"),
@@ -816,7 +825,8 @@ CONV_CASES += [
            _conv_samples(SEDGHI_GEOMETRIES, tag="sedghi", empty_kw=()),
            opcheck_skip={"regkernels::batched_svd": "the real 2C×2C embedding holds every singular value twice, "
                                                     "so U and V (and their gradients) are not unique; the op is "
-                                                    "opchecked through the batched_svd case"}, oracle_view=_sorted_flat, rtol64=1e-10, bad=[
+                                                    "opchecked through the batched_svd case"},
+           oracle_view=_sorted_flat, rtol64=1e-10, bad=[
                Bad("kernel-above-input", (CW, (2, 5)), {}, ValueError,
                    r"conv_singular_values: weight's kernel \(3, 3\) must fit the circular input"),
                Bad("input_size-3-of-2", (CW, (5, 5, 5)), {}, ValueError, r"input_size must be a sequence of 2 positive"),
@@ -850,7 +860,8 @@ def _well_conditioned(shape, seed):
     *b, m, n = shape
     k = min(m, n)
     s = 0.3 + 2.2 * torch.rand(*b, k, generator=torch.Generator().manual_seed(_stable_hash(seed)), dtype=D64)
-    return (_orthogonal(*b, m, seed=seed + "U")[..., :k] * s[..., None, :]) @ _orthogonal(*b, n, seed=seed + "V")[..., :k, :]
+    U, V = _orthogonal(*b, m, seed=seed + "U")[..., :k], _orthogonal(*b, n, seed=seed + "V")[..., :k, :]
+    return (U * s[..., None, :]) @ V
 
 
 def _svd_normalize(out):
