@@ -2,8 +2,9 @@
 
     python -m pytest tests/test_generated.py --collect-only -q | python scripts/count_generated.py
 
-Ids are ``<op>-<backend>-<device>-<dtype>-<sample>``; ``-oracle-``, ``-default-`` (torch.func) and
-``-bad-`` ids count under those names in the backend column.
+Ids are ``<op>-<backend>-<device>-<dtype>-<sample>``; ``oracle`` (reference vs oracle), ``default``
+(torch.func on backend=None), ``bad`` and ``<backend> (refused)`` (a named backend the table cannot run
+on CPU tensors must raise) are counted under those names in the backend column.
 """
 import collections
 import os
@@ -26,10 +27,12 @@ for line in sys.stdin:
     test, op, backend, device = m.groups()
     if backend in ("bad",):
         device = "-"
+    if test == "test_named_backend_refused":
+        backend += " (refused)"
     counts[(FAMILY.get(op, "?"), backend, device if device in ("cpu", "cuda") else "-")] += 1
     tests[test] += 1
-print(f"{'family':12s} {'backend':10s} {'device':6s} {'tests':>6s}")
+print(f"{'family':12s} {'backend':18s} {'device':6s} {'tests':>6s}")
 for (family, backend, device), n in sorted(counts.items()):
-    print(f"{family:12s} {backend:10s} {device:6s} {n:6d}")
+    print(f"{family:12s} {backend:18s} {device:6s} {n:6d}")
 print(f"total {sum(counts.values())}")
 print("per test function: " + ", ".join(f"{k} {v}" for k, v in sorted(tests.items())))
