@@ -266,7 +266,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="default: cuda when available, else cpu")
     ap.add_argument("--json", metavar="PATH", help="write the results JSON here")
     ap.add_argument("--list", action="store_true", help="list the cases and exit")
+    ap.add_argument("--support-matrix", action="store_true",
+                    help="print the README's support matrix (markdown, from the backend tables) and exit")
     args = ap.parse_args(argv)
+    if args.support_matrix:
+        from regkernels.bench.support import support_matrix
+
+        print(support_matrix())
+        return 0
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():

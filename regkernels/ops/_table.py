@@ -146,6 +146,16 @@ class Table:
                 return r
         return None
 
+    def unusable(self, op: str, backend: str, device_type: str) -> str | None:
+        """Why a *named* ``backend`` cannot run ``op`` on ``device_type`` tensors here, or None.
+
+        The row's dtypes aside (see ``row(...).dtypes``); the generated tests skip with this reason.
+        """
+        r = self.row(op, backend, device_type)
+        if r is None:
+            return f"{op} has no {backend!r} backend for {device_type} tensors"
+        return self._usable(r, device_type, named=True)
+
     # --------------------------------------------------------------- dispatch
 
     def implementation(self, op: str, backend: str | None, device: torch.device,
