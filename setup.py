@@ -66,7 +66,7 @@ def _extension():
     sources = [os.path.join("csrc", "regkernels.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp"))) \
         + sorted(glob.glob(os.path.join("csrc", "autograd", "*.cpp")))
     # -ffp-contract=off: no FMA contraction, so CPU kernels match the op-by-op torch reference
-    # bit for bit (SPEC §4); -fno-math-errno -fno-trapping-math: sqrt is one instruction and
+    # bit for bit (docs/beta_lasso.md#update-rule); -fno-math-errno -fno-trapping-math: sqrt is one instruction and
     # selects may evaluate both sides, so branch-free loops over SIMD lanes vectorize (the Jacobi
     # SVD's rotations; results are unchanged: no reassociation, no contraction, errno and FP
     # exception flags are never read); -fopenmp: at::parallel_for is OpenMP-based in torch

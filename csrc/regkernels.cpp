@@ -17,7 +17,7 @@ bool built_with_cuda() {
 
 TORCH_LIBRARY(regkernels, m) {
   m.def("built_with_cuda() -> bool", &regkernels::built_with_cuda);
-  // Fused β-LASSO step (SPEC §4) over all tensors of one (device, dtype). Per tensor i:
+  // Fused β-LASSO step (docs/beta_lasso.md#update-rule) over all tensors of one (device, dtype). Per tensor i:
   // hyper[6i:6i+6] = (lr, lam, beta·lam, momentum, 1 − dampening, weight_decay),
   // flags[3i:3i+3] = (use momentum, nesterov, first step). Updates params and bufs in place
   // and returns the int64 count of non-zeros of each updated parameter. params, grads and
@@ -27,7 +27,7 @@ TORCH_LIBRARY(regkernels, m) {
   m.def(
       "beta_lasso_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] bufs, float[] hyper, int[] flags) "
       "-> Tensor");
-  // Gram-matrix penalties (SPEC §1.1–§1.4) of many matrices in one call. mats[i] is (..., m, n)
+  // Gram-matrix penalties (docs/gram.md) of many matrices in one call. mats[i] is (..., m, n)
   // (its leading dims flattened to one batch of b_i matrices),
   // sides[i] 0 = rows (W Wᵀ) / 1 = cols (Wᵀ W); kind 'frame' | 'diversity' | 'orthogonality' | 'mhe'
   // with params (A, B) | (tau, inclusive) | (squared) | (s, half, eps). Returns the
@@ -43,13 +43,13 @@ TORCH_LIBRARY(regkernels, m) {
   // floating, shape (Σ b_i,); coefs[i] is the forward's (b_i, k, k) in the math dtype (need_grad=True).
   // Its own backward raises (the forward's P is not differentiated).
   m.def("gram_penalty_bwd(Tensor[] mats, Tensor[] coefs, int[] sides, Tensor grad) -> Tensor[]");
-  // Thin SVD of a batch X (b, m, n), float32/float64, by one-sided Jacobi (SPEC §3.1; the math
+  // Thin SVD of a batch X (b, m, n), float32/float64, by one-sided Jacobi (docs/svd.md#batched_svd; the math
   // is csrc/core/jacobi_svd.h): U (b, m, k), S (b, k) descending, Vh (b, k, n), k = min(m, n),
   // all contiguous. A matrix holding NaN/Inf gives NaN factors. Size range: max(m, n) <= 128 on
   // CPU, <= 64 on CUDA (the Python op falls back to torch.linalg.svd outside it).
   m.def("batched_svd(Tensor X) -> (Tensor, Tensor, Tensor)");
   // Dense matrix T (C_out·P_out, C_in·P_in) of a convolution on inputs of size input_size
-  // (SPEC §2.1; the index map of regkernels.reference.conv.conv_to_matrix), in the weight's
+  // (docs/conv.md#conv_to_matrix; the index map of regkernels.reference.conv.conv_to_matrix), in the weight's
   // dtype. weight is 5-D (C_out, C_in/groups, k0, k1, k2) and the int lists have 3 entries: the
   // Python op normalizes 1-D/2-D convolutions. circular: circular padding (entries of taps that
   // wrap onto one column add up), else zeros. Checked (TORCH_CHECK): a strided floating weight

@@ -1,6 +1,7 @@
 """regkernels: fast, exact kernels for neural-network weight regularizers.
 
-Ops follow ``SPEC.md``; every op takes ``backend=None|"reference"|"triton"|"cuda"|"cpu"``.
+The contract of every op is in docs/ (one page per op family); every op takes a keyword-only
+``backend=None|"reference"|"torch"|"cpu"|"cuda"|"triton"`` (docs/index.md#backends).
 """
 __version__ = "0.1.0"
 

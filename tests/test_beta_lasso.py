@@ -254,7 +254,7 @@ def test_bad_hyperparameters(kwargs, match):
 def test_backend_cuda_on_cpu_param_and_sparse_grad():
     p = torch.zeros(3, requires_grad=True)
     p.grad = torch.ones(3)
-    with pytest.raises(ValueError, match=r"BetaLasso: BetaLasso has no 'cuda' backend for cpu tensors; backends that "
+    with pytest.raises(ValueError, match=r"BetaLasso: no 'cuda' backend for cpu tensors; backends that "
                                          r"take cpu fp32 inputs here: 'cpu', 'reference'"):
         BetaLasso([p], lr=0.1, lam=0.1, beta=1.0, backend="cuda").step()
     p.grad = torch.ones(3).to_sparse()
@@ -320,7 +320,7 @@ def test_op_bad_arguments():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 def test_fused_cuda_vs_reference(name, dtype):
     """The CUDA kernel uses un-contracted (_rn) arithmetic, so it matches the reference exactly;
-    SPEC §4 allows 1 ulp on GPU, which is what this asserts at most."""
+    docs/beta_lasso.md#update-rule allows 1 ulp on GPU, which is what this asserts at most."""
     for step, a, b, fused, ref in run_pair(CONFIGS[name], dtype=dtype, steps=20, device="cuda", skip_index=1):
         for p, q in zip(a, b):
             diff = (p.double() - q.double()).abs()

@@ -1,4 +1,4 @@
-"""Tests of the conv-as-operator family (SPEC §1.6, §2): regkernels.ops.conv and its reference.
+"""Tests of the conv-as-operator family (docs/conv.md): regkernels.ops.conv and its reference.
 
 Oracles are independent of the code under test: the matrix T comes from impulse
 responses of F.conv1d/2d/3d (column j = conv of the basis vector e_j), the frame penalty
@@ -52,7 +52,7 @@ def impulse_matrix(weight, input_size, **kw):
 
 
 def loop_frame(T, A, B, side):
-    """Frame penalty and Gershgorin bounds of T by explicit loops (formula: SPEC §1.1)."""
+    """Frame penalty and Gershgorin bounds of T by explicit loops (formula: docs/gram.md#frame_penalty)."""
     m, n = T.shape
     rows = side == "rows" or (side == "auto" and m < n)
     V = T @ T.T if rows else T.T @ T
@@ -67,7 +67,7 @@ def loop_frame(T, A, B, side):
 
 
 def loop_ocnn(K, stride, padding):
-    """OCNN penalty (SPEC §1.6) with the 2-D correlation written out as loops."""
+    """OCNN penalty (docs/conv.md#conv_orthogonality_penalty) with the 2-D correlation written out as loops."""
     o, c, kh, kw = K.shape
     P = (kh - 1) // stride * stride if padding is None else padding
     s = (2 * P) // stride + 1
@@ -508,7 +508,7 @@ def test_empty_weight():
     assert e.grad.shape == e.shape
     lo, hi = C.conv_gershgorin_bounds(e, (5, 4), padding=1)
     assert float(lo) == math.inf and float(hi) == -math.inf
-    # the cols side of an empty T is the zero Gram: d = r = 0, penalty A² (SPEC §1.1 as is)
+    # the cols side of an empty T is the zero Gram: d = r = 0, penalty A² (docs/gram.md#frame_penalty as is)
     torch.testing.assert_close(C.conv_frame_penalty(e, (5, 4), 0.5, 2.0, padding=1, side="cols"),
                                torch.tensor(0.25, dtype=D64))
     assert float(C.conv_orthogonality_penalty(e).detach()) == 0.0
@@ -555,7 +555,7 @@ def test_backend_selection(name):
     assert C.TABLE.implementation(name, None, w.device, w.dtype) is \
         C.TABLE.implementation(name, CPU_DEFAULT[name], w.device, w.dtype)
     missing = "cuda" if name not in ("conv_singular_values", "clip_conv_singular_values") else "triton"
-    with pytest.raises(ValueError, match=rf"{name}: {name} has no '{missing}' backend for cpu tensors; backends "
+    with pytest.raises(ValueError, match=rf"{name}: no '{missing}' backend for cpu tensors; backends "
                                          rf"that take cpu fp64 inputs here: {_backends_listed(name)}$"):
         fn(w, *args, backend=missing)
     with pytest.raises(ValueError, match=rf"{name}: backend must be None or one of 'reference', 'torch', 'cpu', "
@@ -573,7 +573,7 @@ def test_named_triton_refuses_float64_listing_what_takes_it(name):
     # the fused stats are float32 inside: a float64 weight used to run the torch path silently
     w = torch.randn(4, 2, 3, 3, dtype=D64)
     args = ((5, 4), 0.5, 2.0) if name == "conv_frame_penalty" else ((5, 4),)
-    with pytest.raises(ValueError, match=rf"{name}: the 'triton' backend of {name} takes torch.float16, "
+    with pytest.raises(ValueError, match=rf"{name}: the 'triton' backend takes torch.float16, "
                                          rf"torch.bfloat16, torch.float32, not torch.float64; backends that take "
                                          rf"cpu fp64 inputs here: 'torch', 'reference'$"):
         getattr(C, name)(w, *args, padding=1, backend="triton")
@@ -706,7 +706,7 @@ def test_torch_compile_fullgraph(name):
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
-# ---------------------------------------------------------------- bad input (SPEC §7)
+# ---------------------------------------------------------------- bad input (docs/index.md#bad-input)
 
 W = torch.randn(4, 2, 3, 3)
 BAD = [

@@ -1,4 +1,4 @@
-"""Tests for the C++ CPU kernels of the Gram penalties (csrc/cpu/gram_cpu.cpp, SPEC §1.1–§1.4).
+"""Tests for the C++ CPU kernels of the Gram penalties (csrc/cpu/gram_cpu.cpp, docs/gram.md).
 
 The kernel (``backend="cpu"``) against the reference evaluated in float64: values and gradients
 for every kind and option, both sides, odd and degenerate shapes, the blocked symmetric Gram of

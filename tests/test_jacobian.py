@@ -1,4 +1,4 @@
-"""Tests of the Jacobian penalty (SPEC §5.2, Hoffman et al. 2019)."""
+"""Tests of the Jacobian penalty (docs/jacobian.md#jacobian_penalty, Hoffman et al. 2019)."""
 from __future__ import annotations
 
 import math
@@ -149,10 +149,10 @@ def _xy():
     (lambda x, y: J.jacobian_penalty(y, x, generator=5), TypeError,
      "jacobian_penalty: generator must be a torch.Generator"),
     (lambda x, y: J.jacobian_penalty(y, x, backend="cpu"), ValueError,
-     "jacobian_penalty: jacobian_penalty has no 'cpu' backend for cpu tensors; backends that take cpu fp32 "
+     "jacobian_penalty: no 'cpu' backend for cpu tensors; backends that take cpu fp32 "
      "inputs here: 'reference'"),
     (lambda x, y: J.jacobian_penalty(y, x, backend="torch"), ValueError,
-     "jacobian_penalty: jacobian_penalty has no 'torch' backend"),
+     "jacobian_penalty: no 'torch' backend"),
     (lambda x, y: J.jacobian_penalty(y, x, 1, False, None, "reference"), TypeError, "positional argument"),
 ])
 def test_bad_input(call, exc, match):

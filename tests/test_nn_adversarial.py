@@ -1,4 +1,4 @@
-"""Tests of adversarial kernel regularization (SPEC §5.1; seed: adversarial regularization for
+"""Tests of adversarial kernel regularization (docs/nn.md#adversarialkernelregularizer; seed: adversarial regularization for
 convolution filters): the Gabor bank, kernel harvesting, and the GAN regularizer."""
 from __future__ import annotations
 
@@ -212,7 +212,7 @@ def _train(seed: int, steps: int, d_only: bool = False):
 
 
 def test_generator_loss_pulls_noise_toward_the_gabor_bank():
-    """SPEC §5.1 / the seed's Figure 5: D(real) and D(fake) → 0.5, and the kernels' roughness
+    """docs/nn.md#adversarialkernelregularizer / the seed's Figure 5: D(real) and D(fake) → 0.5, and the kernels' roughness
     (total variation) moves toward the bank's. Margins were measured over 10 seeds (distance
     shrank 6–80×, final |D − 0.5| ≤ 0.11); the control shows D can separate the two sets
     easily when the kernels do not move, so ending near 0.5 is the generator's doing."""

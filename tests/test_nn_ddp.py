@@ -1,4 +1,4 @@
-"""The Regularizer and BetaLasso under DistributedDataParallel (SPEC §6: replicated weights).
+"""The Regularizer and BetaLasso under DistributedDataParallel (docs/nn.md#regularizer: replicated weights).
 
 Two CPU processes with the gloo backend each take half of a batch; DDP averages the task
 gradients and every rank adds the same penalty gradient (its weights are replicated), so the

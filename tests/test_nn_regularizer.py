@@ -1,4 +1,4 @@
-"""Tests of the model-level Regularizer and the SVBProjector (SPEC §6).
+"""Tests of the model-level Regularizer and the SVBProjector (docs/nn.md#regularizer).
 
 Oracles: the public per-layer ops called by hand with each layer's own arguments (the
 Regularizer must be exactly their weighted mean), float64 SVDs for the stats, and the SVB
@@ -41,7 +41,7 @@ def _by_hand(model: nn.Module, kind: str, kw: dict, generator=None) -> torch.Ten
               "orthogonality": regkernels.orthogonality_penalty, "mhe": regkernels.mhe_penalty,
               "srip": regkernels.srip_penalty}[kind]
         extra = dict(generator=generator) if kind == "srip" else {}
-        # a grouped conv is a batch of matrices: the mean over groups (SPEC §0)
+        # a grouped conv is a batch of matrices: the mean over groups (docs/gram.md#as_matrix)
         return torch.stack([op(regkernels.as_matrix(m.weight, getattr(m, "groups", 1)), **kw, **extra).mean()
                             for m in layers])
     sizes = [(8, 8), (8, 8), (4, 4)]

@@ -34,11 +34,11 @@ def test_none_takes_the_first_usable_default_row_for_the_device_and_dtype():
 @needs_ext
 def test_a_named_backend_that_cannot_take_the_input_raises_listing_what_can():
     t = _table(Kernel("op", "cpu", "cpu", CPP, HALF_AND_FLOAT), Kernel("op", "cuda", "triton", TRITON, HALF_AND_FLOAT))
-    with pytest.raises(ValueError, match=r"pub: the 'cpu' backend of pub takes torch.float16, torch.bfloat16, "
+    with pytest.raises(ValueError, match=r"pub: the 'cpu' backend takes torch.float16, torch.bfloat16, "
                                          r"torch.float32, not torch.float64; backends that take cpu fp64 inputs "
                                          r"here: 'reference'"):
         t.implementation("op", "cpu", CPU, F64, name="pub")
-    with pytest.raises(ValueError, match=r"op: op has no 'cuda' backend for cpu tensors; backends that take cpu "
+    with pytest.raises(ValueError, match=r"op: no 'cuda' backend for cpu tensors; backends that take cpu "
                                          r"fp32 inputs here: 'cpu', .*'reference'"):
         t.implementation("op", "cuda", CPU, F32)
     with pytest.raises(ValueError, match=r"op: backend must be None or one of 'reference', 'torch', 'cpu', 'cuda', "
@@ -53,7 +53,7 @@ def test_interpreted_triton_runs_cpu_tensors_only_when_named(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert t.implementation("op", None, CPU, F32)(5) == 5            # never picked by None on CPU
     assert t.implementation("op", "triton", CPU, F32)(5) == ~5
-    with pytest.raises(ValueError, match=r"'triton' backend of op takes .*not torch.float64"):
+    with pytest.raises(ValueError, match=r"'triton' backend takes .*not torch.float64"):
         t.implementation("op", "triton", CPU, F64)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match=r"cannot run here: Triton runs CPU tensors only interpreted"):

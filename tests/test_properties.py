@@ -1,4 +1,4 @@
-"""Property-based tests of the public contract (SPEC §7, §8), drawn by hypothesis for every public op.
+"""Property-based tests of the public contract (docs/index.md: bad input, numerical behaviour), drawn by hypothesis for every public op.
 
 Each test draws shapes, dtypes, layouts (contiguous, transposed, strided), NaN / Inf placements
 and argument values, and asserts what must hold for all of them:
@@ -383,7 +383,7 @@ def test_conv_orthogonality_penalty_matches_its_definition(data, pad):
     assume(geo["groups"] == 1 and weight.dim() == 4)
     stride = geo["stride"][0]
     out = regkernels.conv_orthogonality_penalty(weight, stride=stride, padding=pad)
-    # SPEC §1.6 per spatial dim: P = ⌊(k−1)/S⌋·S unless given, target I at the centre ⌊s/2⌋
+    # docs/conv.md#conv_orthogonality_penalty per spatial dim: P = ⌊(k−1)/S⌋·S unless given, target I at the centre ⌊s/2⌋
     p = tuple((k - 1) // stride * stride if pad is None else pad for k in weight.shape[2:])
     O = F.conv2d(weight.double(), weight.double(), stride=stride, padding=p)
     target = torch.zeros_like(O)

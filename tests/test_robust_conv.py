@@ -1,4 +1,4 @@
-"""Robustness of the conv family (issue 13, SPEC §7–§8): non-finite weights, double backward,
+"""Robustness of the conv family (issue 13, docs/index.md): non-finite weights, double backward,
 sizes that cannot fit, the raw registered ops' argument checks, layers without channels, the
 sparse plan cache and the border-class enumeration at large inputs.
 
@@ -81,7 +81,7 @@ def test_conv_frame_penalty_nonfinite_weight_is_nan_like_explicit(backend, bad, 
     w = torch.randn(shape, dtype=dtype)
     w[1, 2, 1, 1] = bad
     if backend == "triton" and dtype == D64:  # the fused stats are float32 inside: named, it refuses float64
-        with pytest.raises(ValueError, match=r"conv_frame_penalty: the 'triton' backend of conv_frame_penalty takes "
+        with pytest.raises(ValueError, match=r"conv_frame_penalty: the 'triton' backend takes "
                                              r"torch.float16, torch.bfloat16, torch.float32, not torch.float64"):
             C.conv_frame_penalty(w, size, 0.5, 2.0, backend=backend, **kw)
         return

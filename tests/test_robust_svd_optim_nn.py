@@ -1,4 +1,4 @@
-"""No silent wrong results in the SVD family, BetaLasso and the nn layer (SPEC §3, §4, §6, §7, §8).
+"""No silent wrong results in the SVD family, BetaLasso and the nn layer (docs/svd.md, docs/beta_lasso.md, docs/nn.md, docs/index.md).
 
 Each test is named after the behaviour it pins down and runs on every backend CI has for the
 op: the reference, the C++ CPU kernel ("cpu"), the interpreted Triton kernel where the op has
@@ -294,8 +294,8 @@ def test_svb_refuses_non_finite_or_bool_eps(eps, exc, match):
     (dict(eps=float("inf")), ValueError, r"SVBProjector: eps must be finite"),
     (dict(eps=True), TypeError, r"SVBProjector: eps must be a real number .* not bool"),
     (dict(eps=0.1, backend="gpu"), ValueError, r"SVBProjector: backend must be None or one of 'reference'"),
-    (dict(eps=0.1, backend="cuda"), ValueError, r"SVBProjector: SVBProjector has no 'cuda' backend for cpu tensors"),
-    (dict(eps=0.1, backend="torch"), ValueError, r"SVBProjector: SVBProjector has no 'torch' backend for cpu "
+    (dict(eps=0.1, backend="cuda"), ValueError, r"SVBProjector: no 'cuda' backend for cpu tensors"),
+    (dict(eps=0.1, backend="torch"), ValueError, r"SVBProjector: no 'torch' backend for cpu "
                                                  r"tensors; backends that take cpu fp32 inputs here: .*'reference'"),
     (dict(eps=0.1, operator=1), TypeError, r"SVBProjector: operator must be a bool; got 1"),
     (dict(eps=0.1, operator=True, input_size="x"), TypeError, r"SVBProjector: input_size must be None, an int"),

@@ -1,4 +1,4 @@
-"""Tests of the batched-SVD family (SPEC §3): batched_svd, clamp_singular_values, svb_."""
+"""Tests of the batched-SVD family (docs/svd.md): batched_svd, clamp_singular_values, svb_."""
 from __future__ import annotations
 
 
@@ -10,7 +10,7 @@ from torch.autograd import gradcheck
 from regkernels.ops import svd as S
 from regkernels.reference import svd as R
 
-# (dtype, tol) for the SPEC §3.1 bounds: reconstruction relative to ‖X‖_F, orthogonality,
+# (dtype, tol) for the docs/svd.md#batched_svd bounds: reconstruction relative to ‖X‖_F, orthogonality,
 # and |S − S_float64| relative to S_max
 SVD_TOLS = [(torch.float32, 1e-5), (torch.float64, 1e-12)]
 
@@ -53,7 +53,7 @@ def _matrices(kind: str, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _check_svd(X: torch.Tensor, U: torch.Tensor, Sv: torch.Tensor, Vh: torch.Tensor, tol: float) -> None:
-    """SPEC §3.1 contract; the measurements are made in float64 so 1e±20 cannot over/underflow."""
+    """docs/svd.md#batched_svd contract; the measurements are made in float64 so 1e±20 cannot over/underflow."""
     *batch, m, n = X.shape
     k = min(m, n)
     assert U.shape == (*batch, m, k) and Sv.shape == (*batch, k) and Vh.shape == (*batch, k, n)
@@ -269,7 +269,7 @@ def test_clamp_gradient_at_repeated_singular_values_matches_finite_differences(n
 
 
 def test_torch_svd_backward_is_not_finite_at_repeated_singular_values():
-    """The motivation for the divided-difference backward (SPEC §3.2)."""
+    """The motivation for the divided-difference backward (docs/svd.md#clamp_singular_values)."""
     X = (1.3 * _orthogonal(5)).requires_grad_(True)
     U, Sv, Vh = torch.linalg.svd(X, full_matrices=False)
     Y = (U * Sv.clamp(0.2, 0.6)[..., None, :]) @ Vh
@@ -311,7 +311,7 @@ def test_clamp_compiles_fullgraph_forward_and_backward():
 # ------------------------------------------------------------------------------ svb_
 
 def _per_group_matrices(weight: torch.Tensor, groups: int) -> list[torch.Tensor]:
-    """as_matrix (SPEC §0) spelled independently: group g's filters flattened, rows = filters."""
+    """as_matrix (docs/gram.md#as_matrix) spelled independently: group g's filters flattened, rows = filters."""
     return [block.reshape(block.shape[0], -1) for block in weight.chunk(groups, dim=0)]
 
 
@@ -405,7 +405,7 @@ def test_svb_tensor_inputs_low_precision_and_ties():
 
 
 def test_svb_operator_branch_plumbing(monkeypatch):
-    """The operator branch hands each conv group to conv.clip_conv_singular_values (SPEC §2.3)
+    """The operator branch hands each conv group to conv.clip_conv_singular_values (docs/conv.md#conv_singular_values)
     and bounds Linear weights as matrices; a stand-in conv module records the calls."""
     seen = []
 
@@ -459,10 +459,10 @@ def test_svb_operator_needs_input_size_and_changes_nothing():
      "batched_svd: X must have a floating dtype"),
     (lambda: S.batched_svd([[1.0, 2.0]]), TypeError, "batched_svd: X must be a torch.Tensor"),
     (lambda: S.batched_svd(torch.randn(3, 3), backend="cuda"), ValueError,
-     "batched_svd: batched_svd has no 'cuda' backend for cpu tensors; backends that take cpu fp32 inputs here: "
+     "batched_svd: no 'cuda' backend for cpu tensors; backends that take cpu fp32 inputs here: "
      "'cpu', 'reference'"),
     (lambda: S.batched_svd(torch.randn(3, 3), backend="fast"), ValueError, "batched_svd: backend must be None or one of"),
-    (lambda: S.batched_svd(torch.randn(3, 3), backend="torch"), ValueError, "batched_svd: batched_svd has no 'torch'"),
+    (lambda: S.batched_svd(torch.randn(3, 3), backend="torch"), ValueError, "batched_svd: no 'torch'"),
     (lambda: S.batched_svd(torch.randn(3, 3), "reference"), TypeError, "positional argument"),
     (lambda: S.clamp_singular_values(torch.randn(3, 3), 0.5, 1.0, "cpu"), TypeError, "positional argument"),
     (lambda: S.svb_(nn.Linear(3, 3), 0.1, False, None, "cpu"), TypeError, "positional argument"),
@@ -473,7 +473,7 @@ def test_svb_operator_needs_input_size_and_changes_nothing():
     (lambda: S.clamp_singular_values(torch.randn(3, 3), 2.0, 1.0), ValueError, "clamp_singular_values: need lo <= hi"),
     (lambda: S.clamp_singular_values(torch.randn(3, 3), torch.tensor(0.5), 1.0), TypeError, "lo must be a real number"),
     (lambda: S.clamp_singular_values(torch.randn(3, 3), 0.5, 1.0, backend="triton"), ValueError,
-     "clamp_singular_values: clamp_singular_values has no 'triton' backend for cpu tensors; backends that take "
+     "clamp_singular_values: no 'triton' backend for cpu tensors; backends that take "
      "cpu fp32 inputs here: 'cpu', 'reference'"),
     (lambda: S.svb_(nn.Linear(3, 3), 0.0), ValueError, r"svb_: eps must be > 0"),
     (lambda: S.svb_(nn.Linear(3, 3), -1), ValueError, r"svb_: eps must be > 0"),
@@ -490,7 +490,7 @@ def test_svb_operator_needs_input_size_and_changes_nothing():
     (lambda: S.svb_(nn.Conv2d(2, 2, 3), 0.1, operator=True, input_size=(8.0, 8)), TypeError,
      "svb_: input_size must be"),
     (lambda: S.svb_(nn.Linear(3, 3), 0.1, backend="cuda"), ValueError,
-     "svb_: svb_ has no 'cuda' backend for cpu tensors; backends that take cpu fp32 inputs here: 'cpu', "
+     "svb_: no 'cuda' backend for cpu tensors; backends that take cpu fp32 inputs here: 'cpu', "
      "'reference'"),
 ])
 def test_bad_input(call, exc, match):

@@ -1,5 +1,5 @@
 """The one-sided Jacobi SVD kernel (regkernels::batched_svd, csrc/core/jacobi_svd.h) against
-SPEC §3.1's accuracy bounds, measured against float64 LAPACK.
+docs/svd.md#batched_svd's accuracy bounds, measured against float64 LAPACK.
 
 The CPU kernel runs here; the CUDA kernel runs the same checks where a GPU exists (tests marked
 ``cuda``). tests/test_svd.py covers the public ops' contract, which now runs on the kernel by
@@ -39,7 +39,7 @@ def _op(X: torch.Tensor):
 
 
 def _errors(X: torch.Tensor, U: torch.Tensor, Sv: torch.Tensor, Vh: torch.Tensor) -> dict[str, float]:
-    """SPEC §3.1's four measures, per batch maximum, computed in float64 on the CPU."""
+    """docs/svd.md#batched_svd's four measures, per batch maximum, computed in float64 on the CPU."""
     X64, U64, S64, Vh64 = (t.detach().to(torch.float64).cpu() for t in (X, U, Sv, Vh))
     k = S64.shape[-1]
     eye = torch.eye(k, dtype=torch.float64)
@@ -256,7 +256,7 @@ def test_clamp_on_kernel_is_finite_at_repeated_values_and_matches_finite_differe
 @needs_conv_rows
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.float64, 1e-11)])
 def test_conv_singular_values_on_kernel_equal_explicit_operator(dtype, tol):
-    """SPEC §2.3: the union of the per-frequency singular values (kernel, real embedding) is the
+    """docs/conv.md#conv_singular_values: the union of the per-frequency singular values (kernel, real embedding) is the
     spectrum of the explicit circular operator."""
     from regkernels.ops import conv as C
 

@@ -1,4 +1,4 @@
-// Autograd for regkernels::gram_penalty_fwd (SPEC §1.1–§1.4), in C++: the op is called once per
+// Autograd for regkernels::gram_penalty_fwd (docs/gram.md), in C++: the op is called once per
 // layer list per step, and a Python autograd wrapper cost more than the whole CPU kernel on
 // small layers (~0.3 ms per forward + backward at 64×576). The forward keeps the (batch, k, k)
 // coefficients P the kernel leaves; the backward is regkernels::gram_penalty_bwd (dW = g·P·W).

@@ -1,4 +1,4 @@
-// The β-LASSO element update (formula: SPEC §4), shared by the CPU and CUDA kernels.
+// The β-LASSO element update (formula: docs/beta_lasso.md#update-rule), shared by the CPU and CUDA kernels.
 //
 //   d   = g + weight_decay·θ                         (if weight_decay)
 //   buf = d (first step) | momentum·buf + (1 − dampening)·d      (if momentum)

@@ -13,7 +13,7 @@ namespace core {
 // Multiply / add with exactly one rounding each. On the host the extension is built with
 // -ffp-contract=off, so plain operators never fuse into an FMA; nvcc contracts by default
 // (--fmad=true), so device code uses the _rn intrinsics, which are never contracted. This keeps
-// kernels bit-identical to the op-by-op torch reference (SPEC §4: no FMA contraction).
+// kernels bit-identical to the op-by-op torch reference (docs/beta_lasso.md#update-rule: no FMA contraction).
 RK_HOST_DEVICE float mul_rn(float a, float b) {
 #if defined(__CUDA_ARCH__)
   return __fmul_rn(a, b);

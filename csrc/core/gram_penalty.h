@@ -1,4 +1,4 @@
-// Per-entry math of the Gram-matrix penalties (SPEC §1), shared by the CPU epilogues and any
+// Per-entry math of the Gram-matrix penalties (docs/gram.md#conventions), shared by the CPU epilogues and any
 // device kernel: the value each Gram entry (or row) contributes and its derivative.
 //
 // Every penalty here is a function of V = Gram(W) (k×k, symmetric). Its gradient is written as
@@ -14,7 +14,7 @@
 namespace regkernels {
 namespace core {
 
-// sign with sign(0) = 0, the subgradient of |x| (SPEC §1), and sign(NaN) = NaN as torch.sign: a
+// sign with sign(0) = 0, the subgradient of |x| (docs/gram.md#conventions), and sign(NaN) = NaN as torch.sign: a
 // NaN Gram entry must reach the gradient coefficients P instead of becoming a zero coefficient.
 template <typename T>
 RK_HOST_DEVICE T sign0(T x) {
@@ -22,13 +22,13 @@ RK_HOST_DEVICE T sign0(T x) {
 }
 
 // max(0, x) that keeps NaN, as torch.relu: a NaN hinge argument (a NaN entry of W, or d − r =
-// inf − inf once the Gram overflows) must give a NaN value and NaN coefficients, not 0 (SPEC §8).
+// inf − inf once the Gram overflows) must give a NaN value and NaN coefficients, not 0 (docs/index.md#numerical-behaviour).
 template <typename T>
 RK_HOST_DEVICE T relu_nan(T x) {
   return x < T(0) ? T(0) : x;
 }
 
-// Frame penalty (SPEC §1.1), one row i of V with diagonal d and Gershgorin radius r:
+// Frame penalty (docs/gram.md#frame_penalty), one row i of V with diagonal d and Gershgorin radius r:
 //   lower = relu(A − (d − r))², upper = relu((d + r) − B)², row value = lower + upper.
 // For R = (1/k) Σ_i row value: ∂R/∂r_i = (2/k)(lo + up) (→ S_ij = that · sign(V_ij), j ≠ i) and
 // ∂R/∂d_i = (2/k)(up − lo) (→ S_ii). relu'(0) = 0 as in torch, which the squares make moot; NaN
@@ -49,7 +49,7 @@ RK_HOST_DEVICE FrameRow<T> frame_row(T d, T r, T A, T B) {
   return {lo * lo + up * up, T(2) * (lo + up), T(2) * (up - lo)};
 }
 
-// MHE energy of one pair (SPEC §1.4) as a function of δ = 2 − 2·cos:
+// MHE energy of one pair (docs/gram.md#mhe_penalty) as a function of δ = 2 − 2·cos:
 //   s = 0: −log δ,  s = 1: δ^(−1/2),  s = 2: 1/δ; and its derivative d(energy)/dδ.
 // δ = 0 gives +inf (duplicate filters); nothing is clamped.
 template <typename T>
@@ -67,7 +67,7 @@ RK_HOST_DEVICE T mhe_denergy(T delta, int s) {
 }
 
 // MHE pair term as a function of c = cos_ij for one unordered pair (i, j) of rows of W.
-// Plain: the pair (w_i, w_j), T(c) = e(2 − 2c). half=True adds the rows −W (SPEC §1.4): the pairs
+// Plain: the pair (w_i, w_j), T(c) = e(2 − 2c). half=True adds the rows −W (docs/gram.md#mhe_penalty): the pairs
 // (w_i, w_j), (−w_i, −w_j) have δ = 2 − 2c and (w_i, −w_j), (−w_i, w_j) have δ = 2 + 2c, so
 // T(c) = 2·(e(2 − 2c) + e(2 + 2c)). Returns T and dT/dc.
 template <typename T>

@@ -1,4 +1,4 @@
-// One-sided (Hestenes) Jacobi SVD: the math shared by the CPU and CUDA kernels (SPEC §3.1).
+// One-sided (Hestenes) Jacobi SVD: the math shared by the CPU and CUDA kernels (docs/svd.md#batched_svd).
 //
 // The kernels always work on a tall matrix A (M × N, M ≥ N = k): a wide X is decomposed as
 // Xᵀ = V S Uᵀ. A is scaled by an exact power of two so that max|a| ∈ [0.5, 1), which keeps
@@ -13,7 +13,7 @@
 //     a_p ← a_p − s·(a_q + τ·a_p),   a_q ← a_q + s·(a_p − τ·a_q),   s = sinθ, τ = tan(θ/2)
 // (τ = s/(1 + cosθ)), whose rounding shrinks with the angle: the form with a rounded cosθ ≈ 1
 // departs from orthogonality by ~eps per rotation whatever the angle, and over the hundreds of
-// rotations of a 64-column float32 matrix that left VᵀV − I at 1.3e-5 (SPEC §3.1 asks 1e-5);
+// rotations of a 64-column float32 matrix that left VᵀV − I at 1.3e-5 (docs/svd.md#batched_svd asks 1e-5);
 // this form gives 8e-7 there. A pair is rotated only while |γ| > tol·√α·√β, tol = √M·eps
 // (LAPACK's sgesvj/dgesvj choice). A sweep without a rotation ends the iteration; sweeps are
 // bounded, so a matrix never hangs a kernel. At the end σ_j = ‖a_j‖, u_j = a_j/σ_j (orthonormal

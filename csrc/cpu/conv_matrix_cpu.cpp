@@ -1,4 +1,4 @@
-// Dense matrix T of a convolution on CPU (SPEC §2.1) and its backward, for 5-D weights
+// Dense matrix T of a convolution on CPU (docs/conv.md#conv_to_matrix) and its backward, for 5-D weights
 // (C_out, Cg, k0, k1, k2); the Python op normalizes 1-D/2-D convolutions to 3 spatial dims.
 //
 // Index map (regkernels.reference.conv._matrix_entries): row r = o·P_out + y (y row-major over

@@ -1,4 +1,4 @@
-// Gram-matrix penalties on CPU (SPEC §1.1–§1.4): BLAS for the products, one fused C++ epilogue
+// Gram-matrix penalties on CPU (docs/gram.md): BLAS for the products, one fused C++ epilogue
 // over the Gram instead of the reference's ~10 elementwise kernels.
 //
 // Forward, per matrix: V = Gram(W) (k×k) from BLAS, only the blocks on and above the diagonal
@@ -147,7 +147,7 @@ void symmetric_gram(const at::Tensor& X, at::Tensor V) {
 
 template <typename T>
 double frame_epilogue(T* V, int64_t k, const at::ArrayRef<double> params, bool need_grad) {
-  // formula: SPEC §1.1; S_ij = (1/k) dr_i · sign(V_ij) (j ≠ i), S_ii = (1/k) dd_i
+  // formula: docs/gram.md#frame_penalty; S_ij = (1/k) dr_i · sign(V_ij) (j ≠ i), S_ii = (1/k) dd_i
   const T A = static_cast<T>(params[0]), B = static_cast<T>(params[1]);
   RowVec<T> row(k), dr(k), dd(k);
   for_rows(k, [&](int64_t lo, int64_t hi) {
@@ -172,7 +172,7 @@ double frame_epilogue(T* V, int64_t k, const at::ArrayRef<double> params, bool n
 
 template <typename T>
 double diversity_epilogue(T* V, int64_t k, const at::ArrayRef<double> params, bool need_grad) {
-  // formula: SPEC §1.2 with C_ij = V_ij / (n_i n_j), n_i = max(sqrt(V_ii), 1e-12) (F.normalize).
+  // formula: docs/gram.md#diversity_penalty with C_ij = V_ij / (n_i n_j), n_i = max(sqrt(V_ii), 1e-12) (F.normalize).
   // R = ½ Σ_{i≠j} mask_ij C_ij²: S_ij = mask_ij C_ij / (n_i n_j) for j ≠ i; through n_i,
   // S_ii = −Σ_j mask_ij C_ij² / n_i² (zero where the norm is clamped, as clamp_min's gradient).
   // NaN: a NaN norm is not clamped (clamp_min keeps NaN), and the mask is a 0/1 factor, as in the
@@ -217,9 +217,9 @@ double diversity_epilogue(T* V, int64_t k, const at::ArrayRef<double> params, bo
 
 template <typename T>
 double orthogonality_epilogue(T* V, int64_t k, const at::ArrayRef<double> params, bool need_grad, double offset) {
-  // formula: SPEC §1.3: R² = Σ_ij (V_ij − δ_ij)² + offset; S = 2(V − I), P = 4(V − I);
+  // formula: docs/gram.md#orthogonality_penalty: R² = Σ_ij (V_ij − δ_ij)² + offset; S = 2(V − I), P = 4(V − I);
   // squared=False: R = sqrt(R²) and P/(2R), with the subgradient 0 at R = 0 (Gram(W) = I exactly,
-  // SPEC §8). offset: see gram_penalty_fwd_cpu. The diagonal is skipped, not subtracted: with an
+  // docs/index.md#numerical-behaviour). offset: see gram_penalty_fwd_cpu. The diagonal is skipped, not subtracted: with an
   // infinite entry Σ_j V_ij² − V_ii² would be inf − inf = NaN where the formula is +inf.
   // squared=False: ‖V − I‖ = s·‖(V − I)/s‖ with s the power of two just below max|V_ij − δ_ij|, so
   // the sum of squares cannot overflow while the norm is finite (entries ~1e17 in float32: the
@@ -269,7 +269,7 @@ double orthogonality_epilogue(T* V, int64_t k, const at::ArrayRef<double> params
 
 template <typename T>
 double mhe_epilogue(T* V, int64_t k, const at::ArrayRef<double> params, bool need_grad) {
-  // formula: SPEC §1.4. ν_i = sqrt(V_ii + eps), c_ij = V_ij / (ν_i ν_j), pair term T(c) of
+  // formula: docs/gram.md#mhe_penalty. ν_i = sqrt(V_ii + eps), c_ij = V_ij / (ν_i ν_j), pair term T(c) of
   // core::mhe_pair over the unordered pairs, R = (Σ_{i<j} T(c_ij) [+ Σ_i e(2 + 2 c_ii) if half])
   // / npairs with npairs = p(p − 1)/2 over the p = m (or 2m) rows.
   // S_ij = T'(c_ij) / (npairs ν_i ν_j) for i < j; through ν_i, S_ii = Σ_{j≠i} T'(c_ij)·(−c_ij/2) /

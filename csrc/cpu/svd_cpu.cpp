@@ -1,4 +1,4 @@
-// Batched one-sided Jacobi SVD on CPU (SPEC §3.1; the per-pair math is csrc/core/jacobi_svd.h).
+// Batched one-sided Jacobi SVD on CPU (docs/svd.md#batched_svd; the per-pair math is csrc/core/jacobi_svd.h).
 //
 // SIMD across matrices: a group of L = 32 bytes / sizeof(T) matrices (8 float / 4 double, one
 // AVX2 register) is interleaved lane by lane, entry (row i, column j) of the group's tall
@@ -26,7 +26,7 @@
 namespace regkernels {
 namespace {
 
-constexpr int64_t kMaxSide = 128;  // largest max(m, n) of the kernel path (SPEC §3.1 stretch size)
+constexpr int64_t kMaxSide = 128;  // largest max(m, n) of the kernel path (docs/svd.md#batched_svd stretch size)
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define RK_SVD_CLONES __attribute__((target_clones("avx2", "default")))

@@ -1,4 +1,4 @@
-// Batched one-sided Jacobi SVD on CUDA (SPEC §3.1; the per-pair math is csrc/core/jacobi_svd.h).
+// Batched one-sided Jacobi SVD on CUDA (docs/svd.md#batched_svd; the per-pair math is csrc/core/jacobi_svd.h).
 //
 // One block per matrix. The tall matrix A (M × N, A = X or Xᵀ) and V (N × N) live in dynamic
 // shared memory, column-major: column j of A at A + j·ldA, of V at V + j·ldV. A sweep is a

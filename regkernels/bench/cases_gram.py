@@ -1,4 +1,4 @@
-"""Benchmark cases for the Gram-matrix penalties (SPEC §1): single layers and whole models.
+"""Benchmark cases for the Gram-matrix penalties (docs/gram.md#conventions): single layers and whole models.
 
 Single-layer cases time forward + backward of one ``(m, n)`` weight per op at the
 shapes of real layers (conv weights as matrices: 64×576 is a 64-filter 3×3 conv over

@@ -1,4 +1,4 @@
-"""Benchmark cases of the fused β-LASSO step (SPEC §4).
+"""Benchmark cases of the fused β-LASSO step (docs/beta_lasso.md#update-rule).
 
 ``model-10M``: 10M parameters over 60 tensors of mixed sizes (conv / linear / bias shapes of
 a mid-sized CNN); ``tensor-16M``: one 16M-element tensor; ``model-10M-momentum``: the

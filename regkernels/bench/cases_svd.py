@@ -1,4 +1,4 @@
-"""Benchmark cases of the batched-SVD family (SPEC §3) and the Jacobian penalty (SPEC §5.2).
+"""Benchmark cases of the batched-SVD family (docs/svd.md) and the Jacobian penalty (docs/jacobian.md#jacobian_penalty).
 
 Providers: ``eager`` = the pure-torch reference, ``compile`` = ``compiled(reference)``,
 ``regkernels`` = the public op with its default backend. ``svb_`` and ``jacobian_penalty``

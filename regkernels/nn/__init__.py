@@ -1,4 +1,4 @@
-"""Training-loop pieces (SPEC §5.1, §6): the model-level ``Regularizer``, the ``SVBProjector``
+"""Training-loop pieces (docs/nn.md): the model-level ``Regularizer``, the ``SVBProjector``
 schedule and the adversarial kernel regularizer with its kernel banks."""
 from regkernels.nn.adversarial import AdversarialKernelRegularizer, gabor_bank, harvest_kernels
 from regkernels.nn.regularizer import KINDS, Regularizer, SVBProjector

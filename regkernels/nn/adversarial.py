@@ -1,4 +1,4 @@
-"""Adversarial kernel regularization (SPEC §5.1; seed: adversarial regularization for conv filters).
+"""Adversarial kernel regularization (docs/nn.md#adversarialkernelregularizer; seed: adversarial regularization for conv filters).
 
 A small discriminator D learns to tell a bank of "good" k×k kernels (harvested from a model
 trained on a large data set, or synthetic Gabor filters) from the kernels of the convolutions
@@ -105,7 +105,7 @@ def harvest_kernels(model: nn.Module, k: int) -> torch.Tensor:
 
 
 class AdversarialKernelRegularizer(nn.Module):
-    """GAN-style regularizer pulling conv kernels toward a bank of good kernels (SPEC §5.1).
+    """GAN-style regularizer pulling conv kernels toward a bank of good kernels (docs/nn.md#adversarialkernelregularizer).
 
     ``convs``: an ``nn.Module`` (every ``nn.Conv2d`` in it with ``kernel_size == (k, k)`` is
     regularized; the modules are found once, their ``.weight`` is read at each call), one
@@ -118,7 +118,7 @@ class AdversarialKernelRegularizer(nn.Module):
     trained by its own ``Adam(lr)``. Batches are drawn without replacement with ``generator``
     (global RNG when None): fixed seeds give identical runs.
 
-    Scale: D sees the raw kernels, as in the SPEC, so it can separate real from fake by their
+    Scale: D sees the raw kernels, as in the original method (docs/nn.md), so it can separate real from fake by their
     norm alone. Pass a bank scaled like the weights (``gabor_bank`` kernels have unit norm,
     ``harvest_kernels`` keeps a trained model's scale), or ``normalize=True`` to divide every
     kernel by its L2 norm before D (D then judges shape only and the loss is blind to scale).

@@ -1,25 +1,25 @@
-"""Model-level regularizers for training loops (SPEC §6): ``Regularizer`` and ``SVBProjector``.
+"""Model-level regularizers for training loops (docs/nn.md#regularizer): ``Regularizer`` and ``SVBProjector``.
 
 ``Regularizer(model, kind, weight, …)`` selects layers once (``include`` types, minus
 ``exclude``) and on each call returns ``weight · mean over the selected layers`` of the ``kind``
 penalty, with as few kernel launches as the kind allows:
 
 ==================  ============================================================================
-kind                per-layer penalty (SPEC section) and how the model's layers are batched
+kind                per-layer penalty (docs/gram.md, docs/conv.md) and how the model's layers are batched
 ==================  ============================================================================
-``frame``           ``frame_penalty(as_matrix(W, groups), A, B, side)`` (§1.1) — every layer in one
-``diversity``       ``penalty_multi`` call (one grouped kernel launch per pass); ``diversity`` (§1.2),
-``orthogonality``   ``orthogonality`` (§1.3), ``mhe`` (§1.4), ``srip`` (§1.5) likewise, with their
+``frame``           ``frame_penalty(as_matrix(W, groups), A, B, side)`` — every layer in one
+``diversity``       ``penalty_multi`` call (one grouped kernel launch per pass); ``diversity``,
+``orthogonality``   ``orthogonality``, ``mhe``, ``srip`` likewise, with their
 ``mhe``, ``srip``   own keyword arguments
-``conv_frame``      ``conv_frame_penalty`` (§2.2) of each layer's operator at its own stride, padding,
+``conv_frame``      ``conv_frame_penalty`` of each layer's operator at its own stride, padding,
                     dilation, groups, padding mode and input size (recorded by a forward pre-hook
                     or given as ``input_sizes``); one exact implicit evaluation per layer
-``ocnn``            ``conv_orthogonality_penalty`` (§1.6) at each layer's stride
+``ocnn``            ``conv_orthogonality_penalty`` at each layer's stride
 ==================  ============================================================================
 
 A ``nn.Linear`` is the 1×1 convolution of a 1-point input, so the conv kinds take it as the
 operator ``W`` itself (``conv_frame`` of a Linear is ``frame_penalty(W)``, ``ocnn`` is
-``‖W Wᵀ − I‖²``). Penalties of grouped convs are the mean over groups (SPEC §0).
+``‖W Wᵀ − I‖²``). Penalties of grouped convs are the mean over groups (docs/gram.md#as_matrix).
 
 ``stats()`` returns per layer, as plain floats for a logger: the Gershgorin bounds of the Gram
 the penalty acts on (eigenvalues of that Gram are squared singular values) and the exact
@@ -106,7 +106,7 @@ class _InputSizes:
 
 
 def _conv_geometry(op: str, name: str, module: nn.Module) -> dict[str, Any]:
-    """The operator arguments of a conv layer (SPEC §2.1); a Linear is a 1×1 conv."""
+    """The operator arguments of a conv layer (docs/conv.md#conv_to_matrix); a Linear is a 1×1 conv."""
     if isinstance(module, nn.Linear):
         return dict(stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros")
     padding = module.padding
@@ -129,7 +129,7 @@ def _conv_geometry(op: str, name: str, module: nn.Module) -> dict[str, Any]:
 def _float32_if_half(w: torch.Tensor) -> torch.Tensor:
     """float16/bfloat16 weights as float32 (differentiable cast): the ops return values in the
     weight's dtype, and a penalty of a half-precision model easily exceeds fp16's 65504; the
-    model-level value is float32 for every kind (SPEC §8), its gradient reaches the weights."""
+    model-level value is float32 for every kind (docs/index.md#numerical-behaviour), its gradient reaches the weights."""
     return w.float() if w.dtype in (torch.float16, torch.bfloat16) else w
 
 
@@ -139,7 +139,7 @@ def _as_conv_weight(module: nn.Module) -> torch.Tensor:
 
 
 class Regularizer:
-    """``weight · mean_l penalty(layer_l)`` over the selected layers of ``model`` (SPEC §6).
+    """``weight · mean_l penalty(layer_l)`` over the selected layers of ``model`` (docs/nn.md#regularizer).
 
     Args:
         model: the network (a DDP-wrapped model: pass ``ddp.module``).
@@ -255,7 +255,7 @@ class Regularizer:
                 penalties = [_conv.conv_orthogonality_penalty(wg, geo["stride"], self.kw.get("padding"),
                                                               backend=self.backend)
                              for wg in w.chunk(geo["groups"], dim=0)]
-                out[i] = torch.stack(penalties).mean()  # grouped: the mean over groups (SPEC §0)
+                out[i] = torch.stack(penalties).mean()  # grouped: the mean over groups (docs/gram.md#as_matrix)
         return torch.stack(out)
 
     def __call__(self) -> torch.Tensor:
@@ -303,11 +303,11 @@ class Regularizer:
 
 
 class SVBProjector:
-    """Hard singular value bounding on a schedule (SPEC §3.3, §6): after every ``every``-th
+    """Hard singular value bounding on a schedule (docs/nn.md#svbprojector): after every ``every``-th
     ``step()`` (call it after ``optimizer.step()``) every Linear / Conv weight of ``model`` gets
     ``W ← U clamp(S, 1/(1+eps), 1+eps) Vh`` in place.
 
-    ``operator=True`` bounds each conv's operator instead (SPEC §2.3; circular, stride-1 model):
+    ``operator=True`` bounds each conv's operator instead (docs/conv.md#conv_singular_values; circular, stride-1 model):
     the input sizes are recorded by forward pre-hooks, or given as ``input_size`` (int, tuple or
     ``{weight or conv module: size}``, as ``svb_`` takes them). ``step()`` returns the number of
     matrices projected (0 on the steps in between). Every argument is checked here as ``svb_``

@@ -1,4 +1,4 @@
-"""Validation and backend selection shared by every public op (SPEC §7).
+"""Validation and backend selection shared by every public op (docs/index.md#bad-input).
 
 Every public op takes ``backend=None|"reference"|"triton"|"cuda"|"cpu"``:
 ``None`` picks the fastest implementation that exists for the input's device,
@@ -122,7 +122,7 @@ def check_bounds(op: str, lo_name: str, lo: float, hi_name: str, hi: float, *, n
 def check_number(op: str, name: str, v, *, lo: float | None = None, hi: float | None = None, integer: bool = False):
     """A finite Python number (an int when ``integer``) in ``[lo, hi]``; bools and tensors refused.
 
-    SPEC §8: hyperparameters are finite Python numbers. ``True`` is an int to Python but never a
+    docs/index.md#numerical-behaviour: hyperparameters are finite Python numbers. ``True`` is an int to Python but never a
     bound or a rate here, and ``inf`` / ``nan`` would turn every result into inf or NaN silently.
     """
     kind = "an integer (a Python int)" if integer else "a real number (a Python int or float)"

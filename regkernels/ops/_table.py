@@ -188,14 +188,14 @@ class Table:
         if r is not None and backend in can:
             return self._impls[r]
         if r is None:
-            why = f"{name} has no {backend!r} backend for {device_type} tensors"
+            why = f"no {backend!r} backend for {device_type} tensors"
         else:
             why = self._usable(r, device_type, named=True)
             if why is None:
-                why = (f"the {backend!r} backend of {name} takes "
+                why = (f"the {backend!r} backend takes "
                        f"{', '.join(map(str, r.dtypes))}, not {', '.join(map(str, dtypes))}")
             else:
-                why = f"the {backend!r} backend of {name} cannot run here: {why}"
+                why = f"the {backend!r} backend cannot run here: {why}"
         have = ", ".join(map(repr, dict.fromkeys(can))) or "none"
         raise ValueError(f"{name}: {why}; backends that take {device_type} "
                          f"{'/'.join(dtype_name(d) for d in dtypes)} inputs here: {have}")

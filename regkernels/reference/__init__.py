@@ -1,4 +1,4 @@
-"""Pure-torch references of every op (SPEC §0–§5): the test oracle, the CPU fallback and the
+"""Pure-torch references of every op (docs/): the test oracle, the CPU fallback and the
 benchmark baseline. Written for reading; one module per op family."""
 from regkernels.reference.beta_lasso import beta_lasso_update_
 from regkernels.reference.conv import (

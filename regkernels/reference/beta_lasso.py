@@ -1,4 +1,4 @@
-"""β-LASSO update, the pure-torch reference (formula: SPEC §4; seed: "Towards Learning
+"""β-LASSO update, the pure-torch reference (formula: docs/beta_lasso.md#update-rule; seed: "Towards Learning
 Convolutions from Scratch", Neyshabur 2020).
 
 Per parameter θ with gradient g::

@@ -1,16 +1,16 @@
-"""Pure-torch references for convolutions viewed as linear operators (SPEC §1.6, §2).
+"""Pure-torch references for convolutions viewed as linear operators (docs/conv.md).
 
 These are the test oracles, the CPU fallback and the benchmark baselines, written
 for reading rather than speed:
 
 * ``conv_to_matrix`` — the explicit (block-Toeplitz / block-circulant) matrix ``T`` of
-  a convolution layer acting on inputs of a fixed size (SPEC §2.1), dense or sparse.
+  a convolution layer acting on inputs of a fixed size (docs/conv.md#conv_to_matrix), dense or sparse.
 * ``conv_frame_penalty`` / ``conv_gershgorin_bounds`` — the frame penalty of ``T``
-  computed EXPLICITLY from the dense matrix (SPEC §2.2). Memory grows with
+  computed EXPLICITLY from the dense matrix (docs/conv.md#conv_frame_penalty). Memory grows with
   ``(C·H·W)²``, so a size guard refuses large layers with a ``ValueError``.
-* ``conv_orthogonality_penalty`` — the OCNN kernel orthogonality penalty (SPEC §1.6).
+* ``conv_orthogonality_penalty`` — the OCNN kernel orthogonality penalty (docs/conv.md#conv_orthogonality_penalty).
 * ``conv_singular_values`` / ``clip_conv_singular_values`` — the singular values of a
-  circular, stride-1 convolution through the FFT (Sedghi et al., SPEC §2.3).
+  circular, stride-1 convolution through the FFT (Sedghi et al., docs/conv.md#conv_singular_values).
 
 Conventions shared by every function here: ``weight`` is ``(C_out, C_in/groups, *k)``
 with 1, 2 or 3 spatial dims ``d``; ``input_size`` is the spatial size ``(n_1, …, n_d)``
@@ -52,7 +52,7 @@ MAX_DENSE_BYTES = 2**31
 # Largest working set (in bytes) of the other size-dependent intermediates: the sparse layouts'
 # entries (indices and values), the OCNN self-convolution and its padded input, the Sedghi
 # per-frequency blocks, the implicit conv frame path's tap Gram and contraction rows. Over it
-# the op raises ValueError naming the size before allocating (SPEC §8), never an allocator error.
+# the op raises ValueError naming the size before allocating (docs/index.md#numerical-behaviour), never an allocator error.
 MAX_WORK_BYTES = 2**34
 
 
@@ -123,7 +123,7 @@ def conv_to_matrix(weight: torch.Tensor, input_size: Sequence[int], stride=1, pa
                    max_dense_bytes: int | None = None) -> torch.Tensor:
     """The matrix ``T`` of a convolution acting on inputs of spatial size ``input_size``.
 
-    formula: SPEC §2.1 — for every ``x`` of shape ``(C_in, *input_size)``
+    formula: docs/conv.md#conv_to_matrix — for every ``x`` of shape ``(C_in, *input_size)``
     ``T @ x.reshape(-1) == conv(x[None], weight, None, stride, padding, dilation, groups).reshape(-1)``
     (``conv`` = F.conv1d/2d/3d; ``"circular"`` = circular padding then conv with padding 0).
 
@@ -191,7 +191,7 @@ def _sparse_matrix(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, s
 
 def _frame_terms(T: torch.Tensor, side: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(d, r)`` of ``V = Gram(T, side)``: diagonal and Gershgorin radii
-    ``r_i = Σ_{j≠i} |V_ij|`` (formula: SPEC §1.1). Private on purpose: this module
+    ``r_i = Σ_{j≠i} |V_ij|`` (formula: docs/gram.md#frame_penalty). Private on purpose: this module
     stands alone, independent of the matrix-penalty references."""
     m, n = T.shape
     rows = side == "rows" or (side == "auto" and m < n)
@@ -199,7 +199,7 @@ def _frame_terms(T: torch.Tensor, side: str) -> tuple[torch.Tensor, torch.Tensor
     d = V.diagonal()
     off = ~torch.eye(V.shape[0], dtype=torch.bool, device=V.device)
     # zero the diagonal instead of subtracting |V_ii| from the full row sum: no
-    # cancellation, and |x| has subgradient 0 at 0 (SPEC §1)
+    # cancellation, and |x| has subgradient 0 at 0 (docs/gram.md#conventions)
     r = torch.where(off, V.abs(), torch.zeros((), dtype=V.dtype, device=V.device)).sum(-1)
     return d, r
 
@@ -227,7 +227,7 @@ def conv_frame_penalty(weight: torch.Tensor, input_size: Sequence[int], A: float
                        dilation=1, groups: int = 1, padding_mode: str = "zeros", side: str = "auto") -> torch.Tensor:
     """Frame penalty of the convolution operator, computed explicitly from the dense ``T``.
 
-    formula: SPEC §2.2 = SPEC §1.1 applied to ``T = conv_to_matrix(weight, input_size, …)``:
+    formula: docs/conv.md#conv_frame_penalty = docs/gram.md#frame_penalty applied to ``T = conv_to_matrix(weight, input_size, …)``:
     ``V = Gram(T, side)`` (k×k), ``d_i = V_ii``, ``r_i = Σ_{j≠i}|V_ij|``,
     ``R = (1/k)·Σ_i [max(0, A − (d_i − r_i))² + max(0, d_i + r_i − B)²]``.
 
@@ -254,7 +254,7 @@ def conv_gershgorin_bounds(weight: torch.Tensor, input_size: Sequence[int], stri
                            side: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Gershgorin bounds of ``Gram(T, side)``: ``(min_i(d_i − r_i), max_i(d_i + r_i))``.
 
-    formula: SPEC §1.1 companion, on the explicit ``T`` of SPEC §2.1 (same arguments and
+    formula: docs/gram.md#frame_penalty companion, on the explicit ``T`` of docs/conv.md#conv_to_matrix (same arguments and
     size guard as ``conv_frame_penalty``). Two 0-dim tensors in the weight's dtype;
     every eigenvalue of ``V`` lies in ``[lo, hi]``. For an empty Gram (k = 0) the
     bounds are the identities of min and max: ``(+inf, −inf)``.
@@ -270,7 +270,7 @@ _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 def conv_orthogonality_penalty(weight: torch.Tensor, stride=1, padding=None) -> torch.Tensor:
     """OCNN kernel orthogonality penalty (Wang et al., "Orthogonal Convolutional Neural Networks").
 
-    formula: SPEC §1.6 — ``P = ⌊(k−1)/S⌋·S`` per dim unless given,
+    formula: docs/conv.md#conv_orthogonality_penalty — ``P = ⌊(k−1)/S⌋·S`` per dim unless given,
     ``O = conv(K, K, stride=S, padding=P)`` of shape ``(o, o, *s)`` (the filters used as a
     batch of o inputs, ``s = ⌊2P/S⌋ + 1``), target ``T`` = ``I_o`` at the spatial centre
     ``⌊s/2⌋`` and 0 elsewhere, ``R = ‖O − T‖_F²``.
@@ -341,7 +341,7 @@ def _frequency_matrices(weight: torch.Tensor, input_size: Sequence[int], oneside
 
 
 def real_embedding(blocks: torch.Tensor) -> torch.Tensor:
-    """``(..., 2m, 2n)`` real ``[[A, −B], [B, A]]`` of complex ``blocks = A + iB (..., m, n)`` (SPEC §2.3).
+    """``(..., 2m, 2n)`` real ``[[A, −B], [B, A]]`` of complex ``blocks = A + iB (..., m, n)`` (docs/conv.md#conv_singular_values).
 
     It represents the blocks' action on (Re x, Im x), so its SVD is theirs with every singular value twice
     and every spectral function commutes with it: ``f(E(X)) = E(f(X))`` for
@@ -357,7 +357,7 @@ def _split_nonfinite(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     bad blocks (``inf − inf``, ``NaN − NaN``) and 0 for the others, with a NaN gradient for every
     entry of a bad block (and 0 for the others: ``|·|`` has subgradient 0 at 0).
 
-    LAPACK's SVD refuses non-finite input and the Jacobi kernel returns NaN factors; SPEC §8 wants
+    LAPACK's SVD refuses non-finite input and the Jacobi kernel returns NaN factors; docs/index.md#numerical-behaviour wants
     one behaviour: such a block's singular values (and clipped block) are NaN, forward and gradient,
     and the other blocks are unaffected. The zeroed blocks keep the SVD away from the bad entries;
     the results of the bad blocks are then taken from ``nan``."""
@@ -393,7 +393,7 @@ def _clamp_blocks(blocks: torch.Tensor, lo: float, hi: float, clamp: Callable | 
 def conv_singular_values(weight: torch.Tensor, input_size: Sequence[int], *, svd: Callable | None = None) -> torch.Tensor:
     """Singular values of the circular, stride-1 convolution on inputs of size ``input_size``.
 
-    formula: SPEC §2.3 — ``F = fftn(weight, s=input_size)`` over the spatial dims gives
+    formula: docs/conv.md#conv_singular_values — ``F = fftn(weight, s=input_size)`` over the spatial dims gives
     one ``C_out × C_in`` complex matrix per frequency; the union of their singular
     values is the spectrum of the operator (for odd kernels that is
     ``conv_to_matrix(weight, input_size, padding=k//2, padding_mode="circular")``; the
@@ -420,7 +420,7 @@ def conv_singular_values(weight: torch.Tensor, input_size: Sequence[int], *, svd
 def clip_conv_singular_values(weight: torch.Tensor, input_size: Sequence[int], lo: float, hi: float, *,
                               svd: Callable | None = None,
                               clamp: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clamp the operator's singular values into ``[lo, hi]`` (Sedghi et al., SPEC §2.3).
+    """Clamp the operator's singular values into ``[lo, hi]`` (Sedghi et al., docs/conv.md#conv_singular_values).
 
     Per frequency ``F_f = U diag(σ) Vᴴ`` → ``U diag(clamp(σ, lo, hi)) Vᴴ``; the inverse
     FFT of the clipped blocks is a kernel of the full input size, whose real part is

@@ -1,7 +1,7 @@
-"""Pure-torch references for the Gram-matrix penalties (SPEC §0, §1).
+"""Pure-torch references for the Gram-matrix penalties (docs/gram.md).
 
 These functions are the test oracle, the fallback for devices without a kernel and
-the benchmark baseline, so they are written to be read next to the SPEC: one formula
+the benchmark baseline, so they are written to be read next to docs/gram.md: one formula
 per function, autograd through plain torch ops (the gradients are exact).
 
 Conventions shared by every function here:
@@ -15,7 +15,7 @@ Conventions shared by every function here:
   and the result is returned in the input dtype; gradients flow through the casts.
 * ``|x|`` is ``torch.abs``, whose subgradient is ``sign(x)`` with ``sign(0) = 0``; ``√x`` at
   ``x = 0`` has the subgradient 0 (``sqrt0``).
-* NaN/Inf (SPEC §8): a matrix with a NaN or Inf entry, or whose Gram overflows the compute
+* NaN/Inf (docs/index.md#numerical-behaviour): a matrix with a NaN or Inf entry, or whose Gram overflows the compute
   dtype, gives a NaN value (``+inf`` where the formula is +∞) and a non-finite gradient for
   that matrix only; nothing is clamped or dropped.
 * Memory: the functions that form a dense k×k Gram refuse, with a ``ValueError`` naming the
@@ -42,7 +42,7 @@ __all__ = [
     "orthogonality_penalty", "mhe_penalty", "srip_penalty", "penalty_multi", "PENALTY_KINDS",
 ]
 
-# DiReAL normalises rows as F.normalize does: w / max(‖w‖₂, 1e-12) (SPEC §1.2).
+# DiReAL normalises rows as F.normalize does: w / max(‖w‖₂, 1e-12) (docs/gram.md#diversity_penalty).
 _NORMALIZE_EPS = 1e-12
 
 # Largest dense Gram stack (batch · k² entries in the compute dtype, float32 or float64) that the
@@ -84,7 +84,7 @@ def _gram_k(W: torch.Tensor, side: str) -> int:
 class _Sqrt0(torch.autograd.Function):
     """``√x`` (x ≥ 0) with the derivative ``1/(2√x)`` except at the two ends of its range:
 
-    * ``x = 0``: the subgradient 0, not ``inf · 0 = NaN`` (SPEC §8);
+    * ``x = 0``: the subgradient 0, not ``inf · 0 = NaN`` (docs/index.md#numerical-behaviour);
     * ``x = +inf``: NaN, not 0. A sum of squares that overflowed is not a stationary point, and
       ``√``'s true derivative 0 there would hand the optimizer a silent zero gradient.
 
@@ -139,7 +139,7 @@ def _resolve_side(W: torch.Tensor, side: str) -> str:
 
 
 def as_matrix(weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
-    """A layer weight as the matrix (or per-group matrices) the penalties act on (SPEC §0).
+    """A layer weight as the matrix (or per-group matrices) the penalties act on (docs/gram.md#as_matrix).
 
     Linear ``(out, in)`` is returned unchanged. Conv ``(out, in/g, *kernel)`` becomes
     ``(g, out/g, in/g · prod(kernel))``, one matrix per group with the filters as rows;
@@ -183,7 +183,7 @@ def _diag_and_radius(W: torch.Tensor, side: str) -> tuple[torch.Tensor, torch.Te
 
 
 def frame_penalty(W: torch.Tensor, A: float, B: float, side: str = "auto") -> torch.Tensor:
-    """Frame regularizer (SPEC §1.1): ``(..., m, n)`` → ``(...)``.
+    """Frame regularizer (docs/gram.md#frame_penalty): ``(..., m, n)`` → ``(...)``.
 
     With ``V = Gram(W, side)`` (k×k), ``d_i = V_ii`` and ``r_i = Σ_{j≠i} |V_ij|``::
 
@@ -191,7 +191,7 @@ def frame_penalty(W: torch.Tensor, A: float, B: float, side: str = "auto") -> to
 
     Zero certifies ``A ≤ λ(V) ≤ B`` (``V − A·I`` and ``B·I − V`` diagonally dominant).
     """
-    # formula: SPEC §1.1
+    # formula: docs/gram.md#frame_penalty
     _gram_guard("frame_penalty", W, _gram_k(W, side), ADVICE_SIDE)
     d, r = _diag_and_radius(upcast(W), side)
     lower = torch.relu(A - (d - r)).square()
@@ -200,13 +200,13 @@ def frame_penalty(W: torch.Tensor, A: float, B: float, side: str = "auto") -> to
 
 
 def gershgorin_bounds(W: torch.Tensor, side: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """Gershgorin enclosure of the eigenvalues of ``Gram(W, side)`` (SPEC §1.1 companion).
+    """Gershgorin enclosure of the eigenvalues of ``Gram(W, side)`` (docs/gram.md#frame_penalty companion).
 
     Returns ``(lo, hi)``, each of shape ``W.shape[:-2]``::
 
         lo = min_i (d_i − r_i),   hi = max_i (d_i + r_i)
     """
-    # formula: SPEC §1.1 (companion)
+    # formula: docs/gram.md#frame_penalty (companion)
     d, r = _diag_and_radius(upcast(W), side)
     return (d - r).amin(-1).to(W.dtype), (d + r).amax(-1).to(W.dtype)
 
@@ -216,9 +216,9 @@ def frame_bounds(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     ``σ`` are the ``k = min(m, n)`` singular values (``torch.linalg.svdvals``, descending),
     so these are the extreme eigenvalues of the k×k Gram ``Gram(W, "auto")``. A matrix
-    holding NaN/Inf gives NaN for both bounds, that matrix only (SPEC §8).
+    holding NaN/Inf gives NaN for both bounds, that matrix only (docs/index.md#numerical-behaviour).
     """
-    # formula: SPEC §1.1 (companion). LAPACK fails the whole batch on a NaN matrix
+    # formula: docs/gram.md#frame_penalty (companion). LAPACK fails the whole batch on a NaN matrix
     # ("failed to converge"), so non-finite matrices are decomposed as zeros and their
     # bounds overwritten with NaN; torch.where keeps the function differentiable.
     Wc = upcast(W)
@@ -230,7 +230,7 @@ def frame_bounds(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def diversity_penalty(W: torch.Tensor, tau: float, inclusive: bool = True) -> torch.Tensor:
-    """DiReAL filter-diversity penalty (SPEC §1.2): ``(..., m, n)`` → ``(...)``.
+    """DiReAL filter-diversity penalty (docs/gram.md#diversity_penalty): ``(..., m, n)`` → ``(...)``.
 
     Rows only. ``ŵ_i = w_i / max(‖w_i‖₂, 1e-12)``, ``C = Ŵ Ŵᵀ``::
 
@@ -240,7 +240,7 @@ def diversity_penalty(W: torch.Tensor, tau: float, inclusive: bool = True) -> to
     The mask is a constant for autograd.
     """
     _gram_guard("diversity_penalty", W, W.shape[-2], ADVICE_ROWS)
-    # formula: SPEC §1.2. F.normalize's norm overflows for finite huge rows (‖w‖² > the dtype's
+    # formula: docs/gram.md#diversity_penalty. F.normalize's norm overflows for finite huge rows (‖w‖² > the dtype's
     # max) and w / inf = 0 would then report them as orthogonal to everything: such a norm is NaN,
     # as in the kernels, which form C from the Gram of W. NaN cosines are kept: C² · mask is NaN
     # wherever C is (NaN · 0), though the mask (|C| ≥ tau) is false there.
@@ -257,14 +257,14 @@ def diversity_penalty(W: torch.Tensor, tau: float, inclusive: bool = True) -> to
 
 
 def orthogonality_penalty(W: torch.Tensor, side: str = "auto", squared: bool = True) -> torch.Tensor:
-    """Soft orthogonality (SPEC §1.3): ``(..., m, n)`` → ``(...)``.
+    """Soft orthogonality (docs/gram.md#orthogonality_penalty): ``(..., m, n)`` → ``(...)``.
 
     ``R(W) = ‖Gram(W, side) − I‖_F²``; ``squared=False`` returns ``‖Gram(W, side) − I‖_F``.
     With ``side="cols"`` on a wide matrix (m < n) the rank of ``Wᵀ W`` is at most m < n,
     so the penalty can never reach zero; ``"auto"`` uses the k×k Gram. ``squared=False`` at
     ``Gram(W, side) = I`` has the subgradient 0.
     """
-    # formula: SPEC §1.3
+    # formula: docs/gram.md#orthogonality_penalty
     _gram_guard("orthogonality_penalty", W, _gram_k(W, side), ADVICE_SIDE)
     V = gram(upcast(W), side)
     eye = torch.eye(V.shape[-1], dtype=V.dtype, device=V.device)
@@ -273,7 +273,7 @@ def orthogonality_penalty(W: torch.Tensor, side: str = "auto", squared: bool = T
 
 
 def mhe_penalty(W: torch.Tensor, s: int = 2, half: bool = False, eps: float = 1e-4) -> torch.Tensor:
-    """Minimum hyperspherical energy (SPEC §1.4): ``(..., m, n)`` → ``(...)``.
+    """Minimum hyperspherical energy (docs/gram.md#mhe_penalty): ``(..., m, n)`` → ``(...)``.
 
     Rows ``w_i`` (``half=True``: the 2m rows ``[W; −W]``), ``ν_i = sqrt(‖w_i‖² + eps)``::
 
@@ -284,7 +284,7 @@ def mhe_penalty(W: torch.Tensor, s: int = 2, half: bool = False, eps: float = 1e
     Duplicate filters have ``δ = 2·eps / (‖w‖² + eps)``, which rounds to exactly 0 once
     ``‖w‖² ≫ eps``; the energy is then ``+inf`` (s = 0: ``-log 0``). This is not clamped.
     """
-    # formula: SPEC §1.4
+    # formula: docs/gram.md#mhe_penalty
     _gram_guard("mhe_penalty", W, 2 * W.shape[-2] if half else W.shape[-2], ADVICE_ROWS)
     X = upcast(W)
     if half:
@@ -330,7 +330,7 @@ def power_step_norm(u: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def srip_penalty(W: torch.Tensor, b: torch.Tensor, n_iter: int = 1) -> torch.Tensor:
-    """Spectral restricted isometry penalty (SPEC §1.5): ``(..., m, n)`` → ``(...)``.
+    """Spectral restricted isometry penalty (docs/gram.md#srip_penalty): ``(..., m, n)`` → ``(...)``.
 
     ``M = Gram(W, "auto") − I`` (k×k); ``b`` is the start vector, shape ``(..., k)``
     broadcastable against ``W.shape[:-2]`` (the public op draws ``b ~ U(0,1)^k``)::
@@ -341,7 +341,7 @@ def srip_penalty(W: torch.Tensor, b: torch.Tensor, n_iter: int = 1) -> torch.Ten
     Gradients flow through ``v`` (as in the official SRIP code, which does not detach
     the power iteration). ``M x`` is computed matrix-free, never forming the Gram.
     """
-    # formula: SPEC §1.5
+    # formula: docs/gram.md#srip_penalty
     X = upcast(W)
     v = b.to(X.dtype)
     for _ in range(n_iter):
@@ -361,20 +361,20 @@ PENALTY_KINDS = {
 
 def penalty_multi(weights: Sequence[torch.Tensor], kind: str, groups: int | Sequence[int] = 1,
                   **kw) -> torch.Tensor:
-    """One penalty value per layer weight (SPEC §1.7): list of weights → ``(len(weights),)``.
+    """One penalty value per layer weight (docs/gram.md#penalty_multi): list of weights → ``(len(weights),)``.
 
     Each weight is turned into a matrix with ``as_matrix`` (conv weights, ndim > 2; a
     2-D weight is one Linear matrix, never a batch) and penalised with the ``kind``
     reference (``"frame"``, ``"diversity"``, ``"orthogonality"``, ``"mhe"``, ``"srip"``)
     called with ``**kw``. A grouped conv gives ``(g, out/g, ·)`` matrices; its value is
-    the mean over the groups (SPEC §0). ``groups`` is one int for all weights or one
+    the mean over the groups (docs/gram.md#as_matrix). ``groups`` is one int for all weights or one
     per weight. For ``"srip"``, ``kw["b"]`` is a list with one start vector per weight,
     shaped ``(k,)`` or ``(g, k)`` like the weight's matrices.
 
     The values are returned in the promoted dtype of the weights; an empty list gives
     an empty float32 tensor.
     """
-    # formula: SPEC §1.7 (per layer) and §0 (mean over groups)
+    # formula: docs/gram.md#penalty_multi (per layer) and docs/gram.md#as_matrix (mean over groups)
     fn = PENALTY_KINDS[kind]
     per_weight_groups = [groups] * len(weights) if isinstance(groups, int) else list(groups)
     if kind != "srip":  # SRIP is matrix-free; the others form each layer's Gram (checked first)

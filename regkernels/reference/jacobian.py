@@ -1,11 +1,11 @@
-"""Pure-torch reference of the Jacobian penalty (SPEC §5.2, Hoffman, Roberts & Yaida 2019,
+"""Pure-torch reference of the Jacobian penalty (docs/jacobian.md#jacobian_penalty, Hoffman, Roberts & Yaida 2019,
 "Robust Learning with Jacobian Regularization", as used by RegDNNs).
 
 Provenance of the choices below: the authors' ``JacobianReg`` draws one random unit
 vector *per sample* (a ``(B, C)`` tensor whose rows are normalised), takes one
 vector-Jacobian product for the whole batch and returns ``½ · C/(n·B) · Σ_p ‖Jᵀv_p‖²``.
 This reference keeps the per-sample vectors and drops the ½, so it estimates ‖J‖_F²
-itself as SPEC §5.2 states it (``2 ×`` the authors' value).
+itself as docs/jacobian.md#jacobian_penalty states it (``2 ×`` the authors' value).
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def _vjp_sq_norm(y: torch.Tensor, x: torch.Tensor, v: torch.Tensor) -> torch.Ten
 
 def jacobian_penalty(y: torch.Tensor, x: torch.Tensor, n_proj: int = 1, exact: bool = False,
                      generator: torch.Generator | None = None) -> torch.Tensor:
-    """Batch mean of ‖∂y_b/∂x_b‖_F² (formula: SPEC §5.2).
+    """Batch mean of ‖∂y_b/∂x_b‖_F² (formula: docs/jacobian.md#jacobian_penalty).
 
     Shapes: ``y (B, C)`` computed from ``x (B, ...)`` (x requires grad) → scalar.
 

@@ -1,8 +1,8 @@
-"""Pure-torch references for the batched SVD family (SPEC §3): ``batched_svd``,
+"""Pure-torch references for the batched SVD family (docs/svd.md): ``batched_svd``,
 ``clamp_singular_values`` and hard singular value bounding ``svb_``.
 
 These are the test oracle, the CPU fallback and the benchmark baseline. They are written
-for reading: every function states its shapes and formula, comments cite the SPEC.
+for reading: every function states its shapes and formula, comments cite docs/svd.md.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def _svd(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD of ``X (..., m, n)`` in X's own (float32/float64) dtype.
 
     LAPACK refuses a batch that holds a NaN ("failed to converge") and returns NaN for an
-    Inf; SPEC §3.1 wants NaN for that matrix only. So every non-finite matrix is replaced
+    Inf; docs/svd.md#batched_svd wants NaN for that matrix only. So every non-finite matrix is replaced
     by zeros for the decomposition and its factors are overwritten with NaN afterwards.
     Both steps are ``torch.where`` so the function stays traceable and differentiable.
     """
@@ -47,7 +47,7 @@ def batched_svd(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     ``Vh (..., k, n)``, ``k = min(m, n)``, ``X = U diag(S) Vh``. fp16/bf16 are computed in
     float32 and returned in the input dtype; a matrix holding NaN/Inf gives NaN factors for
     that matrix only; an empty batch gives empty factors. Differentiable like
-    ``torch.linalg.svd`` (formula: SPEC §3.1).
+    ``torch.linalg.svd`` (formula: docs/svd.md#batched_svd).
     """
     U, S, Vh = _svd(upcast(X))
     return U.to(X.dtype), S.to(X.dtype), Vh.to(X.dtype)
@@ -82,7 +82,7 @@ def _ratio(num: torch.Tensor, den: torch.Tensor, degenerate: torch.Tensor, fallb
 
 
 def _spectral_weights(S: torch.Tensor, lo: float, hi: float, m: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two k×k weight matrices of the spectral-function derivative (SPEC §3.2).
+    """The two k×k weight matrices of the spectral-function derivative (docs/svd.md#clamp_singular_values).
 
     ``D_ij = (f(σ_i) − f(σ_j)) / (σ_i − σ_j)``, with the limit ``(f′(σ_i) + f′(σ_j))/2``
     (= f′(σ) for a tie) when ``|σ_i − σ_j| ≤ 16·eps·max(σ_i, σ_j)`` (relative tolerance;
@@ -220,7 +220,7 @@ def _check_second_order(S: torch.Tensor, m: int, n: int) -> None:
 
 
 def clamp_singular_values(X: torch.Tensor, lo: float, hi: float, *, svd: SVDFn | None = None) -> torch.Tensor:
-    """``Y = U · diag(clamp(S, lo, hi)) · Vh`` for ``X = U diag(S) Vh`` (formula: SPEC §3.2).
+    """``Y = U · diag(clamp(S, lo, hi)) · Vh`` for ``X = U diag(S) Vh`` (formula: docs/svd.md#clamp_singular_values).
 
     Shapes: ``X (..., m, n)`` → ``Y (..., m, n)``, input dtype (fp16/bf16 computed in
     float32). Differentiable with the divided-difference gradient of a spectral function,
@@ -229,7 +229,7 @@ def clamp_singular_values(X: torch.Tensor, lo: float, hi: float, *, svd: SVDFn |
     ``lo > 0`` the gradient is a finite convention (see ``_spectral_weights``).
 
     ``svd`` computes the thin SVD of the float32/float64 stack (default: LAPACK through
-    ``torch.linalg.svd`` with the NaN handling of SPEC §3.1); the kernels pass theirs.
+    ``torch.linalg.svd`` with the NaN handling of docs/svd.md#batched_svd); the kernels pass theirs.
     """
     return _ClampSingularValues.apply(X, float(lo), float(hi), svd if svd is not None else _svd)[0]
 
@@ -347,7 +347,7 @@ def _bound(X: torch.Tensor, lo: float, hi: float, svd: SVDFn) -> tuple[torch.Ten
     drift every call. The test allows the relative rounding ``max(m, n)·eps`` of a
     re-synthesised U S Vh, so a projected matrix stays put on the next call (the projection
     is idempotent). A matrix holding NaN/Inf has NaN singular values, is not inside, and
-    becomes NaN (SPEC §8: that matrix only).
+    becomes NaN (docs/index.md#numerical-behaviour: that matrix only).
     """
     U, S, Vh = svd(X)
     slack = max(X.shape[-2:]) * torch.finfo(X.dtype).eps
@@ -410,7 +410,7 @@ def _size_for(target: SVBTarget, input_size: InputSize | None) -> tuple[int, ...
 
 def _svb_operators(convs: list[tuple[SVBTarget, tuple[int, ...]]], lo: float, hi: float,
                    clip: Callable | None = None) -> tuple[int, list[tuple[SVBTarget, torch.Tensor]]]:
-    """Bounded values of each conv *operator* (SPEC §2.3, Sedghi et al.); returns the number
+    """Bounded values of each conv *operator* (docs/conv.md#conv_singular_values, Sedghi et al.); returns the number
     of blocks and ``(target, new weight)`` per conv (nothing is written here).
 
     ``convs`` holds ``(target, input_size)``. A grouped conv is block diagonal over its
@@ -468,7 +468,7 @@ def _write_all(updates: list[tuple[SVBTarget, torch.Tensor]]) -> None:
 def svb_(weights_or_module: nn.Module | torch.Tensor | Iterable[torch.Tensor], eps: float, *,
          operator: bool = False, input_size: InputSize | None = None, svd: SVDFn | None = None,
          clip: Callable | None = None) -> int:
-    """Hard singular value bounding, in place (formula: SPEC §3.3, Jia et al.).
+    """Hard singular value bounding, in place (formula: docs/svd.md#svb_, Jia et al.).
 
     ``W ← U · clamp(S, 1/(1+eps), 1+eps) · Vh`` for ``as_matrix(W) = U diag(S) Vh``,
     reshaped back into W, under ``torch.no_grad()`` (biases are never touched).
@@ -489,7 +489,7 @@ def svb_(weights_or_module: nn.Module | torch.Tensor | Iterable[torch.Tensor], e
     passed directly) is refused with a ValueError naming the layer. All-or-nothing: every
     new value is computed first, and an error leaves every weight unchanged.
 
-    ``operator=True`` bounds each conv weight's operator instead (SPEC §2.3), which needs
+    ``operator=True`` bounds each conv weight's operator instead (docs/conv.md#conv_singular_values), which needs
     ``input_size``: an int or tuple of spatial sizes used for every conv, or a dict from
     weight tensor or conv module to its size; Linear weights are bounded as matrices either
     way. ``clip`` is the ``clip_conv_singular_values(weight, size, lo, hi)`` to use (default:

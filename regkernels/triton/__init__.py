@@ -1,4 +1,4 @@
-"""Triton kernels, one module per op family (``regkernels.triton.gram``: SPEC §1.1–§1.4).
+"""Triton kernels, one module per op family (``regkernels.triton.gram``: docs/gram.md).
 
 This package is import-guarded: importing ``regkernels.triton`` never needs Triton. Only
 the family modules import ``triton``; ``regkernels.ops`` imports them when a Triton

@@ -1,4 +1,4 @@
-"""Triton kernels for the implicit conv frame statistics (SPEC §2.2): the per-class diagonal
+"""Triton kernels for the implicit conv frame statistics (docs/conv.md#conv_frame_penalty): the per-class diagonal
 ``d`` and Gershgorin radius ``r`` of a convolution operator's Gram, and their backward to the
 tap Gram, fused so that the class blocks ``V_κ`` never reach memory.
 
@@ -132,7 +132,7 @@ def _class_stats_fwd_kernel(X, TAB, D, R, NC, Cx, K, KK, Q, ZERO,
             mask_q = qs < Q
             V, diag, valid = _v_tile(x_slab, tab_k, rows, a, mask_a, qs, mask_q, ZERO, Cx, K, KK, Q, BLOCK_A,
                                      BLOCK_KK, BLOCK_Q)
-            # the diagonal entry is masked out of r, not subtracted (SPEC §1.1); padding
+            # the diagonal entry is masked out of r, not subtracted (docs/gram.md#frame_penalty); padding
             # lanes are masked too (0 · inf in a padded column would be NaN)
             r_acc += tl.sum(tl.where(valid & ~diag, tl.abs(V), 0.0), axis=1)
             d_acc += tl.sum(tl.where(diag, V, 0.0), axis=1)   # one non-zero in all: exact
@@ -171,7 +171,7 @@ def _class_stats_bwd_kernel(X, TAB, GD, GR, GX, NC, Cx, K, KK, Q, ZERO, N_AB,
             mask_q = qs < Q
             V, diag, valid = _v_tile(x_slab, tab_k, rows, a, mask_a, qs, mask_q, ZERO, Cx, K, KK, Q, BLOCK_A,
                                      BLOCK_KK, BLOCK_Q)
-            sign = tl.where(V > 0, 1.0, tl.where(V < 0, -1.0, 0.0))   # sign(0) = 0, SPEC §1
+            sign = tl.where(V > 0, 1.0, tl.where(V < 0, -1.0, 0.0))   # sign(0) = 0, docs/gram.md#conventions
             # ∂d/∂V = 1 at the diagonal entry, ∂r/∂V = sign(V) elsewhere; padding lanes are
             # exactly 0 so a NaN/inf grad_r cannot reach valid rows through the GEMM below
             gV = tl.where(diag, gd, tl.where(valid, gr * sign, 0.0))

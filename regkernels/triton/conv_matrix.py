@@ -1,4 +1,4 @@
-"""Triton kernels for the dense matrix ``T`` of a convolution (SPEC §2.1): the forward builds
+"""Triton kernels for the dense matrix ``T`` of a convolution (docs/conv.md#conv_to_matrix): the forward builds
 ``T = conv_to_matrix(weight, …, layout="dense")`` and the backward maps ``∂L/∂T`` back to the
 weight.
 

@@ -1,4 +1,4 @@
-"""Grouped Triton kernels for the Gram-matrix penalties (SPEC §1.1–§1.4): frame, diversity,
+"""Grouped Triton kernels for the Gram-matrix penalties (docs/gram.md): frame, diversity,
 orthogonality and MHE values and gradients for a whole list of matrices in a fixed number
 of launches per pass.
 
@@ -100,7 +100,7 @@ BLOCK_RED = 1024      # dX elements per program of the backward's split reductio
 # traffic (backward: splits × the size of dX).
 TARGET_PROGRAMS = 256
 
-# F.normalize's clamp of the row norm (SPEC §1.2)
+# F.normalize's clamp of the row norm (docs/gram.md#diversity_penalty)
 _NORMALIZE_EPS = tl.constexpr(1e-12)
 
 # Columns of the int64 group table (one row per input tensor). X and dX are addressed
@@ -166,13 +166,13 @@ def _gram_tile(x_ptr, xs_r, xs_c, rows_i, mask_i, jb, p, n,
 @triton.jit
 def _relu(x):
     """``max(x, 0)`` that keeps NaN, as torch.relu (``tl.maximum`` may return 0 for NaN): a NaN
-    hinge argument must give a NaN value and gradient (SPEC §8)."""
+    hinge argument must give a NaN value and gradient (docs/index.md#numerical-behaviour)."""
     return tl.where(x < 0.0, 0.0, x)
 
 
 @triton.jit
 def _sign0(x):
-    """``sign(x)`` with ``sign(0) = 0`` (the subgradient of |x|, SPEC §1) and ``sign(NaN) = NaN``."""
+    """``sign(x)`` with ``sign(0) = 0`` (the subgradient of |x|, docs/gram.md#conventions) and ``sign(NaN) = NaN``."""
     return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, tl.where(x == 0, 0.0, x)))
 
 
@@ -208,7 +208,7 @@ def _over_threshold(C, tau, INCLUSIVE: tl.constexpr):
 
 @triton.jit
 def _mhe_nu(sq, eps):
-    """``ν = sqrt(‖x‖² + eps)`` (SPEC §1.4); NaN where ‖x‖² overflowed float32 (finite huge rows):
+    """``ν = sqrt(‖x‖² + eps)`` (docs/gram.md#mhe_penalty); NaN where ‖x‖² overflowed float32 (finite huge rows):
     cos = V / (ν_i ν_j) would be a silent finite/inf = 0 against every normal row."""
     nu = tl.sqrt(sq + eps)
     return tl.where(nu == float("inf"), float("nan"), nu)
@@ -216,7 +216,7 @@ def _mhe_nu(sq, eps):
 
 @triton.jit
 def _mhe_energy(delta, S: tl.constexpr):
-    """``e(δ)``: ``−log δ`` (s=0), ``δ^(−1/2)`` (s=1), ``1/δ`` (s=2) — SPEC §1.4, unclamped."""
+    """``e(δ)``: ``−log δ`` (s=0), ``δ^(−1/2)`` (s=1), ``1/δ`` (s=2) — docs/gram.md#mhe_penalty, unclamped."""
     if S == 0:
         e = -tl.log(delta)
     elif S == 1:
@@ -240,7 +240,7 @@ def _mhe_denergy_dcos(delta, S: tl.constexpr):
 
 @triton.jit
 def _frame_coefficients(d, r, A, B, pf):
-    """``(∂R/∂d_i, ∂R/∂r_i)`` of ``R = (1/p) Σ relu(A − d + r)² + relu(d + r − B)²`` (SPEC §1.1).
+    """``(∂R/∂d_i, ∂R/∂r_i)`` of ``R = (1/p) Σ relu(A − d + r)² + relu(d + r − B)²`` (docs/gram.md#frame_penalty).
 
     relu(x)² has derivative 2·relu(x), which is 0 at x = 0 as torch's relu′(0) = 0; NaN stays NaN.
     """
@@ -320,24 +320,24 @@ def _gram_fwd_kernel(X, GROUPS, TILES, STATS, PART, PART_STRIDE, JPS, A, B, tau,
         ii = rows_i[:, None]
         jj = rows_j[None, :]
         if KIND == _FRAME:
-            # formula: SPEC §1.1 — r_i = Σ_{j≠i} |V_ij| (the diagonal is masked, not subtracted)
+            # formula: docs/gram.md#frame_penalty — r_i = Σ_{j≠i} |V_ij| (the diagonal is masked, not subtracted)
             contrib = tl.where(valid & (ii != jj), tl.abs(V), 0.0)
         elif KIND == _DIVERSITY:
-            # formula: SPEC §1.2 — R = Σ_{i<j} [|C_ij| ≥ tau] C_ij² = ½ Σ_i t_i,
+            # formula: docs/gram.md#diversity_penalty — R = Σ_{i<j} [|C_ij| ≥ tau] C_ij² = ½ Σ_i t_i,
             # t_i = Σ_{j≠i} [|C_ij| ≥ tau] C_ij² (full rows: the backward's diagonal needs t_i)
             sq_j = tl.load(st + rows_j, mask=mask_j, other=1.0)
             C, q_i, q_j = _diversity_cosine(V, sq_i, sq_j)
             keep = tl.where((ii != jj) & _over_threshold(C, tau, INCLUSIVE), 1.0, 0.0)
             contrib = tl.where(valid, C * C * keep, 0.0)
         elif KIND == _ORTHOGONALITY:
-            # formula: SPEC §1.3 — ‖V − I‖_F² = Σ_i (V_ii − 1)² + 2 Σ_{i<j} V_ij²
+            # formula: docs/gram.md#orthogonality_penalty — ‖V − I‖_F² = Σ_i (V_ii − 1)² + 2 Σ_{i<j} V_ij²
             E = V - tl.where(ii == jj, 1.0, 0.0)
             # (the lower triangle is selected away, not weighted by 0: 0 · inf would be NaN where
             # the formula is +inf)
             weight = tl.where(jj > ii, 2.0, 1.0)
             contrib = tl.where(valid & (jj >= ii), weight * E * E, 0.0)
         else:
-            # formula: SPEC §1.4 — cos_ij = V_ij / (ν_i ν_j), ν = sqrt(‖x‖² + eps), δ = 2 − 2cos;
+            # formula: docs/gram.md#mhe_penalty — cos_ij = V_ij / (ν_i ν_j), ν = sqrt(‖x‖² + eps), δ = 2 − 2cos;
             # full rows: E_i = Σ_{j≠i} e_ij (R = ½ Σ_i E_i / #pairs) and, for the backward's
             # diagonal, u_i = Σ_{j≠i} h_ij cos_ij with h = ∂e/∂cos / #pairs — the same
             # expression as in the backward
@@ -593,7 +593,7 @@ class _Plan:
         rows, nbs, counts, ncbs = [], [], [], []
         st_off = val_off = 0
         for (bb, r, c), (sb, sr, sc), xo, do, side in zip(self.shapes, x_strides, x_offs, d_offs, sides):
-            # "cols" (side 1): the Gram of Xᵀ — swap the row and inner strides (SPEC §1 Gram)
+            # "cols" (side 1): the Gram of Xᵀ — swap the row and inner strides (docs/gram.md#conventions Gram)
             p, n = (r, c) if side == 0 else (c, r)
             xs_r, xs_c = (sr, sc) if side == 0 else (sc, sr)
             ds_r, ds_c = (c, 1) if side == 0 else (1, c)
