@@ -711,9 +711,13 @@ def _conv_samples(geometries, extra_args=(), extra_kw=None, *, views=True, empty
     return samples
 
 
-def _conv_to_matrix_samples(device, dtype, rg):
+def _conv_to_matrix_samples(layouts):
+    return lambda device, dtype, rg: _conv_to_matrix_layout_samples(layouts, device, dtype, rg)
+
+
+def _conv_to_matrix_layout_samples(layouts, device, dtype, rg):
     out = []
-    for layout in ("dense", "coo", "csr"):
+    for layout in layouts:
         geos = CONV_GEOMETRIES if layout == "dense" else CONV_GEOMETRIES[:4]
         for s in _conv_samples(geos, extra_kw=None if layout == "dense" else {"layout": layout},
                                views=layout == "dense", empty=layout != "coo", tag=layout)(device, dtype, rg):
@@ -726,8 +730,11 @@ def _conv_to_matrix_samples(device, dtype, rg):
 CW = torch.randn(4, 2, 3, 3)
 
 CONV_CASES = [
+    # the sparse layouts are a table op of their own (ops/conv.py)
+    OpCase("conv_to_matrix_sparse", "conv", regkernels.conv_to_matrix, R_conv.conv_to_matrix, o_conv_to_matrix,
+           _conv_to_matrix_samples(("coo", "csr")), normalize=_dense, rtol64=1e-12),
     OpCase("conv_to_matrix", "conv", regkernels.conv_to_matrix, R_conv.conv_to_matrix, o_conv_to_matrix,
-           _conv_to_matrix_samples, normalize=_dense, rtol64=1e-12, bad=[
+           _conv_to_matrix_samples(("dense",)), normalize=_dense, rtol64=1e-12, bad=[
                Bad("weight-2d", (CW[0, 0], (5, 5)), {}, ValueError, r"conv_to_matrix: weight must have 3 or 4 or 5 dims"),
                Bad("weight-6d", (CW[None, None], (5, 5)), {}, ValueError, r"weight must have 3 or 4 or 5 dims"),
                Bad("weight-int64", (CW.long(), (5, 5)), {}, TypeError,

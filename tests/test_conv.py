@@ -533,7 +533,7 @@ CPU_DEFAULT = {"conv_to_matrix": "cpu", "conv_frame_penalty": "torch", "conv_ger
 
 def _backends_listed(name: str) -> str:
     """The listing of a refusal: every backend that takes CPU float64 weights, in table order."""
-    have = {"conv_to_matrix": MATRIX_BACKENDS[1:] + ["torch"], "conv_frame_penalty": ["torch"],
+    have = {"conv_to_matrix": MATRIX_BACKENDS[1:], "conv_frame_penalty": ["torch"],
             "conv_gershgorin_bounds": ["torch"], "conv_orthogonality_penalty": [],
             "conv_singular_values": ["cpu"], "clip_conv_singular_values": ["cpu"]}[name] + ["reference"]
     return ", ".join(f"'{b}'" for b in have)
@@ -595,10 +595,9 @@ def test_conv_to_matrix_named_backend_must_build_the_layout(layout):
             continue
         have = ", ".join(f"'{b}'" for b in (["cpu"] + MATRIX_BACKENDS[2:] + ["reference"] if layout == "dense"
                                             else ["torch", "reference"]))
-        with pytest.raises(ValueError, match=rf"conv_to_matrix: the '{backend}' backend builds the "
-                                             rf"{'sparse layouts' if layout == 'dense' else 'dense layout'} only, "
-                                             rf"not layout='{layout}'; backends that build layout='{layout}' for "
-                                             rf"cpu float64 weights here: {have}$"):
+        named = "conv_to_matrix" if layout == "dense" else rf"conv_to_matrix\(layout='{layout}'\)"
+        with pytest.raises(ValueError, match=rf"{named}: no '{backend}' backend for "
+                                             rf"cpu tensors; backends that take cpu fp64 inputs here: {have}$"):
             C.conv_to_matrix(w, (5, 4), padding=1, layout=layout, backend=backend)
     # backend=None: the C++ kernel for the dense layout, the composite for the sparse ones
     S = C.conv_to_matrix(w, (5, 4), padding=1, layout=layout)

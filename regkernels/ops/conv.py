@@ -4,12 +4,11 @@ Each op checks its arguments (every message names the op, the argument and the e
 then runs the implementation ``TABLE`` gives for the backend, the weight's device and dtype:
 
 * ``conv_to_matrix``, ``layout="dense"``: the C++ kernel on CPU tensors (``"cpu"``), the Triton
-  kernel on CUDA tensors (``"triton"``). The sparse layouts (``"coo"`` / ``"csr"``) are built by one
-  composite on either device (``"torch"``: CSR order from a cached spatial plan, no dense
-  intermediate): ``backend=None`` takes it for them, and the dense kernels do not build them. So a
-  named ``"cpu"`` / ``"triton"`` with a sparse layout, or ``"torch"`` with the dense one, raises
-  ValueError listing the backends that build that layout (its row is marked named-only in the table
-  because ``backend=None`` reaches it through the layout, never through the row order).
+  kernel on CUDA tensors (``"triton"``). The sparse layouts (``"coo"`` / ``"csr"``) are their own
+  table op, ``conv_to_matrix_sparse``: one composite on either device (``"torch"``: CSR order from
+  a cached spatial plan, no dense intermediate) and the reference. So the table says which
+  backends build which layout, and a named backend that does not build the requested layout
+  raises the table's ValueError listing those that do (errors name ``conv_to_matrix(layout=...)``).
 * ``conv_frame_penalty`` / ``conv_gershgorin_bounds``: exact, without ``T`` — the tap Gram contracted
   with per-dim border-class tables (``"torch"``: GEMMs in torch ops with a hand-written backward, any
   device); the fused Triton form runs when named (``"triton"``, float16 / bfloat16 / float32). The
@@ -48,15 +47,18 @@ __all__ = [
 ]
 
 _REF = "regkernels.reference.conv"
-_SPARSE_NOTE = "layout='coo' / 'csr' only, and the default for them (the dense kernels build layout='dense' only)"
 
 TABLE = Table("conv", [
-    Kernel("conv_to_matrix", "cpu", "cpu", "regkernels._C_ops:conv_to_matrix", note="layout='dense' only"),
+    # conv_to_matrix with layout="dense"
+    Kernel("conv_to_matrix", "cpu", "cpu", "regkernels._C_ops:conv_to_matrix",
+           note="one pass per row of T; gather backward without atomics"),
     Kernel("conv_to_matrix", "cuda", "triton", "regkernels.triton.conv_matrix:conv_to_matrix",
-           note="layout='dense' only"),
-    Kernel("conv_to_matrix", "any", "torch", "regkernels.composite.conv:conv_to_matrix", default=False,
-           note=_SPARSE_NOTE),
+           note="each program writes one tile of T from the inverse index map"),
     Kernel("conv_to_matrix", "any", "reference", f"{_REF}:conv_to_matrix"),
+    # conv_to_matrix with layout="coo" / "csr"
+    Kernel("conv_to_matrix_sparse", "any", "torch", "regkernels.composite.conv:conv_to_matrix",
+           note="layout='coo' / 'csr': CSR order from a cached spatial plan, no dense intermediate"),
+    Kernel("conv_to_matrix_sparse", "any", "reference", f"{_REF}:conv_to_matrix"),
     Kernel("conv_frame_penalty", "any", "torch", "regkernels.composite.conv:conv_frame_penalty",
            note="implicit: border classes, no T"),
     Kernel("conv_frame_penalty", "cuda", "triton", "regkernels.triton.conv_frame:conv_frame_penalty",
@@ -153,20 +155,6 @@ def _check_circular_fit(op: str, weight, input_size) -> None:
                          f"kernel size <= input_size per dim; got input_size={size}")
 
 
-# backends that do not build a layout: [dense] and [sparse]
-_LAYOUT_REFUSES = (("torch",), ("cpu", "cuda", "triton"))
-
-
-def _refuse_layout(op: str, backend: str, layout: str, weight: torch.Tensor) -> None:
-    """ValueError: the named ``backend`` does not build ``layout``; lists the backends that do here."""
-    sparse = layout != "dense"
-    can = [b for b in TABLE.backends(op, weight.device.type, weight.dtype) if b not in _LAYOUT_REFUSES[sparse]]
-    have = ", ".join(map(repr, can)) or "none"
-    raise ValueError(f"{op}: the {backend!r} backend builds {'the dense layout' if sparse else 'the sparse layouts'} "
-                     f"only, not layout={layout!r}; backends that build layout={layout!r} for "
-                     f"{weight.device.type} {str(weight.dtype).replace('torch.', '')} weights here: {have}")
-
-
 def conv_to_matrix(weight: torch.Tensor, input_size: Sequence[int], stride=1, padding=0, dilation=1,
                    groups: int = 1, padding_mode: str = "zeros", layout: str = "dense",
                    max_dense_bytes: int | None = None, *, backend: str | None = None) -> torch.Tensor:
@@ -197,7 +185,7 @@ def conv_to_matrix(weight: torch.Tensor, input_size: Sequence[int], stride=1, pa
     an LRU bounded by ``regkernels.composite.conv.PLAN_CACHE_BYTES`` (spatial structure only).
 
     Backends: ``"cpu"`` (C++) / ``"triton"`` build the dense layout, ``"torch"`` the sparse ones
-    (``backend=None`` picks by layout and device); ``"reference"`` builds all three.
+    (the table op ``conv_to_matrix_sparse``); ``"reference"`` builds all three.
     """
     op = "conv_to_matrix"
     check_backend_keyword(op, backend)
@@ -206,11 +194,9 @@ def conv_to_matrix(weight: torch.Tensor, input_size: Sequence[int], stride=1, pa
         raise ValueError(f"{op}: layout must be 'dense', 'coo' or 'csr'; got {layout!r}")
     if max_dense_bytes is not None:
         check_number(op, "max_dense_bytes", max_dense_bytes, lo=0, integer=True)
-    if layout != "dense" and backend is None:
-        backend = "torch"  # the one sparse builder besides the reference (module docstring)
-    elif backend in _LAYOUT_REFUSES[layout != "dense"]:
-        _refuse_layout(op, backend, layout, weight)
-    impl = TABLE.implementation(op, backend, weight.device, weight.dtype)
+    # the sparse layouts are their own table op (module docstring)
+    impl = TABLE.implementation(op if layout == "dense" else "conv_to_matrix_sparse", backend, weight.device,
+                                weight.dtype, name=op if layout == "dense" else f"{op}(layout={layout!r})")
     return impl(weight, input_size, stride, padding, dilation, groups, padding_mode, layout, max_dense_bytes)
 
 
