@@ -1,68 +1,11 @@
-"""Validation and backend selection shared by every public op (docs/index.md#bad-input).
-
-Every public op takes ``backend=None|"reference"|"triton"|"cuda"|"cpu"``:
-``None`` picks the fastest implementation that exists for the input's device,
-``"reference"`` pins the pure-torch reference, and naming a kernel backend that the
-op does not have (yet) for that device raises ``ValueError`` listing what exists.
-"""
+"""Argument checks shared by every public op (docs/index.md#bad-input): every message names the
+op, the argument and the expected form. Backend selection is ``regkernels.ops._table``."""
 from __future__ import annotations
 
 import math
-from types import ModuleType
-from typing import Callable, Iterable, Sequence
+from typing import Sequence
 
 import torch
-
-BACKENDS = ("reference", "triton", "cuda", "cpu")
-
-
-def resolve_backend(op: str, backend: str | None, device: torch.device, available: Iterable[str]) -> str:
-    """Return the backend to run ``op`` with on ``device``.
-
-    ``available`` lists the kernel backends that exist for this op on this device, best
-    first (the reference is always available and is the fallback for ``None``).
-    """
-    avail = [b for b in available if b != "reference"]
-    if backend is None:
-        return avail[0] if avail else "reference"
-    if backend not in BACKENDS:
-        raise ValueError(f"{op}: backend must be one of None, {', '.join(map(repr, BACKENDS))}; got {backend!r}")
-    if backend == "reference" or backend in avail:
-        return backend
-    have = ", ".join(["'reference'"] + [repr(b) for b in avail])
-    raise ValueError(f"{op}: no {backend!r} kernel for {device.type} tensors; available backends: {have}")
-
-
-class KernelTable:
-    """Where one op family's kernels register, and the family's single dispatch point.
-
-    ``register(op, device_type, backend, fn)`` adds a kernel taking the reference's arguments;
-    kernels registered earlier for the same (op, device type) are preferred. A kernel registered
-    with ``default=False`` runs only when named (measured slower than the reference on that
-    device, kept for users who want it). ``implementation`` returns the kernel
-    ``resolve_backend`` picks for the device, else ``getattr(reference, op)``.
-    """
-
-    def __init__(self, reference: ModuleType):
-        self._reference = reference
-        self._kernels: dict[tuple[str, str], dict[str, Callable]] = {}
-        self._named_only: set[tuple[str, str, str]] = set()
-
-    def register(self, op: str, device_type: str, backend: str, fn: Callable, *, default: bool = True) -> None:
-        if backend not in BACKENDS or backend == "reference":
-            raise ValueError(f"KernelTable.register: backend must be one of {BACKENDS[1:]}; got {backend!r}")
-        self._kernels.setdefault((op, device_type), {})[backend] = fn
-        if not default:
-            self._named_only.add((op, device_type, backend))
-
-    def implementation(self, op: str, backend: str | None, device: torch.device, *,
-                       name: str | None = None) -> Callable:
-        """The function computing ``op`` on ``device``; ``name`` is the public op named in errors."""
-        kernels = self._kernels.get((op, device.type), {})
-        if backend is None:
-            kernels = {b: fn for b, fn in kernels.items() if (op, device.type, b) not in self._named_only}
-        chosen = resolve_backend(name or op, backend, device, kernels)
-        return getattr(self._reference, op) if chosen == "reference" else kernels[chosen]
 
 
 def check_tensor(op: str, name: str, x, *, min_ndim: int | None = None, ndim: int | Sequence[int] | None = None,

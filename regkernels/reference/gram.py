@@ -31,7 +31,6 @@ import math
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from regkernels._dtypes import upcast
 from regkernels._numerics import pow2_scale

@@ -1,6 +1,7 @@
-"""Triton kernels, one module per op family (``regkernels.triton.gram``: docs/gram.md).
+"""Triton kernels, one module per op family or op (``gram``, ``conv_matrix``, ``conv_frame``).
 
-This package is import-guarded: importing ``regkernels.triton`` never needs Triton. Only
-the family modules import ``triton``; ``regkernels.ops`` imports them when a Triton
-backend is requested and ``regkernels._ext.has_triton()`` says Triton is installed.
+Each module is laid out kernels → launchers → ``torch.library`` custom ops with fakes and
+autograd → the entry functions the families' tables name (``regkernels/ops/<family>.py``). This
+package itself never needs Triton: the tables import a module only when
+``regkernels._ext.has_triton()`` says Triton is installed.
 """
