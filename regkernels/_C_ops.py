@@ -277,7 +277,7 @@ def conv_to_matrix(weight: torch.Tensor, input_size, stride=1, padding=0, dilati
         raise ValueError(f"conv_to_matrix: backend 'cpu' builds layout='dense' only; got layout={layout!r} "
                          f"(the sparse layouts: backends 'torch', 'reference')")
     shape = _conv_geometry.matrix_shape(weight, input_size, stride, padding, dilation, groups)
-    _conv_reference._check_dense_matrix(weight, shape, max_dense_bytes)
+    _conv_reference.check_dense_matrix(weight, shape, max_dense_bytes)
     w5, *geometry = _conv_geometry.normalise(weight, input_size, stride, padding, dilation)
     if _conv_geometry.through_function():
         return _ConvToMatrixDense.apply(w5, *geometry, groups, padding_mode == "circular")

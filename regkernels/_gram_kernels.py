@@ -34,7 +34,7 @@ def side_code(W: torch.Tensor, kind: str, side: str = "auto") -> int:
     """The kernel's side code of ``W`` for ``kind``: 0 = rows (W Wᵀ), 1 = cols (Wᵀ W)."""
     if kind in ROWS_ONLY:
         return 0
-    return 0 if R._resolve_side(W, side) == "rows" else 1
+    return 0 if R.resolve_side(W, side) == "rows" else 1
 
 
 def kernel_params(kind: str, args: dict) -> list[float]:

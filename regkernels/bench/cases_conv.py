@@ -98,7 +98,7 @@ def _frame_case(name: str, quick: bool = False) -> Case:
             return max_rel_err(out, truth[0])
 
         comp = compiled(R.conv_frame_penalty)
-        _, explicit_bytes = R._frame_working_bytes(w, size, 1, 1, 1, 1, "auto")
+        _, explicit_bytes = R.frame_working_bytes(w, size, 1, 1, 1, 1, "auto")
         note = "" if explicit_bytes <= R.MAX_DENSE_BYTES else (
             f"the explicit path needs {explicit_bytes / 2**30:.1f} GiB (over its guard); max_rel_err is against the "
             "implicit path in float64")

@@ -496,7 +496,7 @@ def conv_to_matrix(weight: torch.Tensor, input_size, stride=1, padding=0, dilati
     if layout not in ("coo", "csr"):
         raise ValueError(f"conv_to_matrix: backend 'torch' builds layout='coo' or layout='csr'; got layout={layout!r} "
                          f"(the dense layout: backends 'cpu', 'triton', 'reference')")
-    R._check_sparse_matrix(weight, input_size, stride, padding, dilation, layout)
+    R.check_sparse_matrix(weight, input_size, stride, padding, dilation, layout)
     d = weight.dim() - 2
     c_out, c_in_g = weight.shape[0], weight.shape[1]
     kernel = tuple(weight.shape[2:])

@@ -55,7 +55,7 @@ def _gradient(X: torch.Tensor, grad: torch.Tensor, y, vs, xvs, norms) -> torch.T
 
 def _oriented(W: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """``X = W`` ("cols", M = WᵀW − I) or ``X = Wᵀ`` ("rows"), and whether it is W itself."""
-    cols = R._resolve_side(W, "auto") == "cols"
+    cols = R.resolve_side(W, "auto") == "cols"
     return (W if cols else W.mT), cols
 
 

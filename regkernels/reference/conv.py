@@ -47,7 +47,7 @@ __all__ = [
 
 # Largest dense matrix (in bytes) the explicit references build; over it they raise
 # ValueError before allocating. For the explicit frame penalty the count includes the
-# Gram matrix and its absolute value (see ``_frame_working_bytes``).
+# Gram matrix and its absolute value (see ``frame_working_bytes``).
 MAX_DENSE_BYTES = 2**31
 # Largest working set (in bytes) of the other size-dependent intermediates: the sparse layouts'
 # entries (indices and values), the OCNN self-convolution and its padded input, the Sedghi
@@ -90,7 +90,7 @@ def _matrix_entries(weight: torch.Tensor, input_size, stride, padding, dilation,
     return rows, cols, vals, valid[None, None].expand(c_out, c_in_g, p_out, k)
 
 
-def _check_sparse_matrix(weight: torch.Tensor, input_size, stride, padding, dilation, layout: str) -> None:
+def check_sparse_matrix(weight: torch.Tensor, input_size, stride, padding, dilation, layout: str) -> None:
     """The sparse layouts' size guard (every ``conv_to_matrix`` implementation runs it first): up to
     ``C_out·Cg·P_out·K`` structural entries, each an int64 column, an int64 row (COO) or its share
     of the row pointers (CSR) and a value, plus the spatial index map (``P_out·K``, about 12 int64
@@ -110,7 +110,7 @@ def _check_sparse_matrix(weight: torch.Tensor, input_size, stride, padding, dila
                          f"MAX_WORK_BYTES={MAX_WORK_BYTES}; use a smaller input_size or fewer channels")
 
 
-def _check_dense_matrix(weight: torch.Tensor, shape: tuple[int, int], limit: int | None) -> None:
+def check_dense_matrix(weight: torch.Tensor, shape: tuple[int, int], limit: int | None) -> None:
     """The dense layout's size guard (every ``conv_to_matrix`` implementation runs it first)."""
     _check_dense_size("conv_to_matrix", f"the dense matrix of shape {shape}",
                       shape[0] * shape[1] * weight.element_size(), limit,
@@ -147,9 +147,9 @@ def conv_to_matrix(weight: torch.Tensor, input_size: Sequence[int], stride=1, pa
     """
     shape = matrix_shape(weight, input_size, stride, padding, dilation, groups)
     if layout == "dense":
-        _check_dense_matrix(weight, shape, max_dense_bytes)
+        check_dense_matrix(weight, shape, max_dense_bytes)
     else:
-        _check_sparse_matrix(weight, input_size, stride, padding, dilation, layout)
+        check_sparse_matrix(weight, input_size, stride, padding, dilation, layout)
     rows, cols, vals, valid = _matrix_entries(weight, tuple(input_size), stride, padding, dilation,
                                               groups, padding_mode)
     if layout == "dense":
@@ -204,7 +204,7 @@ def _frame_terms(T: torch.Tensor, side: str) -> tuple[torch.Tensor, torch.Tensor
     return d, r
 
 
-def _frame_working_bytes(weight: torch.Tensor, input_size, stride, padding, dilation, groups: int,
+def frame_working_bytes(weight: torch.Tensor, input_size, stride, padding, dilation, groups: int,
                          side: str) -> tuple[tuple[int, int], int]:
     """Shape of T and the bytes of the explicit path: T plus the Gram V and |V| (k×k)."""
     m, n = matrix_shape(weight, input_size, stride, padding, dilation, groups)
@@ -214,7 +214,7 @@ def _frame_working_bytes(weight: torch.Tensor, input_size, stride, padding, dila
 
 
 def _explicit_frame(op: str, weight, input_size, stride, padding, dilation, groups, padding_mode, side):
-    shape, nbytes = _frame_working_bytes(weight, input_size, stride, padding, dilation, groups, side)
+    shape, nbytes = frame_working_bytes(weight, input_size, stride, padding, dilation, groups, side)
     _check_dense_size(op, f"the explicit reference (dense T of shape {shape} plus its Gram matrix)", nbytes,
                       None, "use a smaller layer or input_size (conv_to_matrix(..., layout='coo' or "
                       "layout='csr') gives T without the dense matrix)")

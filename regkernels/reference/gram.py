@@ -77,7 +77,7 @@ def _gram_guard(op: str, W: torch.Tensor, k: int, advice: str) -> None:
 
 
 def _gram_k(W: torch.Tensor, side: str) -> int:
-    return W.shape[-2] if _resolve_side(W, side) == "rows" else W.shape[-1]
+    return W.shape[-2] if resolve_side(W, side) == "rows" else W.shape[-1]
 
 
 class _Sqrt0(torch.autograd.Function):
@@ -129,7 +129,7 @@ def frobenius0(E: torch.Tensor) -> torch.Tensor:
     return s * sqrt0((E / s[..., None, None]).square().sum((-2, -1)))
 
 
-def _resolve_side(W: torch.Tensor, side: str) -> str:
+def resolve_side(W: torch.Tensor, side: str) -> str:
     """``"auto"`` → ``"cols"`` (Wᵀ W) when m ≥ n, else ``"rows"`` (W Wᵀ): the k×k Gram, k = min(m, n)."""
     if side != "auto":
         return side
@@ -159,7 +159,7 @@ def gram(W: torch.Tensor, side: str = "auto") -> torch.Tensor:
 
     ``"auto"`` picks the k×k one, ``k = min(m, n)`` (``Wᵀ W`` when m ≥ n).
     """
-    if _resolve_side(W, side) == "rows":
+    if resolve_side(W, side) == "rows":
         return W @ W.mT
     return W.mT @ W
 
@@ -175,7 +175,7 @@ def _diag_and_radius(W: torch.Tensor, side: str) -> tuple[torch.Tensor, torch.Te
     large diagonal does not cancel the radius's low bits.
     """
     V = gram(W, side)
-    d = W.square().sum(-1) if _resolve_side(W, side) == "rows" else W.square().sum(-2)
+    d = W.square().sum(-1) if resolve_side(W, side) == "rows" else W.square().sum(-2)
     eye = torch.eye(V.shape[-1], dtype=torch.bool, device=V.device)
     r = V.abs().masked_fill(eye, 0).sum(-1)
     return d, r
@@ -311,7 +311,7 @@ def _gram_minus_identity_times(W: torch.Tensor, x: torch.Tensor) -> torch.Tensor
     ``Wᵀ (W x) − x`` when m ≥ n, ``W (Wᵀ x) − x`` otherwise: 4·m·n flops, no k×k Gram.
     """
     col = x.unsqueeze(-1)
-    if _resolve_side(W, "auto") == "cols":
+    if resolve_side(W, "auto") == "cols":
         return (W.mT @ (W @ col)).squeeze(-1) - x
     return (W @ (W.mT @ col)).squeeze(-1) - x
 

@@ -460,7 +460,7 @@ def conv_to_matrix(weight: torch.Tensor, input_size, stride=1, padding=0, dilati
         raise ValueError(f"conv_to_matrix: backend 'triton' builds layout='dense' only; got layout={layout!r} "
                          f"(the sparse layouts: backends 'torch', 'reference')")
     shape = CG.matrix_shape(weight, input_size, stride, padding, dilation, groups)
-    R._check_dense_matrix(weight, shape, max_dense_bytes)
+    R.check_dense_matrix(weight, shape, max_dense_bytes)
     w5, *geometry = CG.normalise(weight, input_size, stride, padding, dilation)
     if CG.through_function():
         return _Dense.apply(w5, *geometry, groups, padding_mode == "circular")
