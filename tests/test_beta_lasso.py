@@ -183,8 +183,12 @@ def test_named_fused_backend_refuses_what_it_cannot_update():
                                          r"\(contiguous=False.*backend='reference' or None takes any"):
         BetaLasso([p], lr=0.1, lam=0.05, beta=1.0, backend="cpu").step()
     for name in ("torch", "triton"):
-        with pytest.raises(ValueError, match=r"BetaLasso: backend must be one of None, 'cpu', 'cuda', 'reference'"):
+        with pytest.raises(ValueError, match=rf"BetaLasso: no '{name}' backend for cpu tensors; backends that take "
+                                             rf"cpu fp32 inputs here: 'cpu', 'reference'$"):
             BetaLasso([p], lr=0.1, lam=0.05, beta=1.0, backend=name)
+    with pytest.raises(ValueError, match=r"BetaLasso: backend must be None or one of 'reference', 'torch', 'cpu', "
+                                         r"'cuda', 'triton'; got 'fast'"):
+        BetaLasso([p], lr=0.1, lam=0.05, beta=1.0, backend="fast")
 
 
 # ------------------------------------------------------------------ optimizer conformance
@@ -242,7 +246,7 @@ def test_closure_zero_grad_and_nonzeros(backend):
     (dict(beta=float("nan")), "BetaLasso: beta must be finite"),
     (dict(momentum=-0.5), "BetaLasso: momentum must be >= 0"),
     (dict(nesterov=True), "nesterov=True requires momentum > 0"),
-    (dict(backend="gpu"), "backend must be one of"),
+    (dict(backend="gpu"), "backend must be None or one of"),
 ])
 def test_bad_hyperparameters(kwargs, match):
     cfg = dict(lr=0.1, lam=0.1, beta=1.0)

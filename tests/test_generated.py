@@ -499,7 +499,7 @@ def test_named_backend_refused(case, op, backend, dtype, can):
                   if sum(t.numel() for t in s.leaves) and not s.id.endswith("-empty"))
     args, kwargs = sample.build()
     listing = ", ".join(map(repr, can)) or "none"
-    names = "|".join(map(re.escape, dict.fromkeys((case.name, op))))
+    names = "|".join(map(re.escape, dict.fromkeys((case.name, op, getattr(case.call, "__name__", case.name)))))
     # (an op dispatching on an argument names it: "conv_to_matrix(layout='coo'): ...")
     with pytest.raises(ValueError, match=rf"^({names})(\(.*\))?: .*backends that take cpu {dtype_name(dtype)} inputs here: "
                                          rf"{re.escape(listing)}$"):

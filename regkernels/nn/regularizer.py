@@ -324,7 +324,8 @@ class SVBProjector:
         # svb_'s own checks (eps > 0 and finite, operator, input_size, a backend with the SVD on
         # the model's devices) and its layer checks (parametrized weights that cannot be written
         # back), now rather than at the every-th step
-        _svd.check_svb_args(op, eps, operator, input_size, backend, {p.device for p in model.parameters()})
+        _svd.check_svb_args(op, eps, operator, input_size, backend,
+                             [p for p in model.parameters() if p.is_floating_point()])
         _svd._svb_weights(model, op)
         self.model, self.eps, self.every, self.operator = model, float(eps), every, operator
         self.input_size, self.backend, self.steps = input_size, backend, 0

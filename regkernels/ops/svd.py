@@ -145,10 +145,10 @@ def _check_input_size(op: str, input_size) -> None:
                             f"each >= 1) or a dict weight or conv module -> such a size; got {size!r}")
 
 
-def check_svb_args(op: str, eps, operator, input_size, backend, devices: Iterable[torch.device]) -> None:
+def check_svb_args(op: str, eps, operator, input_size, backend, tensors: Iterable[torch.Tensor]) -> None:
     """The arguments of ``svb_`` (also checked by ``SVBProjector`` at construction): eps a finite
     number > 0, operator a bool, input_size as ``svb_`` takes it, backend one that has the SVD
-    on every device of ``devices``."""
+    for every (device, dtype) of ``tensors`` (the weights)."""
     # 1 + eps must stay finite in float32 (fp16 / bf16 weights are bounded in float32 math)
     check_number(op, "eps", eps, hi=1e38)
     if eps <= 0:
@@ -156,8 +156,8 @@ def check_svb_args(op: str, eps, operator, input_size, backend, devices: Iterabl
     if not isinstance(operator, bool):
         raise TypeError(f"{op}: operator must be a bool; got {operator!r}")
     _check_input_size(op, input_size)
-    for device in set(devices) or {torch.device("cpu")}:
-        svd_function(device, backend, name=op)
+    for device, dtype in {(t.device, t.dtype) for t in tensors} or {(torch.device("cpu"), torch.float32)}:
+        svd_function(device, backend, dtype, name=op)
 
 
 def svb_(weights_or_module: nn.Module | torch.Tensor | Iterable[torch.Tensor], eps: float, operator: bool = False,
@@ -177,7 +177,7 @@ def svb_(weights_or_module: nn.Module | torch.Tensor | Iterable[torch.Tensor], e
     """
     weights = _svb_weights(weights_or_module)
     # an unknown or missing backend fails before any weight changes
-    check_svb_args("svb_", eps, operator, input_size, backend, [w.device for w in weights])
+    check_svb_args("svb_", eps, operator, input_size, backend, weights)
     if not isinstance(weights_or_module, (nn.Module, torch.Tensor)):
         weights_or_module = weights  # a one-shot iterator was consumed by the checks above
     return _ref.svb_(weights_or_module, eps, operator=operator, input_size=input_size,

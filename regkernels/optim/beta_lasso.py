@@ -13,13 +13,12 @@ import torch
 from torch.optim import Optimizer
 
 from regkernels.ops._common import check_number
+from regkernels.ops._table import check_backend_keyword
 from regkernels.ops.beta_lasso import OP, TABLE, fused_takes, pack_hyper
 from regkernels.reference.beta_lasso import beta_lasso_update_
 
 __all__ = ["BetaLasso"]
 
-# the backends the table has rows for, in its order
-_BACKENDS = tuple(dict.fromkeys(r.backend for r in TABLE.rows))
 _OP = "BetaLasso"
 
 
@@ -89,14 +88,16 @@ class BetaLasso(Optimizer):
     def __init__(self, params: Iterable, lr: float, lam: float, beta: float, momentum: float = 0.0,
                  dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False, *,
                  backend: str | None = None):
-        if backend is not None and backend not in _BACKENDS:
-            raise ValueError(f"{_OP}: backend must be one of None, {', '.join(map(repr, _BACKENDS))}; "
-                             f"got {backend!r}")
+        check_backend_keyword(_OP, backend)
         defaults = dict(lr=lr, lam=lam, beta=beta, momentum=momentum, dampening=dampening,
                         weight_decay=weight_decay, nesterov=nesterov)
         _check_hyper(defaults)
         super().__init__(params, defaults)
         self.backend = backend
+        # the table's refusal now, not at the first step: a name it does not know, or a backend that
+        # has no row for a parameter's device and dtype
+        for device, dtype in {(p.device, p.dtype) for g in self.param_groups for p in g["params"]}:
+            TABLE.implementation(OP, backend, device, dtype, name=_OP)
         # counts of the last step: (params updated by one launch, their int64 counts tensor)
         self._counts: list[tuple[list[torch.Tensor], torch.Tensor]] = []
 
