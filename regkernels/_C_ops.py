@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from regkernels._numerics import functorch_wrapped as _functorch_wrapped, through_function as _through_function
+
 
 # ============================================================================ gram family
 # The C++ op gram_penalty_fwd (csrc/cpu/gram_cpu.cpp: BLAS Gram, one fused epilogue that also
@@ -118,7 +120,7 @@ class _GramPenaltyGradFunction(torch.autograd.Function):
 def _gram_values(mats: list[torch.Tensor], kind: str, sides: list[int], params: list[float]) -> torch.Tensor:
     """One value per matrix of ``mats`` (each ``(..., m, n)``, taken as they are: no reshape node
     in the autograd graph), in the compute dtype."""
-    if _GK.functorch_wrapped(mats):
+    if _functorch_wrapped(*mats):
         return _GramPenaltyFunction.apply(kind, tuple(sides), tuple(params), torch.is_grad_enabled(), *mats)[0]
     need_grad = torch.is_grad_enabled() and any(w.requires_grad for w in mats)
     values, _ = torch.ops.regkernels.gram_penalty_fwd(mats, kind, sides, params, need_grad)
@@ -224,7 +226,7 @@ class _ConvToMatrixDense(torch.autograd.Function):
     does not run under ``torch.func.grad``; an autograd.Function with ``setup_context`` does (its
     forward calls the op below the transform), and its vmap rule runs the op once per layer.
     ``conv_to_matrix`` takes it under torch.func and torch.compile, the raw op (same backward)
-    otherwise (``regkernels._geometry.through_function``)."""
+    otherwise (``regkernels._numerics.through_function``)."""
 
     @staticmethod
     def forward(weight, input_size, stride, padding, dilation, groups, circular):
@@ -279,7 +281,7 @@ def conv_to_matrix(weight: torch.Tensor, input_size, stride=1, padding=0, dilati
     shape = _conv_geometry.matrix_shape(weight, input_size, stride, padding, dilation, groups)
     _conv_reference.check_dense_matrix(weight, shape, max_dense_bytes)
     w5, *geometry = _conv_geometry.normalise(weight, input_size, stride, padding, dilation)
-    if _conv_geometry.through_function():
+    if _through_function():
         return _ConvToMatrixDense.apply(w5, *geometry, groups, padding_mode == "circular")
     return torch.ops.regkernels.conv_to_matrix_dense(w5, *geometry, groups, padding_mode == "circular")
 
@@ -382,7 +384,7 @@ def _jacobi_op(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     CPU, as much as the kernel, for a call made per layer per step. The functorch query cannot be
     traced by dynamo, and dynamo never sees wrapped tensors, hence the is_compiling guard.
     """
-    if not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(X):
+    if _functorch_wrapped(X):
         return _JacobiSVD.apply(X)
     return _jacobi_raw(X)
 
@@ -504,7 +506,7 @@ def _sedghi_first_order(x: torch.Tensor, op: str, backend: str) -> torch.Tensor:
     Not under torch.func transforms: they run every backward with grad mode on (the refusal would
     fire on a first-order torch.func.grad) and the identity has no vmap rule; there a second-order
     transform gets the NaN described above instead of an error."""
-    if not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(x):
+    if _functorch_wrapped(x):
         return x
     return _first_order_only(x, f"{op}: double backward (create_graph=True) is not supported by "
                                 f"backend={backend!r}; backend='reference' supports it")

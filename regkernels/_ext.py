@@ -25,17 +25,26 @@ except ImportError as exc:  # pragma: no cover - depends on the build
     )
 
 
+# Both answers are fixed for the process and read once here: the backend tables consult them on
+# every lookup that misses their cache, which torch.compile may trace (it cannot trace a C++ op
+# returning a bool, or an import).
+_CUDA_KERNELS = HAS_C and bool(torch.ops.regkernels.built_with_cuda())
+try:
+    import triton  # noqa: F401
+
+    _TRITON = True
+except ImportError:
+    _TRITON = False
+
+
 def has_cuda_kernels() -> bool:
     """True when the extension was built with its CUDA sources."""
-    return HAS_C and bool(torch.ops.regkernels.built_with_cuda())
+    return _CUDA_KERNELS
 
 
 def has_triton() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """True when Triton is installed (importable)."""
+    return _TRITON
 
 
 def triton_interpreted() -> bool:

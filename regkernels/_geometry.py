@@ -475,17 +475,6 @@ def gershgorin_value(d: torch.Tensor, r: torch.Tensor, dtype: torch.dtype) -> tu
 
 # ----------------------------------------------------------------------------- torch.func
 
-def through_function() -> bool:
-    """Whether a call must go through the op's ``torch.autograd.Function`` rather than the raw
-    custom op: under a torch.func transform (the op's ``register_autograd`` does not run under
-    ``torch.func.grad``) and when torch.compile traces (one traced path). Eager calls on plain
-    tensors take the raw op, whose registered autograd is the same backward: an autograd.Function
-    with ``setup_context`` binds its arguments through ``inspect.signature`` on every call, about
-    60 µs of host time per call on these CPUs, which per layer per step is more than a small
-    layer's kernel."""
-    return torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling()
-
-
 def vmap_by_loop(fn: Callable, info, in_dims, *args):
     """The vmap rule of an autograd.Function over an op without batch dims: ``fn`` on each sample
     (the batched arguments sliced along their vmapped dim, the others as they are), outputs

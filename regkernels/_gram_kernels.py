@@ -10,7 +10,7 @@ norm is taken here), mhe ``[s, half, eps]``.
 torch.func: the kernels' autograd (C++ for the C++ op, ``register_autograd`` for the Triton
 custom op) cannot run under torch.func transforms, so functorch-wrapped inputs go through a
 Python ``autograd.Function`` with ``setup_context`` and a vmap rule instead
-(``functorch_wrapped``). The vmap rules run the kernel once on the batched stack: every op
+(``regkernels._numerics.functorch_wrapped``). The vmap rules run the kernel once on the batched stack: every op
 takes leading batch dims, so the vmapped dim is moved to the front; the kernels' flat outputs
 (one value per matrix, the Triton stats) list matrix after matrix, and ``batch_major`` /
 ``item_major`` convert them between that order and the (vmap batch, …) one.
@@ -96,15 +96,6 @@ def no_double_backward(kind: str, backend: str) -> str:
 
 
 # ----------------------------------------------------------------------------- torch.func
-
-def functorch_wrapped(mats: Sequence[torch.Tensor]) -> bool:
-    """Whether any input is a torch.func wrapper (grad / vjp / vmap), whose calls must take the
-    Python ``autograd.Function`` path. Never while torch.compile traces: dynamo cannot trace the
-    check, and it traces the kernels' own autograd."""
-    if torch.compiler.is_compiling():
-        return False
-    return any(torch._C._functorch.is_functorch_wrapped_tensor(w) for w in mats)
-
 
 def to_front(batch_size: int, dims: Sequence[int | None], tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Each tensor with its vmapped dim moved to the front (an unbatched one expanded, a view)."""

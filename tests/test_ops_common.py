@@ -98,3 +98,20 @@ def test_check_bounds_and_devices():
     meta = torch.empty(2, device="meta")
     with pytest.raises(ValueError, match="all tensors must be on one device; got x on cpu, y on meta"):
         check_same_device("op", x=torch.zeros(2), y=meta)
+
+
+@needs_ext
+def test_a_lookup_compiles_with_a_cold_cache():
+    # the first lookup of a key may happen while torch.compile traces: everything it consults
+    # (the extension's CUDA build, Triton's presence, the interpreter flag) must be traceable
+    t = Table("test", [Kernel("op", "cpu", "cpu", "torch:sin"), Kernel("op", "cuda", "cuda", "torch:sin"),
+                       Kernel("op", "cuda", "triton", "torch:sin"), Kernel("op", "any", "reference", "torch:cos")])
+
+    def f(x, backend):
+        return t.implementation("op", backend, x.device, x.dtype)(x)
+
+    x = torch.randn(3)
+    for backend in ("cpu", None, "reference"):
+        torch._dynamo.reset()
+        out = torch.compile(f, fullgraph=True)(x, backend)
+        torch.testing.assert_close(out, x.cos() if backend == "reference" else x.sin())

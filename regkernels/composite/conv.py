@@ -80,6 +80,7 @@ from collections import OrderedDict
 import torch
 
 from regkernels import _geometry as CG
+from regkernels._numerics import through_function
 from regkernels.reference import conv as R
 from regkernels._dtypes import compute_dtype
 
@@ -289,7 +290,7 @@ class _FrameStats(torch.autograd.Function):
     not run under ``torch.func.grad``; an autograd.Function with ``setup_context`` does (its forward
     calls the op below the transform), and its vmap rule runs the op once per layer. Taken under
     torch.func and torch.compile; eager calls on plain tensors take the raw op, whose registered
-    autograd is the same backward (``regkernels._geometry.through_function``)."""
+    autograd is the same backward (``regkernels._numerics.through_function``)."""
 
     @staticmethod
     def forward(weight, input_size, stride, padding, dilation, groups, circular, rows, keep_signs):
@@ -345,7 +346,7 @@ def _stats(op: str, weight: torch.Tensor, input_size, stride, padding, dilation,
         R.MAX_WORK_BYTES)
     w5 = weight.reshape(weight.shape[0], weight.shape[1], *kernel)
     keep_signs = torch.is_grad_enabled() and weight.requires_grad
-    if CG.through_function():
+    if through_function():
         d, r, _ = _FrameStats.apply(w5, *geometry, groups, circular, rows, keep_signs)
     else:
         d, r, _ = torch.ops.regkernels.conv_frame_stats(w5, *geometry, groups, circular, rows, keep_signs)

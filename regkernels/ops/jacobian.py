@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from regkernels._numerics import functorch_wrapped
 from regkernels.ops._common import check_number, check_same_device, check_tensor
 from regkernels.ops._table import Kernel, Table, check_backend_keyword
 
@@ -24,7 +25,7 @@ TABLE = Table("jacobian", [
 def _wrapped(t: torch.Tensor) -> bool:
     """Whether ``t`` is wrapped by a torch.func transform (never while dynamo traces: it cannot
     trace the query, and the penalty's torch.autograd.grad breaks the graph there anyway)."""
-    return not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(t)
+    return functorch_wrapped(t)
 
 
 def _check_inputs(y, x, n_proj, exact, generator) -> None:

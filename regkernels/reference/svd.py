@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from regkernels._dtypes import compute_dtype, upcast
+from regkernels._numerics import functorch_wrapped
 from regkernels.reference.conv import clip_conv_singular_values
 from regkernels.reference.gram import as_matrix
 
@@ -197,7 +198,7 @@ def _under_functorch(t: torch.Tensor) -> bool:
     second-order transform at repeated or zero singular values then gets NaN/Inf, not an error.
     Never true while dynamo traces (it cannot trace the functorch query and never wraps).
     """
-    return not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(t)
+    return functorch_wrapped(t)
 
 
 def _check_second_order(S: torch.Tensor, m: int, n: int) -> None:

@@ -61,6 +61,7 @@ import triton
 import triton.language as tl
 
 from regkernels import _geometry as CG
+from regkernels._numerics import through_function
 from regkernels.reference import conv as R
 
 # ----------------------------------------------------------------------------- constants
@@ -369,7 +370,7 @@ class _FrameStats(torch.autograd.Function):
     """``regkernels::conv_frame_stats_triton`` for the entries: a custom op's ``register_autograd``
     does not run under ``torch.func.grad``, an autograd.Function with ``setup_context`` does; its
     vmap rule runs the op once per layer. Taken under torch.func and torch.compile, the raw op
-    otherwise (``regkernels._geometry.through_function``)."""
+    otherwise (``regkernels._numerics.through_function``)."""
 
     @staticmethod
     def forward(weight, input_size, stride, padding, dilation, groups, circular, rows):
@@ -420,7 +421,7 @@ def _stats(op: str, weight: torch.Tensor, input_size, stride, padding, dilation,
         op, tuple(weight.shape), tuple(input_size), stride, padding, dilation, groups, padding_mode, side, True,
         R.MAX_WORK_BYTES)
     w5 = weight.reshape(weight.shape[0], weight.shape[1], *kernel)
-    if CG.through_function():
+    if through_function():
         d, r = _FrameStats.apply(w5, *geometry, groups, circular, rows)
     else:
         d, r = torch.ops.regkernels.conv_frame_stats_triton(w5, *geometry, groups, circular, rows)

@@ -61,6 +61,7 @@ import triton
 import triton.language as tl
 
 from regkernels import _geometry as CG
+from regkernels._numerics import through_function
 from regkernels.reference import conv as R
 
 # ----------------------------------------------------------------------------- constants
@@ -406,7 +407,7 @@ class _Dense(torch.autograd.Function):
     """``regkernels::conv_to_matrix_triton`` for ``conv_to_matrix``: a custom op's
     ``register_autograd`` does not run under ``torch.func.grad``, an autograd.Function with
     ``setup_context`` does; its vmap rule runs the op once per layer. ``conv_to_matrix`` takes it
-    under torch.func and torch.compile, the raw op otherwise (``regkernels._geometry.through_function``)."""
+    under torch.func and torch.compile, the raw op otherwise (``regkernels._numerics.through_function``)."""
 
     @staticmethod
     def forward(weight, input_size, stride, padding, dilation, groups, circular):
@@ -462,6 +463,6 @@ def conv_to_matrix(weight: torch.Tensor, input_size, stride=1, padding=0, dilati
     shape = CG.matrix_shape(weight, input_size, stride, padding, dilation, groups)
     R.check_dense_matrix(weight, shape, max_dense_bytes)
     w5, *geometry = CG.normalise(weight, input_size, stride, padding, dilation)
-    if CG.through_function():
+    if through_function():
         return _Dense.apply(w5, *geometry, groups, padding_mode == "circular")
     return torch.ops.regkernels.conv_to_matrix_triton(w5, *geometry, groups, padding_mode == "circular")

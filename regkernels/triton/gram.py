@@ -65,6 +65,7 @@ import triton
 import triton.language as tl
 
 from regkernels import _gram_kernels as GK
+from regkernels._numerics import functorch_wrapped
 from regkernels.composite import gram as _composite
 from regkernels.reference import gram as R
 
@@ -878,7 +879,7 @@ class _GramPenaltyTritonGradFunction(torch.autograd.Function):
 
 def _gram_values(mats: list[torch.Tensor], kind: str, sides: list[int], params: list[float]) -> torch.Tensor:
     """float32 values, one per matrix of ``mats`` (each ``(B, m, n)``)."""
-    if GK.functorch_wrapped(mats):
+    if functorch_wrapped(*mats):
         return _GramPenaltyTritonFunction.apply(kind, tuple(sides), tuple(params), *mats)[0]
     values, _ = torch.ops.regkernels.gram_penalty_triton(mats, kind, sides, params)
     return values
