@@ -134,10 +134,14 @@ class Table:
             return None if named else "interpreted Triton is used only when named"
         return f"it has no kernel for {device_type} tensors"
 
-    def backends(self, op: str, device_type: str, dtype: torch.dtype | None = None) -> list[str]:
-        """The backends that can run ``op`` on ``device_type`` tensors now (of ``dtype``), table order."""
-        return [r.backend for r in self.rows_for(op)
-                if self._usable(r, device_type, named=True) is None and (dtype is None or dtype in r.dtypes)]
+    def backends(self, op: str, device_type: str,
+                 dtype: torch.dtype | Iterable[torch.dtype] | None = None) -> list[str]:
+        """The backends that can run ``op`` when named, on ``device_type`` tensors now (of ``dtype``,
+        or of every dtype listed), in table order."""
+        dtypes = () if dtype is None else (dtype,) if isinstance(dtype, torch.dtype) else tuple(dtype)
+        return list(dict.fromkeys(r.backend for r in self.rows_for(op)
+                                  if all(d in r.dtypes for d in dtypes)
+                                  and self._usable(r, device_type, named=True) is None))
 
     def row(self, op: str, backend: str, device_type: str) -> Kernel | None:
         for r in self.rows_for(op):
@@ -153,8 +157,9 @@ class Table:
         """
         r = self.row(op, backend, device_type)
         if r is None:
-            return f"{op} has no {backend!r} backend for {device_type} tensors"
-        return self._usable(r, device_type, named=True)
+            return f"no {backend!r} backend for {device_type} tensors"
+        why = self._usable(r, device_type, named=True)
+        return None if why is None else f"the {backend!r} backend cannot run here: {why}"
 
     # --------------------------------------------------------------- dispatch
 
@@ -182,21 +187,13 @@ class Table:
         if backend not in BACKENDS:
             raise ValueError(f"{name}: backend must be None or one of {', '.join(map(repr, BACKENDS))}; "
                              f"got {backend!r}")
-        can = [r.backend for r in rows if all(d in r.dtypes for d in dtypes)
-               and self._usable(r, device_type, named=True) is None]
-        r = self.row(op, backend, device_type)
-        if r is not None and backend in can:
-            return self._impls[r]
-        if r is None:
-            why = f"no {backend!r} backend for {device_type} tensors"
-        else:
-            why = self._usable(r, device_type, named=True)
-            if why is None:
-                why = (f"the {backend!r} backend takes "
-                       f"{', '.join(map(str, r.dtypes))}, not {', '.join(map(str, dtypes))}")
-            else:
-                why = f"the {backend!r} backend cannot run here: {why}"
-        have = ", ".join(map(repr, dict.fromkeys(can))) or "none"
+        can = self.backends(op, device_type, dtypes)
+        if backend in can:
+            return self._impls[self.row(op, backend, device_type)]
+        why = self.unusable(op, backend, device_type) or (
+            f"the {backend!r} backend takes {', '.join(map(str, self.row(op, backend, device_type).dtypes))}, "
+            f"not {', '.join(map(str, dtypes))}")
+        have = ", ".join(map(repr, can)) or "none"
         raise ValueError(f"{name}: {why}; backends that take {device_type} "
                          f"{'/'.join(dtype_name(d) for d in dtypes)} inputs here: {have}")
 
