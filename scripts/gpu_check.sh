@@ -2,55 +2,71 @@
 # scripts/gpu_check.sh: the whole GPU check of issue 15 in one command, for a machine with an
 # NVIDIA GPU (a lease of minutes: every step is capped, all steps run, one summary table last).
 #
-#   bash scripts/gpu_check.sh [--quick] [--results DIR]
+#   bash scripts/gpu_check.sh [--quick] [--full-bench] [--budget SECONDS] [--results DIR]
 #
-# Steps, in this order (the benchmark JSON is what a GPU run is for, so it comes before the long
-# test steps: a run cut short still brings it back):
+# Steps, in groups (a group's steps run side by side; the groups one after the other):
 #   env        nvidia-smi, versions, the device's name and compute capability
 #   build      build_ext --inplace --force for this device only (TORCH_CUDA_ARCH_LIST = its
-#              capability, e.g. 9.0), FORCE_CUDA=1; fails unless the CUDA kernels load
+#              capability, e.g. 9.0), FORCE_CUDA=1, MAX_JOBS = all cores; fails unless the CUDA
+#              kernels load
 #   static     python -m regkernels.bench.gpu_static --json (registers, spills, occupancy, mma
-#              counts against each kernel's declared budget)
-#   bench      python -m regkernels.bench --device cuda --json benchmarks/results/cuda-<gpu>-all.json
-#              (--quick: the quick cases, cuda-<gpu>-quick.json)
-#   suite      the full test suite (CUDA cases included), pytest-xdist over half the cores when
-#              installed (--quick: only the tests whose id or marks say cuda, and the host budget)
-#   memcheck   compute-sanitizer --tool memcheck over a selection that runs every CUDA and Triton
-#              kernel a few times: per (op, backend in {cuda, triton}) of tests/test_generated.py,
-#              the first value sample and the first gradient sample in float32 and in one half
-#              dtype (--quick: float32 only), and the cuda-marked tests of the two CUDA C++
-#              kernels' files; PYTORCH_NO_CUDA_MEMORY_CACHING=1 so an access past a tensor leaves
-#              its own allocation
-#   racecheck  compute-sanitizer --tool racecheck (shared-memory hazards) over the float32 half of
-#              that selection
+#              counts against each kernel's declared budget; compile only)
+#   select     (beside static) collects the sanitizers' test selection, node ids only
+#   bench      alone on the machine: python -m regkernels.bench --device cuda --quick --json
+#              benchmarks/results/cuda-<gpu>-quick.json; --full-bench: every case, -all.json.
+#              It runs before the tests because its JSON is what a GPU run is for: a run cut
+#              short still brings it back
+#   suite      the full test suite (CUDA cases included), pytest-xdist over the cores less two
+#              when installed (--quick: the tests whose id or marks say cuda, and the host budget)
+#   memcheck   (beside the suite) compute-sanitizer --tool memcheck over the selection (step_select
+#              says what it takes: every CUDA and Triton kernel, a few inputs each);
+#              PYTORCH_NO_CUDA_MEMORY_CACHING=1 so an access past a tensor leaves its allocation
+#   racecheck  (beside the suite) compute-sanitizer --tool racecheck (shared-memory hazards) over
+#              the float32 part of that selection
+# Every step is capped (CAP_<STEP> in the environment) and cut to what is left of --budget
+# (default 540 s; 480 s with --quick, 900 s with --full-bench); a step with under 10 s left is skipped and fails the run.
 # Results: every log and JSON under the results dir (default benchmarks/results/gpu_check-<time>,
 # or a scratch dir when $OUT is set); with $OUT set (the device tool brings back only $OUT, at
-# most 8 files) $OUT gets summary.txt, the two JSONs and logs.tar.gz, refreshed after every step.
-# Exit status: 0 when every step passed, else 1.
+# most 8 files) $OUT gets summary.txt, the two JSONs and logs.tar.gz, refreshed after each group.
+# Exit status: 0 when every step passed, else 1. The summary table is printed last.
 #
-# ---------------------------------------------------------------- time estimate for an H100
-# Measured on the 2-core EPYC VM without a GPU (load average ~9 from other sessions during the
-# measurements, so CPU seconds are used, not wall time), scaled to a 16-core H100 host:
-#   build: C++ CPU part, REGKERNELS_CPU_ONLY=1 build_ext, 6 translation units:  CPU_BUILD_S
-#          CPU seconds; nvcc -gencode sm_90 of the 2 .cu files (nvcc_check.sh):    NVCC_S CPU s.
-#          With MAX_JOBS=16 all 8 units compile at once: wall ≈ the slowest unit
-#          (SLOWEST_UNIT) + link ≈ BUILD_EST s.
-#   static: the lead's report compiles every Triton kernel for sm_90 (~STATIC_EST s, its own
-#          estimate; not measured on this branch, where the module is not merged yet).
-#   bench: 19 quick / 57 full cases × 3 providers. CPU quick run: QUICK_CPU; full: FULL_CPU.
-#          On the GPU each call is ~µs to ms, so time goes to first calls: torch.compile of the
-#          reference (inductor, ~3–8 s per case on 16 cores) and Triton JIT of our kernels
-#          (~1 s per kernel specialization, ~40 in the quick cases). Quick ≈ 19 × 6 s ≈ 2 min;
-#          full ≈ 57 × 6 s + timing rounds (57 × ~1 s) ≈ 6.5 min: over the 8 minutes with the
-#          rest, so the default bench is the quick one unless --full-bench is given.
-#   suite: SUITE_TESTS tests collected (SUITE_CUDA of them CUDA cases); 7.5–9 min on 2 cores
-#          (README), ~2/3 of it interpreted Triton, which a GPU machine does not run. The CPU
-#          part over 8 xdist workers ≈ 9 min × 1/3 × 2/8 ≈ 0.8 min; the CUDA cases ≈ the Triton
-#          compiles (~150 specializations × ~1 s / 8 workers ≈ 0.3 min) + the calls ≈ 1.5 min.
-#   memcheck: MEMCHECK_N tests; racecheck: RACECHECK_N tests; sanitizers run kernels 10–100×
-#          slower, but these are small inputs: the cost is the instrumented process start
-#          (~20 s each) and ~0.3 s per test ≈ MEMCHECK_EST s and RACECHECK_EST s.
-#   total ≈ TOTAL_EST (quick bench); the step caps below bound it at CAPS_TOTAL whatever happens.
+# ---------------------------------------------------------------- time estimate for an H100 host
+# (16 cores). Measured 2026-12-02 on the 2-core EPYC VM without a GPU, in CPU seconds (user +
+# sys: the VM ran at a load average of 8-9 from other sessions, so wall times there were 3-5x the
+# CPU time and mean nothing), taken as wall seconds per core there:
+#   build   CPU part, REGKERNELS_CPU_ONLY=1 build_ext: 6 C++ units + link = 382 CPU s (64 s per
+#           unit on average). nvcc -gencode sm_90 (nvcc_check.sh, the build's flags):
+#           beta_lasso_cuda.cu 110 CPU s, svd_cuda.cu 108 CPU s (each mostly the host pass over
+#           torch's headers). MAX_JOBS=16 compiles all 8 units at once, so wall = the slowest
+#           unit (~110 s) + link (~5 s) + setup.py start (~10 s)                        ≈ 125 s
+#   static  the lead's report: ~40 Triton kernels compiled for sm_90 through a stub driver and
+#           ptxas -v over the .cu objects, ~1 s each on one core (not measured on this
+#           branch, where the module is not merged yet); beside it select = two
+#           --collect-only runs, 47 CPU s here                                          ≈  60 s
+#   bench   --quick: 19 cases x 3 providers. On this CPU a quick run spends ~9 s in first calls
+#           (warm inductor cache) and ~18 s timing (cpu-epyc-2core-issue14-quick.json); the full
+#           run (57 cases) 53 s and 567 s (cpu-epyc-2core-all.json). On the GPU the timing
+#           shrinks to ~1 s a case (30 rounds x 3 calls of us-ms each + sync and L2 flush) and the
+#           first calls grow: a cold torch.compile of each reference's forward and backward for
+#           CUDA (~5 s a case) and ~40 Triton JIT compiles of our kernels (~1 s each):
+#           19 x (5 + 1) + 40 + ceilings 5                                             ≈ 160 s
+#           (--full-bench: 57 x (5 + 2) + 60 + 5 ≈ 465 s: it does not fit beside the rest)
+#   suite   7152 tests collected, ~2100 of them CUDA cases; 7.5-9 min on 2 cores (README), i.e.
+#           ~17 CPU min, an upper bound for the CPU tests since on a GPU machine the
+#           interpreted-Triton cases are skipped: 17 min / 14 workers ≈ 75 s; the CUDA cases
+#           are small calls plus Triton compiles (~300 specializations x ~1 s / 14 workers, some
+#           compiled twice by two workers ≈ 30 s) + xdist start (~15 s)              ≈ 120-180 s
+#           (--quick: the 2105 tests whose id or marks say cuda                        ≈ 60-90 s)
+#   memcheck 221 tests (--quick 65): process start under the sanitizer (~20-30 s) + ~0.4 s a
+#           test (kernels run 10-100x slower, but on tiny inputs; kernels are already compiled
+#           by the suite's workers or compile here)                                     ≈ 115 s
+#   racecheck 65 tests: ~25 s + ~0.5 s a test                                           ≈  60 s
+#           (the three run side by side: the group takes the longest, the suite's)
+#   total   env 10 + build 125 + static 60 + bench 160 + max(suite 150, memcheck 115)
+#                                                                          ≈ 505 s ≈ 8.4 min
+#           --quick: 10 + 125 + 60 + 160 + max(75, memcheck 50)            ≈ 430 s ≈ 7.2 min
+#   The GPU-side numbers (compiles, sanitizer start, per-test cost) are estimates, not
+#   measurements: take +-50 %. The caps and --budget bound the run whatever they turn out to be.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -176,7 +192,7 @@ command -v "$PY" >/dev/null || PY=python
 QUICK=0
 FULL_BENCH=0
 RESULTS=""
-BUDGET=480
+BUDGET=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1 ;;
@@ -198,14 +214,16 @@ NPROC=$(nproc)
 # the suite runs beside the two sanitizer processes; its CUDA cases are small, one GPU takes a
 # dozen processes' contexts easily
 WORKERS=$(( NPROC > 4 ? NPROC - 2 : 1 ))
-DEADLINE=$(( $(date +%s) + BUDGET ))
 if [ $QUICK = 1 ]; then MC_DTYPES='none'; else MC_DTYPES='bf16|fp16'; fi
 if [ $FULL_BENCH = 1 ] && [ $QUICK = 0 ]; then BENCH_SEL=all; else BENCH_SEL=quick; fi
+# --full-bench does not fit one 10-minute device call beside the rest: it gets 900 s
+[ -n "$BUDGET" ] || { [ $QUICK = 1 ] && BUDGET=480; } || { [ $BENCH_SEL = all ] && BUDGET=900; } || BUDGET=540
+DEADLINE=$(( $(date +%s) + BUDGET ))
 export PY QUICK RESULTS NPROC WORKERS MC_DTYPES BENCH_SEL PYTHONUNBUFFERED=1
 
 # per-step caps in seconds (env overrides), each also cut to what is left of --budget: a hang
 # costs its step, never the lease; a step with under 10 s left is not started (SKIP, a failure)
-CAP_ENV=${CAP_ENV:-60}; CAP_BUILD=${CAP_BUILD:-240}; CAP_STATIC=${CAP_STATIC:-120}; CAP_BENCH=${CAP_BENCH:-240}
+CAP_ENV=${CAP_ENV:-60}; CAP_BUILD=${CAP_BUILD:-240}; CAP_STATIC=${CAP_STATIC:-120}; CAP_BENCH=${CAP_BENCH:-$([ $BENCH_SEL = all ] && echo 540 || echo 240)}
 CAP_SUITE=${CAP_SUITE:-300}; CAP_SELECT=${CAP_SELECT:-90}; CAP_MEMCHECK=${CAP_MEMCHECK:-180}
 CAP_RACECHECK=${CAP_RACECHECK:-120}
 
