@@ -487,6 +487,24 @@ def render(rows: list[Row]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(t, widths)).rstrip() for t in table)
 
 
+def summarize(rows: list[Row]) -> str:
+    """One line per kernel over its compiled variants: register range, worst spill and occupancy,
+    the dtypes whose variants use tensor cores, wide loads, and how many variants break the budget."""
+    groups: dict[tuple[str, str], list[Row]] = collections.defaultdict(list)
+    for r in rows:
+        groups[(r.source, r.kernel.split("<")[0])].append(r)
+    head = ("source", "kernel", "variants", "regs", "max spill B", "min occ", "mma in", "vec ld", "over budget")
+    table = [head]
+    for (src, kernel), rs in groups.items():
+        mma = sorted({r.dtype or "-" for r in rs if r.mma})
+        table.append((src, kernel, str(len(rs)), f"{min(r.regs for r in rs)}-{max(r.regs for r in rs)}",
+                      str(max(r.spill_bytes for r in rs)), f"{min(r.occupancy for r in rs):.0%}",
+                      ",".join(mma) or "none", f"{min(r.vector_loads for r in rs)}-{max(r.vector_loads for r in rs)}",
+                      str(sum(1 for r in rs if r.problems))))
+    widths = [max(len(t[i]) for t in table) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(t, widths)).rstrip() for t in table)
+
+
 def _extension_path() -> str | None:
     try:
         from regkernels import _C
@@ -536,6 +554,8 @@ def main(argv: Iterable[str] | None = None) -> int:
                 rows += r
                 errors += e
     print(render(rows))
+    print()
+    print(summarize(rows))
     bad = [r for r in rows if r.problems]
     for n in notes:
         print(f"note: {n}")
