@@ -7,8 +7,8 @@
 # Steps, in groups (a group's steps run side by side; the groups one after the other):
 #   env        nvidia-smi, versions, the device's name and compute capability
 #   build      build_ext --inplace --force for this device only (TORCH_CUDA_ARCH_LIST = its
-#              capability, e.g. 9.0), FORCE_CUDA=1, MAX_JOBS = all cores; fails unless the CUDA
-#              kernels load
+#              capability, e.g. 9.0; plus 9.0 on other GPUs, which the static report reads),
+#              FORCE_CUDA=1, MAX_JOBS = all cores; fails unless the CUDA kernels load
 #   static     python -m regkernels.bench.gpu_static --json (registers, spills, occupancy, mma
 #              counts against each kernel's declared budget; compile only)
 #   select     (beside static) collects the sanitizers' test selection, node ids only
@@ -24,7 +24,7 @@
 #   racecheck  (beside the suite) compute-sanitizer --tool racecheck (shared-memory hazards) over
 #              the float32 part of that selection
 # Every step is capped (CAP_<STEP> in the environment) and cut to what is left of --budget
-# (default 540 s; 480 s with --quick, 900 s with --full-bench); a step with under 10 s left is skipped and fails the run.
+# (default 570 s; 480 s with --quick, 900 s with --full-bench); a step with under 10 s left is skipped and fails the run.
 # Results: every log and JSON under the results dir (default benchmarks/results/gpu_check-<time>,
 # or a scratch dir when $OUT is set); with $OUT set (the device tool brings back only $OUT, at
 # most 8 files) $OUT gets summary.txt, the two JSONs and logs.tar.gz, refreshed after each group.
@@ -39,10 +39,10 @@
 #           beta_lasso_cuda.cu 110 CPU s, svd_cuda.cu 108 CPU s (each mostly the host pass over
 #           torch's headers). MAX_JOBS=16 compiles all 8 units at once, so wall = the slowest
 #           unit (~110 s) + link (~5 s) + setup.py start (~10 s)                        ≈ 125 s
-#   static  the lead's report: ~40 Triton kernels compiled for sm_90 through a stub driver and
-#           ptxas -v over the .cu objects, ~1 s each on one core (not measured on this
-#           branch, where the module is not merged yet); beside it select = two
-#           --collect-only runs, 47 CPU s here                                          ≈  60 s
+#   static  python -m regkernels.bench.gpu_static (main at d4086e7): 75 Triton variants compiled
+#           for sm_90 through a stub driver + cuobjdump of the build, 109 CPU s in one process
+#           (so ~100 s wall on an idle core); beside it select = two --collect-only runs,
+#           47 CPU s                                                                     ≈ 100 s
 #   bench   --quick: 19 cases x 3 providers. On this CPU a quick run spends ~9 s in first calls
 #           (warm inductor cache) and ~18 s timing (cpu-epyc-2core-issue14-quick.json); the full
 #           run (57 cases) 53 s and 567 s (cpu-epyc-2core-all.json). On the GPU the timing
@@ -62,9 +62,11 @@
 #           by the suite's workers or compile here)                                     ≈ 115 s
 #   racecheck 65 tests: ~25 s + ~0.5 s a test                                           ≈  60 s
 #           (the three run side by side: the group takes the longest, the suite's)
-#   total   env 10 + build 125 + static 60 + bench 160 + max(suite 150, memcheck 115)
-#                                                                          ≈ 505 s ≈ 8.4 min
-#           --quick: 10 + 125 + 60 + 160 + max(75, memcheck 50)            ≈ 430 s ≈ 7.2 min
+#   total   env 10 + build 125 + static 100 + bench 160 + max(suite 150, memcheck 115)
+#                                                                          ≈ 545 s ≈ 9.1 min
+#           --quick: 10 + 125 + 100 + 160 + max(75, memcheck 50)           ≈ 470 s ≈ 7.8 min
+#           So --quick is the 8-minute check; the default (full suite, half dtypes in memcheck)
+#           is ~9 min, inside one 10-minute device call (--budget 570 by default).
 #   The GPU-side numbers (compiles, sanitizer start, per-test cost) are estimates, not
 #   measurements: take +-50 %. The caps and --budget bound the run whatever they turn out to be.
 set -uo pipefail
@@ -99,7 +101,10 @@ PYEOF
 step_build() {
   if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
   # --force: a CPU-only _C.so carried in the tree is newer than the .cu files and would be kept
-  TORCH_CUDA_ARCH_LIST="$ARCH" FORCE_CUDA=1 MAX_JOBS="$NPROC" "$PY" setup.py build_ext --inplace --force || return 1
+  # this device's code, and sm_90's too where the device is another: the static report reads sm_90
+  local archs="$ARCH"
+  [ "$ARCH" = 9.0 ] || archs="$ARCH;9.0"
+  TORCH_CUDA_ARCH_LIST="$archs" FORCE_CUDA=1 MAX_JOBS="$NPROC" "$PY" setup.py build_ext --inplace --force || return 1
   "$PY" -c "
 from regkernels import _ext
 ok = _ext.HAS_C and _ext.has_cuda_kernels()
@@ -217,7 +222,7 @@ WORKERS=$(( NPROC > 4 ? NPROC - 2 : 1 ))
 if [ $QUICK = 1 ]; then MC_DTYPES='none'; else MC_DTYPES='bf16|fp16'; fi
 if [ $FULL_BENCH = 1 ] && [ $QUICK = 0 ]; then BENCH_SEL=all; else BENCH_SEL=quick; fi
 # --full-bench does not fit one 10-minute device call beside the rest: it gets 900 s
-[ -n "$BUDGET" ] || { [ $QUICK = 1 ] && BUDGET=480; } || { [ $BENCH_SEL = all ] && BUDGET=900; } || BUDGET=540
+[ -n "$BUDGET" ] || { [ $QUICK = 1 ] && BUDGET=480; } || { [ $BENCH_SEL = all ] && BUDGET=900; } || BUDGET=570
 DEADLINE=$(( $(date +%s) + BUDGET ))
 export PY QUICK RESULTS NPROC WORKERS MC_DTYPES BENCH_SEL PYTHONUNBUFFERED=1
 
