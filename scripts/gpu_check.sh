@@ -100,10 +100,11 @@ PYEOF
 
 step_build() {
   if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
-  # --force: a CPU-only _C.so carried in the tree is newer than the .cu files and would be kept
   # this device's code, and sm_90's too where the device is another: the static report reads sm_90
   local archs="$ARCH"
   [ "$ARCH" = 9.0 ] || archs="$ARCH;9.0"
+  # --force: a _C.so already in the tree (a CPU-only build) is newer than the .cu files and would
+  # be kept
   TORCH_CUDA_ARCH_LIST="$archs" FORCE_CUDA=1 MAX_JOBS="$NPROC" "$PY" setup.py build_ext --inplace --force || return 1
   "$PY" -c "
 from regkernels import _ext
@@ -133,8 +134,8 @@ step_suite() {
 # of tests/test_generated.py with backend cuda or triton: memcheck takes every float32 test_values
 # sample (strided, transposed, expanded, empty and padded inputs are where an access goes out of
 # bounds), the first sample of each half dtype and the first test_gradients sample per op and
-# dtype (--quick: racecheck's float32 selection); racecheck (shared memory) the first 3 float32 value samples and the first float32
-# gradient sample per op. Both add the first 3 float32 cases of each cuda-marked test of the two
+# dtype (--quick: racecheck's float32 selection); racecheck (shared memory) the first 3 float32
+# value samples and the first float32 gradient sample per op. Both add the first 3 float32 cases of each cuda-marked test of the two
 # CUDA C++ kernels' files (β-LASSO, batched SVD).
 step_select() {
   "$PY" -m pytest -q -p no:cacheprovider --collect-only tests/test_generated.py > "$RESULTS/collected.txt" 2>&1
