@@ -95,6 +95,20 @@ def test_counter_opens_custom_ops():
     assert hw.ops["aten.add.Tensor"] == 1
 
 
+def test_counter_opens_cpp_custom_ops():
+    """A C++ op's own allocations reach the mode too (the CUDA β-LASSO stages its chunk table
+    inside regkernels::beta_lasso_step_): the op returns a fresh counts tensor, so at least one
+    aten op is dispatched from inside it."""
+    from regkernels.ops.beta_lasso import pack_hyper
+
+    p, g, no_buf = torch.randn(5), torch.randn(5), torch.empty(0)
+    hyper, flags = pack_hyper(0.1, 0.01, 1.0, 0.0, 0.0, 0.0, False, False)
+    with HostWork() as hw:
+        counts = torch.ops.regkernels.beta_lasso_step_([p], [g], [no_buf], hyper, flags)
+    assert hw.custom["regkernels.beta_lasso_step_.default"] == 1
+    assert counts.shape == (1,) and hw.total >= 1, hw.report("beta_lasso_step_")
+
+
 @pytest.mark.skipif(not INTERPRETED, reason="the interpreter's copies exist only under TRITON_INTERPRET=1")
 def test_counter_excludes_the_interpreters_own_copies():
     """The interpreter copies each tensor argument at a launch with aten ops a compiled launch does
