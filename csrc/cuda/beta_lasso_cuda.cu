@@ -227,7 +227,9 @@ void step_cuda(at::TensorList params, at::TensorList grads, at::TensorList bufs,
       [&](BetaLassoPlan& p) { upload_plan(p, stream); });
   if (plan->tasks.empty()) return;
   auto& dt = *std::static_pointer_cast<DeviceTable>(plan->device_table);
-  if (dt.stream_id != stream.id()) {
+  // another stream waits for the upload once per call. Not under capture: torch.cuda.graph
+  // synchronizes before it captures, and a kept plan's table is never freed
+  if (dt.stream_id != stream.id() && !capturing) {
     dt.uploaded.block(stream);
     c10::cuda::CUDACachingAllocator::recordStream(dt.table.storage().data_ptr(), stream);
   }
