@@ -3,6 +3,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "beta_lasso_args.h"
+
 namespace regkernels {
 
 bool built_with_cuda() {
@@ -27,6 +29,9 @@ TORCH_LIBRARY(regkernels, m) {
   m.def(
       "beta_lasso_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] bufs, float[] hyper, int[] flags) "
       "-> Tensor");
+  // Counters of beta_lasso_step_'s launch-plan cache (csrc/beta_lasso_args.h), process-wide: [plans built,
+  // cache hits, launches / chunks / 16-byte-aligned tensors of the last call]. For tests.
+  m.def("_beta_lasso_plan_stats() -> int[]", &regkernels::beta_lasso_plan_stats_list);
   // Gram-matrix penalties (docs/gram.md) of many matrices in one call. mats[i] is (..., m, n)
   // (its leading dims flattened to one batch of b_i matrices),
   // sides[i] 0 = rows (W Wᵀ) / 1 = cols (Wᵀ W); kind 'frame' | 'diversity' | 'orthogonality' | 'mhe'

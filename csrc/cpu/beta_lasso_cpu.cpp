@@ -1,5 +1,6 @@
 // Fused β-LASSO step on CPU: every tensor of one dtype in one call, parallel over fixed-size
-// chunks of all tensors, non-zeros counted per chunk as a by-product of the write.
+// chunks of all tensors, non-zeros counted per chunk as a by-product of the write. The chunk
+// table is the cached launch plan of ../beta_lasso_args.h, shared with the CUDA kernel.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -40,37 +41,43 @@ RK_CPU_CLONES int32_t update_range(scalar_t* __restrict__ p, const scalar_t* __r
   return count;
 }
 
-struct Chunk {
-  int64_t tensor;
-  int64_t begin;
-  int64_t end;
-};
+// A launch this small runs on the calling thread: waking the pool costs more than the work
+constexpr int64_t kSerialElements = 1 << 16;
 
 template <typename scalar_t>
 void step_cpu(at::TensorList params, at::TensorList grads, at::TensorList bufs, at::ArrayRef<double> hyper,
               at::ArrayRef<int64_t> flags, int64_t* nnz) {
   using T = at::opmath_type<scalar_t>;
-  std::vector<Chunk> chunks;
-  for (int64_t t = 0; t < static_cast<int64_t>(params.size()); ++t) {
-    const int64_t n = params[t].numel();
-    for (int64_t b = 0; b < n; b += kChunk) chunks.push_back({t, b, std::min(n, b + kChunk)});
-  }
-  std::vector<int64_t> counts(chunks.size(), 0);
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t c = lo; c < hi; ++c) {
-      const Chunk& ch = chunks[c];
-      const auto h = beta_lasso_hyper<T>(hyper, ch.tensor);
-      const auto f = beta_lasso_flags(hyper, flags, ch.tensor);
-      scalar_t* p = params[ch.tensor].data_ptr<scalar_t>() + ch.begin;
-      const scalar_t* g = grads[ch.tensor].data_ptr<scalar_t>() + ch.begin;
-      scalar_t* b = f.momentum ? bufs[ch.tensor].data_ptr<scalar_t>() + ch.begin : nullptr;
-      const int64_t len = ch.end - ch.begin;
-      counts[c] = dispatch_beta_lasso_flags(f, [&]<bool WD, bool MOM, bool NES, bool FIRST>() {
-        return update_range<WD, MOM, NES, FIRST, scalar_t, T>(p, g, b, len, h);
-      });
+  // the same cached plan (chunk table, slots, launches) as the CUDA kernel, so the CPU tests cover
+  // its cache and launch logic; there is no device copy to make
+  const auto plan = beta_lasso_plan(params, grads, bufs, hyper, flags, kChunk, /*keep=*/false,
+                                    /*refuse_build=*/nullptr, [](BetaLassoPlan&) {});
+  std::vector<int32_t> counts(plan->tasks.size(), 0);
+  for (const PlanLaunch& launch : plan->launches) {
+    const auto args = beta_lasso_slot_args<T>(*plan, launch, hyper, flags);
+    auto body = [&](int64_t lo, int64_t hi) {
+      for (int64_t c = lo; c < hi; ++c) {
+        const PlanTask& task = plan->tasks[c];
+        const PlanTensor& m = plan->tensors[task.tensor];
+        const int32_t s = m.slot - args.base;
+        scalar_t* p = static_cast<scalar_t*>(m.param) + task.begin;
+        const scalar_t* g = static_cast<const scalar_t*>(m.grad) + task.begin;
+        scalar_t* b = m.buf ? static_cast<scalar_t*>(m.buf) + task.begin : nullptr;
+        const int64_t len = std::min(kChunk, m.numel - task.begin);
+        const auto& h = args.hyper[s];
+        counts[c] = dispatch_beta_lasso_flags(beta_lasso_flags_of_mode(args.mode[s]),
+                                              [&]<bool WD, bool MOM, bool NES, bool FIRST>() {
+          return update_range<WD, MOM, NES, FIRST, scalar_t, T>(p, g, b, len, h);
+        });
+      }
+    };
+    if (launch.elements <= kSerialElements) {
+      body(launch.task_begin, launch.task_end);
+    } else {
+      at::parallel_for(launch.task_begin, launch.task_end, 1, body);
     }
-  });
-  for (size_t c = 0; c < chunks.size(); ++c) nnz[chunks[c].tensor] += counts[c];
+  }
+  for (size_t c = 0; c < plan->tasks.size(); ++c) nnz[plan->tasks[c].tensor] += counts[c];
 }
 
 at::Tensor beta_lasso_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList bufs,

@@ -4,9 +4,17 @@ All parameters of one (device, dtype) are updated by one kernel launch (CPU or C
 counts each tensor's non-zeros, so ``nonzeros()`` costs no extra pass over memory. Which
 implementation updates a parameter is ``regkernels.ops.beta_lasso.TABLE``'s choice for its device
 and dtype, as for every op.
+
+Host work (docs/beta_lasso.md#launch-plan): a full pass over the parameters (backend resolution,
+buffer creation, argument lists) runs on the first step and whenever something it resolved
+changed; it leaves a ``_Plan``, and later steps only gather the gradients, check the plan still
+holds (identities and values, before any update) and call the op once per launch. The op keeps
+its chunk table cached on its side (on the device for CUDA), keyed by pointers, not values.
 """
 from __future__ import annotations
 
+import itertools
+import operator
 from typing import Callable, Iterable
 
 import torch
@@ -36,10 +44,18 @@ def _check_hyper(group: dict) -> None:
                          f"got momentum={momentum}, dampening={dampening}")
 
 
-class _Launch:
-    """Argument lists of one fused launch: every parameter of one (device, dtype)."""
+_HYPER_KEYS = ("lr", "lam", "beta", "momentum", "dampening", "weight_decay", "nesterov")
+_GRAD = operator.attrgetter("grad")
+_BUF = operator.itemgetter("momentum_buffer")
+_NONES = itertools.repeat(None)
 
-    __slots__ = ("fused", "params", "grads", "bufs", "hyper", "flags", "placeholder")
+
+class _Launch:
+    """Argument lists of one fused launch: every parameter of one (device, dtype), and where they
+    came from (``picks``: per contributing group, its index and the indices of its parameters in
+    this launch, or None for all of them), so a plan can gather the gradients again."""
+
+    __slots__ = ("fused", "params", "grads", "bufs", "hyper", "flags", "placeholder", "picks", "states")
 
     def __init__(self, fused: Callable, placeholder: torch.Tensor):
         self.fused = fused  # the table's fused entry for this (device, dtype)
@@ -49,6 +65,81 @@ class _Launch:
         self.hyper: list[float] = []
         self.flags: list[int] = []
         self.placeholder = placeholder  # stands in for the buffer of tensors without momentum
+        self.picks: list[tuple[int, list[int]]] = []
+        self.states: list[dict] = []  # the state dicts of its momentum parameters (their buffers checked per step)
+
+    def pick(self, gi: int, pi: int) -> None:
+        if not self.picks or self.picks[-1][0] != gi:
+            self.picks.append((gi, []))
+        self.picks[-1][1].append(pi)
+
+
+class _GroupPlan:
+    """One param group as the last full pass saw it: its params (by identity), which had a
+    gradient, and its hyper-parameters (values and types, so a float → bool change is rechecked)."""
+
+    __slots__ = ("group", "params", "members", "mask", "types", "values", "hyper", "flags")
+
+    def __init__(self, group: dict, mask: tuple[bool, ...]):
+        self.group = group
+        self.params = group["params"]
+        self.members = tuple(self.params)
+        self.mask = mask
+        self.set_hyper(group)
+
+    def set_hyper(self, group: dict) -> None:
+        self.values = tuple(map(group.__getitem__, _HYPER_KEYS))
+        self.types = tuple(map(type, self.values))
+        # the steady flags: a plan exists only once every momentum buffer does
+        self.hyper, self.flags = pack_hyper(*self.values, False)
+
+
+class _LaunchPlan:
+    __slots__ = ("fused", "params", "bufs", "hyper", "flags", "picks", "whole", "states", "state_bufs")
+
+    def __init__(self, launch: _Launch, groups: list[_GroupPlan]):
+        self.fused = launch.fused
+        self.params = launch.params
+        self.bufs = launch.bufs
+        # a group all of whose parameters are in this launch in order passes its gradient list as is
+        self.picks = [(gi, None if idx == list(range(len(groups[gi].members))) else idx) for gi, idx in launch.picks]
+        self.states = launch.states
+        self.state_bufs = [st["momentum_buffer"] for st in launch.states]
+        self.set_hyper(groups)
+
+    def set_hyper(self, groups: list[_GroupPlan]) -> None:
+        hyper: list[float] = []
+        flags: list[int] = []
+        for gi, idx in self.picks:
+            n = len(groups[gi].members) if idx is None else len(idx)
+            hyper += groups[gi].hyper * n
+            flags += groups[gi].flags * n
+        self.hyper, self.flags = hyper, flags
+
+    def grads(self, grads_by_group: list[list]) -> list:
+        if len(self.picks) == 1 and self.picks[0][1] is None:
+            return grads_by_group[self.picks[0][0]]
+        out = []
+        for gi, idx in self.picks:
+            gr = grads_by_group[gi]
+            out += gr if idx is None else [gr[i] for i in idx]
+        return out
+
+
+class _Plan:
+    """What a full pass of ``step()`` resolved (docs/beta_lasso.md#launch-plan), reused by later
+    steps while the optimizer's state object, the param groups (their params by identity, which
+    have a gradient, hyper-parameter values) and the momentum buffers are the same. Gradients are
+    gathered again every step; their layout is checked by the fused op itself."""
+
+    __slots__ = ("state", "groups", "launches", "reference")
+
+    def __init__(self, state, groups: list[_GroupPlan], launches: list[_LaunchPlan],
+                 reference: list[tuple[torch.Tensor, int]]):
+        self.state = state
+        self.groups = groups
+        self.launches = launches
+        self.reference = reference  # (param, group index) updated by the reference
 
 
 class BetaLasso(Optimizer):
@@ -100,6 +191,7 @@ class BetaLasso(Optimizer):
             TABLE.implementation(OP, backend, device, dtype, name=_OP)
         # counts of the last step: (params updated by one launch, their int64 counts tensor)
         self._counts: list[tuple[list[torch.Tensor], torch.Tensor]] = []
+        self._plan: _Plan | None = None  # what the last full step resolved (step() reuses it)
 
     def add_param_group(self, param_group: dict) -> None:
         """``torch.optim.Optimizer.add_param_group`` plus β-LASSO's checks: the group's
@@ -124,6 +216,7 @@ class BetaLasso(Optimizer):
                                  f"parameter {seen[id(p)]}; list each parameter once")
             seen[id(p)] = i
         super().add_param_group(group)
+        self._plan = None
         try:
             _check_hyper(self.param_groups[-1])
         except (TypeError, ValueError):
@@ -139,6 +232,7 @@ class BetaLasso(Optimizer):
         self.backend = state.get("backend")
         # the counts are tied to the parameter objects of the last step: a copy has not stepped
         self._counts = []
+        self._plan = None  # load_state_dict comes through here: new state, new buffers
 
     def _fused_for(self, p: torch.Tensor, impls: dict) -> Callable | None:
         """The fused update that takes ``p`` (the table's row for its device and dtype), or None
@@ -171,23 +265,98 @@ class BetaLasso(Optimizer):
         # cleared, never rebound: torch.compile(opt.step) does not write attribute assignments
         # on the optimizer back (nonzeros() would see an empty list) but replays list mutations
         self._counts.clear()
+        plan = self._plan
+        if plan is not None and not torch.compiler.is_compiling():
+            done = self._planned_step(plan)
+            if done is None:
+                return loss
+            self._full_step(done)  # the counts of launches that ran stay
+        else:
+            self._full_step(())
+        return loss
+
+    def _planned_step(self, plan: _Plan) -> set[int] | None:
+        """The step through ``plan``: None when it ran, else the ids of the parameters already
+        updated (launches that ran before one refused its arguments) for the full pass to skip.
+        Everything the plan depends on is checked before the first update."""
+        self._plan = None  # restored at the end: an exception on the way leaves no plan
+        groups = self.param_groups
+        if self.state is not plan.state or len(groups) != len(plan.groups):
+            return set()
+        grads_by_group = []
+        rehyper = False
+        for group, gp in zip(groups, plan.groups):
+            params = group["params"]
+            if (group is not gp.group or params is not gp.params or len(params) != len(gp.members)
+                    or not all(map(operator.is_, params, gp.members))):
+                return set()
+            grads = list(map(_GRAD, params))
+            if tuple(map(operator.is_not, grads, _NONES)) != gp.mask:
+                return set()
+            values = tuple(map(group.__getitem__, _HYPER_KEYS))
+            # types first: comparing a Tensor value with == would not give a bool
+            if tuple(map(type, values)) != gp.types or values != gp.values:
+                _check_hyper(group)  # a scheduler or a user may have changed lr etc. since the last step
+                if (values[3] != 0) != (gp.values[3] != 0):
+                    return set()  # momentum switched on or off: buffers and launches change
+                gp.set_hyper(group)
+                rehyper = True
+            grads_by_group.append(grads)
+        for lp in plan.launches:
+            try:
+                if not all(map(operator.is_, map(_BUF, lp.states), lp.state_bufs)):
+                    return set()
+            except KeyError:  # a buffer was removed from the state
+                return set()
+        for p, gi in plan.reference:
+            if p.grad.is_sparse:
+                raise RuntimeError("BetaLasso does not support sparse gradients")
+        if rehyper:
+            for lp in plan.launches:
+                lp.set_hyper(plan.groups)
+        for k, lp in enumerate(plan.launches):
+            try:
+                counts = lp.fused(lp.params, lp.grads(grads_by_group), lp.bufs, lp.hyper, lp.flags)
+            except RuntimeError:
+                # the op checks its arguments before it writes anything: a gradient that changed
+                # dtype, layout or device is the full pass's to route (reference or error)
+                return {id(p) for done in plan.launches[:k] for p in done.params}
+            self._counts.append((lp.params, counts))
+        for p, gi in plan.reference:
+            self._reference_update(p, groups[gi])
+        self._plan = plan
+        return None
+
+    def _full_step(self, done) -> None:
+        """The step from scratch: resolves every parameter's backend, creates momentum buffers,
+        updates, and (outside torch.compile) leaves the plan later steps reuse. ``done``: ids of
+        parameters this step has already updated."""
+        self._plan = None
+        planning = not torch.compiler.is_compiling()
         # (device, dtype) → the fused op's argument lists, filled in one pass over the params
         launches: dict[tuple[torch.device, torch.dtype], _Launch] = {}
         impls: dict[tuple[torch.device, torch.dtype], Callable] = {}
-        for group in self.param_groups:
+        group_plans: list[_GroupPlan] = []
+        reference: list[tuple[torch.Tensor, int]] = []
+        for gi, group in enumerate(self.param_groups):
             _check_hyper(group)  # a scheduler or a user may have changed lr etc. since construction
             hyper, flags = pack_hyper(group["lr"], group["lam"], group["beta"], group["momentum"],
                                       group["dampening"], group["weight_decay"], group["nesterov"], False)
             flags_first = flags[:2] + [1]
             momentum = group["momentum"] != 0
-            for p in group["params"]:
+            params = group["params"]
+            if planning:
+                group_plans.append(_GroupPlan(group, tuple(p.grad is not None for p in params)))
+            for pi, p in enumerate(params):
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("BetaLasso does not support sparse gradients")
                 fused = self._fused_for(p, impls)
                 if fused is None:
-                    self._reference_update(p, group)
+                    reference.append((p, gi))
+                    if id(p) not in done:
+                        self._reference_update(p, group)
                     continue
                 launch = launches.get((p.device, p.dtype))
                 if launch is None:
@@ -202,15 +371,21 @@ class BetaLasso(Optimizer):
                         first = True
                     elif not buf.is_contiguous():
                         buf = state["momentum_buffer"] = buf.contiguous()
+                    launch.states.append(state)
                 launch.params.append(p)
                 launch.grads.append(p.grad)
                 launch.bufs.append(buf)
                 launch.hyper += hyper
                 launch.flags += flags_first if first else flags
+                launch.pick(gi, pi)
         for launch in launches.values():
+            if done and any(id(p) in done for p in launch.params):
+                continue  # updated by the planned step before it gave up (a whole launch, always)
             counts = launch.fused(launch.params, launch.grads, launch.bufs, launch.hyper, launch.flags)
             self._counts.append((launch.params, counts))
-        return loss
+        if planning:
+            self._plan = _Plan(self.state, group_plans, [_LaunchPlan(launch, group_plans) for launch in launches.values()],
+                               reference)
 
     def _reference_update(self, p: torch.Tensor, group: dict) -> None:
         state = self.state[p]
