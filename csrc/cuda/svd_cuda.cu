@@ -104,7 +104,8 @@ __global__ void __launch_bounds__(kMaxThreads)
   __shared__ T s_colnorm2[kMaxSide];  // also the completion's rest[]
   __shared__ T s_w[kMaxSide];
   __shared__ T s_d[kMaxSide];
-  __shared__ int s_flag;
+  __shared__ int s_flag;  // A = Xᵀ
+  __shared__ int s_ex;    // the scale exponent
   static_assert(G >= 1 && G <= core::kJacobiMaxGroup && (G & (G - 1)) == 0, "G: a power of two dividing a warp");
   static_assert(R >= 1 && R <= kMaxRows, "R: rows per lane");
 
@@ -115,9 +116,6 @@ __global__ void __launch_bounds__(kMaxThreads)
   const int64_t bi = blockIdx.x;
   const T* x = X + bi * sh.sb;
   const int k = N;
-  T* u = U + bi * sh.m * k;
-  T* s = S + bi * k;
-  T* vh = Vh + bi * k * sh.n;
 
   // ---- load: raw X into A, max |x| and finiteness (NaN fails the <= test) ----
   // walk X along its smaller stride so that consecutive threads read neighbouring addresses
@@ -147,6 +145,9 @@ __global__ void __launch_bounds__(kMaxThreads)
   if (__syncthreads_or(bad)) {
     // the whole block takes this branch; a non-finite matrix needs no iteration: NaN factors
     const T nan = FloatTraits<T>::nan();
+    T* u = U + bi * sh.m * k;
+    T* s = S + bi * k;
+    T* vh = Vh + bi * k * sh.n;
     for (int e = tid; e < sh.m * k; e += nthreads) u[e] = nan;
     for (int e = tid; e < k; e += nthreads) s[e] = nan;
     for (int e = tid; e < k * sh.n; e += nthreads) vh[e] = nan;
@@ -155,6 +156,12 @@ __global__ void __launch_bounds__(kMaxThreads)
   max_abs = s_warp[0];
   for (int w = 1; w < nthreads / 32; ++w) max_abs = s_warp[w] > max_abs ? s_warp[w] : max_abs;
   const int ex = core::jacobi_scale_exponent(max_abs);
+  // the exponent and the orientation are needed again only at the stores: kept in shared memory
+  // rather than in two registers across the sweeps (published by the barrier after V's init)
+  if (tid == 0) {
+    s_ex = ex;
+    s_flag = sh.m < sh.n;
+  }
   for (int e = tid; e < M * N; e += nthreads) {
     const int j = e / M, i = e - j * M;
     A[j * ldA + i] = core::rk_ldexp(A[j * ldA + i], -ex);
@@ -167,7 +174,6 @@ __global__ void __launch_bounds__(kMaxThreads)
   // Orientation of a square X (as the CPU kernel's scan_group): one-sided Jacobi converges fast
   // on column-graded matrices and slowly on row-graded ones, so when the row norms spread wider
   // than the column norms A becomes Xᵀ (transposed in place) and the outputs swap roles.
-  bool transposed = sh.m < sh.n;
   if (M == N) {  // block-uniform
     for (int t = tid; t < N; t += nthreads) {
       T row = T(0), col = T(0);
@@ -195,8 +201,7 @@ __global__ void __launch_bounds__(kMaxThreads)
       s_flag = lhs > rhs ? 1 : 0;
     }
     __syncthreads();
-    transposed = s_flag != 0;
-    if (transposed) {
+    if (s_flag != 0) {
       for (int e = tid; e < N * N; e += nthreads) {
         const int j = e / N, i = e - j * N;
         if (i < j) {
@@ -325,8 +330,12 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
 
   // ---- outputs: X = U_A diag(σ) V_Aᵀ, or V_A diag(σ) U_Aᵀ when A = Xᵀ ----
-  for (int j = tid; j < N; j += nthreads) s[j] = core::rk_ldexp(core::rk_sqrt(s_norm2[s_perm[j]]), ex);
-  if (!transposed) {
+  T* u = U + bi * sh.m * k;
+  T* s = S + bi * k;
+  T* vh = Vh + bi * k * sh.n;
+  const int ex_out = s_ex;
+  for (int j = tid; j < N; j += nthreads) s[j] = core::rk_ldexp(core::rk_sqrt(s_norm2[s_perm[j]]), ex_out);
+  if (s_flag == 0) {
     store_sorted(u, A, ldA, s_perm, M, N, true);
     store_sorted(vh, V, ldV, s_perm, N, N, false);
   } else {
