@@ -118,3 +118,78 @@ def test_cpu_peak_memory_counts_tensor_allocations():
 
     assert peak_memory(two_temporaries, cpu) >= 2_000_000
     assert peak_memory(lambda: x.add_(1), cpu) < 1000  # in place: at most a wrapped scalar
+
+
+def test_cpu_timer_is_perf_counter_and_json_says_so(tmp_path):
+    timer = R.CallTimer.for_device(torch.device("cpu"))
+    assert timer.describe()["method"] == "perf_counter"
+    import time as _time
+
+    assert timer(lambda: _time.sleep(0.02)) >= 19.0
+    path = tmp_path / "out.json"
+    assert R.main(["--op", "orthogonality_penalty", "--quick", "--device", "cpu", "--json", str(path)]) == 0
+    doc = json.loads(path.read_text())
+    assert doc["timing"]["method"] == "perf_counter"
+    assert all(r["warmup_calls"] >= 1 for r in doc["results"] if "median_ms" in r)
+
+
+class _FakeGpu:
+    """A GPU timeline for the CUDA path of CallTimer: kernels advance a device clock; events read
+    it when recorded; every host-side action is logged so the test sees the order."""
+
+    def __init__(self):
+        self.clock = 0.0
+        self.log: list[str] = []
+
+    def event(self):
+        gpu = self
+
+        class Event:
+            t = None
+
+            def record(self):
+                gpu.log.append("record")
+                self.t = gpu.clock
+
+            def synchronize(self):
+                gpu.log.append("event_sync")
+
+            def elapsed_time(self, other):
+                assert self.t is not None and other.t is not None, "elapsed_time of an unrecorded event"
+                return other.t - self.t
+
+        return Event()
+
+    def sync(self):
+        self.log.append("sync")
+
+    def flush(self):
+        self.log.append("flush")
+        self.clock += 100.0  # the flush's own time must not be counted
+
+    def kernel(self, name, ms):
+        def fn():
+            self.log.append(name)
+            self.clock += ms
+        return fn
+
+
+def test_cuda_timer_uses_events_around_the_call_after_sync_and_flush():
+    gpu = _FakeGpu()
+    timer = R.CallTimer(torch.device("cuda"), event=gpu.event, synchronize=gpu.sync, flush=gpu.flush,
+                        flush_bytes=1 << 20)
+    assert timer(gpu.kernel("k", 0.25)) == pytest.approx(0.25)
+    assert gpu.log == ["sync", "flush", "sync", "record", "k", "record", "event_sync"]
+    d = timer.describe()
+    assert d["method"] == "cuda_events" and d["l2_flush_bytes"] == 1 << 20
+
+
+def test_cuda_round_robin_times_each_provider_with_its_own_events():
+    gpu = _FakeGpu()
+    timer = R.CallTimer(torch.device("cuda"), event=gpu.event, synchronize=gpu.sync, flush=gpu.flush)
+    fns = {"eager": gpu.kernel("eager", 3.0), "regkernels": gpu.kernel("regkernels", 1.0)}
+    times = R.time_interleaved(fns, timer, min_reps=4, max_reps=4, budget_s=0.0)
+    assert times == {"eager": [3.0] * 4, "regkernels": [1.0] * 4}
+    calls = [e for e in gpu.log if e in fns]
+    assert calls == ["eager", "regkernels"] * 4  # round-robin order kept
+    assert R.warm_up(gpu.kernel("w", 0.1), timer, quick=True) >= 3  # CUDA: at least 3 warm-up calls

@@ -2,11 +2,22 @@
 
 For each case and provider (``eager``, ``compile``, ``regkernels``): one first call (compiles
 where needed; its output is checked against float64) and warm-up calls; then the providers are
-timed round-robin, one call each per round with a device sync around each call, so drift of
-the machine falls on all alike; median and p20/p80 in ms, peak memory of one call, and the ratios of
-the regkernels provider against the other two measured in the same run. The machine's own
-ceilings (copy bandwidth, matmul rate) are measured first, and cases that declare their bytes
-or flops report % of them. Results go to ``--json PATH`` with the machine and versions.
+timed round-robin, one call each per round, so drift of the machine falls on all alike; median
+and p20/p80 in ms, peak memory of one call, and the ratios of the regkernels provider against
+the other two measured in the same run. The machine's own ceilings (copy bandwidth, matmul
+rate) are measured first, and cases that declare their bytes or flops report % of them.
+Results go to ``--json PATH`` with the machine, the versions and how the run timed.
+
+How one call is timed (``CallTimer``): on CPU, ``time.perf_counter`` around the call. On CUDA,
+a pair of CUDA events recorded on the current stream around the call, read after the end
+event completes: the GPU's own clock, free of the host's sync latency and timer jitter that a
+wall clock around ``torch.cuda.synchronize`` adds to every sub-millisecond call. Before the
+start event the device is synchronized, L2 is flushed (a write over a buffer twice its size,
+as ``triton.testing.do_bench`` does) and synchronized again, so each call starts with an idle
+GPU and a cold cache: the interval then holds the call's host launch work too wherever the
+GPU waits on it (which is what a user of a host-bound op sees), and no provider's launches
+overlap the previous provider's tail. CUDA calls get a longer warm-up (clocks ramp up from
+idle, and the first launches load modules).
 """
 from __future__ import annotations
 
@@ -32,18 +43,79 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_calls(fn: Callable[[], Any], device: torch.device, *, min_reps: int, max_reps: int,
+class CallTimer:
+    """Times one call in ms: ``timer(fn)``. ``describe()`` says how, for the JSON.
+
+    CPU: ``perf_counter`` around the call. CUDA: events around the call after a sync, an L2
+    flush and a second sync (module docstring). ``event``, ``synchronize`` and ``flush`` are
+    parameters so a test can drive the CUDA path with fakes on a machine without a GPU.
+    """
+
+    def __init__(self, device: torch.device, *, event: Callable[[], Any] | None = None,
+                 synchronize: Callable[[], None] | None = None, flush: Callable[[], None] | None = None,
+                 flush_bytes: int = 0):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.flush_bytes = flush_bytes
+        if not self.cuda:
+            return
+        self._event = event or (lambda: torch.cuda.Event(enable_timing=True))
+        self._synchronize = synchronize or (lambda: torch.cuda.synchronize(device))
+        if flush is None and flush_bytes:
+            buf = torch.empty(flush_bytes // 4, dtype=torch.int32, device=device)
+            flush = buf.zero_
+        self._flush = flush or (lambda: None)
+
+    @classmethod
+    def for_device(cls, device: torch.device) -> "CallTimer":
+        if device.type != "cuda":
+            return cls(device)
+        l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or (64 << 20)
+        return cls(device, flush_bytes=2 * l2)
+
+    def __call__(self, fn: Callable[[], Any]) -> float:
+        if not self.cuda:
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1e3
+        start, end = self._event(), self._event()
+        self._synchronize()
+        self._flush()
+        self._synchronize()  # the flush done: the start event fires as soon as it is recorded
+        # the current stream of the current device: where the cases (``torch.device("cuda")``)
+        # put their tensors and so where every provider launches
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return float(start.elapsed_time(end))
+
+    def describe(self) -> dict:
+        if not self.cuda:
+            return {"method": "perf_counter", "per_call": "host wall clock around the call"}
+        return {"method": "cuda_events",
+                "per_call": "CUDA events on the current stream around the call; before it: device sync, "
+                            "L2 flush, device sync",
+                "l2_flush_bytes": self.flush_bytes}
+
+
+def time_calls(fn: Callable[[], Any], timer: CallTimer, *, min_reps: int, max_reps: int,
                budget_s: float) -> list[float]:
-    """Wall times in ms of individual calls, each bracketed by device syncs."""
+    """Times in ms of individual calls (``timer``), at least ``min_reps``, then until ``budget_s``
+    of wall time has passed or ``max_reps`` calls."""
     times: list[float] = []
     start = time.perf_counter()
     while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < budget_s):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
+        times.append(timer(fn))
     return times
+
+
+def warm_up(fn: Callable[[], Any], timer: CallTimer, quick: bool) -> int:
+    """Untimed calls after the first: CUDA at least 3 and up to 0.25 s (clocks ramp up from idle,
+    allocator pools fill); CPU as before, 1 (quick) or 3 calls within 0.5 s. Returns the count."""
+    if timer.cuda:
+        return len(time_calls(fn, timer, min_reps=3, max_reps=50, budget_s=0.25))
+    return len(time_calls(fn, timer, min_reps=1 if quick else 3, max_reps=5, budget_s=0.5))
 
 
 def _quantile(xs: list[float], q: float) -> float:
@@ -83,22 +155,23 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> int | None:
 
 
 # ---------------------------------------------------------------- machine ceilings
-def measure_ceilings(device: torch.device, quick: bool) -> dict:
+def measure_ceilings(device: torch.device, quick: bool, timer: CallTimer | None = None) -> dict:
     """The machine's own ceilings, measured in this run.
 
     ``copy_bandwidth_GBps``: ``dst.copy_(src)``, counted as bytes read + written (STREAM's
     convention; the write-allocate read of ``dst`` is not counted, so in-place kernels can
     exceed 100 % of it). ``inplace_add_bandwidth_GBps``: ``x.add_(y)``, two reads and one
     write of the same arrays, the access pattern of an optimizer step: the fair ceiling for
-    in-place updates. ``matmul_fp32_GFLOPs``: a float32 ``m×m @ m×m``.
+    in-place updates. ``matmul_fp32_GFLOPs``: a float32 ``m×m @ m×m``. Timed like the cases.
     """
+    timer = timer or CallTimer.for_device(device)
     n = (1 << 26) if device.type == "cuda" else (1 << 25)  # 256 / 128 MiB of float32
     budget = 1.0 if quick else 3.0
     src = torch.randn(n, device=device)
     dst = torch.empty_like(src)
 
     def rate(fn, nbytes: int) -> float:
-        t = time_calls(fn, device, min_reps=5, max_reps=50, budget_s=budget)
+        t = time_calls(fn, timer, min_reps=5, max_reps=50, budget_s=budget)
         return round(nbytes / (_quantile(t, 0.5) * 1e-3) / 1e9, 2)
 
     out = {"copy_bandwidth_GBps": rate(lambda: dst.copy_(src), 2 * n * 4),
@@ -106,7 +179,7 @@ def measure_ceilings(device: torch.device, quick: bool) -> dict:
     m = 4096 if device.type == "cuda" else 1024
     a = torch.randn(m, m, device=device)
     b = torch.randn(m, m, device=device)
-    t = time_calls(lambda: a @ b, device, min_reps=3, max_reps=30, budget_s=budget)
+    t = time_calls(lambda: a @ b, timer, min_reps=3, max_reps=30, budget_s=budget)
     out.update(matmul_fp32_GFLOPs=round(2 * m ** 3 / (_quantile(t, 0.5) * 1e-3) / 1e9, 1), matmul_size=m)
     if device.type == "cuda":
         out["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
@@ -157,7 +230,7 @@ def _error_text(exc: Exception) -> str:
     return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:500]
 
 
-def time_interleaved(fns: dict[str, Callable[[], Any]], device: torch.device, *, min_reps: int, max_reps: int,
+def time_interleaved(fns: dict[str, Callable[[], Any]], timer: CallTimer, *, min_reps: int, max_reps: int,
                      budget_s: float) -> dict[str, list[float]]:
     """Round-robin timing: one call of each provider per round, so a drift of the machine
     (frequency, neighbours on a shared host) affects all providers alike."""
@@ -166,17 +239,15 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], device: torch.device, *,
     rounds = 0
     while rounds < max_reps and (rounds < min_reps or time.perf_counter() - start < budget_s):
         for name, fn in fns.items():
-            _sync(device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            times[name].append((time.perf_counter() - t0) * 1e3)
+            times[name].append(timer(fn))
         rounds += 1
     return times
 
 
-def run_case(case: Case, device: torch.device, ceilings: dict, quick: bool, log: Callable[[str], None]) -> list[dict]:
+def run_case(case: Case, device: torch.device, ceilings: dict, quick: bool, log: Callable[[str], None],
+             timer: CallTimer | None = None) -> list[dict]:
     """Rows of one case: per provider a checked first call and warm-up, then interleaved timing."""
+    timer = timer or CallTimer.for_device(device)
     try:
         prep = case.setup(device)
     except Exception as exc:  # a case that cannot be built here is recorded, not fatal
@@ -199,12 +270,12 @@ def run_case(case: Case, device: torch.device, ceilings: dict, quick: bool, log:
             row["first_call_ms"] = round((time.perf_counter() - t0) * 1e3, 3)
             row["max_rel_err"] = prep.error(out) if prep.error is not None else None
             del out
-            time_calls(fn, device, min_reps=1 if quick else 3, max_reps=5, budget_s=0.5)  # warm-up
+            row["warmup_calls"] = warm_up(fn, timer, quick)
             ready[provider] = fn
         except Exception as exc:
             row["error"] = _error_text(exc)
     try:
-        times = time_interleaved(ready, device, min_reps=5 if quick else 10, max_reps=30 if quick else 200,
+        times = time_interleaved(ready, timer, min_reps=5 if quick else 10, max_reps=30 if quick else 200,
                                  budget_s=len(ready) * (1.0 if quick else 4.0))
     except Exception as exc:
         times = {}
@@ -290,14 +361,18 @@ def main(argv: list[str] | None = None) -> int:
         print(msg, file=sys.stderr if tty else sys.stdout, flush=True)
 
     log(f"regkernels.bench on {device}: {len(cases)} cases" + (" (quick)" if args.quick else ""))
-    ceilings = measure_ceilings(device, args.quick)
+    timer = CallTimer.for_device(device)
+    ceilings = measure_ceilings(device, args.quick, timer)
     log(f"  ceilings: copy {ceilings['copy_bandwidth_GBps']} GB/s, in-place add {ceilings['inplace_add_bandwidth_GBps']} GB/s, "
         f"fp32 matmul {ceilings['matmul_fp32_GFLOPs']} GFLOP/s")
     results: list[dict] = []
     for case in cases:
-        results += run_case(case, device, ceilings, args.quick, log)
+        results += run_case(case, device, ceilings, args.quick, log, timer)
 
-    doc = {"machine": machine_info(device), "versions": versions(), "ceilings": ceilings,
+    timing = dict(timer.describe(), first_call="host wall clock to a device sync (includes compiles)",
+                  warmup="CUDA: >= 3 calls and up to 0.25 s; CPU: 1 (quick) or 3 calls",
+                  rounds="round-robin, one call of each provider per round; median, p20, p80")
+    doc = {"machine": machine_info(device), "versions": versions(), "ceilings": ceilings, "timing": timing,
            "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
            "command": "python -m regkernels.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
            "results": results}
