@@ -122,36 +122,110 @@ RK_HOST_DEVICE void jacobi_rotate(T& x, T& y, T s, T tau) {
   y = yq;
 }
 
-// Complete columns [done, total) of an orthonormal set of `rows`-vectors. col(j, i) is a
-// reference to entry i of column j; columns [0, done) are orthonormal already. Column j starts
-// from the unit vector e_c farthest from the span so far (largest 1 − Σ_p col(p, c)², which is
-// ≥ (rows − j)/rows > 0 because rows ≥ total), then two passes of classical Gram–Schmidt and a
-// normalization. Serial; it runs only for numerically null columns (zero or rank-deficient X).
-template <typename T, typename Col>
-RK_HOST_DEVICE void complete_orthonormal(Col col, int rows, int done, int total) {
+// The launch shape of the CUDA kernel (csrc/cuda/svd_cuda.cu), here so that the CPU kernel runs
+// complete_orthonormal over the same lane count. `group` (G) lanes handle one column pair of a
+// tall M × N matrix: about 4 rows per lane, at most kJacobiMaxGroup lanes (a power of two
+// dividing a warp), and at most kJacobiMaxThreads lanes for the ⌈N/2⌉ pairs of one step;
+// `threads` rounds G·⌈N/2⌉ up to whole warps. For N ≤ 64 this gives G ≥ 8, so ⌈M/G⌉ ≤ 8 for
+// M ≤ 64.
+constexpr int kJacobiMaxGroup = 16;
+constexpr int kJacobiMaxThreads = 256;
+struct JacobiBlock {
+  int group;    // G
+  int threads;  // lanes of the block
+};
+RK_HOST_DEVICE JacobiBlock jacobi_block(int M, int N) {
+  const int n_pairs = (N + 1) / 2;
+  int G = 1;
+  while (G < kJacobiMaxGroup && 4 * G < M) G *= 2;
+  while (G > 1 && n_pairs * G > kJacobiMaxThreads) G /= 2;
+  return {G, (n_pairs * G + 31) / 32 * 32};
+}
+
+// Runs a phase of lane-parallel code on one CPU thread: every lane in turn, which is a valid
+// schedule of the phase because lanes of one phase never read what another lane of it writes.
+// The CUDA kernel's counterpart runs lane threadIdx.x and then __syncthreads().
+struct SerialLanes {
+  int lanes;
+  template <typename F>
+  void operator()(F&& f) const {
+    for (int l = 0; l < lanes; ++l) f(l);
+  }
+};
+
+// Complete columns [done, total) of an orthonormal set of `rows`-vectors (rows ≥ total), written
+// over `lanes` lanes: `phase(f)` runs f(lane) for every lane in [0, lanes) and returns once all
+// of them have finished (a barrier), and within one phase a lane writes only entries no other lane
+// of that phase reads. col(j, i) is a reference to entry i of column j; columns [0, done) are
+// orthonormal already (to the Jacobi tolerance). Scratch: rest and w of `rows` entries, d of
+// `total`. It runs only for numerically null columns (zero or rank-deficient X).
+//
+// Column j starts from the unit vector e_b farthest from the span so far: the largest
+// rest[c] = 1 − Σ_{p<j} col(p, c)², which is ≥ (rows − j)/rows > 0 (kept up to date as columns are
+// added, in the same order of subtraction as a fresh sum), ties to the smaller c. It is then made
+// orthogonal to columns [0, j) by two passes of classical Gram–Schmidt — each pass all the dot
+// products first, then one update, so the lanes split both — and normalized. The first pass needs
+// no dot products: col(p)·e_b = col(p, b). A single pass leaves an error of order eps·‖w‖/‖w'‖
+// (‖w'‖ ≥ √((rows − j)/rows) after projection); the second brings it to rounding ("twice is
+// enough", Giraud, Langou & Rozložník 2005).
+//
+// Per column, four phases: (A) every lane that owns an entry finds b from rest (the same scan in
+// every lane, so the same b) and writes its entries of w₁ = e_b − Σ_p col(p, b)·col(p); (B) lanes
+// over p: d[p] = col(p)·w₁; (C) lanes over rows: w₂ = w₁ − Σ_p d[p]·col(p) into w; (D) every lane
+// that owns an entry sums ‖w₂‖² in the same order, writes its entries of col(j) = w₂/‖w₂‖ and
+// subtracts their squares from rest.
+template <typename T, typename Col, typename Phase>
+RK_HOST_DEVICE void complete_orthonormal(Col col, int rows, int done, int total, T* rest, T* w, T* d, int lanes,
+                                         Phase phase) {
+  phase([&](int lane) {
+    for (int c = lane; c < rows; c += lanes) {
+      T r = T(1);
+      for (int p = 0; p < done; ++p) r -= col(p, c) * col(p, c);
+      rest[c] = r;
+    }
+  });
   for (int j = done; j < total; ++j) {
-    int best = 0;
-    T best_rest = T(-1);
-    for (int c = 0; c < rows; ++c) {
-      T rest = T(1);
-      for (int p = 0; p < j; ++p) rest -= col(p, c) * col(p, c);
-      if (rest > best_rest) {
-        best_rest = rest;
-        best = c;
+    phase([&](int lane) {  // (A)
+      if (lane >= rows) return;
+      int b = 0;
+      T best = rest[0];
+      for (int c = 1; c < rows; ++c) {
+        if (rest[c] > best) {
+          best = rest[c];
+          b = c;
+        }
       }
-    }
-    for (int i = 0; i < rows; ++i) col(j, i) = i == best ? T(1) : T(0);
-    for (int pass = 0; pass < 2; ++pass) {
-      for (int p = 0; p < j; ++p) {
-        T d = T(0);
-        for (int i = 0; i < rows; ++i) d += col(p, i) * col(j, i);
-        for (int i = 0; i < rows; ++i) col(j, i) -= d * col(p, i);
+      for (int i = lane; i < rows; i += lanes) {
+        T v = i == b ? T(1) : T(0);
+        for (int p = 0; p < j; ++p) v -= col(p, b) * col(p, i);
+        col(j, i) = v;
       }
-    }
-    T n2 = T(0);
-    for (int i = 0; i < rows; ++i) n2 += col(j, i) * col(j, i);
-    const T inv = T(1) / rk_sqrt(n2);
-    for (int i = 0; i < rows; ++i) col(j, i) *= inv;
+    });
+    phase([&](int lane) {  // (B)
+      for (int p = lane; p < j; p += lanes) {
+        T s = T(0);
+        for (int i = 0; i < rows; ++i) s += col(p, i) * col(j, i);
+        d[p] = s;
+      }
+    });
+    phase([&](int lane) {  // (C)
+      for (int i = lane; i < rows; i += lanes) {
+        T v = col(j, i);
+        for (int p = 0; p < j; ++p) v -= d[p] * col(p, i);
+        w[i] = v;
+      }
+    });
+    phase([&](int lane) {  // (D)
+      if (lane >= rows) return;
+      T n2 = T(0);
+      for (int i = 0; i < rows; ++i) n2 += w[i] * w[i];
+      const T inv = T(1) / rk_sqrt(n2);
+      for (int i = lane; i < rows; i += lanes) {
+        const T v = w[i] * inv;
+        col(j, i) = v;
+        rest[i] -= v * v;
+      }
+    });
   }
 }
 

@@ -8,7 +8,10 @@
 // cyclic pair order. A lane whose pair is already orthogonal applies the identity rotation; the
 // group stops after a sweep in which no lane rotated (or at kJacobiMaxSweeps). Groups run in
 // parallel over the batch. The final sort, normalization and null-column completion are per
-// matrix and scalar (O(k·M) against the sweeps' O(k²·M) per sweep).
+// matrix and scalar (O(k·M) against the sweeps' O(k²·M) per sweep). The completion is
+// core::complete_orthonormal run over the lanes the CUDA kernel's block would have
+// (core::jacobi_block), each phase's lanes one after another: the same code and the same split as
+// on the GPU, so these tests check the math the CUDA kernel runs.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -193,10 +196,11 @@ void set_identity(T* V, int N) {
 }
 
 // Per lane: σ_j, the stable descending order, normalized (and completed) U columns, written to
-// the outputs in torch.linalg.svd's layout. `ucols` is M × N scratch (column-major).
+// the outputs in torch.linalg.svd's layout. `ucols` is M × N scratch (column-major), `fill`
+// 2·M + N scratch for the completion.
 template <typename T, int L>
 void store_group(const SvdIO<T>& io, int64_t first, int lanes, const LaneInfo* info, const T* A, const T* V, int M,
-                 int N, std::vector<T>& ucols, std::vector<T>& sigma, std::vector<int>& order) {
+                 int N, std::vector<T>& ucols, std::vector<T>& sigma, std::vector<int>& order, std::vector<T>& fill) {
   const T null2 = core::jacobi_null_norm2<T>(M);
   const T nan = std::numeric_limits<T>::quiet_NaN();
   const int64_t k = N;
@@ -236,7 +240,9 @@ void store_group(const SvdIO<T>& io, int64_t first, int lanes, const LaneInfo* i
     }
     if (rank < N) {
       auto col = [&](int j, int i) -> T& { return ucols[static_cast<int64_t>(j) * M + i]; };
-      core::complete_orthonormal<T>(col, M, rank, N);
+      const int block_lanes = core::jacobi_block(M, N).threads;
+      core::complete_orthonormal<T>(col, M, rank, N, fill.data(), fill.data() + M, fill.data() + 2 * M, block_lanes,
+                                    core::SerialLanes{block_lanes});
     }
     // U_A = ucols (M × N), V_A = V columns in `order` (N × N); X = U_A S V_Aᵀ, or, transposed,
     // X = V_A S U_Aᵀ
@@ -276,7 +282,7 @@ void svd_cpu_impl(const SvdIO<T>& io) {
   const int64_t groups = (io.b + L - 1) / L;
   at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
     AlignedLanes<T> buf(mn + nn);  // A, then V
-    std::vector<T> ucols(mn), sigma(N);
+    std::vector<T> ucols(mn), sigma(N), fill(2 * static_cast<size_t>(M) + N);
     std::vector<int> order(N);
     std::vector<double> rows(io.m), cols(io.n);
     LaneInfo info[L];
@@ -287,7 +293,7 @@ void svd_cpu_impl(const SvdIO<T>& io) {
       load_scaled<T, L>(io, first, lanes, info, buf.lanes(), M, N);
       set_identity<T, L>(buf.lanes(mn), N);
       jacobi_sweeps<T, L>(buf.vecs(), buf.vecs(mn), M, N, core::jacobi_tolerance<T>(M));
-      store_group<T, L>(io, first, lanes, info, buf.lanes(), buf.lanes(mn), M, N, ucols, sigma, order);
+      store_group<T, L>(io, first, lanes, info, buf.lanes(), buf.lanes(mn), M, N, ucols, sigma, order, fill);
     }
   });
 }

@@ -5,16 +5,20 @@
 // round-robin tournament over the columns (N padded to even with a dummy column): each of its
 // N_pad − 1 steps holds N_pad/2 disjoint pairs, every pair occurs once per sweep, and a group of
 // G lanes (a power-of-two slice of a warp) handles one pair per step: lane r owns rows
-// r, r + G, …, keeps them in registers between the dot products and the rotation, and the
-// three sums are butterfly-reduced with shuffles inside the group (xor butterflies leave the
-// same bits in every lane, so all lanes derive the same (c, s)). Steps are separated by
-// __syncthreads; the block stops after a sweep without rotation (or kJacobiMaxSweeps).
+// r, r + G, …, r + (R − 1)·G, keeps them in registers between the dot products and the rotation,
+// and the three sums are butterfly-reduced with shuffles inside the group (xor butterflies leave
+// the same bits in every lane, so all lanes derive the same (c, s)). G and R (rows per lane) are
+// template parameters, so the row loops and the butterflies unroll into straight-line code with
+// constant shared-memory offsets; the host picks G from core::jacobi_block (shared with the CPU
+// kernel) and R = ⌈M/G⌉ rounded up to 4 or 8. Steps are separated by __syncthreads; the block
+// stops after a sweep without rotation (or kJacobiMaxSweeps).
 //
 // Then σ_j = ‖a_j‖ and the stable descending order (by ‖a_j‖², ties by index, as the CPU
 // kernel; numerically null columns, ‖a_j‖² ≤ null_norm2 < every live ‖a_j‖², come last).
 // Columns are normalized in place and never moved: the order is the permutation s_perm
-// (sorted slot → storage column), which the null-column completion (thread 0, serial) and the
-// output stores read through.
+// (sorted slot → storage column), which the null-column completion and the output stores read
+// through. The completion is core::complete_orthonormal, the code the CPU kernel runs, with lane =
+// threadIdx.x over the whole block and a __syncthreads() after each of its phases.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -31,10 +35,9 @@
 namespace regkernels {
 namespace {
 
-constexpr int kMaxSide = 64;     // largest max(m, n) of this kernel
-constexpr int kMaxThreads = 256;
-constexpr int kMaxGroup = 16;    // lanes per column pair: G ≤ 16 divides a warp
-constexpr int kMaxRows = 8;      // rows of one column a lane holds: G·kMaxRows ≥ M (see svd_config)
+constexpr int kMaxSide = 64;  // largest max(m, n) of this kernel
+constexpr int kMaxThreads = core::kJacobiMaxThreads;
+constexpr int kMaxRows = 8;   // rows of one column a lane holds: G·kMaxRows ≥ M (see core::jacobi_block)
 
 template <typename T>
 struct FloatTraits;
@@ -55,16 +58,26 @@ struct SvdShape {
   int64_t cs;  // stride of X along a column of A
   int m, n;    // X is m × n
   int M, N;    // A is M × N, M = max(m, n), N = k = min(m, n)
-  int G;       // lanes per column pair, a power of two ≤ kMaxGroup
   int ldA, ldV;
 };
 
 // Sum over the G lanes of one group (all lanes get the same bits: a + b == b + a exactly).
-template <typename T>
-__device__ __forceinline__ T group_sum(T v, int G, unsigned mask) {
+template <int G, typename T>
+__device__ __forceinline__ T group_sum(T v, unsigned mask) {
+#pragma unroll
   for (int off = G >> 1; off > 0; off >>= 1) v += __shfl_xor_sync(mask, v, off);
   return v;
 }
+
+// One phase of core::complete_orthonormal over the block: lane = thread, then a barrier. Every
+// thread of the block calls it (the completion runs under a block-uniform condition).
+struct BlockLanes {
+  template <typename F>
+  __device__ __forceinline__ void operator()(F&& f) const {
+    f(static_cast<int>(threadIdx.x));
+    __syncthreads();
+  }
+};
 
 // Sorted slot r of the output = src column perm[r] (length len). Row-major out, either
 // (len × k) with the slot as a column (U-shaped) or (k × len) with the slot as a row (Vh-shaped).
@@ -79,8 +92,8 @@ __device__ __forceinline__ void store_sorted(T* __restrict__ out, const T* src, 
   }
 }
 
-// blockDim.x is a multiple of 32 and a multiple of G (host side), ≤ kMaxThreads.
-template <typename T>
+// blockDim.x is a multiple of 32 and a multiple of G (host side), ≤ kMaxThreads; G·R ≥ M.
+template <typename T, int G, int R>
 __global__ void __launch_bounds__(kMaxThreads)
     batched_svd_kernel(const T* __restrict__ X, T* __restrict__ U, T* __restrict__ S, T* __restrict__ Vh,
                        const SvdShape sh) {
@@ -88,19 +101,21 @@ __global__ void __launch_bounds__(kMaxThreads)
   __shared__ T s_norm2[kMaxSide];
   __shared__ int s_perm[kMaxSide];
   __shared__ T s_warp[kMaxThreads / 32];
-  __shared__ T s_colnorm2[kMaxSide];
-  __shared__ int s_flag;
+  __shared__ T s_colnorm2[kMaxSide];  // also the completion's rest[]
+  __shared__ T s_w[kMaxSide];
+  __shared__ T s_d[kMaxSide];
+  __shared__ int s_flag;  // A = Xᵀ
+  __shared__ int s_ex;    // the scale exponent
+  static_assert(G >= 1 && G <= core::kJacobiMaxGroup && (G & (G - 1)) == 0, "G: a power of two dividing a warp");
+  static_assert(R >= 1 && R <= kMaxRows, "R: rows per lane");
 
-  const int M = sh.M, N = sh.N, G = sh.G, ldA = sh.ldA, ldV = sh.ldV;
+  const int M = sh.M, N = sh.N, ldA = sh.ldA, ldV = sh.ldV;
   T* A = reinterpret_cast<T*>(svd_smem);
   T* V = A + N * ldA;
   const int tid = threadIdx.x, nthreads = blockDim.x;
   const int64_t bi = blockIdx.x;
   const T* x = X + bi * sh.sb;
   const int k = N;
-  T* u = U + bi * sh.m * k;
-  T* s = S + bi * k;
-  T* vh = Vh + bi * k * sh.n;
 
   // ---- load: raw X into A, max |x| and finiteness (NaN fails the <= test) ----
   // walk X along its smaller stride so that consecutive threads read neighbouring addresses
@@ -130,6 +145,9 @@ __global__ void __launch_bounds__(kMaxThreads)
   if (__syncthreads_or(bad)) {
     // the whole block takes this branch; a non-finite matrix needs no iteration: NaN factors
     const T nan = FloatTraits<T>::nan();
+    T* u = U + bi * sh.m * k;
+    T* s = S + bi * k;
+    T* vh = Vh + bi * k * sh.n;
     for (int e = tid; e < sh.m * k; e += nthreads) u[e] = nan;
     for (int e = tid; e < k; e += nthreads) s[e] = nan;
     for (int e = tid; e < k * sh.n; e += nthreads) vh[e] = nan;
@@ -138,6 +156,12 @@ __global__ void __launch_bounds__(kMaxThreads)
   max_abs = s_warp[0];
   for (int w = 1; w < nthreads / 32; ++w) max_abs = s_warp[w] > max_abs ? s_warp[w] : max_abs;
   const int ex = core::jacobi_scale_exponent(max_abs);
+  // the exponent and the orientation are needed again only at the stores: kept in shared memory
+  // rather than in two registers across the sweeps (published by the barrier after V's init)
+  if (tid == 0) {
+    s_ex = ex;
+    s_flag = sh.m < sh.n;
+  }
   for (int e = tid; e < M * N; e += nthreads) {
     const int j = e / M, i = e - j * M;
     A[j * ldA + i] = core::rk_ldexp(A[j * ldA + i], -ex);
@@ -150,7 +174,6 @@ __global__ void __launch_bounds__(kMaxThreads)
   // Orientation of a square X (as the CPU kernel's scan_group): one-sided Jacobi converges fast
   // on column-graded matrices and slowly on row-graded ones, so when the row norms spread wider
   // than the column norms A becomes Xᵀ (transposed in place) and the outputs swap roles.
-  bool transposed = sh.m < sh.n;
   if (M == N) {  // block-uniform
     for (int t = tid; t < N; t += nthreads) {
       T row = T(0), col = T(0);
@@ -178,8 +201,7 @@ __global__ void __launch_bounds__(kMaxThreads)
       s_flag = lhs > rhs ? 1 : 0;
     }
     __syncthreads();
-    transposed = s_flag != 0;
-    if (transposed) {
+    if (s_flag != 0) {
       for (int e = tid; e < N * N; e += nthreads) {
         const int j = e / N, i = e - j * N;
         if (i < j) {
@@ -203,7 +225,8 @@ __global__ void __launch_bounds__(kMaxThreads)
   const int n_pad = N + (N & 1), L = n_pad - 1, n_pairs = n_pad >> 1;
   const int group = tid / G, r = tid & (G - 1);
   // the group's lanes; shuffles name only them, so groups may idle independently
-  const unsigned mask = (G >= 32 ? 0xffffffffu : ((1u << G) - 1u)) << ((tid & 31) & ~(G - 1));
+  constexpr unsigned group_bits = G >= 32 ? 0xffffffffu : ((1u << G) - 1u);
+  const unsigned mask = group_bits << ((tid & 31) & ~(G - 1));
   for (int sweep = 0; sweep < core::kJacobiMaxSweeps; ++sweep) {
     int rotated = 0;
     for (int t = 0; t < L; ++t) {
@@ -219,10 +242,10 @@ __global__ void __launch_bounds__(kMaxThreads)
         if (q < N) {
           T* ap = A + p * ldA;
           T* aq = A + q * ldA;
-          T xp[kMaxRows], xq[kMaxRows];
+          T xp[R], xq[R];
           T alpha = T(0), beta = T(0), gamma = T(0);
 #pragma unroll
-          for (int h = 0; h < kMaxRows; ++h) {
+          for (int h = 0; h < R; ++h) {
             const int i = r + h * G;
             xp[h] = T(0);
             xq[h] = T(0);
@@ -234,15 +257,15 @@ __global__ void __launch_bounds__(kMaxThreads)
               gamma += xp[h] * xq[h];
             }
           }
-          alpha = group_sum(alpha, G, mask);
-          beta = group_sum(beta, G, mask);
-          gamma = group_sum(gamma, G, mask);
+          alpha = group_sum<G>(alpha, mask);
+          beta = group_sum<G>(beta, mask);
+          gamma = group_sum<G>(gamma, mask);
           T sn, tau;
           // same inputs in every lane of the group → same (sn, tau, live): group-uniform branch
           if (core::jacobi_rotation(alpha, beta, gamma, tol, null2, sn, tau)) {
             rotated = 1;
 #pragma unroll
-            for (int h = 0; h < kMaxRows; ++h) {
+            for (int h = 0; h < R; ++h) {
               const int i = r + h * G;
               if (i < M) {
                 core::jacobi_rotate(xp[h], xq[h], sn, tau);
@@ -253,7 +276,7 @@ __global__ void __launch_bounds__(kMaxThreads)
             T* vp = V + p * ldV;
             T* vq = V + q * ldV;
 #pragma unroll
-            for (int h = 0; h < kMaxRows; ++h) {
+            for (int h = 0; h < R; ++h) {
               const int i = r + h * G;
               if (i < N) {
                 T a = vp[i], b = vq[i];
@@ -276,7 +299,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     const T* aj = A + j * ldA;
     T a2 = T(0);
     for (int i = r; i < M; i += G) a2 += aj[i] * aj[i];
-    a2 = group_sum(a2, G, mask);
+    a2 = group_sum<G>(a2, mask);
     if (r == 0) s_norm2[j] = a2;
   }
   __syncthreads();
@@ -298,20 +321,21 @@ __global__ void __launch_bounds__(kMaxThreads)
     if (a2 > null2) A[j * ldA + i] *= T(1) / core::rk_sqrt(a2);
   }
   __syncthreads();
-  if (n_live < N) {  // block-uniform
-    if (tid == 0) {
-      // sorted slots [0, n_live) hold the live columns (their ‖a‖² > null2 ≥ any null one's)
-      T* a_st = A;
-      const int* perm = s_perm;
-      auto col = [a_st, perm, ldA](int j, int i) -> T& { return a_st[perm[j] * ldA + i]; };
-      core::complete_orthonormal<T>(col, M, n_live, N);
-    }
-    __syncthreads();
+  if (n_live < N) {  // block-uniform: every thread runs every phase
+    // sorted slots [0, n_live) hold the live columns (their ‖a‖² > null2 ≥ any null one's)
+    T* a_st = A;
+    const int* perm = s_perm;
+    auto col = [a_st, perm, ldA](int j, int i) -> T& { return a_st[perm[j] * ldA + i]; };
+    core::complete_orthonormal<T>(col, M, n_live, N, s_colnorm2, s_w, s_d, nthreads, BlockLanes{});
   }
 
   // ---- outputs: X = U_A diag(σ) V_Aᵀ, or V_A diag(σ) U_Aᵀ when A = Xᵀ ----
-  for (int j = tid; j < N; j += nthreads) s[j] = core::rk_ldexp(core::rk_sqrt(s_norm2[s_perm[j]]), ex);
-  if (!transposed) {
+  T* u = U + bi * sh.m * k;
+  T* s = S + bi * k;
+  T* vh = Vh + bi * k * sh.n;
+  const int ex_out = s_ex;
+  for (int j = tid; j < N; j += nthreads) s[j] = core::rk_ldexp(core::rk_sqrt(s_norm2[s_perm[j]]), ex_out);
+  if (s_flag == 0) {
     store_sorted(u, A, ldA, s_perm, M, N, true);
     store_sorted(vh, V, ldV, s_perm, N, N, false);
   } else {
@@ -338,23 +362,31 @@ void launch_svd(const at::Tensor& X, at::Tensor& U, at::Tensor& S, at::Tensor& V
   sh.sb = X.stride(0);
   sh.rs = sh.m >= sh.n ? X.stride(1) : X.stride(2);
   sh.cs = sh.m >= sh.n ? X.stride(2) : X.stride(1);
-  // G: about 4 rows per lane, at most kMaxGroup lanes, at most kMaxThreads lanes for all pairs
-  // (n_pairs ≤ 32 → G ≥ 8 → ⌈M/G⌉ ≤ 8 = kMaxRows)
-  const int n_pairs = (sh.N + 1) / 2;
-  int G = 1;
-  while (G < kMaxGroup && 4 * G < sh.M) G *= 2;
-  while (n_pairs * G > kMaxThreads) G /= 2;
-  TORCH_INTERNAL_ASSERT(G >= 1 && G * kMaxRows >= sh.M, "batched_svd (CUDA): bad lane split");
-  sh.G = G;
-  const int threads = (n_pairs * G + 31) / 32 * 32;
+  const core::JacobiBlock blk = core::jacobi_block(sh.M, sh.N);
+  const int G = blk.group, threads = blk.threads;
+  const int rows_per_lane = (sh.M + G - 1) / G;
+  TORCH_INTERNAL_ASSERT(rows_per_lane <= kMaxRows && threads <= kMaxThreads, "batched_svd (CUDA): bad lane split");
   sh.ldA = padded_ld(sh.M, G, static_cast<int>(sizeof(T)));
   sh.ldV = padded_ld(sh.N, G, static_cast<int>(sizeof(T)));
   const size_t smem = static_cast<size_t>(sh.N) * (sh.ldA + sh.ldV) * sizeof(T);
-  auto kernel = batched_svd_kernel<T>;
+  // The (G, R) pairs core::jacobi_block gives for max(m, n) ≤ 64: M ≤ 4·G (R = 4) while G < 16,
+  // except that G = 16 halves to 8 for more than 16 pairs (N > 32), and then M ≤ 64 = 8·G (R = 8).
+  const int R = rows_per_lane <= 4 ? 4 : 8;
+  void (*kernel)(const T*, T*, T*, T*, const SvdShape) = nullptr;
+  switch (G * 16 + R) {
+    case 1 * 16 + 4: kernel = batched_svd_kernel<T, 1, 4>; break;
+    case 2 * 16 + 4: kernel = batched_svd_kernel<T, 2, 4>; break;
+    case 4 * 16 + 4: kernel = batched_svd_kernel<T, 4, 4>; break;
+    case 8 * 16 + 4: kernel = batched_svd_kernel<T, 8, 4>; break;
+    case 8 * 16 + 8: kernel = batched_svd_kernel<T, 8, 8>; break;
+    case 16 * 16 + 4: kernel = batched_svd_kernel<T, 16, 4>; break;
+  }
+  TORCH_INTERNAL_ASSERT(kernel != nullptr, "batched_svd (CUDA): no kernel instance for G=", G, ", R=", R);
   if (smem > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   }
   auto stream = c10::cuda::getCurrentCUDAStream();
+  // GPU_BUDGET {"kernel": "batched_svd_kernel", "threads": 256, "min_occupancy": 0.25, "note": "256 threads: the 64x64 shape (32 pairs x G = 8); fp64 64x64 holds 72 KB of dynamic shared memory, 3 blocks per SM"}
   kernel<<<static_cast<unsigned>(b), threads, smem, stream>>>(X.const_data_ptr<T>(), U.data_ptr<T>(),
                                                               S.data_ptr<T>(), Vh.data_ptr<T>(), sh);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
