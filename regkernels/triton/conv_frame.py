@@ -62,6 +62,7 @@ import triton.language as tl
 
 from regkernels import _geometry as CG
 from regkernels._numerics import through_function
+from regkernels.triton._launch import Budget, on_device
 from regkernels.reference import conv as R
 
 # ----------------------------------------------------------------------------- constants
@@ -109,7 +110,13 @@ def _v_tile(x_slab, tab_k, rows, a, mask_a, qs, mask_q, ZERO, Cx, K, KK, Q,
     return acc, diag, valid
 
 
-@triton.jit
+# The problem sizes gain nothing from Triton's ==1 / divisible-by-16 specialization (they
+# index gathers through computed pointers, never a contiguous vector access): one compiled
+# kernel per block configuration serves every conv geometry.
+_GEOMETRY = ("NC", "Cx", "K", "KK", "Q", "ZERO", "N_AB")
+
+
+@triton.jit(do_not_specialize=_GEOMETRY[:6])
 def _class_stats_fwd_kernel(X, TAB, D, R, NC, Cx, K, KK, Q, ZERO,
                             BLOCK_A: tl.constexpr, BLOCK_KK: tl.constexpr, BLOCK_Q: tl.constexpr):
     """``d`` and ``r`` of one ``(g, κ, a)``: program ``pid = (g·NC + κ)·Cx + a``, the flat index of
@@ -141,7 +148,7 @@ def _class_stats_fwd_kernel(X, TAB, D, R, NC, Cx, K, KK, Q, ZERO,
     tl.store(R + pid, tl.sum(r_acc, axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_GEOMETRY)
 def _class_stats_bwd_kernel(X, TAB, GD, GR, GX, NC, Cx, K, KK, Q, ZERO, N_AB,
                             BLOCK_A: tl.constexpr, BLOCK_KK: tl.constexpr, BLOCK_Q: tl.constexpr):
     """Rows ``a'`` of one block of ``gX[g, a]`` (as ``(a', kk)``): ``Σ_κ Σ_q gV_κ[a, a', q] tab[κ][kk, q]``.
@@ -232,7 +239,8 @@ def class_stats_forward(X: torch.Tensor, tab: torch.Tensor, zero: int) -> tuple[
     r = torch.zeros_like(d)
     if d.numel() == 0 or K == 0:  # no entries, or no taps (V = 0: d = r = 0)
         return d, r
-    _class_stats_fwd_kernel[(G * nc * cx,)](X, tab, d, r, nc, cx, K, K * K, Q, zero, **meta)
+    with on_device(X):
+        _class_stats_fwd_kernel[(G * nc * cx,)](X, tab, d, r, nc, cx, K, K * K, Q, zero, **meta)
     return d, r
 
 
@@ -257,7 +265,8 @@ def class_stats_backward(X: torch.Tensor, tab: torch.Tensor, zero: int, grad_d: 
     n_ab = triton.cdiv(cx, meta["BLOCK_A"])
     if G * cx * n_ab > _INT32_MAX:
         raise ValueError(f"class_stats_backward: {G * cx * n_ab} programs exceed grid axis 0")
-    _class_stats_bwd_kernel[(G * cx * n_ab,)](X, tab, gd, gr, gX, nc, cx, K, K * K, Q, zero, n_ab, **meta)
+    with on_device(X):
+        _class_stats_bwd_kernel[(G * cx * n_ab,)](X, tab, gd, gr, gX, nc, cx, K, K * K, Q, zero, n_ab, **meta)
     return gX
 
 
@@ -425,7 +434,7 @@ def _stats(op: str, weight: torch.Tensor, input_size, stride, padding, dilation,
         d, r = _FrameStats.apply(w5, *geometry, groups, circular, rows)
     else:
         d, r = torch.ops.regkernels.conv_frame_stats_triton(w5, *geometry, groups, circular, rows)
-    counts = torch.tensor(counts, dtype=d.dtype, device=d.device)
+    counts = CG.class_counts(counts, d.dtype, d.device)  # cached on the device
     return d, r, counts, d.shape[0] * d.shape[2] * positions
 
 
