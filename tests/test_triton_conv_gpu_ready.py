@@ -112,3 +112,99 @@ def test_conv_to_matrix_dense_triton_cached_call_has_no_host_work(padding_mode, 
     counter = _count(step, monkeypatch)
     _assert_no_host_work(counter, f"conv_to_matrix(dense, {padding_mode}, backend='triton') forward + backward")
     print(f"conv_to_matrix({padding_mode}) fwd+bwd: {sum(counter.ops.values())} aten ops", dict(counter.ops))
+
+
+# ----------------------------------------------------------------------------- compile keys
+
+class _Recorder:
+    """Stands in for a Triton kernel: records the launch arguments instead of running."""
+
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append((args, kwargs))
+
+
+def _compile_key(kernel, args, kwargs, honour_do_not_specialize=True):
+    """The specialization part of Triton's compile key for one launch (the JITFunction binder's
+    rule: each argument's type and its ==1 / divisible-by-16 attribute unless it is marked
+    ``do_not_specialize``; constexprs by value)."""
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import JITFunction, native_specialize_impl
+
+    fn = getattr(kernel, "fn", kernel)
+    dns = getattr(kernel, "kwargs", {}).get("do_not_specialize") or getattr(kernel, "do_not_specialize", None)
+    jit = JITFunction(fn, do_not_specialize=dns if honour_do_not_specialize else None)
+    launch_kwargs = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}
+    values = list(args) + [launch_kwargs[p.name] for p in jit.params[len(args):]]
+    key = []
+    for p, v in zip(jit.params, values):
+        if p.is_constexpr:
+            key.append(("constexpr", str(v)))
+        else:
+            key.append(native_specialize_impl(BaseBackend, v, p.is_const, not p.do_not_specialize,
+                                              not p.do_not_specialize_on_alignment))
+    return tuple(key) + (kwargs.get("num_warps"),)
+
+
+@needs_triton
+def test_conv_to_matrix_geometries_share_one_compiled_kernel(monkeypatch):
+    from regkernels.triton import conv_matrix as TM
+
+    fwd, bwd = _Recorder(TM._conv_matrix_fwd_kernel), _Recorder(TM._conv_matrix_bwd_kernel)
+    monkeypatch.setattr(TM, "_conv_matrix_fwd_kernel", fwd)
+    monkeypatch.setattr(TM, "_conv_matrix_bwd_kernel", bwd)
+    w = torch.randn(4, 3, 1, 3, 3)
+    # differ in input size, stride, padding, output size (values 1 and multiples of 16 included);
+    # alike in dtype, padding mode, dilation, rank, block sizes and T's column count modulo 16
+    geometries = [((1, 16, 16), (1, 1, 1), (0, 1, 1)), ((1, 16, 32), (1, 2, 2), (0, 2, 0)),
+                  ((1, 12, 24), (1, 1, 3), (0, 0, 1))]
+    for size, stride, padding in geometries:
+        T = TM.conv_to_matrix_dense(w, size, stride, padding, (1, 1, 1), 1, False)
+        TM.conv_to_matrix_dense_backward(torch.zeros_like(T), w, size, stride, padding, (1, 1, 1), 1, False)
+    for rec in (fwd, bwd):
+        keys = {_compile_key(rec.kernel, *call) for call in rec.calls}
+        assert len(keys) == 1, f"{rec.kernel.__name__}: {len(keys)} compiled variants for {len(rec.calls)} geometries"
+        # the same launches with Triton's default specialization compile several variants: the
+        # arguments marked do_not_specialize are what makes the geometries share one
+        assert len({_compile_key(rec.kernel, *call, honour_do_not_specialize=False) for call in rec.calls}) > 1
+
+
+@needs_triton
+def test_conv_frame_stats_geometries_share_one_compiled_kernel(monkeypatch):
+    from regkernels.triton import conv_frame as TF
+
+    fwd, bwd = _Recorder(TF._class_stats_fwd_kernel), _Recorder(TF._class_stats_bwd_kernel)
+    monkeypatch.setattr(TF, "_class_stats_fwd_kernel", fwd)
+    monkeypatch.setattr(TF, "_class_stats_bwd_kernel", bwd)
+    for shape, size in (((4, 3, 3, 3), (5, 6)), ((6, 5, 3, 3), (16, 16)), ((16, 1, 3, 3), (9, 17))):
+        w = torch.randn(shape)
+        *_, X, tab, zero, _ = TF._stats_problem(w.reshape(*shape[:2], 1, 3, 3), [1, *size], [1, 1, 1], [0, 1, 1],
+                                                [1, 1, 1], 1, False, False)
+        d, r = TF.class_stats_forward(X, tab, zero)
+        TF.class_stats_backward(X, tab, zero, torch.ones_like(d), torch.ones_like(r))
+    for rec in (fwd, bwd):
+        keys = {_compile_key(rec.kernel, *call) for call in rec.calls}
+        assert len(keys) == 1, f"{rec.kernel.__name__}: {len(keys)} compiled variants for {len(rec.calls)} geometries"
+        assert len({_compile_key(rec.kernel, *call, honour_do_not_specialize=False) for call in rec.calls}) > 1
+
+
+# ----------------------------------------------------------------------------- budgets
+
+def test_every_launched_conv_kernel_declares_a_budget():
+    import pathlib
+    import re
+
+    from regkernels.triton._launch import Budget
+
+    for name in ("conv_matrix", "conv_frame"):
+        path = pathlib.Path(__file__).parent.parent / "regkernels" / "triton" / f"{name}.py"
+        source = path.read_text()
+        launched = set(re.findall(r"(\w+)\[[^\]]*\]\(", source)) & set(re.findall(r"def (\w+)\(", source))
+        assert launched, name
+        if not TRITON_ON_CPU:
+            continue
+        module = __import__(f"regkernels.triton.{name}", fromlist=["GPU_BUDGETS"])
+        assert set(module.GPU_BUDGETS) == launched, (name, launched)
+        assert all(isinstance(b, Budget) for b in module.GPU_BUDGETS.values())

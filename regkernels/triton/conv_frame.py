@@ -199,6 +199,15 @@ def _class_stats_bwd_kernel(X, TAB, GD, GR, GX, NC, Cx, K, KK, Q, ZERO, N_AB,
         st += Cx
 
 
+# Static limits on sm_90 (python -m regkernels.bench.gpu_static, docs/design.md#gpu-static-report).
+# The GEMMs take float32 in IEEE precision (the table is exact, X is the float32 tap Gram), so no
+# tensor-core instructions are required of them.
+GPU_BUDGETS = {
+    "_class_stats_fwd_kernel": Budget(),
+    "_class_stats_bwd_kernel": Budget(),
+}
+
+
 # ----------------------------------------------------------------------------- host launchers
 
 def _block(n: int, cap: int) -> int:

@@ -74,12 +74,15 @@ from regkernels.reference import conv as R
 BLOCK_R = 32
 BLOCK_C = 128
 NUM_WARPS = 4
+# circular padding keeps an accumulator tile live across its wrap loops: a quarter of the rows keeps it
+# within 128 registers (25 % occupancy)
+BLOCK_R_CIRCULAR = 8
 
 # Backward tile of (output positions × taps): BLOCK_T = next power of two of K capped at
 # MAX_BLOCK_T (K = 9 / 27 for 3×3 / 3×3×3 kernels fits one block), BLOCK_Y = about
 # TILE_ELEMS / BLOCK_T output positions per step.
 MAX_BLOCK_T = 32
-TILE_ELEMS = 4096
+TILE_ELEMS = 1024
 
 # Largest grid size along axes 1 and 2 (CUDA); axis 0 takes up to 2³¹ − 1.
 _GRID_YZ_MAX = 65535
@@ -336,46 +339,65 @@ def _conv_matrix_fwd_kernel(W, T, n_rows, n_cols,
         tl.store(t_ptr, val, mask=mask)
 
 
-@triton.jit
+# The backward's geometry arguments likewise; gs1 stays specialized (a contiguous grad has
+# gs1 == 1, which removes a multiply per gathered element).
+_BWD_GEOMETRY = ("gs0", "Og", "Cg", "P_out", "P_in", "K", "O1", "O2", "N0", "N1", "N2", "K1", "K2",
+                 "S0", "S1", "S2", "PD0", "PD1", "PD2", "DL0", "DL1", "DL2")
+
+
+@triton.jit(do_not_specialize=_BWD_GEOMETRY)
 def _conv_matrix_bwd_kernel(G, GW, gs0, gs1,
                             Og, Cg, P_out, P_in, K,
                             O1, O2, N0, N1, N2, K1, K2,
                             S0, S1, S2, PD0, PD1, PD2, DL0, DL1, DL2,
-                            CIRCULAR: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                            CIRCULAR: tl.constexpr, IDX: tl.constexpr, ACC_DTYPE: tl.constexpr,
                             BLOCK_Y: tl.constexpr, BLOCK_T: tl.constexpr):
     """``gW[o, c', t] = Σ_y [tap valid] grad[row(o, y), col(o, c', y, t)]`` for one ``(o, c')``
     and one block of taps.
 
     Program ``(o·Cg + c', tap block)`` owns its ``BLOCK_T`` weight entries: each is a sum
     over the ``P_out`` output positions, taken in blocks of ``BLOCK_Y`` in a fixed order
-    (deterministic, no atomics), accumulated in ``ACC_DTYPE``.
+    (deterministic, no atomics), accumulated in ``ACC_DTYPE``. The (o, c') block of ``grad``
+    is addressed from one 64-bit base; offsets inside it are ``IDX``.
     """
     pid = tl.program_id(0)
-    o = pid // Cg
-    c_glob = (o // Og) * Cg + pid % Cg
-    row0 = o.to(tl.int64) * P_out
-    col0 = c_glob.to(tl.int64) * P_in
+    o, c_local = _divmod(pid, Cg)
+    grp, _ = _divmod(o, Og)
+    c_glob = grp * Cg + c_local
+    g_block = G + o.to(tl.int64) * P_out * gs0 + c_glob.to(tl.int64) * P_in * gs1
 
     taps = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     mask_t = taps < K
-    t0, t1, t2 = _split3(tl.where(mask_t, taps, 0), K1, K2)
+    t0, t1, t2 = _split3(tl.where(mask_t, taps, 0).to(IDX), K1, K2)
+    # tap part of the unwrapped position w_i = y_i s_i − p_i + t_i dil_i (1-D)
+    tw0 = t0 * DL0
+    tw1 = t1 * DL1
+    tw2 = t2 * DL2
 
     acc = tl.zeros((BLOCK_T,), dtype=ACC_DTYPE)
     for yb in range(0, P_out, BLOCK_Y):
         ys = yb + tl.arange(0, BLOCK_Y)
         mask_y = ys < P_out
-        y0, y1, y2 = _split3(tl.where(mask_y, ys, 0), O1, O2)
-        # the forward map: w_i = y_i s_i − p_i + t_i dil_i, then wrap or clip per dim
-        u0, ok0 = _wrap((y0 * S0 - PD0)[:, None] + (t0 * DL0)[None, :], N0, CIRCULAR)
-        u1, ok1 = _wrap((y1 * S1 - PD1)[:, None] + (t1 * DL1)[None, :], N1, CIRCULAR)
-        u2, ok2 = _wrap((y2 * S2 - PD2)[:, None] + (t2 * DL2)[None, :], N2, CIRCULAR)
+        ys_s = tl.where(mask_y, ys, 0).to(IDX)
+        y0, y1, y2 = _split3(ys_s, O1, O2)
+        # the forward map, then wrap or clip per dim
+        u0, ok0 = _wrap((y0 * S0 - PD0)[:, None] + tw0[None, :], N0, CIRCULAR)
+        u1, ok1 = _wrap((y1 * S1 - PD1)[:, None] + tw1[None, :], N1, CIRCULAR)
+        u2, ok2 = _wrap((y2 * S2 - PD2)[:, None] + tw2[None, :], N2, CIRCULAR)
         ok = ok0 & ok1 & ok2 & mask_y[:, None] & mask_t[None, :]
         # zero-padding taps outside the input form out-of-range columns: masked, never read
-        col = col0 + ((u0 * N1 + u1) * N2 + u2)
-        row = row0 + ys
-        g = tl.load(G + row[:, None] * gs0 + col * gs1, mask=ok, other=0.0)
-        acc += tl.sum(g.to(ACC_DTYPE), axis=0)
+        off = (ys_s * gs0)[:, None] + ((u0 * N1 + u1) * N2 + u2) * gs1
+        vals = tl.load(g_block + off, mask=ok, other=0.0)
+        acc += tl.sum(vals.to(ACC_DTYPE), axis=0)
     tl.store(GW + pid.to(tl.int64) * K + taps, _round_to(acc, GW.dtype.element_ty), mask=mask_t)
+
+
+# Static limits on sm_90 (python -m regkernels.bench.gpu_static, docs/design.md#gpu-static-report):
+# the defaults, no spills and ≥ 25 % occupancy, for both kernels and both padding modes.
+GPU_BUDGETS = {
+    "_conv_matrix_fwd_kernel": Budget(),
+    "_conv_matrix_bwd_kernel": Budget(),
+}
 
 
 # ----------------------------------------------------------------------------- host launchers
@@ -446,7 +468,8 @@ def conv_to_matrix_dense(weight: torch.Tensor, input_size: tuple[int, int, int],
     if n_rows > _INT32_MAX or n_cols > _INT32_MAX:
         raise ValueError(f"conv_to_matrix_dense: T of shape {(n_rows, n_cols)} has a side over 2^31 - 1")
     w = _addressable(weight)
-    n_rt, n_ct = triton.cdiv(n_rows, BLOCK_R), triton.cdiv(n_cols, BLOCK_C)
+    block_r = BLOCK_R_CIRCULAR if circular else BLOCK_R
+    n_rt, n_ct = triton.cdiv(n_rows, block_r), triton.cdiv(n_cols, BLOCK_C)
     cols_first = n_ct > n_rt
     grid = (n_ct, n_rt) if cols_first else (n_rt, n_ct)
     if grid[1] > _GRID_YZ_MAX:
@@ -461,7 +484,7 @@ def conv_to_matrix_dense(weight: torch.Tensor, input_size: tuple[int, int, int],
             *stride, *padding, *dilation,
             CIRCULAR=bool(circular), DILATED=any(d > 1 for d in dilation), FIRST_DIM=first, IDX=idx,
             COLS_ON_AXIS0=cols_first, ACC_DTYPE=_acc_dtype(weight.dtype),
-            BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS)
+            BLOCK_R=block_r, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS)
     return T
 
 
@@ -484,12 +507,18 @@ def conv_to_matrix_dense_backward(grad: torch.Tensor, weight: torch.Tensor, inpu
     block_t = min(triton.next_power_of_2(k), MAX_BLOCK_T)
     block_y = max(16, min(TILE_ELEMS // block_t, triton.next_power_of_2(p_out)))
     grid = (c_out * cg, triton.cdiv(k, block_t))
-    _conv_matrix_bwd_kernel[grid](
-        grad, gw, grad.stride(0), grad.stride(1), og, cg, p_out, p_in, k,
-        out_size[1], out_size[2], *input_size, *weight.shape[3:],
-        *stride, *padding, *dilation,
-        CIRCULAR=bool(circular), ACC_DTYPE=_acc_dtype(weight.dtype),
-        BLOCK_Y=block_y, BLOCK_T=block_t, num_warps=NUM_WARPS)
+    # offsets inside one (o, c') block of grad, and the unwrapped positions y·s − p + t·dil
+    in_block = (p_out - 1) * abs(grad.stride(0)) + (p_in - 1) * abs(grad.stride(1))
+    reach = [(o - 1) * s + p + (kk - 1) * d + n for o, s, p, kk, d, n
+             in zip(out_size, stride, padding, weight.shape[2:], dilation, input_size)]
+    idx = _index_dtype(in_block, *reach, k)
+    with on_device(grad):
+        _conv_matrix_bwd_kernel[grid](
+            grad, gw, grad.stride(0), grad.stride(1), og, cg, p_out, p_in, k,
+            out_size[1], out_size[2], *input_size, *weight.shape[3:],
+            *stride, *padding, *dilation,
+            CIRCULAR=bool(circular), IDX=idx, ACC_DTYPE=_acc_dtype(weight.dtype),
+            BLOCK_Y=block_y, BLOCK_T=block_t, num_warps=NUM_WARPS)
     return gw
 
 
