@@ -69,14 +69,15 @@ from regkernels.reference import conv as R
 
 # Block sizes: each is the next power of two of its extent, at least 16 (tl.dot needs every
 # dim ≥ 16) and at most the cap. A V tile is BLOCK_A × BLOCK_Q fp32 built from a BLOCK_A ×
-# BLOCK_KK slice of X and a BLOCK_KK × BLOCK_Q slice of the table: with the caps below that is
-# 2 K + 4 K + 2 K floats, ~64 registers per thread at 4 warps. GPU tuning would autotune the
-# caps (BLOCK_A 32–64, BLOCK_KK 32–128) and num_warps / num_stages, hoist the X tile out of
-# the class loop when K·K ≤ BLOCK_KK (it is the same for every κ and q chunk; L1 serves it
-# now), and keep the backward's gX rows in registers when K·K fits one chunk.
-MAX_BLOCK_A = 32       # rows a' of a V tile
-MAX_BLOCK_KK = 64      # tap pairs (t, t') per GEMM step
-MAX_BLOCK_Q = 64       # offsets q per V tile
+# BLOCK_KK slice of X and a BLOCK_KK × BLOCK_Q slice of the table. The float32 IEEE products
+# run on FMA units, whose operand fragments grow with every cap: compiled for sm_90, caps of
+# 32 × 64 × 64 took 255 registers and spilled (12 % occupancy); 16 × 16 × 16 takes 80 (38 %,
+# GPU_BUDGETS below). GPU tuning would autotune the caps and num_warps / num_stages, hoist the
+# X tile out of the class loop when K·K ≤ BLOCK_KK (it is the same for every κ and q chunk; L1
+# serves it now), and keep the backward's gX rows in registers when K·K fits one chunk.
+MAX_BLOCK_A = 16       # rows a' of a V tile
+MAX_BLOCK_KK = 16      # tap pairs (t, t') per GEMM step
+MAX_BLOCK_Q = 16       # offsets q per V tile
 NUM_WARPS = 4
 
 _INT32_MAX = 2**31 - 1
