@@ -18,13 +18,21 @@ land on ``col``, for ``c`` in o's group ``g(o) = o // Og``; 0 elsewhere.
 
 Forward (gather, inverse index map): program ``(row tile, column tile)`` writes one
 ``BLOCK_R × BLOCK_C`` tile of ``T``, so every entry is written exactly once (no zero fill, no
-atomics, no scatter). For entry ``(r, col)`` the candidate tap of dim ``i`` is
-``t_i = (u_i + m·n_i + p_i − y_i s_i) / dil_i``, kept iff it is an exact integer in
-``[0, k_i)``; zero padding has the single candidate ``m = 0``, circular padding the three
-``m ∈ {−1, 0, 1}`` per dim (``CIRCULAR`` is a constexpr, so the zeros path compiles to one
-masked load per entry, the circular one to 27). Each tap of a row has exactly one
-``(u, m)``, so the candidates enumerate every tap once. The writes are coalesced along the
-columns; the weight gathers hit a tiny, cache-resident tensor.
+atomics, no scatter). The index maps are 1-D: the rows' ``(o, y)`` and the columns' ``(c, u)``
+are decomposed once per tile (unsigned divisions on vectors of ``BLOCK_R`` / ``BLOCK_C``), never
+per entry. A tile is first tested against the rows' windows (per row, a bounding interval of
+the flat input positions its taps read, against the tile's columns in its group): a tile no
+tap reaches is stored as zeros without computing taps. Otherwise, per dim, ``dil·t = A − B``
+with ``A = u + p (+ (m + 1)·n)`` per column and ``B = y·s (+ n)`` per row, both ≥ 0: the tap
+exists iff ``A % dil == B % dil`` and ``0 ≤ A // dil − B // dil < k``, and the weight offset is a
+column term minus a row term; so an entry costs a few integer differences, one sign test
+for all dims and its group, and one masked load. Zero padding has the single candidate
+``m = 0``; circular padding loops at run time over the wraps ``m ∈ {−1, 0, 1}`` per dim that the
+tile's windows meet (usually one or two), not over all 27 combinations. Each tap of a row
+has exactly one ``(u, m)``, so the candidates enumerate every tap once. The stores are
+coalesced along the columns (128-bit when ``C_in·P_in`` is a multiple of 16); the weight
+gathers hit a tiny, cache-resident tensor. Geometry arguments are ``do_not_specialize``: one
+compiled kernel per dtype, padding mode, rank (``FIRST_DIM``), dilation flag and index width.
 
 Backward (deterministic, no atomics): ``gW[o, c', t] = Σ_y [tap t of (o, y) valid]
 grad[o·P_out + y, (g(o)·Cg + c')·P_in + u(y, t)]``. Program ``(o·Cg + c', tap block)`` loops
@@ -42,11 +50,12 @@ in float32, so they equal the float64 sum rounded once) and float32 ones by summ
 order; every other entry is a bit-exact copy. float32 → bfloat16 rounding is done on the
 bits (``_round_to``) because the CPU interpreter's cast truncates.
 
-Indexing: row / column / spatial indices are int32 (each of ``C_out·P_out``, ``C_in·P_in``
-is < 2³¹, checked), offsets into ``T`` and ``grad`` are int64 (``T`` may exceed 2³¹ entries).
-Integer ``//`` and ``%`` only ever see non-negative operands (C and Python disagree on
-negatives). Weight offsets are int32: the launchers copy a weight whose strided extent
-reaches 2³¹ elements. Not importable without Triton: import this module only after
+Indexing: the 1-D maps, the per-entry differences and the weight offsets are ``IDX``: int32
+when the launcher's bound on all of them is below 2³¹, int64 otherwise (an unusual padding or
+stride); offsets into ``T`` are int64 (``T`` may exceed 2³¹ entries; each side is < 2³¹,
+checked); the backward addresses one ``(o, c')`` block of ``grad`` from a 64-bit base with
+``IDX`` offsets. Integer ``//`` and ``%`` only ever see non-negative operands. Weight offsets fit
+int32: the launchers copy a weight whose strided extent reaches 2³¹ elements. Not importable without Triton: import this module only after
 ``regkernels._ext.has_triton()``.
 
 Layout: kernels → launchers → the custom ops ``regkernels::conv_to_matrix_triton`` (+ ``_backward``)
