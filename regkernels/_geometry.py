@@ -10,7 +10,7 @@ the Triton modules (``regkernels.triton.conv_matrix`` / ``conv_frame``) and the 
   ``check_dense_grad``, ``check_stats_grads``): the Python twin of the C++ ``make_geometry``,
   for the fakes, the Triton ops and the composite stats ops.
 * Border classes of the implicit frame statistics (``class_positions``, ``dim_classes``,
-  ``FrameGeometry``, ``frame_plan``; the math is in ``regkernels.composite.conv``'s docstring) and
+  ``FrameGeometry``, ``frame_plan``, ``class_counts``; the math is in ``regkernels.composite.conv``'s docstring) and
   the layout of the tap-Gram factor (``tap_gram_factor``, ``weight_of_factor``, ``factor_scale``).
 * The hinge of the frame penalty and the Gershgorin bounds from ``(d, r)`` (``frame_value``,
   ``gershgorin_value``), shared by the explicit reference and the implicit paths.
@@ -353,6 +353,20 @@ def class_tables(geo: FrameGeometry, dtype: torch.dtype, device: torch.device) -
     """The class tables ``(n_cls_i, k_i, k_i, n_rel_i)`` on the device."""
     return tuple(torch.tensor(dim.table, dtype=dtype).view(dim.n_cls, dim.k, dim.k, len(dim.rel)).to(device)
                  for dim in geo.dims)
+
+
+@functools.lru_cache(maxsize=256)
+def _class_counts(counts: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.tensor(counts, dtype=dtype, device=device)
+
+
+def class_counts(counts: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The positions per class (``frame_plan``'s ``counts``) as a ``(n_cls,)`` tensor on ``device``, cached
+    per (counts, dtype, device): a layer's penalty asks for the same counts every step, and building
+    them is a host→device copy (a stream sync on a GPU). Built afresh while torch.compile traces, so
+    that no traced tensor lands in the cache. Read-only: callers must not modify it in place."""
+    make = _class_counts.__wrapped__ if torch.compiler.is_compiling() else _class_counts
+    return make(tuple(counts), dtype, device)
 
 
 def stats_shape(weight_shape, geo: FrameGeometry, groups: int) -> tuple[int, int, int]:

@@ -162,7 +162,7 @@ def _stats_forward(weight: torch.Tensor, geo: CG.FrameGeometry, groups: int,
         if keep:  # the backward's ∂|V|/∂V, so that it need not contract V again
             signs[:, a0:a0 + b] = V.sign()
         A = V.abs_()
-        A[diag] = 0
+        A[diag] = A.new_zeros(())  # a device scalar: a Python 0 would be a host tensor (lift_fresh)
         rs.append(A.sum(dim=(2, 4, 6, 8)))
     if not ds:
         empty = Z.new_zeros((G, geo.n_cls, 0))
@@ -350,7 +350,7 @@ def _stats(op: str, weight: torch.Tensor, input_size, stride, padding, dilation,
         d, r, _ = _FrameStats.apply(w5, *geometry, groups, circular, rows, keep_signs)
     else:
         d, r, _ = torch.ops.regkernels.conv_frame_stats(w5, *geometry, groups, circular, rows, keep_signs)
-    counts = torch.tensor(counts, dtype=d.dtype, device=d.device)
+    counts = CG.class_counts(counts, d.dtype, d.device)  # cached on the device
     return d, r, counts, d.shape[0] * d.shape[2] * positions
 
 

@@ -62,20 +62,22 @@ import triton.language as tl
 
 from regkernels import _geometry as CG
 from regkernels._numerics import through_function
+from regkernels.triton._launch import Budget, on_device
 from regkernels.reference import conv as R
 
 # ----------------------------------------------------------------------------- constants
 
 # Block sizes: each is the next power of two of its extent, at least 16 (tl.dot needs every
 # dim ≥ 16) and at most the cap. A V tile is BLOCK_A × BLOCK_Q fp32 built from a BLOCK_A ×
-# BLOCK_KK slice of X and a BLOCK_KK × BLOCK_Q slice of the table: with the caps below that is
-# 2 K + 4 K + 2 K floats, ~64 registers per thread at 4 warps. GPU tuning would autotune the
-# caps (BLOCK_A 32–64, BLOCK_KK 32–128) and num_warps / num_stages, hoist the X tile out of
-# the class loop when K·K ≤ BLOCK_KK (it is the same for every κ and q chunk; L1 serves it
-# now), and keep the backward's gX rows in registers when K·K fits one chunk.
-MAX_BLOCK_A = 32       # rows a' of a V tile
-MAX_BLOCK_KK = 64      # tap pairs (t, t') per GEMM step
-MAX_BLOCK_Q = 64       # offsets q per V tile
+# BLOCK_KK slice of X and a BLOCK_KK × BLOCK_Q slice of the table. The float32 IEEE products
+# run on FMA units, whose operand fragments grow with every cap: compiled for sm_90, caps of
+# 32 × 64 × 64 took 255 registers and spilled (12 % occupancy); 16 × 16 × 16 takes 80 (38 %,
+# GPU_BUDGETS below). GPU tuning would autotune the caps and num_warps / num_stages, hoist the
+# X tile out of the class loop when K·K ≤ BLOCK_KK (it is the same for every κ and q chunk; L1
+# serves it now), and keep the backward's gX rows in registers when K·K fits one chunk.
+MAX_BLOCK_A = 16       # rows a' of a V tile
+MAX_BLOCK_KK = 16      # tap pairs (t, t') per GEMM step
+MAX_BLOCK_Q = 16       # offsets q per V tile
 NUM_WARPS = 4
 
 _INT32_MAX = 2**31 - 1
@@ -109,7 +111,13 @@ def _v_tile(x_slab, tab_k, rows, a, mask_a, qs, mask_q, ZERO, Cx, K, KK, Q,
     return acc, diag, valid
 
 
-@triton.jit
+# The problem sizes gain nothing from Triton's ==1 / divisible-by-16 specialization (they
+# index gathers through computed pointers, never a contiguous vector access): one compiled
+# kernel per block configuration serves every conv geometry.
+_GEOMETRY = ("NC", "Cx", "K", "KK", "Q", "ZERO", "N_AB")
+
+
+@triton.jit(do_not_specialize=_GEOMETRY[:6])
 def _class_stats_fwd_kernel(X, TAB, D, R, NC, Cx, K, KK, Q, ZERO,
                             BLOCK_A: tl.constexpr, BLOCK_KK: tl.constexpr, BLOCK_Q: tl.constexpr):
     """``d`` and ``r`` of one ``(g, κ, a)``: program ``pid = (g·NC + κ)·Cx + a``, the flat index of
@@ -141,7 +149,7 @@ def _class_stats_fwd_kernel(X, TAB, D, R, NC, Cx, K, KK, Q, ZERO,
     tl.store(R + pid, tl.sum(r_acc, axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_GEOMETRY)
 def _class_stats_bwd_kernel(X, TAB, GD, GR, GX, NC, Cx, K, KK, Q, ZERO, N_AB,
                             BLOCK_A: tl.constexpr, BLOCK_KK: tl.constexpr, BLOCK_Q: tl.constexpr):
     """Rows ``a'`` of one block of ``gX[g, a]`` (as ``(a', kk)``): ``Σ_κ Σ_q gV_κ[a, a', q] tab[κ][kk, q]``.
@@ -192,6 +200,15 @@ def _class_stats_bwd_kernel(X, TAB, GD, GR, GX, NC, Cx, K, KK, Q, ZERO, N_AB,
         st += Cx
 
 
+# Static limits on sm_90 (python -m regkernels.bench.gpu_static, docs/design.md#gpu-static-report).
+# The GEMMs take float32 in IEEE precision (the table is exact, X is the float32 tap Gram), so no
+# tensor-core instructions are required of them.
+GPU_BUDGETS = {
+    "_class_stats_fwd_kernel": Budget(),
+    "_class_stats_bwd_kernel": Budget(),
+}
+
+
 # ----------------------------------------------------------------------------- host launchers
 
 def _block(n: int, cap: int) -> int:
@@ -232,7 +249,8 @@ def class_stats_forward(X: torch.Tensor, tab: torch.Tensor, zero: int) -> tuple[
     r = torch.zeros_like(d)
     if d.numel() == 0 or K == 0:  # no entries, or no taps (V = 0: d = r = 0)
         return d, r
-    _class_stats_fwd_kernel[(G * nc * cx,)](X, tab, d, r, nc, cx, K, K * K, Q, zero, **meta)
+    with on_device(X):
+        _class_stats_fwd_kernel[(G * nc * cx,)](X, tab, d, r, nc, cx, K, K * K, Q, zero, **meta)
     return d, r
 
 
@@ -257,7 +275,8 @@ def class_stats_backward(X: torch.Tensor, tab: torch.Tensor, zero: int, grad_d: 
     n_ab = triton.cdiv(cx, meta["BLOCK_A"])
     if G * cx * n_ab > _INT32_MAX:
         raise ValueError(f"class_stats_backward: {G * cx * n_ab} programs exceed grid axis 0")
-    _class_stats_bwd_kernel[(G * cx * n_ab,)](X, tab, gd, gr, gX, nc, cx, K, K * K, Q, zero, n_ab, **meta)
+    with on_device(X):
+        _class_stats_bwd_kernel[(G * cx * n_ab,)](X, tab, gd, gr, gX, nc, cx, K, K * K, Q, zero, n_ab, **meta)
     return gX
 
 
@@ -425,7 +444,7 @@ def _stats(op: str, weight: torch.Tensor, input_size, stride, padding, dilation,
         d, r = _FrameStats.apply(w5, *geometry, groups, circular, rows)
     else:
         d, r = torch.ops.regkernels.conv_frame_stats_triton(w5, *geometry, groups, circular, rows)
-    counts = torch.tensor(counts, dtype=d.dtype, device=d.device)
+    counts = CG.class_counts(counts, d.dtype, d.device)  # cached on the device
     return d, r, counts, d.shape[0] * d.shape[2] * positions
 
 
