@@ -28,11 +28,13 @@ _LAUNCHED = ["_row_norm_kernel", "_gram_fwd_kernel", "_finalize_kernel", "_gram_
              "_gram_product_kernel", "_gram_bwd_kernel", "_split_sum_kernel"]
 
 # Declared budget of aten ops (interpreter launches excluded) for a cached forward + backward.
-# Measured: frame_penalty 14, penalty_multi (4 weights) 21 — views, the outputs' empty
-# buffers, autograd's ones_like / detach, the split of the flat gradient and the accumulation
-# into .grad. The margin is for torch versions that decompose a little differently.
-HOST_OPS_ONE = 18
-HOST_OPS_MULTI = 26
+# Measured (torch 2.14): frame_penalty and mhe_penalty(half) 23, penalty_multi (4 weights) 41:
+# views, 3 + 2 torch.empty of outputs and scratch buffers, autograd's ones_like, the split of the
+# flat gradient into views, the accumulation into .grad, and a detach per op output that the
+# custom op's autograd wrapper adds. The margin is for torch versions that decompose a little
+# differently; a host-built table (lift_fresh, _to_copy) is refused whatever the count.
+HOST_OPS_ONE = 26
+HOST_OPS_MULTI = 46
 
 
 def _randn(*shape):

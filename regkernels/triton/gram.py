@@ -610,7 +610,7 @@ def _coefficient_tile(V, rows_i, rows_j, mask_j, valid, st, p, c1_i, c2_i, inv_p
 
 
 @triton.jit
-def _gram_coef_kernel(PTRS, X, GROUPS, TILES, STATS, GRAD, PBUF, JPS, A, B, tau, eps,
+def _gram_coef_kernel(PTRS, X, GROUPS, TILES, STATS, GRAD, GRAD_STRIDE, PBUF, JPS, A, B, tau, eps,
                       KIND: tl.constexpr, INCLUSIVE: tl.constexpr, MHE_S: tl.constexpr, HALF: tl.constexpr,
                       STATS_ROWS: tl.constexpr, LAYOUT: tl.constexpr, ALIGN: tl.constexpr,
                       BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -623,7 +623,7 @@ def _gram_coef_kernel(PTRS, X, GROUPS, TILES, STATS, GRAD, PBUF, JPS, A, B, tau,
     x_ptr, xs_r, xs_c, p, n = _matrix_of(PTRS, X, g, grp, b, LAYOUT, ALIGN)
     s, j_lo, j_hi = _split_range(ib, p, JPS, _FRAME, BLOCK_I, BLOCK_J)  # full rows: no triangle
     st = STATS + tl.load(grp + _G_ST_OFF) + STATS_ROWS * p * b
-    gv = tl.load(GRAD + tl.load(grp + _G_VAL_OFF) + b)
+    gv = tl.load(GRAD + (tl.load(grp + _G_VAL_OFF) + b) * GRAD_STRIDE)
     pm = PBUF + tl.load(grp + _G_P_OFF) + p * p * b
 
     rows_i = ib * BLOCK_I + tl.arange(0, BLOCK_I)
@@ -678,7 +678,7 @@ def _gram_product_kernel(PTRS, X, GROUPS, PTILES, PBUF, OUT, LAYOUT: tl.constexp
 
 
 @triton.jit
-def _gram_bwd_kernel(PTRS, X, DX, DX_SPLIT_STRIDE, JPS, GROUPS, TILES, STATS, GRAD, A, B, tau, eps,
+def _gram_bwd_kernel(PTRS, X, DX, DX_SPLIT_STRIDE, JPS, GROUPS, TILES, STATS, GRAD, GRAD_STRIDE, A, B, tau, eps,
                      KIND: tl.constexpr, INCLUSIVE: tl.constexpr, MHE_S: tl.constexpr, HALF: tl.constexpr,
                      STATS_ROWS: tl.constexpr, LAYOUT: tl.constexpr, ALIGN: tl.constexpr,
                      BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -699,7 +699,7 @@ def _gram_bwd_kernel(PTRS, X, DX, DX_SPLIT_STRIDE, JPS, GROUPS, TILES, STATS, GR
     d_ptr = DX + s.to(tl.int64) * DX_SPLIT_STRIDE + tl.load(grp + _G_D_OFF) + b * tl.load(grp + _G_DS_B)
     ds_r, ds_c = _unit_strides(tl.load(grp + _G_DS_R), tl.load(grp + _G_DS_C), LAYOUT)
     st = STATS + tl.load(grp + _G_ST_OFF) + STATS_ROWS * p * b
-    gv = tl.load(GRAD + tl.load(grp + _G_VAL_OFF) + b)
+    gv = tl.load(GRAD + (tl.load(grp + _G_VAL_OFF) + b) * GRAD_STRIDE)
 
     rows_i = ib * BLOCK_I + tl.arange(0, BLOCK_I)
     mask_i = rows_i < p
@@ -722,7 +722,8 @@ def _gram_bwd_kernel(PTRS, X, DX, DX_SPLIT_STRIDE, JPS, GROUPS, TILES, STATS, GR
                                               BLOCK_I, BLOCK_J, BLOCK_K, LAYOUT=LAYOUT)
         P = _coefficient_tile(V, rows_i, rows_j, mask_j, valid, st, p, c1_i, c2_i, inv_pairs, A, B, tau, eps,
                               KIND, INCLUSIVE, MHE_S, HALF)
-        _accumulate_rows(d_ptr, ds_r, ds_c, rows_i, mask_i, tl.where(valid, P * gv, 0.0), x_ptr, xs_r, xs_c, rows_j, mask_j, n, BLOCK_K,
+        P = tl.where(valid, P * gv, 0.0)
+        _accumulate_rows(d_ptr, ds_r, ds_c, rows_i, mask_i, P, x_ptr, xs_r, xs_c, rows_j, mask_j, n, BLOCK_K,
                          LAYOUT=LAYOUT)
 
 
@@ -1024,9 +1025,9 @@ def gram_penalty_backward_flat(mats: list[torch.Tensor], kind: str, sides: list[
     if plan.n_tiles == 0:  # no matrix with a Gram row: every gradient is empty or zero
         return torch.zeros(plan.out_numel, dtype=dtype, device=plan.device)
     scalars, meta = _scalars_and_meta(kind, params)
-    # (no-ops, and no dispatched op, for the float32 grad and stats of the autograd path)
-    if grad.dtype != torch.float32 or not grad.is_contiguous():
-        grad = grad.to(dtype=torch.float32).contiguous()
+    # (read with its stride: an expanded grad, as from values.sum(), is not copied)
+    if grad.dtype != torch.float32:
+        grad = grad.to(dtype=torch.float32)
     if not stats.is_contiguous():
         stats = stats.contiguous()
     X = mats[0]
@@ -1035,10 +1036,9 @@ def gram_penalty_backward_flat(mats: list[torch.Tensor], kind: str, sides: list[
             pbuf = torch.empty(plan.p_numel, dtype=torch.float32, device=plan.device)
             out = torch.empty(plan.out_numel, dtype=dtype, device=plan.device)
             for ln in plan.launches:
-                _gram_coef_kernel[(ln.n_tiles, plan.splits)](plan.ptrs, X, plan.groups, ln.tiles, stats, grad, pbuf,
-                                                             plan.jps, *scalars, **meta, LAYOUT=ln.layout,
-                                                             ALIGN=ln.align, BLOCK_I=BLOCK_I, BLOCK_J=BLOCK_J,
-                                                             BLOCK_K=BLOCK_K)
+                _gram_coef_kernel[(ln.n_tiles, plan.splits)](
+                    plan.ptrs, X, plan.groups, ln.tiles, stats, grad, grad.stride(0), pbuf, plan.jps, *scalars, **meta,
+                    LAYOUT=ln.layout, ALIGN=ln.align, BLOCK_I=BLOCK_I, BLOCK_J=BLOCK_J, BLOCK_K=BLOCK_K)
                 if ln.n_ptiles:
                     _gram_product_kernel[(ln.n_ptiles,)](plan.ptrs, X, plan.groups, ln.ptiles, pbuf, out,
                                                          LAYOUT=ln.layout, ALIGN=ln.align, BLOCK_I=BLOCK_I,
@@ -1049,10 +1049,9 @@ def gram_penalty_backward_flat(mats: list[torch.Tensor], kind: str, sides: list[
         part = torch.zeros((1 if direct else plan.bwd_splits) * plan.out_numel, dtype=torch.float32,
                            device=plan.device)
         for ln in plan.launches:
-            _gram_bwd_kernel[(ln.n_tiles, plan.bwd_splits)](plan.ptrs, X, part, plan.out_numel, plan.bwd_jps,
-                                                            plan.groups, ln.tiles, stats, grad, *scalars, **meta,
-                                                            LAYOUT=ln.layout, ALIGN=ln.align, BLOCK_I=BLOCK_I,
-                                                            BLOCK_J=BLOCK_J, BLOCK_K=BLOCK_K)
+            _gram_bwd_kernel[(ln.n_tiles, plan.bwd_splits)](
+                plan.ptrs, X, part, plan.out_numel, plan.bwd_jps, plan.groups, ln.tiles, stats, grad, grad.stride(0),
+                *scalars, **meta, LAYOUT=ln.layout, ALIGN=ln.align, BLOCK_I=BLOCK_I, BLOCK_J=BLOCK_J, BLOCK_K=BLOCK_K)
         if direct:
             return part
         out = torch.empty(plan.out_numel, dtype=dtype, device=plan.device)
