@@ -72,7 +72,7 @@ orthogonality ``(V_ii − 1)² + 2Σ_{j>i} V_ij²`` (upper triangle, R = Σ); MH
 All but orthogonality are full rows. Groups follow list order.
 
 Everything is computed in float32 from inputs of any of float16 / bfloat16 / float32 (the
-Gram tiles' products: ``_gram_tile``; the backward's P·X: PRODUCT_PRECISION). Not importable
+Gram tiles' products: ``_gram_tile``; the backward's P·X: ``_dot_split_tf32``). Not importable
 without Triton: import this module only after ``regkernels._ext.has_triton()``.
 
 Order: kernels → host launchers → the torch.library custom ops ``regkernels::gram_penalty_triton``
@@ -134,9 +134,9 @@ TARGET_PROGRAMS = 256
 P_MAX_SIDE = 1024
 SPLIT_MAX_BYTES = 64 * 2**20
 
-# The P·X product multiplies the float32 P by X upcast to float32: tf32x3 runs it on tensor
-# cores with about float32 accuracy (the interpreter computes it in float32).
-PRODUCT_PRECISION = tl.constexpr("tf32x3")
+# The P·X product multiplies the float32 P by X upcast to float32 on tf32 tensor cores with
+# split operands (_dot_split_tf32: about float32 accuracy; the interpreter computes in float32).
+PRODUCT_WARPS = 8
 
 # F.normalize's clamp of the row norm (docs/gram.md#diversity_penalty)
 _NORMALIZE_EPS = tl.constexpr(1e-12)
@@ -642,6 +642,37 @@ def _gram_coef_kernel(PTRS, X, GROUPS, TILES, STATS, GRAD, GRAD_STRIDE, PBUF, JP
 
 
 @triton.jit
+def _tf32_split(a):
+    """``a = hi + lo`` exactly (finite a), ``hi`` with tf32's 10 mantissa bits (truncated), so a
+    tf32 product of ``hi`` is exact and ``lo`` (≤ 2⁻¹⁰|a|) carries the rest."""
+    hi = (a.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+    # NaN stays NaN (truncating its payload could make it inf); ±inf has an empty lo (not inf − inf)
+    hi = tl.where(a == a, hi, a)
+    return hi, tl.where(tl.abs(a) < float("inf"), a - hi, 0.0)
+
+
+@triton.jit
+def _dot_split_tf32(a, b, acc, B_EXACT: tl.constexpr):
+    """``acc + a·b`` for float32 tiles on tf32 tensor cores at about float32 accuracy.
+
+    ``a`` is split ``hi + lo`` (``_tf32_split``); ``b`` too unless it is exact in tf32 (upcast
+    bf16 / fp16 data: B_EXACT), so 2 products instead of tf32x3's 3 — the error is that of
+    ``lo``'s tf32 rounding, about 2⁻²¹ relative. (Triton's own tf32x3 costs about 170 registers
+    per thread for these tiles, 12 % occupancy on sm_90; this keeps ≥ 25 %.)
+    """
+    a_hi, a_lo = _tf32_split(a)
+    if B_EXACT:
+        acc = tl.dot(a_lo, b, acc, input_precision="tf32")
+        acc = tl.dot(a_hi, b, acc, input_precision="tf32")
+    else:
+        b_hi, b_lo = _tf32_split(b)
+        acc = tl.dot(a_lo, b_hi, acc, input_precision="tf32")
+        acc = tl.dot(a_hi, b_lo, acc, input_precision="tf32")
+        acc = tl.dot(a_hi, b_hi, acc, input_precision="tf32")
+    return acc
+
+
+@triton.jit
 def _gram_product_kernel(PTRS, X, GROUPS, PTILES, PBUF, OUT, LAYOUT: tl.constexpr, ALIGN: tl.constexpr,
                          BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr):
     """Backward, small Gram: ``dX[I, T] = Σ_J P[I, J] · X[J, T]`` for one (row block, column block) tile
@@ -661,18 +692,25 @@ def _gram_product_kernel(PTRS, X, GROUPS, PTILES, PBUF, OUT, LAYOUT: tl.constexp
     ds_r, ds_c = _unit_strides(tl.load(grp + _G_DS_R), tl.load(grp + _G_DS_C), LAYOUT)
     pm = PBUF + tl.load(grp + _G_P_OFF) + p * p * b
 
+    # in-matrix offsets in int32 (the host takes this path only where every matrix spans < 2³¹
+    # elements): half the address registers of int64 ones
+    p32 = p.to(tl.int32)
+    xs_r = xs_r.to(tl.int32)
+    xs_c = xs_c.to(tl.int32)
+    ds_r = ds_r.to(tl.int32)
+    ds_c = ds_c.to(tl.int32)
     rows_i = ib * BLOCK_I + tl.arange(0, BLOCK_I)
     mask_i = rows_i < p
     cols = tb * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_c = cols < n
     acc = tl.zeros((BLOCK_I, BLOCK_N), dtype=tl.float32)
-    for j0 in range(0, p, BLOCK_J):
+    for j0 in range(0, p32, BLOCK_J):
         rows_j = j0 + tl.arange(0, BLOCK_J)
-        mask_j = rows_j < p
-        pt = tl.load(pm + rows_i[:, None] * p + rows_j[None, :], mask=mask_i[:, None] & mask_j[None, :], other=0.0)
+        mask_j = rows_j < p32
+        pt = tl.load(pm + rows_i[:, None] * p32 + rows_j[None, :], mask=mask_i[:, None] & mask_j[None, :], other=0.0)
         xj = tl.load(x_ptr + rows_j[:, None] * xs_r + cols[None, :] * xs_c,
                      mask=mask_j[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
-        acc = tl.dot(pt, xj, acc, input_precision=PRODUCT_PRECISION)
+        acc = _dot_split_tf32(pt, xj, acc, X.dtype.element_ty != tl.float32)
     tl.store(o_ptr + rows_i[:, None] * ds_r + cols[None, :] * ds_c, acc.to(OUT.dtype.element_ty),
              mask=mask_i[:, None] & mask_c[None, :])
 
@@ -882,7 +920,11 @@ class _Plan:
         # backward: the P path when every Gram is small (P_MAX_SIDE), else the split path with
         # its splits × |dX| partial buffer bounded by SPLIT_MAX_BYTES
         self.max_p = max((p for _, bb, p, *_ in self.table if bb), default=0)
-        self.product_path = self.max_p <= P_MAX_SIDE
+        # (the product kernel addresses within a matrix in int32)
+        spans = max(((p - 1) * xs_r + (n - 1) * xs_c for _, bb, p, n, _, xs_r, xs_c in self.table if bb and p and n),
+                    default=0)
+        self.product_path = (self.max_p <= P_MAX_SIDE and spans < 2**31
+                             and max((r * c for _, r, c in self.shapes), default=0) < 2**31)
         cap = max(1, SPLIT_MAX_BYTES // max(4 * self.out_numel, 1))
         self.bwd_jps = triton.cdiv(max_ncb, min(want, max_ncb, cap))
         self.bwd_splits = triton.cdiv(max_ncb, self.bwd_jps)
@@ -1042,7 +1084,7 @@ def gram_penalty_backward_flat(mats: list[torch.Tensor], kind: str, sides: list[
                 if ln.n_ptiles:
                     _gram_product_kernel[(ln.n_ptiles,)](plan.ptrs, X, plan.groups, ln.ptiles, pbuf, out,
                                                          LAYOUT=ln.layout, ALIGN=ln.align, BLOCK_I=BLOCK_I,
-                                                         BLOCK_J=BLOCK_J, BLOCK_N=BLOCK_N)
+                                                         BLOCK_J=BLOCK_J, BLOCK_N=BLOCK_N, num_warps=PRODUCT_WARPS)
             return out
         direct = plan.bwd_splits == 1 and dtype == torch.float32
         # one float32 dX slice per split, added in a fixed order afterwards (no atomics)
