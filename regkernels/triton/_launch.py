@@ -27,6 +27,8 @@ class Budget:
     ``vector_loads``: the SASS must contain at least one 64- or 128-bit global load.
     ``max_registers``: registers per thread, when a kernel wants a tighter cap than occupancy.
     ``threads``: block size of a CUDA kernel (Triton kernels report ``num_warps`` themselves).
+    ``dtype_arg``: the argument whose element type is the kernel's input dtype (default: the first
+    floating-point pointer argument).
     ``note``: why the budget is what it is, when it is not the default.
     """
 
@@ -36,6 +38,7 @@ class Budget:
     vector_loads: bool = False
     max_registers: int | None = None
     threads: int | None = None
+    dtype_arg: str | None = None
     note: str = field(default="", compare=False)
 
 
