@@ -90,10 +90,11 @@ _N_PARAMS = {"frame": 2, "diversity": 2, "orthogonality": 0, "mhe": 3}
 
 # Tile shapes, shared by all problems of a launch (tl.dot needs every dim ≥ 16). On a GPU the
 # Gram tile is 64 × 64 (one warpgroup MMA per 64 rows) over 8 warps, the inner chunk 16.
-# Registers per thread from the sm_90 compile of tests/_gram_probes.py (ptxas, no spills
-# anywhere): forward epilogues 64 (orthogonality) to 124 (MHE), so 2 programs of 8 warps
-# fit an SM (25 % occupancy); the backward (Gram tile, P, its split for the P·X product)
-# 145–150 for bf16/fp16 and 240 for float32 (both products tf32x3), one program per SM.
+# Registers per thread from the sm_90 compile of the probes in
+# tests/test_triton_gram_numerics.py (ptxas, no spills anywhere): forward epilogues 64
+# (orthogonality) to 118 (MHE), so 2 programs of 8 warps fit an SM (25 % occupancy); the
+# backward (Gram tile, P, its split for the P·X product) 146–154 for bf16/fp16 and 224–236
+# for float32 (both products tf32x3; 150 with "ieee"), one program per SM (12.5 %).
 # BLOCK_K = 32 costs 224 (bf16) / 255 + 488 B of spills (fp32) in the backward, 4 warps on
 # a 64 × 64 tile 191–255 with spills. Under the CPU interpreter (TRITON_INTERPRET=1) every
 # block is 32, which keeps the test shapes quick; the index math is the same code. Larger
