@@ -19,7 +19,6 @@ through the grouped kernels, equal the float64 reference's.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import subprocess
