@@ -71,9 +71,18 @@ orthogonality ``(V_ii − 1)² + 2Σ_{j>i} V_ij²`` (upper triangle, R = Σ); MH
 ``h = ∂e/∂cos / #pairs`` (with half, sums over the 2m rows of W's row i, p = m).
 All but orthogonality are full rows. Groups follow list order.
 
-Everything is computed in float32 from inputs of any of float16 / bfloat16 / float32 (the
-Gram tiles' products: ``_gram_tile``; the backward's P·X: ``_dot_split_tf32``). Not importable
-without Triton: import this module only after ``regkernels._ext.has_triton()``.
+Precision: everything is computed in float32 from inputs of any of float16 / bfloat16 /
+float32. On a GPU the products run on tensor cores: the Gram tiles as bf16/fp16 MMAs on the
+inputs (exact products, float32 accumulation), float32 inputs at ``FP32_DOT`` ("tf32x3", about
+float32 accuracy, or "ieee" on request); the backward's ``P·X[J, :]`` has a float32 ``P``, so
+it is a float32 product ("tf32x3"; "bf16x3" for bf16/fp16 inputs, whose 2–8e-6 relative error
+is far under their own rounding, where ``P`` rounded to bf16 would double a bf16 gradient's
+error). Divisions and square roots that decide a threshold or feed δ = 2 − 2cos are
+correctly rounded (``tl.div_rn`` / ``tl.sqrt_rn``; Triton's ``/`` and ``tl.sqrt`` are the
+approximate ``div.full.f32`` / ``sqrt.approx.ftz.f32`` on a GPU). The CPU interpreter runs
+the same helpers with float32 numpy products (``tile_config``).
+Not importable without Triton: import
+this module only after ``regkernels._ext.has_triton()``.
 
 Order: kernels → host launchers → the torch.library custom ops ``regkernels::gram_penalty_triton``
 (values and stats) and ``regkernels::gram_penalty_triton_bwd`` (one flat gradient buffer, split
@@ -88,6 +97,7 @@ import torch
 import triton
 import triton.language as tl
 
+from regkernels import _ext
 from regkernels import _gram_kernels as GK
 from regkernels._numerics import functorch_wrapped
 from regkernels.composite import gram as _composite
@@ -104,19 +114,30 @@ _MHE = tl.constexpr(3)
 _KIND_ID = {"frame": 0, "diversity": 1, "orthogonality": 2, "mhe": 3}
 _N_PARAMS = {"frame": 2, "diversity": 2, "orthogonality": 0, "mhe": 3}
 
-# Block sizes, shared by all problems of a launch (tl.dot needs every dim ≥ 16). 32 keeps
-# the CPU interpreter (TRITON_INTERPRET=1) quick on small test shapes. GPU tuning would
-# autotune BLOCK_I/BLOCK_J in 64–128 and BLOCK_K in 32–64 with num_warps/num_stages (larger
-# BLOCK_J means fewer column blocks, hence fewer possible splits: tune with TARGET_PROGRAMS),
-# use the native fp16/bf16 tensor-core dot for the Gram tiles (exact products, fp32
-# accumulate; the interpreter's dot mishandles bf16, hence the upcast below), TF32x3 instead
-# of IEEE for float32, keep dX[I, :] in registers when n is small instead of the RMW loop,
-# and fuse the backward's split reduction (or use fp32 atomics where determinism is not
-# required) when splits × |dX| traffic outweighs the extra parallelism.
-BLOCK_I = 32          # Gram rows owned by one program
-BLOCK_J = 32          # Gram columns per inner step
-BLOCK_K = 32          # inner-dimension chunk (columns of X)
-BLOCK_N = 32          # dX columns per program of the backward's P·X product
+# Tile shapes, shared by all problems of a launch (tl.dot needs every dim ≥ 16). On a GPU the
+# Gram tile is 64 × 64 (one warpgroup MMA per 64 rows) over 8 warps, the inner chunk 16.
+# Registers per thread from the sm_90 compile of the probes in
+# tests/test_triton_gram_numerics.py (ptxas, no spills anywhere): forward epilogues 64
+# (orthogonality) to 118 (MHE), so 2 programs of 8 warps fit an SM (25 % occupancy); the
+# backward (Gram tile, P, its split for the P·X product) 146–154 for bf16/fp16 and 224–236
+# for float32 (both products tf32x3; 150 with "ieee"), one program per SM (12.5 %).
+# BLOCK_K = 32 costs 224 (bf16) / 255 + 488 B of spills (fp32) in the backward, 4 warps on
+# a 64 × 64 tile 191–255 with spills. Under the CPU interpreter (TRITON_INTERPRET=1) every
+# block is 32, which keeps the test shapes quick; the index math is the same code. Larger
+# BLOCK_J means fewer column blocks, hence fewer possible splits (TARGET_PROGRAMS).
+GPU_BLOCK_I = 64      # Gram rows owned by one program
+GPU_BLOCK_J = 64      # Gram columns per inner step
+GPU_BLOCK_K = 16      # inner-dimension chunk (columns of X)
+GPU_NUM_WARPS = 8
+GPU_NUM_STAGES = 2
+BLOCK_I = 32          # the same three under the interpreter
+BLOCK_J = 32
+BLOCK_K = 32
+# The backward's P·X product (_gram_product_kernel), GPU and interpreter alike: dX rows and
+# columns per program, P columns per inner step.
+PRODUCT_BLOCK_I = 32
+PRODUCT_BLOCK_J = 32
+BLOCK_N = 32
 BLOCK_FIN = 32        # rows per step of the finalize kernel (one program per matrix)
 BLOCK_RED = 1024      # dX elements per program of the backward's split reduction
 
@@ -137,6 +158,31 @@ SPLIT_MAX_BYTES = 64 * 2**20
 # The P·X product multiplies the float32 P by X upcast to float32 on tf32 tensor cores with
 # split operands (_dot_split_tf32: about float32 accuracy; the interpreter computes in float32).
 PRODUCT_WARPS = 8
+
+# Tensor-core precision of the float32 products (module docstring, "Precision"): "tf32x3"
+# (three TF32 MMAs, the split-operand trick: about float32 accuracy) or "ieee" (exact float32
+# FMA, no tensor cores; several times slower). Read per launch by ``tile_config``.
+FP32_DOT = "tf32x3"
+
+
+def tile_config(dtype: torch.dtype, interpreted: bool) -> dict:
+    """The constexpr meta-parameters and launch options of the Gram kernels for inputs of
+    ``dtype``: block sizes, ``NATIVE_DOT`` (tl.dot on the loaded dtype: bf16/fp16 tensor
+    cores; False under the interpreter, whose dot reads bfloat16 as integers, so operands are
+    upcast to float32 there) and ``DOT_PRECISION`` (``FP32_DOT`` on a GPU; "ieee" interpreted,
+    where numpy's float32 product is what runs anyway), and on a GPU ``num_warps`` /
+    ``num_stages``. ``interpreted``: Triton runs on CPU tensors (``_ext.triton_interpreted()``);
+    a static compile for sm_90 passes False.
+    """
+    if FP32_DOT not in ("tf32x3", "ieee"):
+        raise ValueError(f"regkernels.triton.gram.FP32_DOT must be 'tf32x3' or 'ieee'; got {FP32_DOT!r}")
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"gram_penalty: mats must be float16, bfloat16 or float32; got {dtype}")
+    if interpreted:
+        return dict(BLOCK_I=BLOCK_I, BLOCK_J=BLOCK_J, BLOCK_K=BLOCK_K, NATIVE_DOT=False, DOT_PRECISION="ieee")
+    return dict(BLOCK_I=GPU_BLOCK_I, BLOCK_J=GPU_BLOCK_J, BLOCK_K=GPU_BLOCK_K, NATIVE_DOT=True,
+                DOT_PRECISION=FP32_DOT, num_warps=GPU_NUM_WARPS, num_stages=GPU_NUM_STAGES)
+
 
 # F.normalize's clamp of the row norm (docs/gram.md#diversity_penalty)
 _NORMALIZE_EPS = tl.constexpr(1e-12)
@@ -216,15 +262,38 @@ def _matrix_of(PTRS, X, g, grp, b, LAYOUT: tl.constexpr, ALIGN: tl.constexpr):
 
 
 @triton.jit
+def _tile_ptrs(base, rows, ks, s_r, s_c, LAYOUT: tl.constexpr):
+    """Pointers of the tile ``[rows, ks]`` (Gram index × inner index) at ``base + i·s_r + t·s_c``.
+
+    LAYOUT 1: unit stride along t (``s_c`` is ignored; the "rows" side of a W whose last
+    stride is 1), 2: unit stride along i (``s_r`` ignored; the "cols" side), 0: both strides
+    at run time. A stride known to be 1 at compile time is what lets Triton give each warp
+    consecutive addresses along that axis (coalesced, vectorised where aligned): strides
+    read from the group table are opaque to it.
+    """
+    if LAYOUT == 1:
+        ptrs = base + rows[:, None] * s_r + ks[None, :]
+    elif LAYOUT == 2:
+        ptrs = base + rows[:, None] + ks[None, :] * s_c
+    else:
+        ptrs = base + rows[:, None] * s_r + ks[None, :] * s_c
+    return ptrs
+
+
+@triton.jit
 def _gram_tile(x_ptr, xs_r, xs_c, rows_i, mask_i, jb, p, n,
                BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
-               LAYOUT: tl.constexpr = 0):
+               LAYOUT: tl.constexpr = 0, NATIVE_DOT: tl.constexpr = False,
+               DOT_PRECISION: tl.constexpr = "ieee"):
     """``V[I, J] = X[I, :] · X[J, :]ᵀ`` for column block ``jb``, in float32 registers, looping
     over the inner dim; returns ``(V, rows_j, mask_j, valid)`` (``valid``: both indices < p).
 
+    Tensor cores (NATIVE_DOT): bf16/fp16 tiles go to tl.dot as loaded (exact products, fp32
+    accumulation); float32 tiles use DOT_PRECISION ("tf32x3" ≈ float32, or "ieee"). Without
+    NATIVE_DOT (the interpreter) the tiles are upcast to float32 first. LAYOUT: ``_tile_ptrs``.
     Out-of-range rows and columns load as 0, so edge tiles are exact. The forward and the
-    backward call this one helper with the same blocks, so a recomputed tile is the
-    same number as in the forward (diversity's threshold mask relies on it).
+    backward call this one helper with the same blocks and constexprs, so a recomputed tile
+    is the same number as in the forward (diversity's threshold mask relies on it).
     """
     rows_j = jb * BLOCK_J + tl.arange(0, BLOCK_J)
     mask_j = rows_j < p
@@ -232,13 +301,24 @@ def _gram_tile(x_ptr, xs_r, xs_c, rows_i, mask_i, jb, p, n,
     for k0 in range(0, n, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         mk = ks < n
-        a = tl.load(x_ptr + rows_i[:, None] * xs_r + ks[None, :] * xs_c,
-                    mask=mask_i[:, None] & mk[None, :], other=0.0).to(tl.float32)
-        b = tl.load(x_ptr + rows_j[:, None] * xs_r + ks[None, :] * xs_c,
-                    mask=mask_j[:, None] & mk[None, :], other=0.0).to(tl.float32)
-        acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
+        a = tl.load(_tile_ptrs(x_ptr, rows_i, ks, xs_r, xs_c, LAYOUT),
+                    mask=mask_i[:, None] & mk[None, :], other=0.0)
+        b = tl.load(_tile_ptrs(x_ptr, rows_j, ks, xs_r, xs_c, LAYOUT),
+                    mask=mask_j[:, None] & mk[None, :], other=0.0)
+        if NATIVE_DOT:
+            acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
+        else:
+            acc = tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), acc, input_precision="ieee")
     return acc, rows_j, mask_j, mask_i[:, None] & mask_j[None, :]
 
+
+
+@triton.jit
+def _div(a, b):
+    """``a / b`` correctly rounded (``div.rn.f32``; Triton's ``/`` is the approximate
+    ``div.full.f32``, up to 2 ulp off, on a GPU), broadcasting scalars and Python floats."""
+    a, b = tl.broadcast(tl.cast(a, tl.float32), tl.cast(b, tl.float32))
+    return tl.div_rn(a, b)
 
 
 @triton.jit
@@ -258,25 +338,44 @@ def _sign0(x):
 def _normalize_denominator(sq):
     """``q = max(‖x‖, 1e-12)`` from ``sq = ‖x‖²`` (F.normalize), NaN kept. A squared norm that
     overflowed float32 (finite huge rows) leaves the row's cosines undefined (inf/inf, or a
-    silent finite/inf = 0): q is NaN there, as in the reference."""
-    q = tl.sqrt(sq)
+    silent finite/inf = 0): q is NaN there, as in the reference. ``sqrt_rn``: the GPU's
+    ``tl.sqrt`` is ``sqrt.approx.ftz`` (flushes subnormal ‖x‖² to 0, ulp-level error), and the
+    cosines built on q decide the diversity threshold."""
+    q = tl.sqrt_rn(sq)
     q = tl.where(q < _NORMALIZE_EPS, _NORMALIZE_EPS, q)
     return tl.where(q == float("inf"), float("nan"), q)
 
 
 @triton.jit
+def _normalize_clamped(sq):
+    """True where F.normalize clamps the row norm (``‖x‖ < 1e-12``): no gradient flows through
+    the norm there (torch's clamp_min). The same correctly rounded sqrt as ``_normalize_denominator``."""
+    return tl.sqrt_rn(sq) < _NORMALIZE_EPS
+
+
+@triton.jit
 def _diversity_cosine(V, sq_i, sq_j):
-    """``C_ij = V_ij / (q_i q_j)``, ``q = max(‖x‖, 1e-12)``: the Gram of the normalised rows."""
+    """``C_ij = V_ij / (q_i q_j)``, ``q = max(‖x‖, 1e-12)``: the Gram of the normalised rows;
+    returns ``(C, q_i, q_j)``. Correctly rounded (``_div``): the mask ``|C| ≥ tau`` is decided on it."""
     q_i = _normalize_denominator(sq_i)
     q_j = _normalize_denominator(sq_j)
-    return V / (q_i[:, None] * q_j[None, :]), q_i, q_j
+    return _div(V, q_i[:, None] * q_j[None, :]), q_i, q_j
+
+
+@triton.jit
+def _diversity_diag(sq_i, t_i):
+    """The row-norm diagonal of diversity's ``P``: ``−2·t_i / q_i²``, 0 where the norm is
+    clamped (``_normalize_clamped``), NaN kept."""
+    q = _normalize_denominator(sq_i)
+    return tl.where(_normalize_clamped(sq_i), 0.0, _div(-2.0 * t_i, q * q))
 
 
 @triton.jit
 def _over_threshold(C, tau, INCLUSIVE: tl.constexpr):
     """DiReAL's mask ``|C_ij| ≥ tau`` (``> tau`` when not inclusive); carries no gradient. The
     callers use it as a 0/1 factor, as the reference's ``C² · mask``: a NaN cosine, for which the
-    comparison is false, still gives NaN · 0 = NaN (a ``where`` would drop it)."""
+    comparison is false, still gives NaN · 0 = NaN (a ``where`` would drop it). ``C`` must be
+    correctly rounded (``_diversity_cosine``) for the decision to match the reference's."""
     if INCLUSIVE:
         keep = tl.abs(C) >= tau
     else:
@@ -287,20 +386,37 @@ def _over_threshold(C, tau, INCLUSIVE: tl.constexpr):
 @triton.jit
 def _mhe_nu(sq, eps):
     """``ν = sqrt(‖x‖² + eps)`` (docs/gram.md#mhe_penalty); NaN where ‖x‖² overflowed float32 (finite huge rows):
-    cos = V / (ν_i ν_j) would be a silent finite/inf = 0 against every normal row."""
-    nu = tl.sqrt(sq + eps)
+    cos = V / (ν_i ν_j) would be a silent finite/inf = 0 against every normal row. ``sqrt_rn``:
+    δ = 2 − 2cos cancels, so an ulp of ν is many ulps of δ for close rows."""
+    nu = tl.sqrt_rn(sq + eps)
     return tl.where(nu == float("inf"), float("nan"), nu)
 
 
 @triton.jit
+def _mhe_cosine(V, nu_i, nu_j):
+    """``(cos, ν_i ν_j)`` with ``cos_ij = V_ij / (ν_i ν_j)`` correctly rounded: δ = 2 − 2cos
+    cancels for close rows, where the approximate division's ulps would be its leading digits."""
+    nn = nu_i[:, None] * nu_j[None, :]
+    return _div(V, nn), nn
+
+
+@triton.jit
+def _mhe_delta(cos, off):
+    """``δ = 2 − 2cos`` where ``off`` (off-diagonal, valid), 1 elsewhere: no log or division of 0
+    happens at masked entries."""
+    return tl.where(off, 2.0 - 2.0 * cos, 1.0)
+
+
+@triton.jit
 def _mhe_energy(delta, S: tl.constexpr):
-    """``e(δ)``: ``−log δ`` (s=0), ``δ^(−1/2)`` (s=1), ``1/δ`` (s=2) — docs/gram.md#mhe_penalty, unclamped."""
+    """``e(δ)``: ``−log δ`` (s=0), ``δ^(−1/2)`` (s=1), ``1/δ`` (s=2) — docs/gram.md#mhe_penalty, unclamped.
+    Divisions and roots correctly rounded; ``tl.log`` stays the GPU's fast log (not a threshold)."""
     if S == 0:
         e = -tl.log(delta)
     elif S == 1:
-        e = 1.0 / tl.sqrt(delta)
+        e = _div(1.0, tl.sqrt_rn(delta))
     else:
-        e = 1.0 / delta
+        e = _div(1.0, delta)
     return e
 
 
@@ -308,12 +424,25 @@ def _mhe_energy(delta, S: tl.constexpr):
 def _mhe_denergy_dcos(delta, S: tl.constexpr):
     """``∂e/∂cos = −2·e′(δ)`` (δ = 2 − 2cos): ``2/δ`` (s=0), ``δ^(−3/2)`` (s=1), ``2/δ²`` (s=2)."""
     if S == 0:
-        h = 2.0 / delta
+        h = _div(2.0, delta)
     elif S == 1:
-        h = 1.0 / (delta * tl.sqrt(delta))
+        h = _div(1.0, delta * tl.sqrt_rn(delta))
     else:
-        h = 2.0 / (delta * delta)
+        h = _div(2.0, delta * delta)
     return h
+
+
+@triton.jit
+def _mhe_diag(sq_i, u_i, eps):
+    """The ν-diagonal of MHE's ``P``: ``−u_i / ν_i² = −u_i / (‖x_i‖² + eps)``."""
+    return _div(-u_i, sq_i + eps)
+
+
+@triton.jit
+def _inv_pairs(pf):
+    """``1 / #pairs = 1 / (p(p − 1)/2)`` (MHE's mean over pairs; p = 1 gives +inf, and 0·inf = NaN
+    in the value, as the reference's empty mean)."""
+    return _div(1.0, pf * (pf - 1.0) * 0.5)
 
 
 @triton.jit
@@ -324,7 +453,7 @@ def _frame_coefficients(d, r, A, B, pf):
     """
     lo = _relu(A - (d - r))
     hi = _relu((d + r) - B)
-    return 2.0 * (hi - lo) / pf, 2.0 * (hi + lo) / pf
+    return _div(2.0 * (hi - lo), pf), _div(2.0 * (hi + lo), pf)
 
 
 
@@ -385,19 +514,18 @@ def _mhe_terms(V, nu_i, nu_j, valid, ii, jj, inv_pairs, MHE_S: tl.constexpr, HAL
     diagonal included. This costs an m×m Gram instead of 2m×2m and reads W in place.
     Masked entries get δ = 1 so no log or division of 0 happens there.
     """
-    nn = nu_i[:, None] * nu_j[None, :]
-    cos = tl.div_rn(V, nn)
+    cos, nn = _mhe_cosine(V, nu_i, nu_j)
     off = valid & (ii != jj)
-    delta = tl.where(off, 2.0 - 2.0 * cos, 1.0)
+    delta = _mhe_delta(cos, off)
     e = tl.where(off, _mhe_energy(delta, MHE_S), 0.0)
     h = tl.where(off, _mhe_denergy_dcos(delta, MHE_S) * inv_pairs, 0.0)
     if HALF:
-        delta_m = tl.where(valid, 2.0 + 2.0 * cos, 1.0)
+        delta_m = _mhe_delta(-cos, valid)
         e += tl.where(valid, _mhe_energy(delta_m, MHE_S), 0.0)
         h = h - tl.where(valid, _mhe_denergy_dcos(delta_m, MHE_S) * inv_pairs, 0.0)
-        coef = tl.div_rn(2.0 * h, nn)
+        coef = _div(2.0 * h, nn)
     else:
-        coef = tl.div_rn(h, nn)
+        coef = _div(h, nn)
     return e, h * cos, coef
 
 
@@ -405,7 +533,8 @@ def _mhe_terms(V, nu_i, nu_j, valid, ii, jj, inv_pairs, MHE_S: tl.constexpr, HAL
 def _gram_fwd_kernel(PTRS, X, GROUPS, TILES, STATS, PART, PART_STRIDE, JPS, A, B, tau, eps,
                      KIND: tl.constexpr, INCLUSIVE: tl.constexpr, MHE_S: tl.constexpr, HALF: tl.constexpr,
                      STATS_ROWS: tl.constexpr, LAYOUT: tl.constexpr, ALIGN: tl.constexpr,
-                     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):
+                     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+                     NATIVE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Partial row sums of the kind's epilogue over the column blocks of one split.
 
     Program ``(tile, s)`` covers row block ``I`` and column blocks ``[s·JPS, (s+1)·JPS)``.
@@ -430,10 +559,11 @@ def _gram_fwd_kernel(PTRS, X, GROUPS, TILES, STATS, PART, PART_STRIDE, JPS, A, B
     acc2 = tl.zeros((BLOCK_I,), dtype=tl.float32)  # MHE only: u_i
     if KIND == _MHE:
         nu_i = _mhe_nu(sq_i, eps)
-        inv_pairs = 1.0 / _mhe_pairs(p, HALF)
+        inv_pairs = _div(1.0, _mhe_pairs(p, HALF))
     for jb in range(j_lo, j_hi):
         V, rows_j, mask_j, valid = _gram_tile(x_ptr, xs_r, xs_c, rows_i, mask_i, jb, p, n,
-                                              BLOCK_I, BLOCK_J, BLOCK_K, LAYOUT=LAYOUT)
+                                              BLOCK_I, BLOCK_J, BLOCK_K, LAYOUT=LAYOUT, NATIVE_DOT=NATIVE_DOT,
+                                              DOT_PRECISION=DOT_PRECISION)
         ii = rows_i[:, None]
         jj = rows_j[None, :]
         if KIND == _FRAME:
@@ -507,23 +637,34 @@ def _finalize_kernel(GROUPS, MATS, STATS, PART, PART_STRIDE, SPLITS, VALUES, A, 
             total += acc
     value = tl.sum(total, axis=0)
     if KIND == _FRAME:
-        value = value / pf
+        value = _div(value, pf)
     elif KIND == _DIVERSITY:
         value = 0.5 * value          # full rows count each pair twice
     elif KIND == _MHE:
         # mean over the pairs of ½ Σ E_i (with half, the 2m rows' sum is twice W's rows' sum);
         # p = 1 without half gives 0/0 = nan, as the reference's empty mean
         if HALF:
-            value = value / _mhe_pairs(p, HALF)
+            value = _div(value, _mhe_pairs(p, HALF))
         else:
-            value = (0.5 * value) / _mhe_pairs(p, HALF)
+            value = _div(0.5 * value, _mhe_pairs(p, HALF))
     tl.store(VALUES + q, value)
 
 
 @triton.jit
 def _accumulate_rows(d_ptr, ds_r, ds_c, rows_i, mask_i, P, x_ptr, xs_r, xs_c, rows_j, mask_j, n,
-                     BLOCK_K: tl.constexpr, LAYOUT: tl.constexpr = 0):
+                     BLOCK_K: tl.constexpr, LAYOUT: tl.constexpr = 0, NATIVE_DOT: tl.constexpr = False,
+                     DOT_PRECISION: tl.constexpr = "ieee"):
     """``dX[rows_i, :] += P · X[rows_j, :]`` over the inner dimension in BLOCK_K chunks, fp32.
+
+    ``P`` is float32 (coefficients), so the product is a float32 one on the tensor cores
+    whatever X's dtype: X is upcast (exact) and the product runs at DOT_PRECISION for float32
+    inputs ("tf32x3", or "ieee"), and at "bf16x3" (P split into two bf16 halves, 3 bf16 MMAs,
+    half the tensor-core time of tf32x3) for bf16/fp16 inputs, unless "ieee" is asked for.
+    Measured against float64 autograd (max error / max |dW|, diversity, MHE and
+    orthogonality, 64×147 and 256×576): P in plain bf16 1.3–3.4e-3 (as large as the bf16
+    output rounding, 10× fp16's 2.5–8e-4, and it breaks the cancellation of the row-norm
+    terms); bf16x3 2–8e-6; tf32x3 1.3–6e-7, the float32 product's own 2–7e-7. LAYOUT
+    (``_tile_ptrs``) describes X and dX alike (dX is laid out as X's side).
 
     Read-modify-write without atomics: the calling program owns the rows ``rows_i`` of its
     dX slice (its split's partial buffer, or dX itself with one split).
@@ -531,11 +672,16 @@ def _accumulate_rows(d_ptr, ds_r, ds_c, rows_i, mask_i, P, x_ptr, xs_r, xs_c, ro
     for k0 in range(0, n, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         mk = ks < n
-        xj = tl.load(x_ptr + rows_j[:, None] * xs_r + ks[None, :] * xs_c,
+        xj = tl.load(_tile_ptrs(x_ptr, rows_j, ks, xs_r, xs_c, LAYOUT),
                      mask=mask_j[:, None] & mk[None, :], other=0.0).to(tl.float32)
-        dptr = d_ptr + rows_i[:, None] * ds_r + ks[None, :] * ds_c
+        dptr = _tile_ptrs(d_ptr, rows_i, ks, ds_r, ds_c, LAYOUT)
         dmask = mask_i[:, None] & mk[None, :]
-        upd = tl.dot(P, xj, input_precision="ieee")
+        if not NATIVE_DOT:
+            upd = tl.dot(P, xj, input_precision="ieee")
+        elif (x_ptr.dtype.element_ty == tl.float32) or (DOT_PRECISION == "ieee"):
+            upd = tl.dot(P, xj, input_precision=DOT_PRECISION)
+        else:
+            upd = tl.dot(P, xj, input_precision="bf16x3")
         tl.store(dptr, tl.load(dptr, mask=dmask, other=0.0) + upd, mask=dmask)
 
 
@@ -566,11 +712,10 @@ def _norm_diagonal(st, p, rows_i, mask_i, sq_i, eps, KIND: tl.constexpr, HALF: t
     """
     if KIND == _DIVERSITY:
         t_i = tl.load(st + p + rows_i, mask=mask_i, other=0.0)
-        q = _normalize_denominator(sq_i)
-        diag = tl.where(tl.sqrt_rn(sq_i) < _NORMALIZE_EPS, 0.0, tl.div_rn(-2.0 * t_i, q * q))
+        diag = _diversity_diag(sq_i, t_i)
     elif KIND == _MHE:
         u_i = tl.load(st + 2 * p + rows_i, mask=mask_i, other=0.0)
-        diag = tl.div_rn(-u_i, sq_i + eps)
+        diag = _mhe_diag(sq_i, u_i, eps)
         if HALF:
             diag = 2.0 * diag
     else:
@@ -600,7 +745,7 @@ def _coefficient_tile(V, rows_i, rows_j, mask_j, valid, st, p, c1_i, c2_i, inv_p
         C, q_i, q_j = _diversity_cosine(V, c1_i, sq_j)
         keep = tl.where((ii != jj) & _over_threshold(C, tau, INCLUSIVE), 1.0, 0.0)
         Gm = tl.where(valid, C * keep, 0.0)
-        P = tl.div_rn(2.0 * Gm, q_i[:, None] * q_j[None, :])
+        P = _div(2.0 * Gm, q_i[:, None] * q_j[None, :])
     elif KIND == _ORTHOGONALITY:
         P = 4.0 * (V - tl.where(ii == jj, 1.0, 0.0))
     else:
@@ -613,7 +758,8 @@ def _coefficient_tile(V, rows_i, rows_j, mask_j, valid, st, p, c1_i, c2_i, inv_p
 def _gram_coef_kernel(PTRS, X, GROUPS, TILES, STATS, GRAD, GRAD_STRIDE, PBUF, JPS, A, B, tau, eps,
                       KIND: tl.constexpr, INCLUSIVE: tl.constexpr, MHE_S: tl.constexpr, HALF: tl.constexpr,
                       STATS_ROWS: tl.constexpr, LAYOUT: tl.constexpr, ALIGN: tl.constexpr,
-                      BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):
+                      BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+                      NATIVE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Backward, small Gram (the P path): ``grad · P[I, J]`` for the column blocks of split s,
     stored into the matrix's p×p block of PBUF (row-major). Every entry of P belongs to exactly
     one program, so nothing is zero-filled or added; ``_gram_product_kernel`` then forms P·X.
@@ -631,10 +777,11 @@ def _gram_coef_kernel(PTRS, X, GROUPS, TILES, STATS, GRAD, GRAD_STRIDE, PBUF, JP
     sq_i = tl.load(st + rows_i, mask=mask_i, other=1.0)
     c1_i, c2_i = _row_terms(st, p, rows_i, mask_i, sq_i, A, B, eps, KIND)
     diag = _norm_diagonal(st, p, rows_i, mask_i, sq_i, eps, KIND, HALF)
-    inv_pairs = 1.0 / _mhe_pairs(p, HALF)
+    inv_pairs = _div(1.0, _mhe_pairs(p, HALF))
     for jb in range(j_lo, j_hi):
         V, rows_j, mask_j, valid = _gram_tile(x_ptr, xs_r, xs_c, rows_i, mask_i, jb, p, n,
-                                              BLOCK_I, BLOCK_J, BLOCK_K, LAYOUT=LAYOUT)
+                                              BLOCK_I, BLOCK_J, BLOCK_K, LAYOUT=LAYOUT, NATIVE_DOT=NATIVE_DOT,
+                                              DOT_PRECISION=DOT_PRECISION)
         P = _coefficient_tile(V, rows_i, rows_j, mask_j, valid, st, p, c1_i, c2_i, inv_pairs, A, B, tau, eps,
                               KIND, INCLUSIVE, MHE_S, HALF)
         P = tl.where(rows_i[:, None] == rows_j[None, :], P + diag[:, None], P)
@@ -719,7 +866,8 @@ def _gram_product_kernel(PTRS, X, GROUPS, PTILES, PBUF, OUT, LAYOUT: tl.constexp
 def _gram_bwd_kernel(PTRS, X, DX, DX_SPLIT_STRIDE, JPS, GROUPS, TILES, STATS, GRAD, GRAD_STRIDE, A, B, tau, eps,
                      KIND: tl.constexpr, INCLUSIVE: tl.constexpr, MHE_S: tl.constexpr, HALF: tl.constexpr,
                      STATS_ROWS: tl.constexpr, LAYOUT: tl.constexpr, ALIGN: tl.constexpr,
-                     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):
+                     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+                     NATIVE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Backward, large Gram (the split path): split ``s``'s part of ``dX[I, :] = grad · Σ_J P[I, J] X[J, :]``.
 
     Program ``(tile, s)`` adds ``Σ_{J in split s} P[I, J] X[J, :]`` into slice ``s`` of DX
@@ -743,7 +891,7 @@ def _gram_bwd_kernel(PTRS, X, DX, DX_SPLIT_STRIDE, JPS, GROUPS, TILES, STATS, GR
     mask_i = rows_i < p
     sq_i = tl.load(st + rows_i, mask=mask_i, other=1.0)
     c1_i, c2_i = _row_terms(st, p, rows_i, mask_i, sq_i, A, B, eps, KIND)
-    inv_pairs = 1.0 / _mhe_pairs(p, HALF)
+    inv_pairs = _div(1.0, _mhe_pairs(p, HALF))
 
     if (KIND == _DIVERSITY) or (KIND == _MHE):
         if s == 0:
@@ -753,16 +901,17 @@ def _gram_bwd_kernel(PTRS, X, DX, DX_SPLIT_STRIDE, JPS, GROUPS, TILES, STATS, GR
             local = tl.arange(0, BLOCK_I)
             D = tl.where(local[:, None] == local[None, :], diag[:, None], 0.0)
             _accumulate_rows(d_ptr, ds_r, ds_c, rows_i, mask_i, D, x_ptr, xs_r, xs_c, rows_i, mask_i, n, BLOCK_K,
-                             LAYOUT=LAYOUT)
+                             LAYOUT=LAYOUT, NATIVE_DOT=NATIVE_DOT, DOT_PRECISION=DOT_PRECISION)
 
     for jb in range(j_lo, j_hi):
         V, rows_j, mask_j, valid = _gram_tile(x_ptr, xs_r, xs_c, rows_i, mask_i, jb, p, n,
-                                              BLOCK_I, BLOCK_J, BLOCK_K, LAYOUT=LAYOUT)
+                                              BLOCK_I, BLOCK_J, BLOCK_K, LAYOUT=LAYOUT, NATIVE_DOT=NATIVE_DOT,
+                                              DOT_PRECISION=DOT_PRECISION)
         P = _coefficient_tile(V, rows_i, rows_j, mask_j, valid, st, p, c1_i, c2_i, inv_pairs, A, B, tau, eps,
                               KIND, INCLUSIVE, MHE_S, HALF)
         P = tl.where(valid, P * gv, 0.0)
         _accumulate_rows(d_ptr, ds_r, ds_c, rows_i, mask_i, P, x_ptr, xs_r, xs_c, rows_j, mask_j, n, BLOCK_K,
-                         LAYOUT=LAYOUT)
+                         LAYOUT=LAYOUT, NATIVE_DOT=NATIVE_DOT, DOT_PRECISION=DOT_PRECISION)
 
 
 @triton.jit
@@ -828,7 +977,7 @@ class _Plan:
     inputs' shapes (MHE half included: its Gram is W's own, see ``_mhe_terms``).
     """
 
-    def __init__(self, mats, kind, sides):
+    def __init__(self, mats, kind, sides, cfg):
         if any(s not in (0, 1) for s in sides):
             raise ValueError(f"gram_penalty: sides must be 0 (rows) or 1 (cols); got {list(sides)}")
         if kind in ("diversity", "mhe") and any(s != 0 for s in sides):
@@ -851,6 +1000,9 @@ class _Plan:
         self.shapes = [tuple(w.shape) for w in mats]
         self.sizes = [w.numel() for w in mats]
         self.out_numel = sum(self.sizes)
+        # the tiles of the Gram kernels (GPU or interpreter); the plan's tables depend on them
+        self.cfg = cfg
+        bi, bj = self.cfg["BLOCK_I"], self.cfg["BLOCK_J"]
 
         rows, ncbs, classes = [], [], {}
         self.table = []  # per group: (layout, B, p, n, strides (b, r, c)) for the pointer checks
@@ -878,16 +1030,16 @@ class _Plan:
             rows.append(row)
             self.table.append((layout, bb, p, n, xs_b, xs_r, xs_c))
             if bb and p:
-                ncbs.append(triton.cdiv(p, BLOCK_J))
+                ncbs.append(triton.cdiv(p, bj))
                 cls = classes.setdefault(layout, ([], [], []))
                 cls[0].append(g)
-                nb, ntb = triton.cdiv(p, BLOCK_I), triton.cdiv(n, BLOCK_N)
+                nb, npb, ntb = triton.cdiv(p, bi), triton.cdiv(p, PRODUCT_BLOCK_I), triton.cdiv(n, BLOCK_N)
                 # (work, order) keys: a forward tile loops over p/BLOCK_J column blocks × n, a
                 # product tile over p; the largest go first so that they do not end the launch
-                cls[1].extend(((-triton.cdiv(p, BLOCK_J) * n, g, b, ib), (g, b, ib))
+                cls[1].extend(((-triton.cdiv(p, bj) * n, g, b, ib), (g, b, ib))
                               for b in range(bb) for ib in range(nb))
                 cls[2].extend(((-p, g, b, ib, tb), (g, b, ib, tb))
-                              for b in range(bb) for ib in range(nb) for tb in range(ntb))
+                              for b in range(bb) for ib in range(npb) for tb in range(ntb))
             st_off += self.stats_rows * p * bb
             val_off += bb
             d_off += bb * r * c
@@ -969,11 +1121,15 @@ def _plan(mats, kind: str, sides, params) -> _Plan:
         raise ValueError(f"gram_penalty: {kind} takes {_N_PARAMS[kind]} params; got {list(params)}")
     if kind == "mhe" and params[0] not in (0, 1, 2):
         raise ValueError(f"gram_penalty: mhe s must be 0, 1 or 2; got {params[0]!r}")
+    # (the tile config: its blocks shape the tables, its precision is what the plan launches with;
+    # it changes with TRITON_INTERPRET, FP32_DOT and the GPU_* / interpreter block constants)
+    cfg = tile_config(mats[0].dtype if mats else torch.float32, _ext.triton_interpreted())
     key = (kind, tuple(sides), tuple((w.shape, w.stride(), w.dtype, w.device) for w in mats),
-           TARGET_PROGRAMS, P_MAX_SIDE, SPLIT_MAX_BYTES, BLOCK_I, BLOCK_J, BLOCK_K, BLOCK_N)
+           TARGET_PROGRAMS, P_MAX_SIDE, SPLIT_MAX_BYTES, tuple(sorted(cfg.items())),
+           PRODUCT_BLOCK_I, PRODUCT_BLOCK_J, BLOCK_N)
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _Plan(mats, kind, sides)
+        plan = _Plan(mats, kind, sides, cfg)
         _PLANS[key] = plan
         while len(_PLANS) > PLAN_CACHE_SIZE:
             _PLANS.popitem(last=False)
@@ -1016,6 +1172,7 @@ def gram_penalty_forward(mats: list[torch.Tensor], kind: str, sides: list[int],
     partials (grid tiles × splits); then the finalize (grid matrices).
     """
     plan = _plan(mats, kind, sides, params)
+    cfg = plan.cfg
     values = torch.empty(plan.n_values, dtype=torch.float32, device=plan.device)
     stats = torch.empty(plan.stats_numel, dtype=torch.float32, device=plan.device)
     if plan.n_tiles == 0:
@@ -1027,11 +1184,12 @@ def gram_penalty_forward(mats: list[torch.Tensor], kind: str, sides: list[int],
     with on_device(X):
         for ln in plan.launches:
             _row_norm_kernel[(ln.n_tiles,)](plan.ptrs, X, plan.groups, ln.tiles, stats, STATS_ROWS=plan.stats_rows,
-                                            LAYOUT=ln.layout, ALIGN=ln.align, BLOCK_I=BLOCK_I, BLOCK_K=BLOCK_K)
+                                            LAYOUT=ln.layout, ALIGN=ln.align, BLOCK_I=cfg["BLOCK_I"],
+                                            BLOCK_K=cfg["BLOCK_K"])
             _gram_fwd_kernel[(ln.n_tiles, plan.splits)](plan.ptrs, X, plan.groups, ln.tiles, stats, part,
                                                         plan.stats_numel, plan.jps, *scalars, **meta,
                                                         LAYOUT=ln.layout, ALIGN=ln.align,
-                                                        BLOCK_I=BLOCK_I, BLOCK_J=BLOCK_J, BLOCK_K=BLOCK_K)
+                                                        **cfg)
         _finalize_kernel[(plan.n_values,)](plan.groups, plan.mats, stats, part, plan.stats_numel, plan.splits, values,
                                            *scalars[:2], KIND=meta["KIND"], HALF=meta["HALF"],
                                            STATS_ROWS=plan.stats_rows, BLOCK=BLOCK_FIN)
@@ -1051,6 +1209,7 @@ def gram_penalty_backward_flat(mats: list[torch.Tensor], kind: str, sides: list[
     partials, then the split reduction into the output (skipped for one float32 split).
     """
     plan = _plan(mats, kind, sides, params)
+    cfg = plan.cfg
     # the kernels index stats and grad by the plan's offsets: wrong sizes would read past the end
     if not (isinstance(stats, torch.Tensor) and stats.dim() == 1 and stats.numel() == plan.stats_numel
             and stats.dtype == torch.float32 and stats.device == plan.device):
@@ -1080,11 +1239,12 @@ def gram_penalty_backward_flat(mats: list[torch.Tensor], kind: str, sides: list[
             for ln in plan.launches:
                 _gram_coef_kernel[(ln.n_tiles, plan.splits)](
                     plan.ptrs, X, plan.groups, ln.tiles, stats, grad, grad.stride(0), pbuf, plan.jps, *scalars, **meta,
-                    LAYOUT=ln.layout, ALIGN=ln.align, BLOCK_I=BLOCK_I, BLOCK_J=BLOCK_J, BLOCK_K=BLOCK_K)
+                    LAYOUT=ln.layout, ALIGN=ln.align, **cfg)
                 if ln.n_ptiles:
                     _gram_product_kernel[(ln.n_ptiles,)](plan.ptrs, X, plan.groups, ln.ptiles, pbuf, out,
-                                                         LAYOUT=ln.layout, ALIGN=ln.align, BLOCK_I=BLOCK_I,
-                                                         BLOCK_J=BLOCK_J, BLOCK_N=BLOCK_N, num_warps=PRODUCT_WARPS)
+                                                         LAYOUT=ln.layout, ALIGN=ln.align, BLOCK_I=PRODUCT_BLOCK_I,
+                                                         BLOCK_J=PRODUCT_BLOCK_J, BLOCK_N=BLOCK_N,
+                                                         num_warps=PRODUCT_WARPS)
             return out
         direct = plan.bwd_splits == 1 and dtype == torch.float32
         # one float32 dX slice per split, added in a fixed order afterwards (no atomics)
@@ -1093,7 +1253,7 @@ def gram_penalty_backward_flat(mats: list[torch.Tensor], kind: str, sides: list[
         for ln in plan.launches:
             _gram_bwd_kernel[(ln.n_tiles, plan.bwd_splits)](
                 plan.ptrs, X, part, plan.out_numel, plan.bwd_jps, plan.groups, ln.tiles, stats, grad, grad.stride(0),
-                *scalars, **meta, LAYOUT=ln.layout, ALIGN=ln.align, BLOCK_I=BLOCK_I, BLOCK_J=BLOCK_J, BLOCK_K=BLOCK_K)
+                *scalars, **meta, LAYOUT=ln.layout, ALIGN=ln.align, **cfg)
         if direct:
             return part
         out = torch.empty(plan.out_numel, dtype=dtype, device=plan.device)
