@@ -292,6 +292,8 @@ def test_tile_config(monkeypatch):
         assert gpu["NATIVE_DOT"] is True and gpu["DOT_PRECISION"] == "tf32x3"
         assert (gpu["BLOCK_I"], gpu["BLOCK_J"], gpu["BLOCK_K"]) == (TG.GPU_BLOCK_I, TG.GPU_BLOCK_J, TG.GPU_BLOCK_K)
         assert min(gpu["BLOCK_I"], gpu["BLOCK_J"], gpu["BLOCK_K"]) >= 16  # tl.dot's smallest tile
+        assert gpu["num_warps"] == TG.GPU_NUM_WARPS
+        assert gpu["num_stages"] == (TG.GPU_NUM_STAGES_FP32 if dtype == torch.float32 else TG.GPU_NUM_STAGES)
     monkeypatch.setattr(TG, "FP32_DOT", "ieee")
     assert TG.tile_config(torch.float32, interpreted=False)["DOT_PRECISION"] == "ieee"
     monkeypatch.setattr(TG, "FP32_DOT", "tf32")
@@ -420,3 +422,73 @@ def test_sm90_static(static, case):
     assert r["stack"] == 0, r   # no spills
     # LAYOUT 2: the Gram index is the fast axis of every load (order [0, 1]); 1: the inner index
     assert r["load_orders"] == (["0, 1"] if layout == 2 else ["1, 0"]), r
+
+
+# ----------------------------------------------------------------- sm_90: the real kernels
+
+def real_kernels_report() -> list[dict]:
+    """Compile the grouped kernels through their launchers for sm_90 (gpu_static's stub driver,
+    CPU tensors, nothing runs): a forward + backward of every kind (MHE with and without half) on
+    a 96 × 80 bfloat16 matrix and a 40 × 72 float32 one, the backward on the P path and, with
+    P_MAX_SIDE = 0, on the split path. Per compiled kernel: its name, input dtype, whether the PTX
+    has an approximate division / reciprocal / square root, and its tensor-core instruction count."""
+    from triton.runtime import driver
+    from triton.runtime.jit import JITFunction
+
+    from regkernels.bench import gpu_static as GS
+
+    driver.set_active(GS._StubDriver.make())
+    gen = torch.Generator().manual_seed(0)
+    calls = [("frame", (0.5, 2.0)), ("diversity", (0.3, 1.0)), ("orthogonality", ()), ("mhe", (2, 0.0, 1e-4)),
+             ("mhe", (1, 1.0, 1e-4)), ("mhe", (0, 0.0, 1e-4))]
+    for dtype, shape in ((torch.bfloat16, (96, 80)), (torch.float32, (40, 72))):
+        for p_max in (TG.P_MAX_SIDE, 0):
+            old, TG.P_MAX_SIDE = TG.P_MAX_SIDE, p_max
+            try:
+                for kind, params in calls:
+                    W = torch.randn((1,) + shape, generator=gen).to(dtype)
+                    side = 1 if kind == "frame" else 0  # the cols layout once
+                    values, stats = TG.gram_penalty_forward([W], kind, [side], list(map(float, params)))
+                    TG.gram_penalty_backward_flat([W], kind, [side], list(map(float, params)), stats,
+                                                  torch.ones(1), dtype)
+            finally:
+                TG.P_MAX_SIDE = old
+    out = []
+    for fn in vars(TG).values():
+        if not isinstance(fn, JITFunction):
+            continue
+        for caches in fn.device_caches.values():
+            for ck in caches[0].values():
+                ptx = ck.asm["ptx"]
+                x = ck.src.signature.get("X", ck.src.signature.get("PART", ""))
+                out.append(dict(kernel=fn.__name__, dtype=str(x),
+                                approx=sorted(set(re.findall(r"\b(div\.full\.f32|div\.approx\.\S+|sqrt\.approx\.\S+|"
+                                                             r"rsqrt\.approx\.\S+|rcp\.approx\.\S+)", ptx))),
+                                n_mma=len(re.findall(r"\b(?:wgmma\.mma_async|mma\.sync)\b", ptx))))
+    return out
+
+
+@pytest.fixture(scope="module")
+def real_static():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
+    code = ("import json, test_triton_gram_numerics as t; "
+            "print('STATIC' + json.dumps(t.real_kernels_report()))")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert run.returncode == 0, run.stderr[-4000:]
+    line = next(l for l in run.stdout.splitlines() if l.startswith("STATIC"))
+    return json.loads(line[len("STATIC"):])
+
+
+def test_sm90_real_kernels(real_static):
+    """Every compiled kernel of a gram_penalty forward + backward: no approximate division or
+    square root (the thresholds, δ, cosines, hinges and values are correctly rounded), and the
+    Gram / coefficient / product kernels on tensor cores for bfloat16 and float32 (tf32x3)."""
+    names = {r["kernel"] for r in real_static}
+    assert {"_row_norm_kernel", "_gram_fwd_kernel", "_finalize_kernel", "_gram_coef_kernel",
+            "_gram_product_kernel", "_gram_bwd_kernel", "_split_sum_kernel"} <= names, names
+    for r in real_static:
+        assert r["approx"] == [], r
+        if r["kernel"] in ("_gram_fwd_kernel", "_gram_coef_kernel", "_gram_product_kernel", "_gram_bwd_kernel"):
+            assert r["n_mma"] > 0, r

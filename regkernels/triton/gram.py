@@ -116,20 +116,22 @@ _N_PARAMS = {"frame": 2, "diversity": 2, "orthogonality": 0, "mhe": 3}
 
 # Tile shapes, shared by all problems of a launch (tl.dot needs every dim ≥ 16). On a GPU the
 # Gram tile is 64 × 64 (one warpgroup MMA per 64 rows) over 8 warps, the inner chunk 16.
-# Registers per thread from the sm_90 compile of the probes in
-# tests/test_triton_gram_numerics.py (ptxas, no spills anywhere): forward epilogues 64
-# (orthogonality) to 118 (MHE), so 2 programs of 8 warps fit an SM (25 % occupancy); the
-# backward (Gram tile, P, its split for the P·X product) 146–154 for bf16/fp16 and 224–236
-# for float32 (both products tf32x3; 150 with "ieee"), one program per SM (12.5 %).
-# BLOCK_K = 32 costs 224 (bf16) / 255 + 488 B of spills (fp32) in the backward, 4 warps on
-# a 64 × 64 tile 191–255 with spills. Under the CPU interpreter (TRITON_INTERPRET=1) every
-# block is 32, which keeps the test shapes quick; the index math is the same code. Larger
-# BLOCK_J means fewer column blocks, hence fewer possible splits (TARGET_PROGRAMS).
+# Registers per thread of the real kernels (python -m regkernels.bench.gpu_static, sm_90,
+# no spills): forward 64–162 (bf16/fp16) and 110–184 (float32, tf32x3), coefficients
+# 126–206 / 189–199, split backward 164–176 / 240–248; so 1–2 programs of 8 warps per SM
+# (12.5–25 % occupancy, GPU_BUDGETS). Tried on the same kernels: 4 warps on 64 × 64 224–255
+# registers with spills in the backward; 32 × 32 × 32 tiles over 4 warps 255 with spills for
+# float32; BLOCK_K = 32 spills in the float32 backward (the probes). Float32 runs 1 stage: the
+# second stage's buffers cost the split backward 168 B of spills and the others 10–30
+# registers. Under the CPU interpreter (TRITON_INTERPRET=1) every block is 32, which keeps
+# the test shapes quick; the index math is the same code. Larger BLOCK_J means fewer column
+# blocks, hence fewer possible splits (TARGET_PROGRAMS).
 GPU_BLOCK_I = 64      # Gram rows owned by one program
 GPU_BLOCK_J = 64      # Gram columns per inner step
 GPU_BLOCK_K = 16      # inner-dimension chunk (columns of X)
 GPU_NUM_WARPS = 8
-GPU_NUM_STAGES = 2
+GPU_NUM_STAGES = 2    # bfloat16 / float16 inputs
+GPU_NUM_STAGES_FP32 = 1
 BLOCK_I = 32          # the same three under the interpreter
 BLOCK_J = 32
 BLOCK_K = 32
@@ -171,7 +173,7 @@ def tile_config(dtype: torch.dtype, interpreted: bool) -> dict:
     cores; False under the interpreter, whose dot reads bfloat16 as integers, so operands are
     upcast to float32 there) and ``DOT_PRECISION`` (``FP32_DOT`` on a GPU; "ieee" interpreted,
     where numpy's float32 product is what runs anyway), and on a GPU ``num_warps`` /
-    ``num_stages``. ``interpreted``: Triton runs on CPU tensors (``_ext.triton_interpreted()``);
+    ``num_stages`` (1 for float32). ``interpreted``: Triton runs on CPU tensors (``_ext.triton_interpreted()``);
     a static compile for sm_90 passes False.
     """
     if FP32_DOT not in ("tf32x3", "ieee"):
@@ -181,7 +183,8 @@ def tile_config(dtype: torch.dtype, interpreted: bool) -> dict:
     if interpreted:
         return dict(BLOCK_I=BLOCK_I, BLOCK_J=BLOCK_J, BLOCK_K=BLOCK_K, NATIVE_DOT=False, DOT_PRECISION="ieee")
     return dict(BLOCK_I=GPU_BLOCK_I, BLOCK_J=GPU_BLOCK_J, BLOCK_K=GPU_BLOCK_K, NATIVE_DOT=True,
-                DOT_PRECISION=FP32_DOT, num_warps=GPU_NUM_WARPS, num_stages=GPU_NUM_STAGES)
+                DOT_PRECISION=FP32_DOT, num_warps=GPU_NUM_WARPS,
+                num_stages=GPU_NUM_STAGES_FP32 if dtype == torch.float32 else GPU_NUM_STAGES)
 
 
 # F.normalize's clamp of the row norm (docs/gram.md#diversity_penalty)
@@ -934,15 +937,22 @@ def _split_sum_kernel(PART, OUT, numel, SPLITS, BLOCK: tl.constexpr):
 # Static sm_90 limits of every launched kernel (python -m regkernels.bench.gpu_static,
 # docs/design.md#gpu-static-report): no spills, occupancy ≥ 25 %; the kernels that form Gram
 # tiles or P·X products must use tensor cores for half-precision inputs.
-_MMA_HALF = ("float16", "bfloat16")
+_MMA_ALL = ("float16", "bfloat16", "float32")
+_ONE_CTA = ("8 warps x 129-255 registers: one program per SM (12.5 %) for some variants; the 64x64 "
+            "fp32 accumulator and its epilogue over 8 warps (4 warps or 32x32 tiles need more registers "
+            "per thread and spill, see the GPU_BLOCK_* comment)")
 GPU_BUDGETS = {
     "_row_norm_kernel": Budget(),
-    "_gram_fwd_kernel": Budget(mma_dtypes=_MMA_HALF),
+    "_gram_fwd_kernel": Budget(mma_dtypes=_MMA_ALL, min_occupancy=0.125,
+                               note="Gram tile on bf16/fp16 MMAs, tf32x3 for float32; " + _ONE_CTA),
     "_finalize_kernel": Budget(),
-    "_gram_coef_kernel": Budget(mma_dtypes=_MMA_HALF),
-    "_gram_product_kernel": Budget(mma_dtypes=_MMA_HALF,
-                                   note="fp32 P times X: tf32x3 tensor-core products for every input dtype"),
-    "_gram_bwd_kernel": Budget(mma_dtypes=_MMA_HALF),
+    "_gram_coef_kernel": Budget(mma_dtypes=_MMA_ALL, min_occupancy=0.125,
+                                note="Gram tile on bf16/fp16 MMAs, tf32x3 for float32; " + _ONE_CTA),
+    "_gram_product_kernel": Budget(mma_dtypes=_MMA_ALL, min_occupancy=0.125,
+                                   note="fp32 P times X: split tf32 tensor-core products (2 for half inputs, 3 "
+                                        "for float32), 116-153 registers over 8 warps"),
+    "_gram_bwd_kernel": Budget(mma_dtypes=_MMA_ALL, min_occupancy=0.125,
+                               note="Gram tile and the P·X product (tf32x3 / bf16x3) in one program; " + _ONE_CTA),
     "_split_sum_kernel": Budget(),
 }
 
