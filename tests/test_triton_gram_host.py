@@ -259,8 +259,31 @@ def test_tiles_in_descending_work():
                                                for ib in range(-(-p[g] // TG.BLOCK_I)))
     ptiles = ln.ptiles.tolist()
     assert [p[g] for g, *_ in ptiles] == sorted((p[g] for g, *_ in ptiles), reverse=True)
-    assert len(ptiles) == sum(w.shape[0] * -(-p[g] // TG.BLOCK_I) * -(-n[g] // TG.BLOCK_N)
+    assert len(ptiles) == sum(w.shape[0] * -(-p[g] // TG.PRODUCT_BLOCK_I) * -(-n[g] // TG.BLOCK_N)
                               for g, w in enumerate(mats))
+
+
+def test_plan_follows_the_tile_config(monkeypatch):
+    """The plan's tile tables use the launch's blocks (64 on a GPU, 32 interpreted), so the tile
+    config is part of the cache key: a plan built for one never serves the other."""
+    TG._PLANS.clear()
+    W = _randn(1, 130, 24)
+    interp = TG._plan([W], "frame", [0], [0.5, 1.5])
+    assert interp.cfg == TG.tile_config(W.dtype, interpreted=True)
+    assert interp.launches[0].n_tiles == -(-130 // TG.BLOCK_I)
+    monkeypatch.setattr(TG._ext, "triton_interpreted", lambda: False)
+    gpu = TG._plan([W], "frame", [0], [0.5, 1.5])
+    assert gpu is not interp and gpu.cfg == TG.tile_config(W.dtype, interpreted=False)
+    assert gpu.launches[0].n_tiles == -(-130 // TG.GPU_BLOCK_I)
+    assert gpu.splits == -(-130 // TG.GPU_BLOCK_J) and interp.splits == -(-130 // TG.BLOCK_J)
+    # the product tiles do not depend on it
+    assert gpu.launches[0].n_ptiles == interp.launches[0].n_ptiles
+    assert TG._plan([W], "frame", [0], [0.5, 1.5]) is gpu
+    monkeypatch.setattr(TG, "FP32_DOT", "ieee")  # another precision: another plan (its cfg is launched)
+    ieee = TG._plan([W], "frame", [0], [0.5, 1.5])
+    assert ieee is not gpu and ieee.cfg["DOT_PRECISION"] == "ieee"
+    monkeypatch.setattr(TG, "GPU_BLOCK_I", 128)
+    assert TG._plan([W], "frame", [0], [0.5, 1.5]).launches[0].n_tiles == 2
 
 
 # ----------------------------------------------------------------- the backward's two paths
@@ -352,5 +375,10 @@ def test_every_launch_runs_under_on_device(monkeypatch):
 def test_gpu_budgets_cover_every_launched_kernel():
     assert sorted(TG.GPU_BUDGETS) == sorted(_LAUNCHED)
     for name in ("_gram_fwd_kernel", "_gram_coef_kernel", "_gram_product_kernel", "_gram_bwd_kernel"):
-        assert set(TG.GPU_BUDGETS[name].mma_dtypes) == {"float16", "bfloat16"}
-    assert all(b.max_spill_bytes == 0 and b.min_occupancy >= 0.25 for b in TG.GPU_BUDGETS.values())
+        # tensor cores for every dtype: native bf16/fp16, tf32x3 (or the split tf32 products) for float32
+        assert set(TG.GPU_BUDGETS[name].mma_dtypes) == {"float16", "bfloat16", "float32"}
+        # 8 warps over a 64 × 64 fp32 tile: one program per SM where a variant needs > 128 registers
+        assert TG.GPU_BUDGETS[name].min_occupancy == 0.125 and TG.GPU_BUDGETS[name].note
+    assert all(b.max_spill_bytes == 0 for b in TG.GPU_BUDGETS.values())
+    assert all(b.min_occupancy >= 0.25 for k, b in TG.GPU_BUDGETS.items()
+               if k in ("_row_norm_kernel", "_finalize_kernel", "_split_sum_kernel"))
