@@ -453,6 +453,17 @@ def real_kernels_report() -> list[dict]:
                                                   torch.ones(1), dtype)
             finally:
                 TG.P_MAX_SIDE = old
+    # FP32_DOT = "ieee": float32 without tensor cores, both backward paths
+    old_dot, old_p = TG.FP32_DOT, TG.P_MAX_SIDE
+    try:
+        TG.FP32_DOT = "ieee"
+        for p_max in (old_p, 0):
+            TG.P_MAX_SIDE = p_max
+            W = torch.randn((1, 40, 72), generator=gen)
+            values, stats = TG.gram_penalty_forward([W], "diversity", [0], [0.3, 1.0])
+            TG.gram_penalty_backward_flat([W], "diversity", [0], [0.3, 1.0], stats, torch.ones(1), W.dtype)
+    finally:
+        TG.FP32_DOT, TG.P_MAX_SIDE = old_dot, old_p
     out = []
     for fn in vars(TG).values():
         if not isinstance(fn, JITFunction):
@@ -461,7 +472,9 @@ def real_kernels_report() -> list[dict]:
             for ck in caches[0].values():
                 ptx = ck.asm["ptx"]
                 x = ck.src.signature.get("X", ck.src.signature.get("PART", ""))
-                out.append(dict(kernel=fn.__name__, dtype=str(x),
+                variant = GS._variant(ck)
+                ieee = variant.get("DOT_PRECISION") == "ieee" or variant.get("IEEE") == "True"
+                out.append(dict(kernel=fn.__name__, dtype=str(x), ieee=ieee,
                                 approx=sorted(set(re.findall(r"\b(div\.full\.f32|div\.approx\.\S+|sqrt\.approx\.\S+|"
                                                              r"rsqrt\.approx\.\S+|rcp\.approx\.\S+)", ptx))),
                                 n_mma=len(re.findall(r"\b(?:wgmma\.mma_async|mma\.sync)\b", ptx))))
@@ -484,11 +497,14 @@ def real_static():
 def test_sm90_real_kernels(real_static):
     """Every compiled kernel of a gram_penalty forward + backward: no approximate division or
     square root (the thresholds, δ, cosines, hinges and values are correctly rounded), and the
-    Gram / coefficient / product kernels on tensor cores for bfloat16 and float32 (tf32x3)."""
+    Gram / coefficient / product kernels on tensor cores for bfloat16 and float32 (tf32x3), and
+    on none with FP32_DOT = "ieee"."""
     names = {r["kernel"] for r in real_static}
     assert {"_row_norm_kernel", "_gram_fwd_kernel", "_finalize_kernel", "_gram_coef_kernel",
             "_gram_product_kernel", "_gram_bwd_kernel", "_split_sum_kernel"} <= names, names
     for r in real_static:
         assert r["approx"] == [], r
         if r["kernel"] in ("_gram_fwd_kernel", "_gram_coef_kernel", "_gram_product_kernel", "_gram_bwd_kernel"):
-            assert r["n_mma"] > 0, r
+            assert (r["n_mma"] == 0) if r["ieee"] else (r["n_mma"] > 0), r
+    ieee = {r["kernel"] for r in real_static if r["ieee"]}
+    assert {"_gram_fwd_kernel", "_gram_coef_kernel", "_gram_product_kernel", "_gram_bwd_kernel"} <= ieee, ieee

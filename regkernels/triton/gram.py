@@ -74,10 +74,12 @@ All but orthogonality are full rows. Groups follow list order.
 Precision: everything is computed in float32 from inputs of any of float16 / bfloat16 /
 float32. On a GPU the products run on tensor cores: the Gram tiles as bf16/fp16 MMAs on the
 inputs (exact products, float32 accumulation), float32 inputs at ``FP32_DOT`` ("tf32x3", about
-float32 accuracy, or "ieee" on request); the backward's ``P·X[J, :]`` has a float32 ``P``, so
-it is a float32 product ("tf32x3"; "bf16x3" for bf16/fp16 inputs, whose 2–8e-6 relative error
-is far under their own rounding, where ``P`` rounded to bf16 would double a bf16 gradient's
-error). Divisions and square roots that decide a threshold or feed δ = 2 − 2cos are
+float32 accuracy, or "ieee" on request); the backward's ``P·X`` has a float32 ``P``, so it is
+a float32 product: on the P path split tf32 products (``_dot_split_tf32``: 2 for bf16/fp16
+inputs, 3 for float32), on the split path "tf32x3", or "bf16x3" for bf16/fp16 inputs (2–8e-6
+relative error, far under their own rounding, where ``P`` rounded to bf16 would double a bf16
+gradient's error; ``_accumulate_rows``). The launch constexprs come from ``tile_config``.
+Divisions and square roots that decide a threshold or feed δ = 2 − 2cos are
 correctly rounded (``tl.div_rn`` / ``tl.sqrt_rn``; Triton's ``/`` and ``tl.sqrt`` are the
 approximate ``div.full.f32`` / ``sqrt.approx.ftz.f32`` on a GPU). The CPU interpreter runs
 the same helpers with float32 numpy products (``tile_config``).
@@ -824,11 +826,13 @@ def _dot_split_tf32(a, b, acc, B_EXACT: tl.constexpr):
 
 @triton.jit
 def _gram_product_kernel(PTRS, X, GROUPS, PTILES, PBUF, OUT, LAYOUT: tl.constexpr, ALIGN: tl.constexpr,
-                         BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr):
+                         BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr,
+                         IEEE: tl.constexpr):
     """Backward, small Gram: ``dX[I, T] = Σ_J P[I, J] · X[J, T]`` for one (row block, column block) tile
     of one matrix (PTILES rows ``(g, b, ib, tb)``), fp32 accumulation, written once in OUT's dtype.
 
-    P is symmetric (``S + Sᵀ``) and already holds grad; with MHE half it is W's own m×m
+    The product runs as split tf32 products (``_dot_split_tf32``), or as exact float32 FMAs with
+    IEEE (``FP32_DOT = "ieee"`` on a GPU). P is symmetric (``S + Sᵀ``) and already holds grad; with MHE half it is W's own m×m
     coefficient matrix, so this is dW. The loop over J runs in a fixed order (deterministic).
     """
     pid = tl.program_id(0)
@@ -860,7 +864,10 @@ def _gram_product_kernel(PTRS, X, GROUPS, PTILES, PBUF, OUT, LAYOUT: tl.constexp
         pt = tl.load(pm + rows_i[:, None] * p32 + rows_j[None, :], mask=mask_i[:, None] & mask_j[None, :], other=0.0)
         xj = tl.load(x_ptr + rows_j[:, None] * xs_r + cols[None, :] * xs_c,
                      mask=mask_j[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
-        acc = _dot_split_tf32(pt, xj, acc, X.dtype.element_ty != tl.float32)
+        if IEEE:
+            acc = tl.dot(pt, xj, acc, input_precision="ieee")
+        else:
+            acc = _dot_split_tf32(pt, xj, acc, X.dtype.element_ty != tl.float32)
     tl.store(o_ptr + rows_i[:, None] * ds_r + cols[None, :] * ds_c, acc.to(OUT.dtype.element_ty),
              mask=mask_i[:, None] & mask_c[None, :])
 
@@ -1254,6 +1261,7 @@ def gram_penalty_backward_flat(mats: list[torch.Tensor], kind: str, sides: list[
                     _gram_product_kernel[(ln.n_ptiles,)](plan.ptrs, X, plan.groups, ln.ptiles, pbuf, out,
                                                          LAYOUT=ln.layout, ALIGN=ln.align, BLOCK_I=PRODUCT_BLOCK_I,
                                                          BLOCK_J=PRODUCT_BLOCK_J, BLOCK_N=BLOCK_N,
+                                                         IEEE=cfg["NATIVE_DOT"] and cfg["DOT_PRECISION"] == "ieee",
                                                          num_warps=PRODUCT_WARPS)
             return out
         direct = plan.bwd_splits == 1 and dtype == torch.float32
