@@ -72,6 +72,21 @@ TORCH_LIBRARY(regkernels, m) {
   m.def(
       "conv_to_matrix_dense_backward(Tensor grad, Tensor weight, int[] input_size, int[] stride, int[] padding, "
       "int[] dilation, int groups, bool circular) -> Tensor");
+  // Frame statistics of a conv operator's Gram without T (docs/conv.md#conv_frame_penalty; the math is
+  // regkernels.composite.conv's docstring): d and r per (group, border class, channel of V's rows), (G, NC, Cx)
+  // in the math dtype (float32; float64 for float64 weights). weight is 5-D (C_out, C_in/groups, k0, k1, k2);
+  // the geometry arrives as a plan (regkernels._C_ops._frame_cpu_plan): int32 rows (t, t', q, multiplicity),
+  // sorted by class (class_ptr, NC + 1 offsets into the rows) and by offset q ∈ [0, n_offsets) within a class;
+  // zero is offset 0's index. rows: the T Tᵀ side (V's channels are outputs), else Tᵀ T. With keep, the
+  // third output is the scaled tap Gram X̂ (G, K·Cx, K·Cx) for the backward, else empty.
+  m.def(
+      "conv_frame_stats_cpu(Tensor weight, Tensor plan, Tensor class_ptr, int n_offsets, int zero, int groups, "
+      "bool rows, bool keep) -> (Tensor, Tensor, Tensor)");
+  // ∂L/∂weight from (∂L/∂d, ∂L/∂r), in the weight's shape and dtype; tap_gram is the forward's third output
+  // (recomputed when empty). Not differentiable (its autograd, registered in Python, raises).
+  m.def(
+      "conv_frame_stats_cpu_backward(Tensor weight, Tensor tap_gram, Tensor grad_d, Tensor grad_r, Tensor plan, "
+      "Tensor class_ptr, int n_offsets, int zero, int groups, bool rows) -> Tensor");
 }
 
 // Importable as the Python module regkernels._C; importing it runs the registrations above.

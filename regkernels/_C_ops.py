@@ -285,6 +285,219 @@ def conv_to_matrix(weight: torch.Tensor, input_size, stride=1, padding=0, dilati
         return _ConvToMatrixDense.apply(w5, *geometry, groups, padding_mode == "circular")
     return torch.ops.regkernels.conv_to_matrix_dense(w5, *geometry, groups, padding_mode == "circular")
 
+
+# ---------------------------------------------------------------------------- conv frame statistics
+# conv_frame_stats_cpu / conv_frame_stats_cpu_backward (csrc/cpu/conv_frame_cpu.cpp: BLAS tap Gram from its
+# upper blocks, one parallel pass for the class contraction; backward: the transposed pass and ONE product):
+# the plan the kernel reads, fakes, autograd, and the "cpu" rows of conv_frame_penalty /
+# conv_gershgorin_bounds (docs/conv.md#conv_frame_penalty).
+
+import functools  # noqa: E402
+import itertools  # noqa: E402
+
+from regkernels._dtypes import compute_dtype as _compute_dtype  # noqa: E402
+
+# The forward keeps the scaled tap Gram X̂ for the backward (saving the backward one GEMM, the larger
+# half of the forward's time) when it needs at most this many bytes; above, the backward forms it again.
+KEEP_TAP_GRAM_BYTES = 1 << 30
+
+_FRAME_DOUBLE_BACKWARD = ("conv_frame_penalty / conv_gershgorin_bounds: double backward (a backward with "
+                          "create_graph=True differentiated again) is not supported by backend='cpu'; "
+                          "backend='reference' supports it")
+
+
+def _frame_plan_lists(geo) -> tuple[list[int], list[int], int, int]:
+    """The class contraction of ``geo`` as the kernel reads it: rows ``(t, t', q, multiplicity)`` of the
+    combined table ``Π_i Cls_i[κ_i, t_i, t'_i, q_i]`` (taps, offsets and classes flattened row-major over
+    the three dims, classes in the stats' order), grouped by class and sorted by offset within one;
+    ``class_ptr`` the first row of each class; the number of offsets; the index of offset 0."""
+    per_dim = []
+    for dim in geo.dims:
+        k, nr = dim.k, len(dim.rel)
+        classes = [[] for _ in range(dim.n_cls)]
+        for idx, mult in enumerate(dim.table):
+            if mult:
+                c, rest = divmod(idx, k * k * nr)
+                t, rest = divmod(rest, k * nr)
+                t2, q = divmod(rest, nr)
+                classes[c].append((t, t2, q, int(mult)))
+        per_dim.append((classes, k, nr))
+    (c0, k0, r0), (c1, k1, r1), (c2, k2, r2) = per_dim
+    plan, ptr = [], [0]
+    for a, b, c in itertools.product(c0, c1, c2):
+        rows = [((x0 * k1 + x1) * k2 + x2, (y0 * k1 + y1) * k2 + y2, (q0 * r1 + q1) * r2 + q2, m0 * m1 * m2)
+                for (x0, y0, q0, m0), (x1, y1, q1, m1), (x2, y2, q2, m2) in itertools.product(a, b, c)]
+        rows.sort(key=lambda row: row[2])
+        for row in rows:
+            plan.extend(row)
+        ptr.append(len(plan) // 4)
+    z0, z1, z2 = (dim.zero for dim in geo.dims)
+    return plan, ptr, r0 * r1 * r2, (z0 * r1 + z1) * r2 + z2
+
+
+@functools.lru_cache(maxsize=256)
+def _frame_plan_cached(geo) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    plan, ptr, n_offsets, zero = _frame_plan_lists(geo)
+    return (torch.tensor(plan, dtype=torch.int32).view(-1, 4), torch.tensor(ptr, dtype=torch.int32), n_offsets,
+            zero)
+
+
+def _frame_cpu_plan(geo) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """``(plan, class_ptr, n_offsets, zero)`` of ``_frame_plan_lists`` as int32 CPU tensors, cached per
+    geometry (read-only); built afresh while torch.compile traces, so no traced tensor is cached."""
+    if torch.compiler.is_compiling():
+        return _frame_plan_cached.__wrapped__(geo)
+    return _frame_plan_cached(geo)
+
+
+def _check_stats_cpu(op, weight, plan, class_ptr, n_offsets, zero, groups):
+    """The raw ops' checks the fakes repeat (the kernel's TORCH_CHECKs): RuntimeError naming ``op``."""
+    if not (isinstance(weight, torch.Tensor) and weight.dim() == 5 and weight.dtype.is_floating_point):
+        raise RuntimeError(f"{op}: weight must be a floating 5-D (C_out, C_in/groups, k0, k1, k2) tensor; got "
+                           f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+    if not (isinstance(groups, int) and groups >= 1 and weight.shape[0] % groups == 0):
+        raise RuntimeError(f"{op}: groups must be >= 1 and divide C_out = {weight.shape[0]}; got groups = {groups}")
+    if plan.dtype != torch.int32 or plan.dim() != 2 or plan.shape[1] != 4 or class_ptr.dtype != torch.int32 \
+            or class_ptr.dim() != 1 or class_ptr.numel() < 1:
+        raise RuntimeError(f"{op}: plan must be int32 (entries, 4) and class_ptr int32 (classes + 1,); got "
+                           f"{plan.dtype} {tuple(plan.shape)}, {class_ptr.dtype} {tuple(class_ptr.shape)}")
+    if not (isinstance(n_offsets, int) and isinstance(zero, int) and 0 <= zero < n_offsets):
+        raise RuntimeError(f"{op}: need n_offsets >= 1 and 0 <= zero < n_offsets; got {n_offsets}, {zero}")
+
+
+def _stats_cpu_shapes(weight, class_ptr, groups: int, rows: bool) -> tuple[int, int, int, int]:
+    """``(G, NC, Cx, N)``: the stats' shape and the side of the tap Gram."""
+    og, cg = weight.shape[0] // groups, weight.shape[1]
+    cx = og if rows else cg
+    return groups, class_ptr.shape[0] - 1, cx, math.prod(weight.shape[2:]) * cx
+
+
+@torch.library.register_fake("regkernels::conv_frame_stats_cpu")
+def _conv_frame_stats_cpu_fake(weight, plan, class_ptr, n_offsets, zero, groups, rows, keep):
+    _check_stats_cpu("regkernels::conv_frame_stats_cpu", weight, plan, class_ptr, n_offsets, zero, groups)
+    G, nc, cx, n = _stats_cpu_shapes(weight, class_ptr, groups, rows)
+    d = weight.new_empty((G, nc, cx), dtype=_compute_dtype(weight.dtype))
+    X = d.new_empty((G, n, n) if keep and G * nc * cx else (0,))
+    return d, torch.empty_like(d), X
+
+
+@torch.library.register_fake("regkernels::conv_frame_stats_cpu_backward")
+def _conv_frame_stats_cpu_backward_fake(weight, tap_gram, grad_d, grad_r, plan, class_ptr, n_offsets, zero, groups,
+                                        rows):
+    op = "regkernels::conv_frame_stats_cpu_backward"
+    _check_stats_cpu(op, weight, plan, class_ptr, n_offsets, zero, groups)
+    want = _stats_cpu_shapes(weight, class_ptr, groups, rows)[:3]
+    for name, g in (("grad_d", grad_d), ("grad_r", grad_r)):
+        if tuple(g.shape) != want or not g.dtype.is_floating_point:
+            raise RuntimeError(f"{op}: {name} must be a floating tensor of shape {want} (groups, border classes, "
+                               f"channels); got {g.dtype} {tuple(g.shape)}")
+    return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
+def _stats_cpu_setup(ctx, inputs, output) -> None:
+    weight, plan, class_ptr, n_offsets, zero, groups, rows, _keep = inputs
+    ctx.args = (n_offsets, zero, groups, rows)
+    ctx.save_for_backward(weight, output[2], plan, class_ptr)
+
+
+def _stats_cpu_grad(ctx, grad_d, grad_r, _grad_x):
+    weight, X, plan, class_ptr = ctx.saved_tensors
+    gW = torch.ops.regkernels.conv_frame_stats_cpu_backward(weight, X, grad_d, grad_r, plan, class_ptr, *ctx.args)
+    return (gW,) + (None,) * 7
+
+
+def _stats_cpu_refuse(ctx, *grads):
+    # the second derivative of d / r (through sign(V) and the tap Gram) is not implemented, and
+    # torch's default for an op without autograd is a warning and a silent 0
+    raise RuntimeError(_FRAME_DOUBLE_BACKWARD)
+
+
+torch.library.register_autograd("regkernels::conv_frame_stats_cpu", _stats_cpu_grad, setup_context=_stats_cpu_setup)
+torch.library.register_autograd("regkernels::conv_frame_stats_cpu_backward", _stats_cpu_refuse,
+                                setup_context=lambda ctx, inputs, output: None)
+
+
+class _FrameStatsCPU(torch.autograd.Function):
+    """``regkernels::conv_frame_stats_cpu`` under torch.func and torch.compile (a custom op's
+    ``register_autograd`` does not run under ``torch.func.grad``); eager calls on plain tensors take the
+    raw op, whose registered autograd is the same backward (``regkernels._numerics.through_function``)."""
+
+    @staticmethod
+    def forward(weight, plan, class_ptr, n_offsets, zero, groups, rows, keep):
+        return torch.ops.regkernels.conv_frame_stats_cpu(weight, plan, class_ptr, n_offsets, zero, groups, rows, keep)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        _stats_cpu_setup(ctx, inputs, output)
+        ctx.mark_non_differentiable(output[2])
+
+    @staticmethod
+    def backward(ctx, grad_d, grad_r, _grad_x):
+        weight, X, plan, class_ptr = ctx.saved_tensors
+        return (_FrameStatsCPUBackward.apply(weight, X, grad_d, grad_r, plan, class_ptr, *ctx.args),) + (None,) * 7
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return _conv_geometry.vmap_by_loop(_FrameStatsCPU.apply, info, in_dims, *args)
+
+
+class _FrameStatsCPUBackward(torch.autograd.Function):
+    """``regkernels::conv_frame_stats_cpu_backward``, differentiable once: differentiating it raises."""
+
+    @staticmethod
+    def forward(weight, X, grad_d, grad_r, plan, class_ptr, n_offsets, zero, groups, rows):
+        return torch.ops.regkernels.conv_frame_stats_cpu_backward(weight, X, grad_d, grad_r, plan, class_ptr,
+                                                                  n_offsets, zero, groups, rows)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError(_FRAME_DOUBLE_BACKWARD)
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return _conv_geometry.vmap_by_loop(_FrameStatsCPUBackward.apply, info, in_dims, *args)
+
+
+def _frame_stats_cpu(op: str, weight: torch.Tensor, input_size, stride, padding, dilation, groups: int,
+                     padding_mode: str, side: str):
+    """``(d, r, counts, k)`` as ``regkernels.composite.conv._stats``, by the C++ kernel."""
+    (kernel, *geometry), circular, rows, counts, positions = _conv_geometry.frame_plan(
+        op, tuple(weight.shape), tuple(input_size), stride, padding, dilation, groups, padding_mode, side, False,
+        _conv_reference.MAX_WORK_BYTES)
+    geo = _conv_geometry.FrameGeometry(tuple(kernel), *(tuple(g) for g in geometry), circular, rows)
+    plan, class_ptr, n_offsets, zero = _frame_cpu_plan(geo)
+    w5 = weight.reshape(weight.shape[0], weight.shape[1], *kernel)
+    G, _, cx, n = _stats_cpu_shapes(w5, class_ptr, groups, rows)
+    itemsize = 8 if weight.dtype == torch.float64 else 4
+    keep = torch.is_grad_enabled() and weight.requires_grad and G * n * n * itemsize <= KEEP_TAP_GRAM_BYTES
+    args = (w5, plan, class_ptr, n_offsets, zero, groups, rows, keep)
+    if _through_function():
+        d, r, _ = _FrameStatsCPU.apply(*args)
+    else:
+        d, r, _ = torch.ops.regkernels.conv_frame_stats_cpu(*args)
+    counts = _conv_geometry.class_counts(counts, d.dtype, d.device)  # cached on the device
+    return d, r, counts, G * cx * positions
+
+
+def conv_frame_penalty(weight: torch.Tensor, input_size, A: float, B: float, stride=1, padding=0, dilation=1,
+                       groups: int = 1, padding_mode: str = "zeros", side: str = "auto") -> torch.Tensor:
+    """docs/conv.md's frame penalty on the C++ kernel's stats, arguments as the reference's."""
+    d, r, counts, k = _frame_stats_cpu("conv_frame_penalty", weight, input_size, stride, padding, dilation, groups,
+                                       padding_mode, side)
+    return _conv_geometry.frame_value(d, r, A, B, k, weight.dtype, counts=counts[:, None])
+
+
+def conv_gershgorin_bounds(weight: torch.Tensor, input_size, stride=1, padding=0, dilation=1, groups: int = 1,
+                           padding_mode: str = "zeros", side: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(min(d − r), max(d + r))`` over the classes, on the C++ kernel's stats."""
+    d, r, _, _ = _frame_stats_cpu("conv_gershgorin_bounds", weight, input_size, stride, padding, dilation, groups,
+                                  padding_mode, side)
+    return _conv_geometry.gershgorin_value(d, r, weight.dtype)
+
 # ============================================================================ end of conv family
 
 

@@ -20,9 +20,13 @@
 #include <vector>
 
 #include "../core/gram_penalty.h"
+#include "blas_util.h"
 
 namespace regkernels {
 namespace {
+
+using cpu::lane_sum;
+using cpu::symmetric_gram;
 
 enum class Kind { Frame, Diversity, Orthogonality, Mhe };
 
@@ -55,28 +59,6 @@ inline void for_rows(int64_t k, const F& f) {
   }
 }
 
-// Σ_{j ∈ [lo, hi)} f(j) with 16 independent partial sums: gcc vectorizes the fixed-width inner
-// loop without reassociating (no -ffast-math), and the partial sums bound the rounding error
-// like a pairwise sum would.
-template <typename T, typename F>
-inline T lane_sum(int64_t lo, int64_t hi, F f) {
-  constexpr int L = 16;
-  if (hi - lo < L) {  // the same sum in the same order as below (the other partial sums are 0)
-    T total = 0;
-    for (int64_t j = lo; j < hi; ++j) total += f(j);
-    return total;
-  }
-  T acc[L] = {};
-  int64_t j = lo;
-  for (; j + L <= hi; j += L) {
-    for (int l = 0; l < L; ++l) acc[l] += f(j + l);
-  }
-  for (int l = 0; j < hi; ++j, ++l) acc[l] += f(j);
-  T total = 0;
-  for (int l = 0; l < L; ++l) total += acc[l];
-  return total;
-}
-
 // The second pass of every epilogue: row i of V becomes row i of P, entry by entry
 // (entry(i, j, V_ij), symmetric in i, j), then its diagonal diag(i, V_ii), computed first.
 template <typename T, typename Entry, typename Diag>
@@ -104,43 +86,6 @@ double total_of(const RowVec<T>& rows) {
 }
 
 // ----------------------------------------------------------------------------- Gram
-
-// V (k×k, contiguous) = X Xᵀ for X of shape (k, inner), any strides, exactly symmetric. For
-// large k only the nb(nb+1)/2 blocks on and above the diagonal are multiplied (nb = 4: 62 % of
-// the flops of the full product); the strict lower triangle is then copied from the upper.
-void symmetric_gram(const at::Tensor& X, at::Tensor V) {
-  const int64_t k = X.size(0);
-  const int64_t nb = k >= 1024 ? 4 : (k >= 384 ? 2 : 1);
-  const int64_t bs = (k + nb - 1) / nb;
-  for (int64_t I = 0; I < nb; ++I) {
-    const int64_t i0 = I * bs, il = std::min(k, i0 + bs) - i0;
-    if (il <= 0) continue;
-    for (int64_t J = I; J < nb; ++J) {
-      const int64_t j0 = J * bs, jl = std::min(k, j0 + bs) - j0;
-      if (jl <= 0) continue;
-      auto out = V.narrow(0, i0, il).narrow(1, j0, jl);
-      at::mm_out(out, X.narrow(0, i0, il), X.narrow(0, j0, jl).t());
-    }
-  }
-  // mirror in 64×64 tiles: a work item owns a block of rows and writes only their strict lower
-  // part, reading the upper triangle, which nobody writes
-  constexpr int64_t kTile = 64;
-  AT_DISPATCH_FLOATING_TYPES(V.scalar_type(), "symmetric_gram", [&] {
-    scalar_t* v = V.data_ptr<scalar_t>();
-    const int64_t tiles = (k + kTile - 1) / kTile;
-    at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t ti = t0; ti < t1; ++ti) {
-        const int64_t i_lo = ti * kTile, i_hi = std::min(k, i_lo + kTile);
-        for (int64_t j_lo = 0; j_lo < i_hi; j_lo += kTile) {
-          for (int64_t i = i_lo; i < i_hi; ++i) {
-            const int64_t j_hi = std::min(i, j_lo + kTile);
-            for (int64_t j = j_lo; j < j_hi; ++j) v[i * k + j] = v[j * k + i];
-          }
-        }
-      }
-    });
-  });
-}
 
 // ----------------------------------------------------------------------------- epilogues
 // Each takes one symmetric k×k V, returns the penalty and, with need_grad, overwrites V by P.

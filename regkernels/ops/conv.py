@@ -10,9 +10,11 @@ then runs the implementation ``TABLE`` gives for the backend, the weight's devic
   backends build which layout, and a named backend that does not build the requested layout
   raises the table's ValueError listing those that do (errors name ``conv_to_matrix(layout=...)``).
 * ``conv_frame_penalty`` / ``conv_gershgorin_bounds``: exact, without ``T`` — the tap Gram contracted
-  with per-dim border-class tables (``"torch"``: GEMMs in torch ops with a hand-written backward, any
-  device); the fused Triton form runs when named (``"triton"``, float16 / bfloat16 / float32). The
-  reference builds ``T`` and its Gram and refuses layers over 2 GiB.
+  with per-dim border-class tables: ``"cpu"`` (the CPU default: C++, one BLAS tap Gram from its upper
+  blocks, one fused parallel pass over the classes; the backward one transposed pass and one GEMM),
+  ``"torch"`` (GEMMs in torch ops with a hand-written backward, any device; the CUDA default); the fused
+  Triton form runs when named (``"triton"``, float16 / bfloat16 / float32). The reference builds ``T``
+  and its Gram and refuses layers over 2 GiB.
 * ``conv_singular_values`` / ``clip_conv_singular_values``: per-frequency SVDs on the batched Jacobi
   SVD kernel (``"cuda"``: the default on CUDA; ``"cpu"``: named only, LAPACK's complex SVD in the
   reference is faster on CPU). Named, a weight larger than the kernel takes raises ValueError;
@@ -59,11 +61,15 @@ TABLE = Table("conv", [
     Kernel("conv_to_matrix_sparse", "any", "torch", "regkernels.composite.conv:conv_to_matrix",
            note="layout='coo' / 'csr': CSR order from a cached spatial plan, no dense intermediate"),
     Kernel("conv_to_matrix_sparse", "any", "reference", f"{_REF}:conv_to_matrix"),
+    Kernel("conv_frame_penalty", "cpu", "cpu", "regkernels._C_ops:conv_frame_penalty",
+           note="implicit, C++: BLAS tap Gram (upper blocks), one fused class pass; backward one GEMM"),
     Kernel("conv_frame_penalty", "any", "torch", "regkernels.composite.conv:conv_frame_penalty",
            note="implicit: border classes, no T"),
     Kernel("conv_frame_penalty", "cuda", "triton", "regkernels.triton.conv_frame:conv_frame_penalty",
            dtypes=HALF_AND_FLOAT, default=False, note="the implicit stats fused; computed in float32"),
     Kernel("conv_frame_penalty", "any", "reference", f"{_REF}:conv_frame_penalty", note="explicit T and its Gram"),
+    Kernel("conv_gershgorin_bounds", "cpu", "cpu", "regkernels._C_ops:conv_gershgorin_bounds",
+           note="implicit, C++: BLAS tap Gram (upper blocks), one fused class pass"),
     Kernel("conv_gershgorin_bounds", "any", "torch", "regkernels.composite.conv:conv_gershgorin_bounds",
            note="implicit: border classes, no T"),
     Kernel("conv_gershgorin_bounds", "cuda", "triton", "regkernels.triton.conv_frame:conv_gershgorin_bounds",
