@@ -491,6 +491,18 @@ def conv_frame_penalty(weight: torch.Tensor, input_size, A: float, B: float, str
     return _conv_geometry.frame_value(d, r, A, B, k, weight.dtype, counts=counts[:, None])
 
 
+def conv_frame_penalty_multi(weights, input_size, A: float, B: float, stride=1, padding=0, dilation=1,
+                             groups: int = 1, padding_mode: str = "zeros", side: str = "auto") -> torch.Tensor:
+    """``(L,)``: ``conv_frame_penalty`` of ``L`` layers of one shape and geometry from ONE kernel call, the
+    layers concatenated as one conv with ``L·groups`` groups (docs/conv.md#conv_frame_penalty_multi). The
+    kernel scales every group by its own power of two, so no per-layer scale is needed here."""
+    L = len(weights)
+    W = torch.cat(list(weights))
+    d, r, counts, k = _frame_stats_cpu("conv_frame_penalty_multi", W, input_size, stride, padding, dilation,
+                                       L * groups, padding_mode, side)
+    return _conv_geometry.frame_values(d, r, A, B, L, k // L, weights[0].dtype, counts)
+
+
 def conv_gershgorin_bounds(weight: torch.Tensor, input_size, stride=1, padding=0, dilation=1, groups: int = 1,
                            padding_mode: str = "zeros", side: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """``(min(d − r), max(d + r))`` over the classes, on the C++ kernel's stats."""
