@@ -74,7 +74,8 @@ def _table_classes(dc):
     found = []
     for c, count in enumerate(dc.counts):
         table = dc.table[c * dc.k * dc.k * nq:(c + 1) * dc.k * dc.k * nq]
-        items = sorted((((i // nq) // dc.k, (i // nq) % dc.k, dc.rel[i % nq]), int(v)) for i, v in enumerate(table) if v)
+        items = sorted((((i // nq) // dc.k, (i // nq) % dc.k, dc.rel[i % nq]), int(v))
+                       for i, v in enumerate(table) if v)
         found.append((tuple(items), count))
     return sorted(found)
 
