@@ -208,64 +208,102 @@ def _readers(u: int, n: int, out: int, k: int, s: int, p: int, dil: int, circula
                 yield a // s, t
 
 
+def _wrap(q: int, m: int) -> int:
+    """The representative of ``q mod m`` in ``[−⌊m/2⌋, m − ⌊m/2⌋)``."""
+    return (q + m // 2) % m - m // 2
+
+
 def _pattern(pos: int, n: int, out: int, k: int, s: int, p: int, dil: int, circular: bool, rows: bool) -> tuple:
     """Row ``pos`` of ``Q_i`` relative to ``pos``: the sorted ``((t, t', q), multiplicity)`` items.
 
     cols (``pos = u``): ``Q[u, t, t', u + q] = Σ_y E[y, t, u] E[y, t', u + q]`` — the tap pairs of
     every output reading ``u``; rows (``pos = y``): ``Q[y, t, t', y + q] = Σ_u E[y, t, u] E[y + q, t', u]``
-    — every reader of every input ``y`` reads."""
+    — every reader of every input ``y`` reads.
+
+    Circular padding labels an offset by its residue (``_wrap``) modulo the size of the side's index
+    range, ``n`` (cols) or ``out`` (rows), instead of by the plain difference of two indices. This
+    is safe because the columns of one row are distinct indices of ``[0, n)`` (``[0, out)``): two of
+    them never share a residue, so a label still names exactly one column of that row and nothing
+    is summed that is not one entry of ``V``. It merges what the plain difference splits: near a
+    wrapped edge the column reached at ``+n − 1`` is the one the interior reaches at ``−1``, so
+    (stride 1, same padding) every position gets the interior's pattern: one class."""
     pat: Counter = Counter()
     if rows:
         for t, u in _taps(pos, n, k, s, p, dil, circular):
             for y2, t2 in _readers(u, n, out, k, s, p, dil, circular):
-                pat[(t, t2, y2 - pos)] += 1
+                pat[(t, t2, _wrap(y2 - pos, out) if circular else y2 - pos)] += 1
     else:
         for y, t in _readers(pos, n, out, k, s, p, dil, circular):
             for t2, u2 in _taps(y, n, k, s, p, dil, circular):
-                pat[(t, t2, u2 - pos)] += 1
+                pat[(t, t2, _wrap(u2 - pos, n) if circular else u2 - pos)] += 1
     return tuple(sorted(pat.items()))
 
 
-def class_positions(n: int, out: int, k: int, s: int, p: int, dil: int, circular: bool,
-                     rows: bool) -> list[tuple[int | None, int]]:
-    """Representative positions and how many positions share each one's pattern: ``(pos, count)``,
-    ``pos = None`` for outputs that read nothing (zeros padding; the empty pattern).
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
 
-    Index map of the interior (exact, not a heuristic). Let ``e = (k − 1)·dil`` and ``p_c = p`` for
-    circular padding, 0 for zeros. An input ``u`` with ``p_c + e ≤ u ≤ n − 1 − p_c − e − s`` is read
-    only through the unwrapped ``w = u`` (``u − n < −p``, ``u + n ≥ n + p``), by taps ``t`` with
-    ``s | u + p − t·dil``, all with ``0 ≤ y < out`` (``(out − 1)·s ≥ n + 2p − e − s``), and each such
-    output's other taps read ``u + (t' − t)·dil ∈ [0, n)``: its pattern depends on ``u mod s`` only.
-    An output ``y`` whose taps all read such inputs has the pattern of every such output (the
-    readers of ``w`` relative to ``y`` depend on ``(t − t')·dil mod s`` only). So only positions
-    within ``O(p_c + e + s)`` of an edge (cols) or ``O((p_c + e)/s + 1)`` (rows) are enumerated, plus
-    ``s`` (cols) or 1 (rows) interior representatives: work independent of ``n``."""
-    e = (k - 1) * dil
-    p_c = p if circular else 0
-    lo_u, hi_u = p_c + e, n - 1 - p_c - e - s  # the interior inputs, inclusive
-    reps: list[tuple[int | None, int]] = []
-    if not rows:
-        if hi_u < lo_u:
-            return [(u, 1) for u in range(n)]
-        reps += [(u, 1) for u in range(lo_u)]
-        reps += [(u, (hi_u - u) // s + 1) for u in range(lo_u, min(lo_u + s, hi_u + 1))]
-        reps += [(u, 1) for u in range(hi_u + 1, n)]
-        return reps
-    # rows: zeros padding leaves outputs whose taps all fall in the padding (empty pattern)
-    if circular:
-        y_a, y_b = 0, out
+
+def class_positions(n: int, out: int, k: int, s: int, p: int, dil: int, circular: bool,
+                    rows: bool) -> list[tuple[int | None, int]]:
+    """Representative positions and how many positions share each one's pattern: ``(pos, count)``;
+    ``pos = None`` stands for inputs that no output reads (the empty pattern). Equal patterns may
+    appear under several representatives (``dim_classes`` merges them).
+
+    The positions are cut into intervals on which every pattern is constant (per residue mod
+    ``s`` for cols), from the finitely many linear conditions that decide a pattern; the cut
+    points are a function of ``(k, s, p, dil)`` and the two ends, so the work is
+    ``O(k²)`` intervals (cols: times at most ``3k`` residues), however large ``n``, ``p``,
+    ``dil`` or ``s``. With ``e_t = t·dil − p``:
+
+    * cols, input ``u``: output ``y`` reads ``u`` by tap ``t`` iff ``y·s = u + j·n − e_t`` for a
+      wrap ``j`` (0 for zeros; −1, 0, 1 for circular as ``p ≤ n``) with ``0 ≤ y < out``, i.e.
+      ``u ≡ e_t − j·n (mod s)`` and ``e_t − j·n ≤ u ≤ e_t − j·n + (out − 1)·s``. That output's tap
+      ``t'`` reaches ``u + (t' − t)·dil`` (circular: its residue mod ``n``, a constant label),
+      present for zeros iff ``0 ≤ u + (t' − t)·dil < n``. So the pattern is constant between the
+      cuts ``e_t − j·n``, ``e_t − j·n + (out − 1)·s + 1``, ``−δ``, ``n − δ`` (``δ = (t' − t)·dil``)
+      on each residue class mod ``s``; residues that are none of ``e_t − j·n`` are read by
+      nobody (empty pattern).
+    * rows, output ``y``: tap ``t`` reads ``w = y·s + e_t`` (zeros: iff ``⌈(p − t·dil)/s⌉ ≤ y <
+      ⌈(n + p − t·dil)/s⌉``), and the readers of that input are the outputs
+      ``y' = y + ((t − t')·dil + i·n)/s`` (``i = 0`` for zeros; circular: ``|i| ≤ 2`` since both
+      unwrapped positions lie in ``[−p, n + p)``) where that is an integer in ``[0, out)``:
+      constant between the cuts above and ``−σ``, ``out − σ`` for each integral shift ``σ``."""
+    lo_end, hi_end = 0, (out if rows else n)
+    cuts = {lo_end, hi_end}
+    residues = {0}
+    if rows:
+        if not circular:
+            for t in range(k):
+                cuts |= {_ceil_div(p - t * dil, s), _ceil_div(n + p - t * dil, s)}
+        for d in range(-(k - 1), k):
+            for i in ((-2, -1, 0, 1, 2) if circular else (0,)):
+                if (d * dil + i * n) % s == 0:
+                    shift = (d * dil + i * n) // s
+                    cuts |= {-shift, out - shift}
+        step = 1
     else:
-        y_a = min(out, max(0, -(-(p - e) // s)))      # first y with y·s − p + e ≥ 0
-        y_b = min(out, max(y_a, -(-(n + p) // s)))    # first y with y·s − p ≥ n
-    if y_a + out - y_b:
-        reps.append((None, y_a + out - y_b))
-    y_lo = max(y_a, -(-(lo_u + p) // s))               # y·s − p ≥ lo_u
-    y_hi = min(y_b - 1, (hi_u + p - e) // s) if hi_u >= lo_u else y_lo - 1  # y·s − p + e ≤ hi_u
-    if y_hi < y_lo:
-        return reps + [(y, 1) for y in range(y_a, y_b)]
-    reps += [(y, 1) for y in range(y_a, y_lo)]
-    reps.append((y_lo, y_hi - y_lo + 1))
-    reps += [(y, 1) for y in range(y_hi + 1, y_b)]
+        residues = set()
+        for t in range(k):
+            for j in ((-1, 0, 1) if circular else (0,)):
+                first = t * dil - p - j * n  # the input output 0 reads by tap t, unwrapped by j
+                cuts |= {first, first + (out - 1) * s + 1}
+                residues.add(first % s)
+        if not circular:
+            for d in range(-(k - 1), k):
+                cuts |= {-d * dil, n - d * dil}
+        step = s
+    bounds = sorted(c for c in cuts if lo_end <= c <= hi_end)
+    reps: list[tuple[int | None, int]] = []
+    for lo, hi in zip(bounds, bounds[1:]):
+        covered = 0
+        for r in sorted(residues):
+            first = lo + (r - lo) % step
+            if first < hi:
+                count = (hi - 1 - first) // step + 1
+                reps.append((first, count))
+                covered += count
+        if covered < hi - lo:
+            reps.append((None, hi - lo - covered))
     return reps
 
 

@@ -461,8 +461,14 @@ def test_conv_to_matrix_sparse_plan_larger_than_the_cache_is_not_kept(monkeypatc
 # ---------------------------------------------------------------- item 15: border classes in O(classes)
 
 def _classes_by_position(n, k, s, p, dil, circular, rows):
-    """Oracle: every position's pattern enumerated (O(n·k²)), equal patterns counted."""
+    """Oracle: every position's pattern enumerated (O(n·k²)), equal patterns counted. Circular
+    offsets are labelled by their residue in [−⌊m/2⌋, m − ⌊m/2⌋), m = n (cols) or out (rows)."""
     out = (n + 2 * p - dil * (k - 1) - 1) // s + 1
+    m = out if rows else n
+
+    def label(q):
+        return (q + m // 2) % m - m // 2 if circular else q
+
     hits = []
     for y in range(out):
         row = []
@@ -482,13 +488,13 @@ def _classes_by_position(n, k, s, p, dil, circular, rows):
         for pairs in readers:
             for y, t in pairs:
                 for y2, t2 in pairs:
-                    patterns[y][(t, t2, y2 - y)] += 1
+                    patterns[y][(t, t2, label(y2 - y))] += 1
     else:
         patterns = [Counter() for _ in range(n)]
         for row in hits:
             for t, u in row:
                 for t2, u2 in row:
-                    patterns[u][(t, t2, u2 - u)] += 1
+                    patterns[u][(t, t2, label(u2 - u))] += 1
     return sorted(Counter(tuple(sorted(pat.items())) for pat in patterns).items())
 
 

@@ -34,12 +34,17 @@ Math (all dims normalised to three spatial dims; a 2-D conv is a 3-D one with a 
 * Border classes. Row ``(a, p)`` of ``V`` is determined by ``X[a]`` and, per dim, by the
   *relative* pattern ``q ↦ Q_i[p_i, ·, ·, p_i + q]``. Positions with equal patterns form a
   class: in the interior all positions agree (stride s: one class per residue mod s), and each
-  border position near a zero-padded edge (or each wrap-around pattern of a circular one) has
-  its own. A class table ``Cls_i`` holds each class's pattern over the reachable offsets ``q``,
-  with multiplicities (circular taps can reach one position twice). The tables are built in pure
-  Python from one representative per class (``regkernels._geometry.class_positions``: the positions near the edges
-  and ``s`` interior ones, whose patterns repeat with period ``s``): ``O(classes·k²)`` work per dim,
-  independent of ``n`` (cached), which also lets the fake implementation size the outputs.
+  border position near a zero-padded edge has its own. Under circular padding an offset ``q`` is
+  taken modulo the side's index range (``n``, or the output size for rows) and labelled by one
+  fixed residue: the columns of one row are distinct indices of that range, hence distinct
+  residues, so a label still names a single column, and wrapped edges whose columns coincide
+  with the interior's share its class (stride 1, same padding: one class per dim). A class table
+  ``Cls_i`` holds each class's pattern over the reachable offsets ``q``, with multiplicities
+  (circular taps can reach one position twice). The tables are built in pure Python
+  (``regkernels._geometry.class_positions``): the positions are cut where some pattern can change
+  (a set of cut points fixed by ``k``, ``s``, ``p``, ``dil``), one pattern is computed per piece
+  and residue, and equal ones are merged: work independent of ``n`` (cached), which also lets
+  the fake implementation size the outputs.
 * For every class combination ``κ = (κ_0, κ_1, κ_2)``::
 
       V_κ[a, a', q] = Σ_{t,t'} X[a, a', t, t'] · Π_i Cls_i[κ_i, t_i, t'_i, q_i]
