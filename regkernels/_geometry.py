@@ -510,7 +510,8 @@ def frame_values(d: torch.Tensor, r: torch.Tensor, A: float, B: float, L: int, k
     its value is ``frame_value`` of those rows, ``(1/k) Σ count · h(d, r)`` with ``k`` the size of ONE
     layer's Gram and ``counts (n_cls,)`` the positions per class. ``scale (L,)``: the layers' factors
     from ``stack_layers`` (their ``d``, ``r`` are scaled back by ``scale²`` first)."""
-    d, r = d.reshape(L, -1, *d.shape[1:]), r.reshape(L, -1, *r.shape[1:])
+    shape = (L, d.shape[0] // L, *d.shape[1:])  # explicit: a layer without channels has no -1 to infer
+    d, r = d.reshape(shape), r.reshape(shape)
     if scale is not None:
         # (x·σ)·σ, as the stats ops scale back: σ² alone may overflow where x·σ² does not
         s = scale.to(d.dtype).view(L, 1, 1, 1)
