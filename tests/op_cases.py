@@ -745,7 +745,8 @@ def _conv_frame_multi_samples(device, dtype, rg):
 
         def make(*ws, size=size, kw=kw):
             return (list(ws), size, 0.5, 2.0), dict(kw)
-        out.append(Sample(f"{gid}-L{L}-{kw['side']}", leaves, make))
+        # three layers are heavy for interpreted Triton (one program per (group, class, channel))
+        out.append(Sample(f"{gid}-L{L}-{kw['side']}", leaves, make, heavy=L == 3))
     gid, shape, size, kw = FRAME_GEOMETRIES[0]
     s = _leaf(_det("multi-strided", (2 * shape[0], *shape[1:]), 0.5), device, dtype, rg)
     e = _leaf(_det("multi-E", (1, *shape[1:]), 0.5), device, dtype, rg)
