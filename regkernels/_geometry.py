@@ -13,7 +13,8 @@ the Triton modules (``regkernels.triton.conv_matrix`` / ``conv_frame``) and the 
   ``FrameGeometry``, ``frame_plan``, ``class_counts``; the math is in ``regkernels.composite.conv``'s docstring) and
   the layout of the tap-Gram factor (``tap_gram_factor``, ``weight_of_factor``, ``factor_scale``).
 * The hinge of the frame penalty and the Gershgorin bounds from ``(d, r)`` (``frame_value``,
-  ``gershgorin_value``), shared by the explicit reference and the implicit paths.
+  ``gershgorin_value``), shared by the explicit reference and the implicit paths; several layers
+  of one geometry as one grouped conv and their ``(L,)`` values (``stack_layers``, ``frame_values``).
 * ``vmap_by_loop``: the vmap rule of the family's ``torch.autograd.Function`` wrappers.
 """
 from __future__ import annotations
@@ -515,6 +516,46 @@ def frame_value(d: torch.Tensor, r: torch.Tensor, A: float, B: float, k: int, dt
     h = torch.clamp(A - (d - r), min=0) ** 2 + torch.clamp((d + r) - B, min=0) ** 2
     total = (h if counts is None else h * counts).sum()
     return (total / max(k, 1)).to(dtype)
+
+
+def stack_layers(weights: Sequence[torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``L`` layers of one weight shape ``(C_out, C_in/g, *k)`` as ONE grouped conv ``(L·C_out, C_in/g, *k)``
+    with ``L·g`` groups (docs/conv.md#conv_frame_penalty_multi), in the math ``dtype``; returns
+    ``(W, scale)``.
+
+    The implicit stats treat every group on its own (one tap-Gram block and one ``(n_cls, Cx)`` slice
+    of ``d``, ``r`` per group; ``tap_gram_factor`` takes groups as consecutive runs of ``C_out/G``
+    output channels on both sides), so group ``l·g + j`` of the stack is group ``j`` of layer ``l``.
+    Each layer is divided by its own power of two ``scale[l]`` (``pow2_scale`` of its ``max|W_l|``:
+    exact, and ``frame_values`` scales its ``d``, ``r`` back): the stats op's own range scaling is
+    one factor for the whole stack, which would let a layer of huge weights push a small one's tap
+    Gram into float32 underflow, or — when another layer holds NaN and that factor falls back to 1 —
+    let a huge layer overflow to ``inf·0 = NaN``. So each layer gets the value its single-layer call
+    gives. The stack is a differentiable ``torch.cat`` (``scale`` is a constant): gradients reach each
+    layer's weight."""
+    L = len(weights)
+    W = torch.cat([w.to(dtype) for w in weights])
+    if W.numel() == 0:
+        return W, W.new_ones(L)
+    scale = pow2_scale(W.detach().reshape(L, W.numel() // L).abs().amax(dim=1))
+    return (W.reshape(L, -1) / scale[:, None]).reshape(W.shape), scale
+
+
+def frame_values(d: torch.Tensor, r: torch.Tensor, A: float, B: float, L: int, k: int, dtype: torch.dtype,
+                 counts: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``(L,)`` frame penalties of ``L`` layers stacked as one grouped conv (``stack_layers``) from its
+    stats ``d``, ``r`` of shape ``(L·g, n_cls, Cx)``: layer ``l`` owns groups ``l·g … l·g + g − 1``, and
+    its value is ``frame_value`` of those rows, ``(1/k) Σ count · h(d, r)`` with ``k`` the size of ONE
+    layer's Gram and ``counts (n_cls,)`` the positions per class. ``scale (L,)``: the layers' factors
+    from ``stack_layers`` (their ``d``, ``r`` are scaled back by ``scale²`` first)."""
+    shape = (L, d.shape[0] // L, *d.shape[1:])  # explicit: a layer without channels has no -1 to infer
+    d, r = d.reshape(shape), r.reshape(shape)
+    if scale is not None:
+        # (x·σ)·σ, as the stats ops scale back: σ² alone may overflow where x·σ² does not
+        s = scale.to(d.dtype).view(L, 1, 1, 1)
+        d, r = d * s * s, r * s * s
+    h = torch.clamp(A - (d - r), min=0) ** 2 + torch.clamp((d + r) - B, min=0) ** 2
+    return ((h * counts[:, None]).sum(dim=(1, 2, 3)) / max(k, 1)).to(dtype)
 
 
 def gershgorin_value(d: torch.Tensor, r: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -729,6 +729,31 @@ def _conv_to_matrix_layout_samples(layouts, device, dtype, rg):
 
 CW = torch.randn(4, 2, 3, 3)
 
+
+def o_conv_frame_multi(weights, input_size, A, B, side="auto", **kw):
+    return (torch.stack([o_conv_frame(w, input_size, A, B, side, **kw)[0] for w in weights]),)
+
+
+def _conv_frame_multi_samples(device, dtype, rg):
+    """Lists of 1–3 layers of one geometry (the frame geometries, both sides named), layers of
+    different scales (each is range-scaled on its own), and a list of a strided and an expanded view."""
+    out = []
+    for j, (gid, shape, size, kw) in enumerate(FRAME_GEOMETRIES):
+        L = (1, 3, 2)[j % 3]
+        kw = dict(kw, side=("auto", "rows", "cols")[j % 3])
+        leaves = tuple(_leaf(_det(f"multi{gid}-{l}", shape, 0.3 * (l + 1)), device, dtype, rg) for l in range(L))
+
+        def make(*ws, size=size, kw=kw):
+            return (list(ws), size, 0.5, 2.0), dict(kw)
+        # three layers are heavy for interpreted Triton (one program per (group, class, channel))
+        out.append(Sample(f"{gid}-L{L}-{kw['side']}", leaves, make, heavy=L == 3))
+    gid, shape, size, kw = FRAME_GEOMETRIES[0]
+    s = _leaf(_det("multi-strided", (2 * shape[0], *shape[1:]), 0.5), device, dtype, rg)
+    e = _leaf(_det("multi-E", (1, *shape[1:]), 0.5), device, dtype, rg)
+    out.append(Sample(gid + "-strided-expanded", (s, e),
+                      lambda s, e: (([s[::2], e.expand(shape)], size, 0.5, 2.0), dict(kw))))
+    return out
+
 CONV_CASES = [
     # the sparse layouts are a table op of their own (ops/conv.py)
     OpCase("conv_to_matrix_sparse", "conv", regkernels.conv_to_matrix, R_conv.conv_to_matrix, o_conv_to_matrix,
@@ -787,6 +812,29 @@ CONV_CASES = [
                    dict(padding=1, backend="reference"), ValueError,
                    r"conv_frame_penalty: the explicit reference \(dense T of shape \(16928, 16928\) plus its Gram "
                    r"matrix\) needs .* bytes"),
+           ]),
+    OpCase("conv_frame_penalty_multi", "conv", regkernels.conv_frame_penalty_multi, R_conv.conv_frame_penalty_multi,
+           o_conv_frame_multi, _conv_frame_multi_samples, rtol64=1e-10, bad=[
+               Bad("weights-tensor", (CW, (5, 5), 0.5, 1.0), {}, TypeError,
+                   r"conv_frame_penalty_multi: weights must be a list or tuple of weight tensors"),
+               Bad("weights-empty", ([], (5, 5), 0.5, 1.0), {}, ValueError,
+                   r"conv_frame_penalty_multi: weights must hold at least one weight tensor"),
+               Bad("weights-str-entry", ([CW, "w"], (5, 5), 0.5, 1.0), {}, TypeError,
+                   r"conv_frame_penalty_multi: weights\[1\] must be a torch.Tensor"),
+               Bad("two-shapes", ([CW, CW[:2]], (5, 5), 0.5, 1.0), {}, ValueError,
+                   r"conv_frame_penalty_multi: weights must all have one shape .* weights\[0\] has \(4, 2, 3, 3\), "
+                   r"weights\[1\] has \(2, 2, 3, 3\)"),
+               Bad("two-dtypes", ([CW, CW.double()], (5, 5), 0.5, 1.0), {}, TypeError,
+                   r"conv_frame_penalty_multi: weights must all have one dtype; weights\[0\] is torch.float32, "
+                   r"weights\[1\] is torch.float64"),
+               Bad("two-devices", ([CW, CW.to("meta")], (5, 5), 0.5, 1.0), {}, ValueError,
+                   r"conv_frame_penalty_multi: weights must all be on one device; weights\[0\] is on cpu, "
+                   r"weights\[1\] on meta"),
+               Bad("A-above-B", ([CW], (5, 5), 2.0, 1.0), {}, ValueError, r"conv_frame_penalty_multi: need A <= B"),
+               Bad("groups-not-dividing", ([CW], (5, 5), 0.5, 1.0), dict(groups=3), ValueError,
+                   r"conv_frame_penalty_multi: groups must divide the output channels"),
+               Bad("side-unknown", ([CW], (5, 5), 0.5, 1.0), dict(side="both"), ValueError,
+                   r"conv_frame_penalty_multi: side must be 'auto', 'rows'"),
            ]),
     OpCase("conv_gershgorin_bounds", "conv", regkernels.conv_gershgorin_bounds, R_conv.conv_gershgorin_bounds,
            o_conv_gershgorin, _conv_samples(FRAME_GEOMETRIES, tag="gersh", empty=False), rtol64=1e-10, bad=[

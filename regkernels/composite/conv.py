@@ -376,6 +376,18 @@ def conv_gershgorin_bounds(weight: torch.Tensor, input_size, stride=1, padding=0
     return CG.gershgorin_value(d, r, weight.dtype)
 
 
+def conv_frame_penalty_multi(weights, input_size, A: float, B: float, stride=1, padding=0, dilation=1,
+                             groups: int = 1, padding_mode: str = "zeros", side: str = "auto") -> torch.Tensor:
+    """``(L,)``: ``conv_frame_penalty`` of each of ``L`` layers of one shape and geometry, from ONE stats
+    call: the layers stacked as one conv with ``L·groups`` groups (``regkernels._geometry.stack_layers``;
+    docs/conv.md#conv_frame_penalty_multi)."""
+    L = len(weights)
+    W, scale = CG.stack_layers(weights, compute_dtype(weights[0].dtype))
+    d, r, counts, k = _stats("conv_frame_penalty_multi", W, input_size, stride, padding, dilation, L * groups,
+                             padding_mode, side)
+    return CG.frame_values(d, r, A, B, L, k // L, weights[0].dtype, counts, scale)
+
+
 # ----------------------------------------------------------------------------- conv_to_matrix, sparse layouts
 
 class _GatherSum(torch.autograd.Function):

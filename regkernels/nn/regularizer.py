@@ -13,7 +13,8 @@ kind                per-layer penalty (docs/gram.md, docs/conv.md) and how the m
 ``mhe``, ``srip``   own keyword arguments
 ``conv_frame``      ``conv_frame_penalty`` of each layer's operator at its own stride, padding,
                     dilation, groups, padding mode and input size (recorded by a forward pre-hook
-                    or given as ``input_sizes``); one exact implicit evaluation per layer
+                    or given as ``input_sizes``); one ``conv_frame_penalty_multi`` call (one exact
+                    implicit evaluation) per set of convs of equal weight shape and geometry
 ``ocnn``            ``conv_orthogonality_penalty`` at each layer's stride
 ==================  ============================================================================
 
@@ -38,6 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from regkernels import _geometry as CG
 from regkernels.ops import conv as _conv
 from regkernels.ops import gram as _gram
 from regkernels.ops import svd as _svd
@@ -230,33 +232,48 @@ class Regularizer:
             return _gram.penalty_multi([_float32_if_half(m.weight) for _, m in self.layers], self.kind,
                                        backend=self.backend,
                                        groups=self._groups(), **self.kw)
-        out: list = [None] * len(self.layers)
         if self.kind == "conv_frame":
-            # a Linear's operator is W itself: its conv frame penalty is frame_penalty(W), and all
-            # Linear layers go through one grouped call
-            linear = [i for i, (_, m) in enumerate(self.layers) if isinstance(m, nn.Linear)]
-            if linear:
-                values = _gram.penalty_multi([_float32_if_half(self.layers[i][1].weight) for i in linear], "frame",
-                                             backend=self.backend, A=self.kw["A"], B=self.kw["B"],
-                                             side=self.kw.get("side", "auto"))
-                for i, v in zip(linear, values):
-                    out[i] = v
+            return torch.stack(self._conv_frame_values())
+        out: list = [None] * len(self.layers)
         for i, (name, m) in enumerate(self.layers):
-            if out[i] is not None:  # done above
+            w, geo = _float32_if_half(_as_conv_weight(m)), self._geometry[name]
+            penalties = [_conv.conv_orthogonality_penalty(wg, geo["stride"], self.kw.get("padding"),
+                                                          backend=self.backend)
+                         for wg in w.chunk(geo["groups"], dim=0)]
+            out[i] = torch.stack(penalties).mean()  # grouped: the mean over groups (docs/gram.md#as_matrix)
+        return torch.stack(out)
+
+    def _conv_frame_values(self) -> list[torch.Tensor]:
+        """``conv_frame`` per layer (0-dim tensors in ``self.layers`` order) in as few calls as the shapes
+        allow: every Linear in one ``penalty_multi`` call (its operator is W itself: ``frame_penalty(W)``),
+        and the convs in one ``conv_frame_penalty_multi`` call per set of layers of equal weight shape,
+        dtype, device and geometry (input size, stride, padding, dilation, groups, padding mode), which
+        the op runs as one grouped conv (docs/nn.md#regularizer)."""
+        op, (A, B), side = "Regularizer", (self.kw["A"], self.kw["B"]), self.kw.get("side", "auto")
+        out: list = [None] * len(self.layers)
+        linear = [i for i, (_, m) in enumerate(self.layers) if isinstance(m, nn.Linear)]
+        if linear:
+            values = _gram.penalty_multi([_float32_if_half(self.layers[i][1].weight) for i in linear], "frame",
+                                         backend=self.backend, A=A, B=B, side=side)
+            for i, v in zip(linear, values):
+                out[i] = v
+        sets: dict[tuple, list[tuple[int, torch.Tensor]]] = {}
+        for i, (name, m) in enumerate(self.layers):
+            if out[i] is not None:
                 continue
             w, geo = _float32_if_half(_as_conv_weight(m)), self._geometry[name]
-            if self.kind == "conv_frame":
-                size = self._sizes.get("Regularizer", name, m)
-                out[i] = _conv.conv_frame_penalty(w, size, self.kw["A"], self.kw["B"], geo["stride"],
-                                                  geo["padding"], geo["dilation"], geo["groups"],
-                                                  geo["padding_mode"], self.kw.get("side", "auto"),
-                                                  backend=self.backend)
-            else:
-                penalties = [_conv.conv_orthogonality_penalty(wg, geo["stride"], self.kw.get("padding"),
-                                                              backend=self.backend)
-                             for wg in w.chunk(geo["groups"], dim=0)]
-                out[i] = torch.stack(penalties).mean()  # grouped: the mean over groups (docs/gram.md#as_matrix)
-        return torch.stack(out)
+            d = w.dim() - 2
+            # int and tuple spellings of one padding are one geometry
+            key = (tuple(w.shape), w.dtype, w.device, tuple(self._sizes.get(op, name, m)),
+                   *(CG.expand(geo[a], d) for a in ("stride", "padding", "dilation")), geo["groups"],
+                   geo["padding_mode"])
+            sets.setdefault(key, []).append((i, w))
+        for (_, _, _, size, stride, padding, dilation, groups, mode), members in sets.items():
+            values = _conv.conv_frame_penalty_multi([w for _, w in members], size, A, B, stride, padding, dilation,
+                                                    groups, mode, side, backend=self.backend)
+            for (i, _), v in zip(members, values):
+                out[i] = v
+        return out
 
     def __call__(self) -> torch.Tensor:
         return self.weight * self.values().mean()

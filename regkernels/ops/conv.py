@@ -15,6 +15,9 @@ then runs the implementation ``TABLE`` gives for the backend, the weight's devic
   ``"torch"`` (GEMMs in torch ops with a hand-written backward, any device; the CUDA default); the fused
   Triton form runs when named (``"triton"``, float16 / bfloat16 / float32). The reference builds ``T``
   and its Gram and refuses layers over 2 GiB.
+* ``conv_frame_penalty_multi``: ``L`` layers of one weight shape and one geometry in one call of
+  the implicit stats (the layers as one conv with ``L·groups`` groups), ``(L,)`` values; rows as
+  ``conv_frame_penalty``'s.
 * ``conv_singular_values`` / ``clip_conv_singular_values``: per-frequency SVDs on the batched Jacobi
   SVD kernel (``"cuda"``: the default on CUDA; ``"cpu"``: named only, LAPACK's complex SVD in the
   reference is faster on CPU). Named, a weight larger than the kernel takes raises ValueError;
@@ -43,6 +46,7 @@ __all__ = [
     "conv_to_matrix",
     "conv_frame_penalty",
     "conv_gershgorin_bounds",
+    "conv_frame_penalty_multi",
     "conv_orthogonality_penalty",
     "conv_singular_values",
     "clip_conv_singular_values",
@@ -76,6 +80,14 @@ TABLE = Table("conv", [
            dtypes=HALF_AND_FLOAT, default=False, note="the implicit stats fused; computed in float32"),
     Kernel("conv_gershgorin_bounds", "any", "reference", f"{_REF}:conv_gershgorin_bounds",
            note="explicit T and its Gram"),
+    Kernel("conv_frame_penalty_multi", "cpu", "cpu", "regkernels._C_ops:conv_frame_penalty_multi",
+           note="one C++ stats call for the L layers as L·groups groups"),
+    Kernel("conv_frame_penalty_multi", "any", "torch", "regkernels.composite.conv:conv_frame_penalty_multi",
+           note="L layers of one geometry as one conv with L·groups groups: one stats call"),
+    Kernel("conv_frame_penalty_multi", "cuda", "triton", "regkernels.triton.conv_frame:conv_frame_penalty_multi",
+           dtypes=HALF_AND_FLOAT, default=False, note="one fused stats call for the L layers; computed in float32"),
+    Kernel("conv_frame_penalty_multi", "any", "reference", f"{_REF}:conv_frame_penalty_multi",
+           note="explicit T and its Gram, one layer at a time"),
     Kernel("conv_orthogonality_penalty", "any", "reference", f"{_REF}:conv_orthogonality_penalty"),
     Kernel("conv_singular_values", "cuda", "cuda", "regkernels._C_ops:conv_singular_values",
            note="Jacobi SVD of each frequency's real embedding"),
@@ -240,6 +252,52 @@ def conv_frame_penalty(weight: torch.Tensor, input_size: Sequence[int], A: float
     check_side(op, side)
     impl = TABLE.implementation(op, backend, weight.device, weight.dtype)
     return impl(weight, input_size, A, B, stride, padding, dilation, groups, padding_mode, side)
+
+
+def conv_frame_penalty_multi(weights: Sequence[torch.Tensor], input_size: Sequence[int], A: float, B: float,
+                             stride=1, padding=0, dilation=1, groups: int = 1, padding_mode: str = "zeros",
+                             side: str = "auto", *, backend: str | None = None) -> torch.Tensor:
+    """``conv_frame_penalty`` of several layers of ONE geometry in one call
+    (docs/conv.md#conv_frame_penalty_multi).
+
+    ``weights``: a non-empty list of ``(C_out, C_in/groups, *k)`` tensors of one shape, dtype and
+    device, all acting on inputs of ``input_size`` with the same stride, padding, dilation, groups,
+    padding mode and side. Returns ``(L,)`` in the weights' dtype, entry ``l`` equal to
+    ``conv_frame_penalty(weights[l], input_size, A, B, …)`` (to floating-point summation order).
+
+    The implicit backends stack the layers as one conv with ``L·groups`` groups (the statistics are
+    per group) and make one stats call for all of them; each layer is range-scaled on its own, so a
+    layer holding NaN/inf gives NaN in its entry only, and the others' values and gradients are
+    those of their single-layer calls. The tap Gram of all ``L`` layers is held at once (``L`` times
+    one layer's) and the ``MAX_WORK_BYTES`` limit applies to the whole call. Double backward as
+    ``conv_frame_penalty``.
+    """
+    op = "conv_frame_penalty_multi"
+    check_backend_keyword(op, backend)
+    if not isinstance(weights, (list, tuple)):
+        raise TypeError(f"{op}: weights must be a list or tuple of weight tensors {_WEIGHT_FORM}, one shape, dtype "
+                        f"and device; got {type(weights).__name__}")
+    if not weights:
+        raise ValueError(f"{op}: weights must hold at least one weight tensor; got an empty {type(weights).__name__}")
+    for i, w in enumerate(weights):
+        check_tensor(op, f"weights[{i}]", w, ndim=(3, 4, 5), form=_WEIGHT_FORM)
+    first = weights[0]
+    for i, w in enumerate(weights):
+        if w.shape != first.shape:
+            raise ValueError(f"{op}: weights must all have one shape (they run as one grouped conv); weights[0] has "
+                             f"{tuple(first.shape)}, weights[{i}] has {tuple(w.shape)}: call it once per shape, or "
+                             f"conv_frame_penalty per layer")
+        if w.dtype != first.dtype:
+            raise TypeError(f"{op}: weights must all have one dtype; weights[0] is {first.dtype}, weights[{i}] is "
+                            f"{w.dtype}: cast them to one dtype, or call it once per dtype")
+        if w.device != first.device:
+            raise ValueError(f"{op}: weights must all be on one device; weights[0] is on {first.device}, weights[{i}] "
+                             f"on {w.device}: move them to one device, or call it once per device")
+    _check_geometry(op, first, input_size, stride, padding, dilation, groups, padding_mode)
+    check_bounds(op, "A", A, "B", B)
+    check_side(op, side)
+    impl = TABLE.implementation(op, backend, first.device, first.dtype)
+    return impl(list(weights), input_size, A, B, stride, padding, dilation, groups, padding_mode, side)
 
 
 def conv_gershgorin_bounds(weight: torch.Tensor, input_size: Sequence[int], stride=1, padding=0, dilation=1,

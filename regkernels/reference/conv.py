@@ -7,7 +7,8 @@ for reading rather than speed:
   a convolution layer acting on inputs of a fixed size (docs/conv.md#conv_to_matrix), dense or sparse.
 * ``conv_frame_penalty`` / ``conv_gershgorin_bounds`` — the frame penalty of ``T``
   computed EXPLICITLY from the dense matrix (docs/conv.md#conv_frame_penalty). Memory grows with
-  ``(C·H·W)²``, so a size guard refuses large layers with a ``ValueError``.
+  ``(C·H·W)²``, so a size guard refuses large layers with a ``ValueError``;
+  ``conv_frame_penalty_multi`` is the same for a list of layers, one at a time.
 * ``conv_orthogonality_penalty`` — the OCNN kernel orthogonality penalty (docs/conv.md#conv_orthogonality_penalty).
 * ``conv_singular_values`` / ``clip_conv_singular_values`` — the singular values of a
   circular, stride-1 convolution through the FFT (Sedghi et al., docs/conv.md#conv_singular_values).
@@ -40,6 +41,7 @@ __all__ = [
     "conv_to_matrix",
     "conv_frame_penalty",
     "conv_gershgorin_bounds",
+    "conv_frame_penalty_multi",
     "conv_orthogonality_penalty",
     "conv_singular_values",
     "clip_conv_singular_values",
@@ -262,6 +264,15 @@ def conv_gershgorin_bounds(weight: torch.Tensor, input_size: Sequence[int], stri
     d, r = _explicit_frame("conv_gershgorin_bounds", weight, input_size, stride, padding, dilation, groups,
                            padding_mode, side)
     return gershgorin_value(d, r, weight.dtype)
+
+
+def conv_frame_penalty_multi(weights: Sequence[torch.Tensor], input_size: Sequence[int], A: float, B: float,
+                             stride=1, padding=0, dilation=1, groups: int = 1, padding_mode: str = "zeros",
+                             side: str = "auto") -> torch.Tensor:
+    """``(L,)``: ``conv_frame_penalty`` of each weight in the list (one geometry for all), explicitly, one
+    layer at a time (docs/conv.md#conv_frame_penalty_multi)."""
+    return torch.stack([conv_frame_penalty(w, input_size, A, B, stride, padding, dilation, groups, padding_mode,
+                                           side) for w in weights])
 
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}

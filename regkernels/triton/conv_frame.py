@@ -462,3 +462,14 @@ def conv_gershgorin_bounds(weight: torch.Tensor, input_size, stride=1, padding=0
     d, r, _, _ = _stats("conv_gershgorin_bounds", weight, input_size, stride, padding, dilation, groups,
                         padding_mode, side)
     return CG.gershgorin_value(d, r, weight.dtype)
+
+
+def conv_frame_penalty_multi(weights, input_size, A: float, B: float, stride=1, padding=0, dilation=1,
+                             groups: int = 1, padding_mode: str = "zeros", side: str = "auto") -> torch.Tensor:
+    """``(L,)`` frame penalties of ``L`` layers of one shape and geometry from one fused stats call on the
+    layers stacked as one conv with ``L·groups`` groups (as ``regkernels.composite.conv``'s entry)."""
+    L = len(weights)
+    W, scale = CG.stack_layers(weights, torch.float32)  # the kernels compute in float32
+    d, r, counts, k = _stats("conv_frame_penalty_multi", W, input_size, stride, padding, dilation, L * groups,
+                             padding_mode, side)
+    return CG.frame_values(d, r, A, B, L, k // L, weights[0].dtype, counts, scale)
