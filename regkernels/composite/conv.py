@@ -641,12 +641,11 @@ def _ocnn_geometry(shape: tuple[int, ...], stride, padding) -> tuple[tuple[int, 
 
 def check_ocnn_work(op: str, L: int, shape: tuple[int, ...], stride, padding, dtype: torch.dtype) -> None:
     """Refuse (ValueError naming the size, before allocating) a stack whose tap Gram ``X (L, K·o, K·o)``,
-    its pair blocks and ``O (L, o, o, *s)`` exceed ``MAX_WORK_BYTES`` in the compute dtype."""
+    its blocks laid out as rows and ``O (L, o, o, *s)`` exceed ``MAX_WORK_BYTES`` in the compute dtype."""
     S, P = _ocnn_geometry(shape, stride, padding)
     o, K = shape[0], math.prod(shape[2:])
-    n_pairs = len(_ocnn_pairs(tuple(shape[2:]), S, P)[0])
     out = tuple(2 * p // s + 1 for p, s in zip(P, S))
-    elements = L * o * o * (K * K + n_pairs + math.prod(out))
+    elements = L * o * o * (2 * K * K + math.prod(out))  # X, its blocks as rows, O
     nbytes = elements * torch.empty((), dtype=compute_dtype(dtype)).element_size()
     if nbytes > R.MAX_WORK_BYTES:
         raise ValueError(f"{op}: the tap Gram of {L} layer(s) of shape {tuple(shape)} and the self-convolution O of "
@@ -661,7 +660,7 @@ def ocnn_stack(W: torch.Tensor, stride, padding) -> torch.Tensor:
     L, o = W.shape[:2]
     W = W.to(compute_dtype(W.dtype))
     M = ocnn_shift_matrix(W.shape[3:], S, P, W.dtype, W.device)
-    out = _ocnn_pairs(tuple(W.shape[3:]), S, P)[3]
+    out = tuple(2 * p // s + 1 for p, s in zip(P, S))
     O = _SelfCorrelation.apply(W, M)  # (L, n_shift, o, o)
     # target I at the centre ⌊s/2⌋ per dim (flat index in the row-major shift grid); the difference
     # is formed, not ‖O‖² − 2 tr + o, which cancels for near-orthogonal kernels

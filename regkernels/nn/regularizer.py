@@ -14,7 +14,9 @@ kind                per-layer penalty (docs/gram.md, docs/conv.md) and how the m
 ``conv_frame``      ``conv_frame_penalty`` of each layer's operator at its own stride, padding,
                     dilation, groups, padding mode and input size (recorded by a forward pre-hook
                     or given as ``input_sizes``); one exact implicit evaluation per layer
-``ocnn``            ``conv_orthogonality_penalty`` at each layer's stride
+``ocnn``            ``conv_orthogonality_penalty`` at each layer's stride; the layers (group chunks
+                    of grouped convs) of equal shape, stride, dtype and device go through one
+                    ``conv_orthogonality_penalty_multi`` call per such set
 ==================  ============================================================================
 
 A ``nn.Linear`` is the 1×1 convolution of a 1-point input, so the conv kinds take it as the
@@ -230,6 +232,8 @@ class Regularizer:
             return _gram.penalty_multi([_float32_if_half(m.weight) for _, m in self.layers], self.kind,
                                        backend=self.backend,
                                        groups=self._groups(), **self.kw)
+        if self.kind == "ocnn":
+            return torch.stack(self._ocnn_values())
         out: list = [None] * len(self.layers)
         if self.kind == "conv_frame":
             # a Linear's operator is W itself: its conv frame penalty is frame_penalty(W), and all
@@ -251,12 +255,27 @@ class Regularizer:
                                                   geo["padding"], geo["dilation"], geo["groups"],
                                                   geo["padding_mode"], self.kw.get("side", "auto"),
                                                   backend=self.backend)
-            else:
-                penalties = [_conv.conv_orthogonality_penalty(wg, geo["stride"], self.kw.get("padding"),
-                                                              backend=self.backend)
-                             for wg in w.chunk(geo["groups"], dim=0)]
-                out[i] = torch.stack(penalties).mean()  # grouped: the mean over groups (docs/gram.md#as_matrix)
         return torch.stack(out)
+
+    def _ocnn_values(self) -> list[torch.Tensor]:
+        """Per layer (0-dim): the mean over its group chunks of ``conv_orthogonality_penalty`` at its
+        stride. Every chunk of equal (shape, stride, dtype, device), across layers, goes through one
+        ``conv_orthogonality_penalty_multi`` call."""
+        buckets: dict[tuple, list[tuple[int, torch.Tensor]]] = {}
+        for i, (name, m) in enumerate(self.layers):
+            w, geo = _float32_if_half(_as_conv_weight(m)), self._geometry[name]
+            stride = tuple(geo["stride"]) if not isinstance(geo["stride"], int) else (geo["stride"],) * (w.dim() - 2)
+            chunks = w.chunk(geo["groups"], dim=0)
+            for wg in chunks:
+                buckets.setdefault((tuple(wg.shape), stride, wg.dtype, wg.device), []).append((i, wg))
+        per_layer: list[list[torch.Tensor]] = [[] for _ in self.layers]
+        for (_, stride, _, _), items in buckets.items():
+            values = _conv.conv_orthogonality_penalty_multi([wg for _, wg in items], stride, self.kw.get("padding"),
+                                                           backend=self.backend)
+            for (i, _), v in zip(items, values.unbind(0)):
+                per_layer[i].append(v)
+        # grouped: the mean over groups (docs/gram.md#as_matrix)
+        return [torch.stack(vs).mean() for vs in per_layer]
 
     def __call__(self) -> torch.Tensor:
         return self.weight * self.values().mean()
