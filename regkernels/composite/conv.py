@@ -569,7 +569,8 @@ def _ocnn_pairs(kernel: tuple[int, ...], stride: tuple[int, ...], padding: tuple
 @functools.lru_cache(maxsize=256)
 def _ocnn_shift_matrix(kernel: tuple[int, ...], stride: tuple[int, ...], padding: tuple[int, ...],
                        dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    ti, tpi, yi, out = _ocnn_pairs(kernel, stride, padding)
+    pairs = _ocnn_pairs.__wrapped__ if torch.compiler.is_compiling() else _ocnn_pairs
+    ti, tpi, yi, out = pairs(kernel, stride, padding)
     K = math.prod(kernel)
     M = torch.zeros((math.prod(out), K * K), dtype=dtype)
     M[list(yi), [t * K + tp for t, tp in zip(ti, tpi)]] = 1
