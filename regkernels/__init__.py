@@ -23,6 +23,7 @@ from regkernels.ops.conv import (
     conv_frame_penalty_multi,
     conv_gershgorin_bounds,
     conv_orthogonality_penalty,
+    conv_orthogonality_penalty_multi,
     conv_singular_values,
     conv_to_matrix,
 )
@@ -33,7 +34,8 @@ from regkernels import nn, optim, reference  # noqa: E402
 __all__ = [
     "as_matrix", "frame_penalty", "gershgorin_bounds", "frame_bounds", "diversity_penalty",
     "orthogonality_penalty", "mhe_penalty", "srip_penalty", "penalty_multi",
-    "conv_to_matrix", "conv_frame_penalty", "conv_frame_penalty_multi", "conv_gershgorin_bounds", "conv_orthogonality_penalty",
+    "conv_to_matrix", "conv_frame_penalty", "conv_frame_penalty_multi", "conv_gershgorin_bounds",
+    "conv_orthogonality_penalty", "conv_orthogonality_penalty_multi",
     "conv_singular_values", "clip_conv_singular_values",
     "batched_svd", "clamp_singular_values", "svb_", "jacobian_penalty",
     "nn", "optim", "reference",

@@ -861,6 +861,27 @@ def _ocnn_samples(device, dtype, rg):
     return out
 
 
+def o_conv_orthogonality_multi(weights, stride=1, padding=None):
+    return (torch.stack([o_conv_orthogonality(w, stride, padding)[0] for w in weights]),)
+
+
+def _ocnn_multi_samples(device, dtype, rg):
+    out = []
+    for sid, shape, n, kw in [("3x3x2x3x3-s1", (3, 2, 3, 3), 3, dict(stride=1)),
+                              ("2x4x3x2x2-s2", (4, 3, 2, 2), 2, dict(stride=2)),
+                              ("2x2x3x3x3-s2-p1", (2, 3, 3, 3), 2, dict(stride=2, padding=1)),
+                              ("1x3x2x5-1d", (3, 2, 5), 1, dict(stride=(1,)))]:
+        leaves = tuple(_leaf(_det(f"ocnn-multi{sid}{i}", shape, 0.5), device, dtype, rg) for i in range(n))
+        out.append(Sample(sid, leaves, lambda *ws, kw=kw: ((list(ws),), dict(kw))))
+    # views: a transposed (non-contiguous) weight next to a contiguous one of the same shape
+    t = _leaf(_det("ocnn-multi-T", (2, 3, 3, 3), 0.5), device, dtype, rg)
+    c = _leaf(_det("ocnn-multi-C", (3, 2, 3, 3), 0.5), device, dtype, rg)
+    out.append(Sample("2x3x2x3x3-transposed", (t, c), lambda t, c: (([t.transpose(0, 1), c],), {})))
+    z = _leaf(torch.zeros(0, 3, 3, 3, dtype=D64), device, dtype, rg)
+    out.append(Sample("2x0x3x3x3-empty", (z,), lambda z: (([z, z],), {}), grad=False))
+    return out
+
+
 SEDGHI_GEOMETRIES = [
     ("3x2x3x3@5x4", (3, 2, 3, 3), (5, 4), {}), ("2x4x1x3@3x6", (2, 4, 1, 3), (3, 6), {}),
     ("3x3x5x5@5x5", (3, 3, 5, 5), (5, 5), {}), ("4x2x3@7", (4, 2, 3), (7,), {}),
@@ -878,6 +899,33 @@ CONV_CASES += [
                Bad("weight-int32", (CW.int(),), {}, TypeError, r"conv_orthogonality_penalty: weight must have a"),
                Bad("stride-zero", (CW,), dict(stride=0), ValueError, r"conv_orthogonality_penalty: stride must be"),
                Bad("padding-negative", (CW,), dict(padding=(-1, 0)), ValueError, r"padding must be .* each >= 0"),
+           ]),
+    OpCase("conv_orthogonality_penalty_multi", "conv", regkernels.conv_orthogonality_penalty_multi,
+           R_conv.conv_orthogonality_penalty_multi, o_conv_orthogonality_multi, _ocnn_multi_samples, rtol64=1e-10,
+           bad=[
+               Bad("weights-tensor", (CW,), {}, TypeError,
+                   r"conv_orthogonality_penalty_multi: weights must be a list or tuple of weight tensors"),
+               Bad("weights-empty", ([],), {}, ValueError,
+                   r"conv_orthogonality_penalty_multi: weights must hold at least one weight tensor"),
+               Bad("weights-str-entry", ([CW, "w"],), {}, TypeError,
+                   r"conv_orthogonality_penalty_multi: weights\[1\] must be a torch.Tensor"),
+               Bad("weights-int32", ([CW.int()],), {}, TypeError,
+                   r"conv_orthogonality_penalty_multi: weights\[0\] must have a floating dtype"),
+               Bad("weights-2d", ([CW, torch.randn(4, 2)],), {}, ValueError,
+                   r"conv_orthogonality_penalty_multi: weights\[1\] must have 3 or 4 or 5 dims"),
+               Bad("shapes-differ", ([CW, torch.randn(4, 3, 3, 3)],), {}, ValueError,
+                   r"conv_orthogonality_penalty_multi: all weights must have one shape, dtype and device; got "
+                   r"weights\[0\] with shape \(4, 2, 3, 3\), weights\[1\] with shape \(4, 3, 3, 3\)"),
+               Bad("dtypes-differ", ([CW, CW.double()],), {}, ValueError,
+                   r"conv_orthogonality_penalty_multi: all weights must have one shape, dtype and device; got "
+                   r"weights\[0\] with dtype torch.float32, weights\[1\] with dtype torch.float64"),
+               Bad("devices-differ", ([CW, torch.empty(4, 2, 3, 3, device="meta")],), {}, ValueError,
+                   r"conv_orthogonality_penalty_multi: all weights must have one shape, dtype and device; got "
+                   r"weights\[0\] with device cpu, weights\[1\] with device meta"),
+               Bad("stride-zero", ([CW],), dict(stride=0), ValueError,
+                   r"conv_orthogonality_penalty_multi: stride must be"),
+               Bad("padding-negative", ([CW],), dict(padding=(-1, 0)), ValueError,
+                   r"conv_orthogonality_penalty_multi: padding must be .* each >= 0"),
            ]),
     OpCase("conv_singular_values", "conv", regkernels.conv_singular_values,
            lambda w, size, **kw: R_conv.conv_singular_values(w, size), o_conv_singular_values,

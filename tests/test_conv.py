@@ -524,17 +524,17 @@ def test_empty_weight():
 # CPU); the fused Triton frame stats take float16 / bfloat16 / float32, not these float64 weights
 CPU_KERNELS = {"conv_to_matrix": MATRIX_BACKENDS[1:], "conv_frame_penalty": ["torch"],
                "conv_gershgorin_bounds": ["torch"],
-               "conv_orthogonality_penalty": [], "conv_singular_values": ["cpu"], "clip_conv_singular_values": ["cpu"]}
+               "conv_orthogonality_penalty": ["torch"], "conv_singular_values": ["cpu"], "clip_conv_singular_values": ["cpu"]}
 # what backend=None takes for float64 CPU weights
 CPU_DEFAULT = {"conv_to_matrix": "cpu", "conv_frame_penalty": "torch", "conv_gershgorin_bounds": "torch",
-               "conv_orthogonality_penalty": "reference", "conv_singular_values": "reference",
+               "conv_orthogonality_penalty": "torch", "conv_singular_values": "reference",
                "clip_conv_singular_values": "reference"}
 
 
 def _backends_listed(name: str) -> str:
     """The listing of a refusal: every backend that takes CPU float64 weights, in table order."""
     have = {"conv_to_matrix": MATRIX_BACKENDS[1:], "conv_frame_penalty": ["torch"],
-            "conv_gershgorin_bounds": ["torch"], "conv_orthogonality_penalty": [],
+            "conv_gershgorin_bounds": ["torch"], "conv_orthogonality_penalty": ["torch"],
             "conv_singular_values": ["cpu"], "clip_conv_singular_values": ["cpu"]}[name] + ["reference"]
     return ", ".join(f"'{b}'" for b in have)
 

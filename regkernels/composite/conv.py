@@ -79,6 +79,8 @@ oracle.
 """
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 from collections import OrderedDict
 
@@ -538,3 +540,166 @@ def conv_to_matrix(weight: torch.Tensor, input_size, stride=1, padding=0, dilati
     return torch.sparse_csr_tensor(crow, columns, values, shape, check_invariants=False)
 
 
+
+
+# ----------------------------------------------------------------------------- OCNN through the tap Gram
+#
+# O = conv(K, K, stride=S, padding=P) (docs/conv.md#conv_orthogonality_penalty) is a contraction of
+# the tap Gram X[(t, a), (t', b)] = Σ_c K[a, c, t]·K[b, c, t'] = (Z Zᵀ) for Z = K laid out
+# ((t, o), c): O[a, b, y] = Σ_{t'} X[(t' + δ(y), a), (t', b)] with δ(y) = y·S − P per dim, over the
+# taps t' whose shifted tap t' + δ lies in the kernel (the reference conv also multiplies the
+# zero-padded taps: 225 tap products per (a, b, c) for 3×3 where 81 suffice). Every tap pair
+# (t, t') has one difference, so it feeds at most one shift: the contraction is one small GEMM of
+# a 0/1 table M (shifts × K² tap pairs) with X's o×o blocks (n_shift·K²·o² multiply-adds, against
+# K²·o²·c for X; torch's scatter-add on CPU was 10× slower than this GEMM). The backward maps gO to
+# gX[(t, a), (t', b)] = gO[a, b, y(t − t')] (Mᵀ gO) and, X being Z Zᵀ, to
+# gZ = (gX + gXᵀ) Z: one GEMM. It is written in differentiable torch ops of gO and the saved
+# weight, so a second derivative is exact (O is linear in each factor). Layers of one shape go
+# through as one stack (L, o, c, *k): batched GEMMs, one table GEMM.
+
+@functools.lru_cache(maxsize=256)
+def _ocnn_pairs(kernel: tuple[int, ...], stride: tuple[int, ...], padding: tuple[int, ...]):
+    """The tap pairs of the self-correlation: ``(t, t', y)`` flat indices (row-major over the kernel and
+    over the shift grid ``s = ⌊2P/S⌋ + 1``) of every pair with ``t − t' = δ(y)`` per dim, and ``s``.
+    Pure Python, O(∏k²) per geometry."""
+    out = tuple(2 * p // s + 1 for p, s in zip(padding, stride))
+    per_dim = []  # per dim: the (t_i, t'_i, y_i) triples
+    for k, s, p, n in zip(kernel, stride, padding, out):
+        triples = []
+        for t in range(k):
+            for tp in range(k):
+                q = t - tp + p  # = y·s
+                if q >= 0 and q % s == 0 and q // s < n:
+                    triples.append((t, tp, q // s))
+        per_dim.append(triples)
+    ti, tpi, yi = [], [], []
+    for combo in itertools.product(*per_dim):
+        t = tp = y = 0
+        for (a, b, c), k, n in zip(combo, kernel, out):
+            t, tp, y = t * k + a, tp * k + b, y * n + c
+        ti.append(t)
+        tpi.append(tp)
+        yi.append(y)
+    return tuple(ti), tuple(tpi), tuple(yi), out
+
+
+@functools.lru_cache(maxsize=256)
+def _ocnn_shift_matrix(kernel: tuple[int, ...], stride: tuple[int, ...], padding: tuple[int, ...],
+                       dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    pairs = _ocnn_pairs.__wrapped__ if torch.compiler.is_compiling() else _ocnn_pairs
+    ti, tpi, yi, out = pairs(kernel, stride, padding)
+    K = math.prod(kernel)
+    M = torch.zeros((math.prod(out), K * K), dtype=dtype)
+    M[list(yi), [t * K + tp for t, tp in zip(ti, tpi)]] = 1
+    return M.to(device)
+
+
+def ocnn_shift_matrix(kernel, stride, padding, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``M (n_shift, K²)``, 1 where tap pair ``(t, t')`` (column ``t·K + t'``) feeds shift ``y``, cached per
+    (geometry, dtype, device): a host→device copy per call would be a stream sync on a GPU. Built afresh
+    while torch.compile traces (no traced tensor in the cache), as ``_geometry.class_counts``. Read-only."""
+    make = _ocnn_shift_matrix.__wrapped__ if torch.compiler.is_compiling() else _ocnn_shift_matrix
+    return make(tuple(kernel), tuple(stride), tuple(padding), dtype, torch.device(device))
+
+
+def _tap_factor(W: torch.Tensor) -> torch.Tensor:
+    """``(L, o, c, *k)`` → ``Z (L, K·o, c)`` with rows ``(t, a)``."""
+    L, o, c = W.shape[:3]
+    K = math.prod(W.shape[3:])
+    return W.reshape(L, o, c, K).permute(0, 3, 1, 2).reshape(L, K * o, c)
+
+
+def _self_correlation(W: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """``O (L, n_shift, o, o)`` from the stack ``W (L, o, c, *k)``."""
+    L, o = W.shape[:2]
+    K = math.prod(W.shape[3:])
+    Z = _tap_factor(W)
+    X = torch.bmm(Z, Z.mT).view(L, K, o, K, o)
+    # blocks (t, t') of X as rows, summed into their shifts by one GEMM with the 0/1 table
+    Xp = X.transpose(2, 3).reshape(L, K * K, o * o)
+    return torch.matmul(M, Xp).view(L, M.shape[0], o, o)
+
+
+def _self_correlation_backward(W: torch.Tensor, gO: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """``∂/∂W`` of ``⟨gO, O(W)⟩`` in differentiable torch ops of ``gO`` and ``W``."""
+    L, o, c = W.shape[:3]
+    K = math.prod(W.shape[3:])
+    gX = torch.matmul(M.mT, gO.reshape(L, M.shape[0], o * o))  # block (t, t') = gO at the shift of t − t'
+    gX = gX.view(L, K, K, o, o).transpose(2, 3).reshape(L, K * o, K * o)
+    gZ = torch.bmm(gX + gX.mT, _tap_factor(W))  # X = Z Zᵀ: one GEMM
+    return gZ.view(L, K, o, c).permute(0, 2, 3, 1).reshape(W.shape)
+
+
+class _SelfCorrelation(torch.autograd.Function):
+    """``O = conv(K, K)`` per layer of a stack through the tap Gram, with the one-GEMM backward
+    (``setup_context`` and a generated vmap rule: torch.func and torch.compile take it)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(W, M):
+        return _self_correlation(W, M)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, gO):
+        W, M = ctx.saved_tensors
+        return _self_correlation_backward(W, gO, M), None
+
+
+def _ocnn_geometry(shape: tuple[int, ...], stride, padding) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    d = len(shape) - 2
+    S = CG.expand(stride, d)
+    P = tuple((k - 1) // s * s for k, s in zip(shape[2:], S)) if padding is None else CG.expand(padding, d)
+    return S, P
+
+
+def check_ocnn_work(op: str, L: int, shape: tuple[int, ...], stride, padding, dtype: torch.dtype) -> None:
+    """Refuse (ValueError naming the size, before allocating) a stack whose tap Gram ``X (L, K·o, K·o)``,
+    its blocks laid out as rows and ``O (L, o, o, *s)`` exceed ``MAX_WORK_BYTES`` in the compute dtype."""
+    S, P = _ocnn_geometry(shape, stride, padding)
+    o, K = shape[0], math.prod(shape[2:])
+    out = tuple(2 * p // s + 1 for p, s in zip(P, S))
+    elements = L * o * o * (2 * K * K + math.prod(out))  # X, its blocks as rows, O
+    nbytes = elements * torch.empty((), dtype=compute_dtype(dtype)).element_size()
+    if nbytes > R.MAX_WORK_BYTES:
+        raise ValueError(f"{op}: the tap Gram of {L} layer(s) of shape {tuple(shape)} and the self-convolution O of "
+                         f"shape {(o, o, *out)} need {nbytes} bytes ({nbytes / 2**30:.1f} GiB), over MAX_WORK_BYTES="
+                         f"{R.MAX_WORK_BYTES} (regkernels.reference.conv); use fewer layers per call, fewer filters "
+                         f"or a smaller padding")
+
+
+def ocnn_stack(W: torch.Tensor, stride, padding) -> torch.Tensor:
+    """The penalties ``(L,)`` of a stack ``W (L, o, c, *k)`` in the compute dtype (no checks)."""
+    S, P = _ocnn_geometry(tuple(W.shape[1:]), stride, padding)
+    L, o = W.shape[:2]
+    W = W.to(compute_dtype(W.dtype))
+    M = ocnn_shift_matrix(W.shape[3:], S, P, W.dtype, W.device)
+    out = tuple(2 * p // s + 1 for p, s in zip(P, S))
+    O = _SelfCorrelation.apply(W, M)  # (L, n_shift, o, o)
+    # target I at the centre ⌊s/2⌋ per dim (flat index in the row-major shift grid); the difference
+    # is formed, not ‖O‖² − 2 tr + o, which cancels for near-orthogonal kernels
+    centre = 0
+    for n in out:
+        centre = centre * n + n // 2
+    off = torch.cat([O[:, :centre], O[:, centre + 1:]], dim=1)
+    D = O[:, centre] - torch.eye(o, dtype=O.dtype, device=O.device)
+    return (off * off).sum(dim=(1, 2, 3)) + (D * D).sum(dim=(1, 2))
+
+
+def conv_orthogonality_penalty(weight: torch.Tensor, stride=1, padding=None) -> torch.Tensor:
+    """OCNN penalty (docs/conv.md#conv_orthogonality_penalty) through the tap Gram; float16 / bfloat16
+    computed in float32, the result in the weight's dtype."""
+    check_ocnn_work("conv_orthogonality_penalty", 1, tuple(weight.shape), stride, padding, weight.dtype)
+    return ocnn_stack(weight[None], stride, padding)[0].to(weight.dtype)
+
+
+def conv_orthogonality_penalty_multi(weights: list[torch.Tensor], stride=1, padding=None) -> torch.Tensor:
+    """``(L,)``: the OCNN penalty of each weight (all of one shape, dtype and device) in one batched
+    evaluation (docs/conv.md#conv_orthogonality_penalty_multi)."""
+    w = weights[0]
+    check_ocnn_work("conv_orthogonality_penalty_multi", len(weights), tuple(w.shape), stride, padding, w.dtype)
+    return ocnn_stack(torch.stack(list(weights)), stride, padding).to(w.dtype)

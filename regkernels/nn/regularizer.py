@@ -15,7 +15,9 @@ kind                per-layer penalty (docs/gram.md, docs/conv.md) and how the m
                     dilation, groups, padding mode and input size (recorded by a forward pre-hook
                     or given as ``input_sizes``); one ``conv_frame_penalty_multi`` call (one exact
                     implicit evaluation) per set of convs of equal weight shape and geometry
-``ocnn``            ``conv_orthogonality_penalty`` at each layer's stride
+``ocnn``            ``conv_orthogonality_penalty`` at each layer's stride; the layers (group chunks
+                    of grouped convs) of equal shape, stride, dtype and device go through one
+                    ``conv_orthogonality_penalty_multi`` call per such set
 ==================  ============================================================================
 
 A ``nn.Linear`` is the 1×1 convolution of a 1-point input, so the conv kinds take it as the
@@ -232,16 +234,9 @@ class Regularizer:
             return _gram.penalty_multi([_float32_if_half(m.weight) for _, m in self.layers], self.kind,
                                        backend=self.backend,
                                        groups=self._groups(), **self.kw)
-        if self.kind == "conv_frame":
-            return torch.stack(self._conv_frame_values())
-        out: list = [None] * len(self.layers)
-        for i, (name, m) in enumerate(self.layers):
-            w, geo = _float32_if_half(_as_conv_weight(m)), self._geometry[name]
-            penalties = [_conv.conv_orthogonality_penalty(wg, geo["stride"], self.kw.get("padding"),
-                                                          backend=self.backend)
-                         for wg in w.chunk(geo["groups"], dim=0)]
-            out[i] = torch.stack(penalties).mean()  # grouped: the mean over groups (docs/gram.md#as_matrix)
-        return torch.stack(out)
+        if self.kind == "ocnn":
+            return torch.stack(self._ocnn_values())
+        return torch.stack(self._conv_frame_values())
 
     def _conv_frame_values(self) -> list[torch.Tensor]:
         """``conv_frame`` per layer (0-dim tensors in ``self.layers`` order) in as few calls as the shapes
@@ -274,6 +269,26 @@ class Regularizer:
             for (i, _), v in zip(members, values):
                 out[i] = v
         return out
+
+    def _ocnn_values(self) -> list[torch.Tensor]:
+        """Per layer (0-dim): the mean over its group chunks of ``conv_orthogonality_penalty`` at its
+        stride. Every chunk of equal (shape, stride, dtype, device), across layers, goes through one
+        ``conv_orthogonality_penalty_multi`` call."""
+        buckets: dict[tuple, list[tuple[int, torch.Tensor]]] = {}
+        for i, (name, m) in enumerate(self.layers):
+            w, geo = _float32_if_half(_as_conv_weight(m)), self._geometry[name]
+            stride = tuple(geo["stride"]) if not isinstance(geo["stride"], int) else (geo["stride"],) * (w.dim() - 2)
+            chunks = w.chunk(geo["groups"], dim=0)
+            for wg in chunks:
+                buckets.setdefault((tuple(wg.shape), stride, wg.dtype, wg.device), []).append((i, wg))
+        per_layer: list[list[torch.Tensor]] = [[] for _ in self.layers]
+        for (_, stride, _, _), items in buckets.items():
+            values = _conv.conv_orthogonality_penalty_multi([wg for _, wg in items], stride, self.kw.get("padding"),
+                                                           backend=self.backend)
+            for (i, _), v in zip(items, values.unbind(0)):
+                per_layer[i].append(v)
+        # grouped: the mean over groups (docs/gram.md#as_matrix)
+        return [torch.stack(vs).mean() for vs in per_layer]
 
     def __call__(self) -> torch.Tensor:
         return self.weight * self.values().mean()

@@ -22,7 +22,10 @@ then runs the implementation ``TABLE`` gives for the backend, the weight's devic
   SVD kernel (``"cuda"``: the default on CUDA; ``"cpu"``: named only, LAPACK's complex SVD in the
   reference is faster on CPU). Named, a weight larger than the kernel takes raises ValueError;
   under ``backend=None`` such a weight takes the reference's complex SVD.
-* ``conv_orthogonality_penalty``: the reference (one ``conv2d`` of the kernel with itself).
+* ``conv_orthogonality_penalty`` (and ``conv_orthogonality_penalty_multi``, several weights of one
+  shape in one call): ``"torch"`` (the default on every device) contracts the tap Gram ``Z Zᵀ`` into
+  the shifts (only the tap pairs that overlap) with a one-GEMM backward; the reference is one
+  ``conv`` of the kernel with itself (a loop of them for the multi op).
 
 ``backend=None`` takes the first row for the device that can run the dtype; a named backend that
 cannot take the input raises ValueError listing those that can (``regkernels.ops._table``).
@@ -48,6 +51,7 @@ __all__ = [
     "conv_gershgorin_bounds",
     "conv_frame_penalty_multi",
     "conv_orthogonality_penalty",
+    "conv_orthogonality_penalty_multi",
     "conv_singular_values",
     "clip_conv_singular_values",
 ]
@@ -88,7 +92,15 @@ TABLE = Table("conv", [
            dtypes=HALF_AND_FLOAT, default=False, note="one fused stats call for the L layers; computed in float32"),
     Kernel("conv_frame_penalty_multi", "any", "reference", f"{_REF}:conv_frame_penalty_multi",
            note="explicit T and its Gram, one layer at a time"),
-    Kernel("conv_orthogonality_penalty", "any", "reference", f"{_REF}:conv_orthogonality_penalty"),
+    Kernel("conv_orthogonality_penalty", "any", "torch", "regkernels.composite.conv:conv_orthogonality_penalty",
+           note="the tap Gram Z Zᵀ contracted into the shifts; one-GEMM backward"),
+    Kernel("conv_orthogonality_penalty", "any", "reference", f"{_REF}:conv_orthogonality_penalty",
+           note="one conv of the kernel with itself"),
+    Kernel("conv_orthogonality_penalty_multi", "any", "torch",
+           "regkernels.composite.conv:conv_orthogonality_penalty_multi",
+           note="the layers stacked: batched tap Grams, one call"),
+    Kernel("conv_orthogonality_penalty_multi", "any", "reference", f"{_REF}:conv_orthogonality_penalty_multi",
+           note="a loop over the reference"),
     Kernel("conv_singular_values", "cuda", "cuda", "regkernels._C_ops:conv_singular_values",
            note="Jacobi SVD of each frequency's real embedding"),
     Kernel("conv_singular_values", "cpu", "cpu", "regkernels._C_ops:conv_singular_values", default=False,
@@ -338,6 +350,51 @@ def conv_orthogonality_penalty(weight: torch.Tensor, stride=1, padding=None, *,
         _check_ints(op, "padding", padding, d, 0)
     impl = TABLE.implementation(op, backend, weight.device, weight.dtype)
     return impl(weight, stride, padding)
+
+
+def conv_orthogonality_penalty_multi(weights: Sequence[torch.Tensor], stride=1, padding=None, *,
+                                     backend: str | None = None) -> torch.Tensor:
+    """OCNN penalties of several weights of one shape, dtype and device in one call
+    (docs/conv.md#conv_orthogonality_penalty_multi).
+
+    Entry ``i`` equals ``conv_orthogonality_penalty(weights[i], stride, padding)``; ``"torch"`` (the
+    default) stacks the weights and evaluates every layer with batched GEMMs, ``"reference"`` loops.
+
+    Args:
+        weights: a non-empty list or tuple of ``(o, c, *k)`` tensors (1–3 spatial dims) of equal
+            shape, dtype and device; stride, padding: as ``conv_orthogonality_penalty``, shared.
+
+    Returns:
+        ``(len(weights),)`` in the weights' dtype (float16/bfloat16 computed in float32). A weight
+        holding NaN/inf gives NaN in its own entry only. Work over ``MAX_WORK_BYTES`` (the tap Grams
+        and ``O`` of all the layers) raises ValueError before allocating: split the list.
+    """
+    op = "conv_orthogonality_penalty_multi"
+    check_backend_keyword(op, backend)
+    if isinstance(weights, torch.Tensor) or not isinstance(weights, (list, tuple)):
+        raise TypeError(f"{op}: weights must be a list or tuple of weight tensors {_WEIGHT_FORM}; got "
+                        f"{type(weights).__name__} (a stacked tensor: pass list(stack))")
+    if not weights:
+        raise ValueError(f"{op}: weights must hold at least one weight tensor; got an empty {type(weights).__name__}")
+    for i, w in enumerate(weights):
+        check_tensor(op, f"weights[{i}]", w, ndim=(3, 4, 5), form=_WEIGHT_FORM)
+    if any(k < 1 for k in weights[0].shape[2:]):
+        raise ValueError(f"{op}: weights[0] must have kernel sizes >= 1 {_WEIGHT_FORM}; got shape "
+                         f"{tuple(weights[0].shape)}")
+    first = weights[0]
+    for i, w in enumerate(weights[1:], 1):
+        for what, a, b in (("shape", tuple(w.shape), tuple(first.shape)), ("dtype", w.dtype, first.dtype),
+                           ("device", w.device, first.device)):
+            if a != b:
+                raise ValueError(f"{op}: all weights must have one shape, dtype and device; got weights[0] with "
+                                 f"{what} {b}, weights[{i}] with {what} {a} (call it once per {what}, or "
+                                 f"conv_orthogonality_penalty per weight)")
+    d = first.dim() - 2
+    _check_ints(op, "stride", stride, d, 1)
+    if padding is not None:
+        _check_ints(op, "padding", padding, d, 0)
+    impl = TABLE.implementation(op, backend, first.device, first.dtype)
+    return impl(list(weights), stride, padding)
 
 
 # the Sedghi rows' backends: their functions take strict=True when named (regkernels._C_ops, svd section)

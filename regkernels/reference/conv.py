@@ -43,6 +43,7 @@ __all__ = [
     "conv_gershgorin_bounds",
     "conv_frame_penalty_multi",
     "conv_orthogonality_penalty",
+    "conv_orthogonality_penalty_multi",
     "conv_singular_values",
     "clip_conv_singular_values",
 ]
@@ -318,6 +319,12 @@ def conv_orthogonality_penalty(weight: torch.Tensor, stride=1, padding=None) -> 
     target = torch.zeros_like(O)
     target[centre] = torch.eye(o, dtype=O.dtype, device=O.device)
     return ((O - target) ** 2).sum().to(weight.dtype)
+
+
+def conv_orthogonality_penalty_multi(weights: Sequence[torch.Tensor], stride=1, padding=None) -> torch.Tensor:
+    """``(L,)``: ``conv_orthogonality_penalty`` of each weight, one conv each
+    (docs/conv.md#conv_orthogonality_penalty_multi)."""
+    return torch.stack([conv_orthogonality_penalty(w, stride, padding) for w in weights])
 
 
 def _check_fits(op: str, weight: torch.Tensor, input_size: Sequence[int]) -> None:
