@@ -219,6 +219,8 @@ def test_issue16_cases_are_listed_and_selected_by_tag():
         R.select_cases(None, False, cpu, tags=["issue"])
     with pytest.raises(SystemExit, match="--rounds must be >= 1"):
         R.main(["--rounds", "0", "--list"])
+    with pytest.raises(SystemExit, match="--threads must be >= 1"):
+        R.main(["--threads", "0", "--list"])
 
 
 def test_case_providers_beyond_the_standard_get_rows_speedups_and_model_step_multiples():

@@ -428,6 +428,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", choices=("cpu", "cuda"), default=None,
                     help="default: cuda when available, else cpu")
     ap.add_argument("--json", metavar="PATH", help="write the results JSON here")
+    ap.add_argument("--threads", type=int, default=None, metavar="N",
+                    help="torch.set_num_threads(N) first (default: torch's; the JSON records the count)")
     ap.add_argument("--list", action="store_true", help="list the cases and exit")
     ap.add_argument("--support-matrix", action="store_true",
                     help="print the README's support matrix (markdown, from the backend tables) and exit")
@@ -441,8 +443,11 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("regkernels.bench: --device cuda but no CUDA device is available")
-    if args.rounds is not None and args.rounds < 1:
-        raise SystemExit(f"regkernels.bench: --rounds must be >= 1; got {args.rounds}")
+    for flag in ("rounds", "threads"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise SystemExit(f"regkernels.bench: --{flag} must be >= 1; got {getattr(args, flag)}")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     cases = select_cases(args.op, args.quick, device, args.case, args.tag)
     if args.list:
         for c in cases:
