@@ -1,10 +1,12 @@
 """``python -m regkernels.bench``: time every op against its eager reference and torch.compile.
 
-For each case and provider (``eager``, ``compile``, ``regkernels``): one first call (compiles
-where needed; its output is checked against float64) and warm-up calls; then the providers are
-timed round-robin, one call each per round, so drift of the machine falls on all alike; median
-and p20/p80 in ms, peak memory of one call, and the ratios of the regkernels provider against
-the other two measured in the same run. The machine's own ceilings (copy bandwidth, matmul
+For each case and provider (``eager``, ``compile``, ``regkernels``, and any further provider a
+case brings, e.g. ``torch`` for a named backend or ``model-step`` for a model's own training
+step): one first call (compiles where needed; its output is checked against float64) and warm-up
+calls; then the providers are timed round-robin, one call each per round, so drift of the machine
+falls on all alike; median and p20/p80 in ms, peak memory of one call, and the ratios of the
+regkernels provider against the others measured in the same run (and, where a case has a
+``model-step`` provider, every provider's time as a multiple of it: ``x_model_step``). The machine's own ceilings (copy bandwidth, matmul
 rate) are measured first, and cases that declare their bytes or flops report % of them.
 Results go to ``--json PATH`` with the machine, the versions and how the run timed.
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import fnmatch
 import json
 import os
 import platform
@@ -32,9 +35,11 @@ from typing import Any, Callable
 
 import torch
 
-from regkernels.bench.cases import Case, all_cases
+from regkernels.bench.cases import Case, Prepared, all_cases
 
 PROVIDERS = ("eager", "compile", "regkernels")
+# a case's own providers beyond PROVIDERS that the ratios name
+MODEL_STEP = "model-step"
 
 
 # ---------------------------------------------------------------- timing and memory
@@ -154,6 +159,47 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> int | None:
     return int(peak)
 
 
+def _vm_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def peak_rss_growth(fn: Callable[[], Any]) -> int | None:
+    """Bytes by which the process's peak resident set rose above its resident set during one call
+    (Linux: the kernel's high-water mark ``VmHWM`` reset through ``/proc/self/clear_refs``), or None
+    where that is not available.
+
+    Unlike ``peak_memory`` on CPU this sees every allocation that brings in new pages, torch's or
+    not (std::vector, BLAS workspaces, thread stacks); it misses what the allocator serves from
+    pages the process already holds, so it is a lower bound as well: read the two together.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current VmRSS
+    except OSError:
+        return None
+    before = _vm_kib("VmRSS")
+    fn()
+    peak = _vm_kib("VmHWM")
+    if before is None or peak is None:
+        return None
+    return max(0, peak - before) * 1024
+
+
+MEMORY = {"peak_mem_bytes": "CPU: peak of the running sum of torch's CPU allocations and frees during one call "
+                            "(profiler memory events; memory taken outside torch's allocator is not counted); "
+                            "CUDA: the caching allocator's peak above what was allocated before the call",
+          "peak_rss_bytes": "CPU on Linux: growth of the process's peak resident set (VmHWM, reset before the call) "
+                            "over its resident set during one call: counts any new pages, torch's or not, misses "
+                            "memory reused from pages already held"}
+
+
 # ---------------------------------------------------------------- machine ceilings
 def measure_ceilings(device: torch.device, quick: bool, timer: CallTimer | None = None) -> dict:
     """The machine's own ceilings, measured in this run.
@@ -189,6 +235,8 @@ def measure_ceilings(device: torch.device, quick: bool, timer: CallTimer | None 
 def machine_info(device: torch.device) -> dict:
     info = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "device": str(device)}
+    if hasattr(os, "getloadavg"):  # other work on a shared machine slows every provider (the 1-min mean)
+        info["load_average_at_start"] = round(os.getloadavg()[0], 2)
     try:
         with open("/proc/cpuinfo") as f:
             names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
@@ -244,18 +292,26 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], timer: CallTimer, *, min
     return times
 
 
+def case_providers(prep: Prepared) -> list[str]:
+    """The standard providers, then the case's own (``torch``, ``model-step``, …) in its order."""
+    return list(PROVIDERS) + [p for p in prep.providers if p not in PROVIDERS]
+
+
 def run_case(case: Case, device: torch.device, ceilings: dict, quick: bool, log: Callable[[str], None],
-             timer: CallTimer | None = None) -> list[dict]:
-    """Rows of one case: per provider a checked first call and warm-up, then interleaved timing."""
+             timer: CallTimer | None = None, rounds: int | None = None) -> list[dict]:
+    """Rows of one case: per provider a checked first call and warm-up, then interleaved timing
+    (``rounds``: exactly that many rounds after a single warm-up call, instead of the quick / full
+    time budgets)."""
     timer = timer or CallTimer.for_device(device)
     try:
         prep = case.setup(device)
     except Exception as exc:  # a case that cannot be built here is recorded, not fatal
         return [{"op": case.op, "case": case.name, "provider": p, "error": f"setup: {_error_text(exc)}"}
                 for p in PROVIDERS]
-    rows = {p: {"op": case.op, "case": case.name, "provider": p} for p in PROVIDERS}
+    names = case_providers(prep)
+    rows = {p: {"op": case.op, "case": case.name, "provider": p} for p in names}
     ready: dict[str, Callable[[], Any]] = {}
-    for provider in PROVIDERS:
+    for provider in names:
         fn = prep.providers.get(provider)
         row = rows[provider]
         if fn is None:
@@ -270,13 +326,17 @@ def run_case(case: Case, device: torch.device, ceilings: dict, quick: bool, log:
             row["first_call_ms"] = round((time.perf_counter() - t0) * 1e3, 3)
             row["max_rel_err"] = prep.error(out) if prep.error is not None else None
             del out
-            row["warmup_calls"] = warm_up(fn, timer, quick)
+            row["warmup_calls"] = warm_up(fn, timer, quick or rounds is not None)
             ready[provider] = fn
         except Exception as exc:
             row["error"] = _error_text(exc)
+    if rounds is not None:
+        reps = dict(min_reps=rounds, max_reps=rounds, budget_s=0.0)
+    else:
+        reps = dict(min_reps=5 if quick else 10, max_reps=30 if quick else 200,
+                    budget_s=len(ready) * (1.0 if quick else 4.0))
     try:
-        times = time_interleaved(ready, timer, min_reps=5 if quick else 10, max_reps=30 if quick else 200,
-                                 budget_s=len(ready) * (1.0 if quick else 4.0))
+        times = time_interleaved(ready, timer, **reps)
     except Exception as exc:
         times = {}
         for provider in ready:
@@ -284,8 +344,10 @@ def run_case(case: Case, device: torch.device, ceilings: dict, quick: bool, log:
     for provider, ts in times.items():
         row = rows[provider]
         row.update(median_ms=round(_quantile(ts, 0.5), 4), p20_ms=round(_quantile(ts, 0.2), 4),
-                   p80_ms=round(_quantile(ts, 0.8), 4), reps=len(ts),
-                   peak_mem_bytes=peak_memory(ready[provider], device))
+                   p80_ms=round(_quantile(ts, 0.8), 4), min_ms=round(min(ts), 4), max_ms=round(max(ts), 4),
+                   reps=len(ts), peak_mem_bytes=peak_memory(ready[provider], device))
+        if device.type == "cpu":
+            row["peak_rss_bytes"] = peak_rss_growth(ready[provider])
         sec = row["median_ms"] * 1e-3
         if prep.bytes_moved:
             row["GBps"] = round(prep.bytes_moved / sec / 1e9, 2)
@@ -294,9 +356,9 @@ def run_case(case: Case, device: torch.device, ceilings: dict, quick: bool, log:
         if prep.flops:
             row["GFLOPs"] = round(prep.flops / sec / 1e9, 2)
             row["pct_matmul_fp32"] = round(100 * row["GFLOPs"] / ceilings["matmul_fp32_GFLOPs"], 1)
-    out_rows = [rows[p] for p in PROVIDERS]
+    out_rows = [rows[p] for p in names]
     for row in out_rows:
-        log(f"  {case.op:28s} {case.name:24s} {row['provider']:10s} "
+        log(f"  {case.op:28s} {case.name:28s} {row['provider']:10s} "
             + (f"{row['median_ms']:10.3f} ms" if "median_ms" in row else f"error: {row.get('error')}"))
     _add_ratios(out_rows)
     if prep.note:
@@ -306,17 +368,27 @@ def run_case(case: Case, device: torch.device, ceilings: dict, quick: bool, log:
 
 
 def _add_ratios(rows: list[dict]) -> None:
-    """Speedups of the regkernels provider over eager and compile from the same run."""
+    """Speedups of the regkernels provider over every other provider of the case from the same
+    run (``speedup_vs_<provider>``; not over ``model-step``, which computes something else), and
+    where the case has a model step, each provider's time as a multiple of it (``x_model_step``)."""
     by = {r["provider"]: r for r in rows if "median_ms" in r}
     k = by.get("regkernels")
-    if k is None:
-        return
-    for other in ("eager", "compile"):
-        if other in by:
-            k[f"speedup_vs_{other}"] = round(by[other]["median_ms"] / k["median_ms"], 3)
+    if k is not None:
+        for other, r in by.items():
+            if other not in ("regkernels", MODEL_STEP):
+                k[f"speedup_vs_{other}"] = round(r["median_ms"] / k["median_ms"], 3)
+    step = by.get(MODEL_STEP)
+    if step is not None:
+        for name, r in by.items():
+            if name != MODEL_STEP:
+                r["x_model_step"] = round(r["median_ms"] / step["median_ms"], 3)
 
 
-def select_cases(ops: list[str] | None, quick: bool, device: torch.device) -> list[Case]:
+def select_cases(ops: list[str] | None, quick: bool, device: torch.device, names: list[str] | None = None,
+                 tags: list[str] | None = None) -> list[Case]:
+    """The cases for ``device``: of the ``ops`` (all if None), whose name matches one of the
+    ``names`` patterns (fnmatch, e.g. ``resnet18-cifar`` or ``*-circular``), whose tags hold every
+    ``KEY=VALUE`` of ``tags``, and quick if ``quick``."""
     cases = [c for c in all_cases() if device.type in c.devices]
     if ops:
         known = sorted({c.op for c in cases})
@@ -324,6 +396,19 @@ def select_cases(ops: list[str] | None, quick: bool, device: torch.device) -> li
         if unknown:
             raise SystemExit(f"regkernels.bench: unknown --op {', '.join(unknown)}; known ops: {', '.join(known)}")
         cases = [c for c in cases if c.op in ops]
+    if names:
+        unmatched = [n for n in names if not any(fnmatch.fnmatchcase(c.name, n) for c in cases)]
+        if unmatched:
+            raise SystemExit(f"regkernels.bench: --case {', '.join(unmatched)} matches no case"
+                             + (f" of --op {', '.join(ops)}" if ops else "") + "; --list shows them")
+        cases = [c for c in cases if any(fnmatch.fnmatchcase(c.name, n) for n in names)]
+    for tag in tags or []:
+        key, sep, value = tag.partition("=")
+        if not sep:
+            raise SystemExit(f"regkernels.bench: --tag takes KEY=VALUE; got {tag!r}")
+        cases = [c for c in cases if str(c.tags.get(key)) == value]
+    if tags and not cases:
+        raise SystemExit(f"regkernels.bench: no case has the tags {', '.join(tags)}")
     if quick:
         cases = [c for c in cases if c.quick]
     return cases
@@ -332,10 +417,19 @@ def select_cases(ops: list[str] | None, quick: bool, device: torch.device) -> li
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m regkernels.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--op", action="append", help="public op name to run (repeatable); default: all")
+    ap.add_argument("--case", action="append", metavar="PATTERN",
+                    help="case name or fnmatch pattern (repeatable), e.g. resnet18-cifar or '*-circular'")
+    ap.add_argument("--tag", action="append", metavar="KEY=VALUE",
+                    help="only cases tagged so (repeatable), e.g. issue=16 for the cases of issue 16")
     ap.add_argument("--quick", action="store_true", help="the small case of every op, few repetitions")
+    ap.add_argument("--rounds", type=int, default=None, metavar="N",
+                    help="exactly N timed rounds per case after one warm-up call (default: quick 5-30 rounds "
+                         "within 1 s per provider, full 10-200 within 4 s)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default=None,
                     help="default: cuda when available, else cpu")
     ap.add_argument("--json", metavar="PATH", help="write the results JSON here")
+    ap.add_argument("--threads", type=int, default=None, metavar="N",
+                    help="torch.set_num_threads(N) first (default: torch's; the JSON records the count)")
     ap.add_argument("--list", action="store_true", help="list the cases and exit")
     ap.add_argument("--support-matrix", action="store_true",
                     help="print the README's support matrix (markdown, from the backend tables) and exit")
@@ -349,10 +443,16 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("regkernels.bench: --device cuda but no CUDA device is available")
-    cases = select_cases(args.op, args.quick, device)
+    for flag in ("rounds", "threads"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise SystemExit(f"regkernels.bench: --{flag} must be >= 1; got {getattr(args, flag)}")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    cases = select_cases(args.op, args.quick, device, args.case, args.tag)
     if args.list:
         for c in cases:
-            print(f"{c.op:28s} {c.name:24s}{'  (quick)' if c.quick else ''}")
+            tags = " ".join(f"{k}={v}" for k, v in c.tags.items())
+            print(f"{c.op:28s} {c.name:28s}{'  (quick)' if c.quick else ''}{'  ' + tags if tags else ''}")
         return 0
 
     tty = sys.stderr.isatty()
@@ -362,20 +462,25 @@ def main(argv: list[str] | None = None) -> int:
 
     log(f"regkernels.bench on {device}: {len(cases)} cases" + (" (quick)" if args.quick else ""))
     timer = CallTimer.for_device(device)
+    machine = machine_info(device)  # before the runs: its load average is the one they start under
     ceilings = measure_ceilings(device, args.quick, timer)
     log(f"  ceilings: copy {ceilings['copy_bandwidth_GBps']} GB/s, in-place add {ceilings['inplace_add_bandwidth_GBps']} GB/s, "
         f"fp32 matmul {ceilings['matmul_fp32_GFLOPs']} GFLOP/s")
     results: list[dict] = []
     for case in cases:
-        results += run_case(case, device, ceilings, args.quick, log, timer)
+        results += run_case(case, device, ceilings, args.quick, log, timer, rounds=args.rounds)
 
     timing = dict(timer.describe(), first_call="host wall clock to a device sync (includes compiles)",
-                  warmup="CUDA: >= 3 calls and up to 0.25 s; CPU: 1 (quick) or 3 calls",
-                  rounds="round-robin, one call of each provider per round; median, p20, p80")
-    doc = {"machine": machine_info(device), "versions": versions(), "ceilings": ceilings, "timing": timing,
+                  warmup="CUDA: >= 3 calls and up to 0.25 s; CPU: 1 (quick or --rounds) or 3 calls",
+                  rounds="round-robin, one call of each provider per round; median, p20, p80, min, max"
+                         + (f"; exactly {args.rounds} rounds (--rounds)" if args.rounds is not None else ""))
+    doc = {"machine": machine, "versions": versions(), "ceilings": ceilings, "timing": timing,
+           "memory": {k: v for k, v in MEMORY.items() if device.type == "cpu" or k == "peak_mem_bytes"},
            "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
            "command": "python -m regkernels.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
            "results": results}
+    if hasattr(os, "getloadavg"):
+        doc["machine"]["load_average_at_end"] = round(os.getloadavg()[0], 2)
     _print_summary(results)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
@@ -387,7 +492,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _print_summary(results: list[dict]) -> None:
-    print(f"{'op':28s} {'case':24s} {'eager ms':>10s} {'compile ms':>11s} {'regk ms':>10s} "
+    """The table of the standard providers, then for cases with providers of their own (``torch``,
+    ``model-step``) one line per provider with its time, regkernels' speedup over it and its
+    multiple of the model step; peak memory per provider."""
+    print(f"{'op':28s} {'case':28s} {'eager ms':>10s} {'compile ms':>11s} {'regk ms':>10s} "
           f"{'vs eager':>9s} {'vs comp':>8s} {'max rel err':>12s}")
     cases: dict[tuple[str, str], dict[str, dict]] = {}
     for r in results:
@@ -399,6 +507,26 @@ def _print_summary(results: list[dict]) -> None:
     for (op, name), by in cases.items():
         k = by.get("regkernels", {})
         err = k.get("max_rel_err")
-        print(f"{op:28s} {name:24s} {ms(by.get('eager')):>10s} {ms(by.get('compile')):>11s} {ms(k):>10s} "
+        print(f"{op:28s} {name:28s} {ms(by.get('eager')):>10s} {ms(by.get('compile')):>11s} {ms(k):>10s} "
               f"{k.get('speedup_vs_eager', float('nan')):9.2f} {k.get('speedup_vs_compile', float('nan')):8.2f} "
               f"{(f'{err:.2e}' if isinstance(err, float) else '-'):>12s}")
+    extra = {key: by for key, by in cases.items() if set(by) - set(PROVIDERS)}
+    if not extra:
+        return
+    print()
+    print(f"{'op':28s} {'case':28s} {'provider':10s} {'median ms':>10s} {'min ms':>10s} {'regk vs it':>10s} "
+          f"{'x model-step':>12s} {'peak MB':>8s} {'rss MB':>7s} {'max rel err':>12s}")
+    for (op, name), by in extra.items():
+        speed = by.get("regkernels", {})
+        for provider, r in by.items():
+            if "median_ms" not in r:
+                print(f"{op:28s} {name:28s} {provider:10s} {'error: ' + str(r.get('error'))[:90]}")
+                continue
+            vs = speed.get(f"speedup_vs_{provider}")
+            mb = (lambda b: f"{b / 1e6:.1f}" if isinstance(b, int) else "-")
+            err = r.get("max_rel_err")
+            print(f"{op:28s} {name:28s} {provider:10s} {r['median_ms']:10.2f} {r['min_ms']:10.2f} "
+                  f"{(f'{vs:.2f}' if vs is not None else '-'):>10s} "
+                  f"{(str(r['x_model_step']) if 'x_model_step' in r else '-'):>12s} "
+                  f"{mb(r.get('peak_mem_bytes')):>8s} {mb(r.get('peak_rss_bytes')):>7s} "
+                  f"{(f'{err:.2e}' if isinstance(err, float) else '-'):>12s}")
