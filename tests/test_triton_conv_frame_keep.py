@@ -107,6 +107,20 @@ def test_ieee_fp32_matmul_touches_nothing_in_the_default_state(clean_precision, 
         pass
 
 
+@pytest.fixture
+def quiet_launches(monkeypatch):
+    """Interpreted launches run outside dispatch modes (the interpreter copies every argument to
+    numpy and back: aten ops a GPU launch does not make, and slow under a mode)."""
+    from triton.runtime import interpreter
+    from torch.utils._python_dispatch import _disable_current_modes
+    launch = interpreter.GridExecutor.__call__
+
+    def quiet(self, *args, **kwargs):
+        with _disable_current_modes():
+            return launch(self, *args, **kwargs)
+    monkeypatch.setattr(interpreter.GridExecutor, "__call__", quiet)
+
+
 class _GemmPrecision(TorchDispatchMode):
     """Records, for every GEMM dispatched (custom-op bodies included), whether cuBLAS would have
     been allowed TF32 at that moment."""
@@ -132,7 +146,7 @@ class _GemmPrecision(TorchDispatchMode):
 @pytest.mark.parametrize("setting", [_tf32_on_legacy_allow, _tf32_on_new_api],
                          ids=["legacy_allow", "new_api"])
 @pytest.mark.parametrize("blocked", [False, True])
-def test_every_fp32_gemm_of_the_op_runs_at_ieee(clean_precision, monkeypatch, setting, blocked):
+def test_every_fp32_gemm_of_the_op_runs_at_ieee(clean_precision, quiet_launches, monkeypatch, setting, blocked):
     TF = _tf()
     if blocked:
         monkeypatch.setattr(TF, "_GRAM_BLOCK_COLS", 8)
@@ -195,22 +209,29 @@ def test_backward_uses_the_kept_gram_and_equals_the_recomputed_one(monkeypatch, 
     torch.testing.assert_close(g_kept.double(), g_want, atol=1e-5 * float(g_want.abs().max()), rtol=1e-5)
 
 
-def test_no_gram_kept_without_grad(monkeypatch):
-    TF = _tf()
-    seen = []
-    op = TF._conv_frame_stats_triton._init_fn
+class _GramShapes(TorchDispatchMode):
+    """The shape of the gram output of every ``conv_frame_stats_triton`` call."""
 
-    def spy(*args):
-        out = op(*args)
-        seen.append(out[2].shape)
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.namespace == "regkernels" and func._opname == "conv_frame_stats_triton":
+            self.shapes.append(tuple(out[2].shape))
         return out
-    monkeypatch.setattr(TF._conv_frame_stats_triton, "_init_fn", spy)
+
+
+def test_no_gram_kept_without_grad():
     w = torch.randn(4, 3, 3, 3)
-    C.conv_frame_penalty(w, (5, 5), 0.5, 2.0, padding=1, backend="triton")
-    with torch.no_grad():
-        C.conv_frame_penalty(w.requires_grad_(True), (5, 5), 0.5, 2.0, padding=1, backend="triton")
-    C.conv_frame_penalty(w, (5, 5), 0.5, 2.0, padding=1, backend="triton")
-    assert seen == [torch.Size([0])] * 2 + [torch.Size([1, 27, 27])], seen
+    mode = _GramShapes()
+    with mode:
+        C.conv_frame_penalty(w, (5, 5), 0.5, 2.0, padding=1, backend="triton")
+        with torch.no_grad():
+            C.conv_frame_penalty(w.requires_grad_(True), (5, 5), 0.5, 2.0, padding=1, backend="triton")
+        C.conv_frame_penalty(w, (5, 5), 0.5, 2.0, padding=1, backend="triton")
+    assert mode.shapes == [(0,), (0,), (1, 27, 27)], mode.shapes
 
 
 def test_kept_gram_is_not_differentiable():
@@ -237,7 +258,7 @@ def test_tap_gram_block_upper_triangle(monkeypatch, G, M, N):
     assert nb >= 2
     # block upper triangle only: (1 + 1/nb)/2 of the full product, up to the ragged last block
     assert flops.get_total_flops() <= (0.5 + 0.5 / nb + 1.0 / N) * full_flops.get_total_flops() + 2 * G * M * N
-    assert flops.get_total_flops() < 0.8 * full_flops.get_total_flops()
+    assert 0.5 * full_flops.get_total_flops() <= flops.get_total_flops() < 0.8 * full_flops.get_total_flops()
     # the mirrored part is exact: off the diagonal blocks X[i, j] and X[j, i] are one number
     step = -(-N // nb)
     blocks = torch.arange(N) // step
@@ -293,7 +314,7 @@ def test_layers_stacked_as_groups_equal_separate_calls(rows, g):
     torch.testing.assert_close(gW, want, atol=1e-5 * float(want.abs().max()), rtol=1e-5)
 
 
-def test_stacked_layers_cost_the_same_launches_and_gemms_as_one(monkeypatch):
+def test_stacked_layers_cost_the_same_launches_and_gemms_as_one(quiet_launches, monkeypatch):
     # many groups: one forward and one backward launch and the same GEMM count, whatever L
     TF = _tf()
     launches = []

@@ -399,7 +399,8 @@ def _combined_table(geo: CG.FrameGeometry, device: torch.device) -> tuple[torch.
     """``(NC, K, K, Q)`` float32 table ``Π_i Cls_i[κ_i, t_i, t'_i, q_i]`` (κ, t, q flat row-major
     over the dims, κ in the order of the stats' class axis) and the flat index of offset 0."""
     T0, T1, T2 = CG.class_tables(geo, torch.float32, device)
-    tab = torch.einsum("iaxr,jbys,kczq->ijkabcxyzrsq", T0, T1, T2)
+    with ieee_fp32_matmul():  # small integers: exact either way, but no GEMM of this module runs in TF32
+        tab = torch.einsum("iaxr,jbys,kczq->ijkabcxyzrsq", T0, T1, T2)
     K = math.prod(geo.kernel)
     (z0, z1, z2), (_, r1, r2) = (dim.zero for dim in geo.dims), (len(dim.rel) for dim in geo.dims)
     return tab.reshape(geo.n_cls, K, K, -1).contiguous(), (z0 * r1 + z1) * r2 + z2
