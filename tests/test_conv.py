@@ -370,11 +370,13 @@ def test_conv_frame_stats_opcheck():
         from regkernels.triton import conv_frame as TF
 
         w32 = w.detach().float().requires_grad_(True)
-        args = (w32, [1, 5, 4], [1, 2, 1], [0, 1, 1], [1, 1, 2], 1, False, True)
-        torch.library.opcheck(TF._conv_frame_stats_triton, args)
-        d, r = TF._conv_frame_stats_triton(*args)
-        torch.library.opcheck(TF._conv_frame_stats_triton_backward,
-                              (w32.detach(), torch.randn_like(d), torch.randn_like(r), *args[1:]))
+        for rows, keep_gram in ((True, True), (False, False)):
+            args = (w32, [1, 5, 4], [1, 2, 1], [0, 1, 1], [1, 1, 2], 1, False, rows, keep_gram)
+            torch.library.opcheck(TF._conv_frame_stats_triton, args)
+            d, r, gram = TF._conv_frame_stats_triton(*args)
+            assert (gram.dim() == 3) == keep_gram
+            torch.library.opcheck(TF._conv_frame_stats_triton_backward,
+                                  (w32.detach(), torch.randn_like(d), torch.randn_like(r), gram, *args[1:-1]))
 
 
 # ---------------------------------------------------------------- OCNN

@@ -337,7 +337,7 @@ STATS_GEO = ([1, 5, 5], [1, 1, 1], [0, 1, 1], [1, 1, 1], 2, False, True)
 def _stats_calls():
     calls = [("conv_frame_stats", lambda w, *g: ops.conv_frame_stats(w, *g, False))]
     if TRITON_ON_CPU:
-        calls.append(("conv_frame_stats_triton", lambda w, *g: ops.conv_frame_stats_triton(w.float(), *g)))
+        calls.append(("conv_frame_stats_triton", lambda w, *g: ops.conv_frame_stats_triton(w.float(), *g, False)))
     return calls
 
 
@@ -368,12 +368,18 @@ def test_raw_conv_frame_stats_backward_checks_grads():
 @pytest.mark.skipif(not TRITON_ON_CPU, reason="Triton runs on CPU tensors only interpreted (TRITON_INTERPRET=1)")
 def test_raw_conv_frame_stats_triton_backward_checks_grads():
     w = W5.float()
-    d, r = ops.conv_frame_stats_triton(w, *STATS_GEO)
+    d, r, gram = ops.conv_frame_stats_triton(w, *STATS_GEO, True)
+    assert gram.shape == (2, 18, 18)  # (G, Cx·K, Cx·K)
     with pytest.raises(RuntimeError, match=r"regkernels::conv_frame_stats_triton_backward: grad_d must be a floating "
                                            r"strided tensor of shape \(2, \d+, 2\)"):
-        ops.conv_frame_stats_triton_backward(w, d[..., :1], r, *STATS_GEO)
+        ops.conv_frame_stats_triton_backward(w, d[..., :1], r, gram, *STATS_GEO)
+    for bad in (gram.double(), gram[:1], gram.reshape(2, 2, 9, 18)):
+        with pytest.raises(RuntimeError, match=r"regkernels::conv_frame_stats_triton_backward: gram must be the "
+                                               r"forward's float32 output \(the scaled tap Gram\), of shape "
+                                               r"\(2, 18, 18\) or \(0,\)"):
+            ops.conv_frame_stats_triton_backward(w, d, r, bad, *STATS_GEO)
     with pytest.raises(RuntimeError, match=r"regkernels::conv_frame_stats_triton_backward: need input_size >= 1"):
-        ops.conv_frame_stats_triton_backward(w, d, r, [1, 0, 5], *STATS_GEO[1:])
+        ops.conv_frame_stats_triton_backward(w, d, r, gram, [1, 0, 5], *STATS_GEO[1:])
 
 
 # ---------------------------------------------------------------- item 12: layers without channels

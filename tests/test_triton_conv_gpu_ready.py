@@ -180,8 +180,9 @@ def test_conv_frame_stats_geometries_share_one_compiled_kernel(monkeypatch):
     monkeypatch.setattr(TF, "_class_stats_bwd_kernel", bwd)
     for shape, size in (((4, 3, 3, 3), (5, 6)), ((6, 5, 3, 3), (16, 16)), ((16, 1, 3, 3), (9, 17))):
         w = torch.randn(shape)
-        *_, X, tab, zero, _ = TF._stats_problem(w.reshape(*shape[:2], 1, 3, 3), [1, *size], [1, 1, 1], [0, 1, 1],
-                                                [1, 1, 1], 1, False, False)
+        _, Z, tab, zero, _ = TF._stats_problem(w.reshape(*shape[:2], 1, 3, 3), [1, *size], [1, 1, 1], [0, 1, 1],
+                                               [1, 1, 1], 1, False, False, "test")
+        X = TF.tap_gram(Z).view(1, shape[1], 9, shape[1], 9)
         d, r = TF.class_stats_forward(X, tab, zero)
         TF.class_stats_backward(X, tab, zero, torch.ones_like(d), torch.ones_like(r))
     for rec in (fwd, bwd):

@@ -6,7 +6,8 @@ This is the fused form of the contraction in ``regkernels.composite.conv`` (``_c
 ``_stats_forward`` / ``_stats_backward``), with the three per-dim class tables combined into
 one table over the flattened taps and offsets:
 
-* ``X (G, Cx, K, Cx, K)``: the per-group tap Gram (``K = ∏k_i``; symmetry is not used);
+* ``X (G, Cx, K, Cx, K)``: the per-group tap Gram (``K = ∏k_i``; the kernels read all of it, the
+  GEMM that builds it uses its symmetry, below);
 * ``tab (NC, K, K, Q)``: per class ``κ`` the combined class table ``tab[κ, t, t', q] =
   Π_i Cls_i[κ_i, t_i, t'_i, q_i]`` (small non-negative integers, stored as float32), ``κ``, ``t``
   and ``q`` flattened row-major over the three dims; ``zero`` is the flat index of offset 0;
@@ -47,14 +48,35 @@ Indexing: offsets inside one ``(g, a)`` slab (``K·Cx·K`` elements) and one cla
 (``K·K·Q``) are int32, checked by the launchers; slab and table bases are int64. Not importable
 without Triton: import this module only after ``regkernels._ext.has_triton()``.
 
-Layout: kernels → launchers → the custom ops ``regkernels::conv_frame_stats_triton`` (+ ``_backward``)
-with fakes and autograd → ``conv_frame_penalty`` / ``conv_gershgorin_bounds``, the ``"triton"``
-rows of the conv table (float16 / bfloat16 / float32 weights, computed in float32; docs/conv.md).
+Host GEMMs (torch, batched over the groups, so a call's launch and GEMM count does not grow
+with the groups: layers of one geometry stacked as one grouped conv cost one call):
+
+* the tap Gram ``X̂ = ẐᵀẐ`` (``Ẑ = Z/σ``, ``tap_gram``): symmetric, so above ``2·_GRAM_BLOCK_COLS``
+  columns only its block upper triangle is multiplied (``nb`` column blocks, ``(1 + 1/nb)/2`` of
+  the flops, one bmm per block written in place) and the strict lower block triangle is a
+  transposed copy;
+* the backward's ``gZ = Z (gX + gXᵀ)``: one GEMM.
+
+The forward keeps ``X̂`` (``4·G·(Cx·K)²`` bytes) when a gradient is needed: the custom op's third
+output (``keep_gram``; empty otherwise), which the backward op takes instead of redoing the GEMM
+(and recomputes ``X̂`` from the same ``Z/σ`` when it is empty). Every float32 GEMM runs inside
+``ieee_fp32_matmul``: torch has no per-op precision argument, and a user's
+``torch.backends.cuda.matmul.allow_tf32 = True`` (or ``set_float32_matmul_precision("high")``, or
+``torch.backends.cuda.matmul.fp32_precision = "tf32"``) would otherwise make cuBLAS approximate
+``X`` in TF32 silently; the process-wide flags are switched to IEEE around the GEMMs and restored
+(not thread-safe for other threads' matmuls, which may run at IEEE meanwhile; see its docstring).
+
+Layout: kernels → launchers → host GEMMs → the custom ops ``regkernels::conv_frame_stats_triton``
+(+ ``_backward``) with fakes and autograd → ``conv_frame_penalty`` / ``conv_gershgorin_bounds``, the
+``"triton"`` rows of the conv table (float16 / bfloat16 / float32 weights, computed in float32;
+docs/conv.md).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import threading
 
 import torch
 import triton
@@ -280,6 +302,96 @@ def class_stats_backward(X: torch.Tensor, tab: torch.Tensor, zero: int, grad_d: 
     return gX
 
 
+# ----------------------------------------------------------------------------- host GEMMs
+
+# The fp32 precision settings torch reads for a matmul: the legacy float32_matmul_precision
+# (``torch.set_float32_matmul_precision``, ``torch.backends.cuda.matmul.allow_tf32``) and the
+# per-backend ``fp32_precision`` of the new API (``torch.backends.cuda.matmul.fp32_precision``,
+# inherited from ``torch.backends.fp32_precision``). torch has no per-op precision argument.
+_PRECISION_KEYS = (("cuda", "matmul"), ("mkldnn", "matmul"))
+_REDUCED = ("tf32", "bf16")
+_PRECISION_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def ieee_fp32_matmul():
+    """Run the enclosed torch matmuls of float32 tensors at IEEE fp32, whatever the user's TF32 /
+    bf16 settings, and restore those settings on exit (also on an exception).
+
+    torch (2.14) has no per-op precision: cuBLAS (and oneDNN on CPU) read process-wide flags when
+    a matmul is dispatched, so this flips them for the duration of the block. The flags are read on
+    the host at dispatch; nothing waits for the device (no sync), and the ops that use this are
+    custom-op bodies, which torch.compile never traces (the flip is not baked into a graph).
+
+    * Nothing is touched when both APIs already say IEEE (torch's default): the common case costs
+      three getter calls.
+    * Otherwise the legacy precision is set to "highest" when it can be read (that also sets the
+      new API's cuda / mkldnn matmul to "ieee"), and the new API's cuda / mkldnn matmul to "ieee";
+      on exit the legacy value and the two new-API values are set back as read. When the legacy
+      value cannot be read (torch refuses to: legacy and new APIs were mixed, e.g. only
+      ``torch.backends.cuda.matmul.fp32_precision = "tf32"`` was set) only the new-API values are
+      forced and restored; if torch's consistency check then refuses the matmul, its RuntimeError
+      propagates (never a silently reduced-precision GEMM).
+    * Restored new-API values are the effective ones read (a value inherited from
+      ``torch.backends.fp32_precision`` comes back set explicitly, to the same effect).
+
+    Not thread-safe with respect to other threads' matmuls: they may run at IEEE fp32 while the
+    block is open (more precise, never less), and a precision another thread sets meanwhile is
+    overwritten on exit. Two threads inside this block at once are serialized by a module lock
+    (the autograd engine runs CUDA backward passes on its own thread).
+    """
+    with _PRECISION_LOCK:
+        try:
+            legacy = torch.get_float32_matmul_precision()
+        except RuntimeError:  # mixed legacy / new settings: torch will not report the legacy one
+            legacy = None
+        new = {key: torch._C._get_fp32_precision_getter(*key) for key in _PRECISION_KEYS}
+        if legacy == "highest" and not any(v in _REDUCED for v in new.values()):
+            yield
+            return
+        try:
+            if legacy is not None:
+                torch.set_float32_matmul_precision("highest")
+            for key in _PRECISION_KEYS:
+                torch._C._set_fp32_precision_setter(*key, "ieee")
+            yield
+        finally:
+            if legacy is not None:
+                torch.set_float32_matmul_precision(legacy)
+            for key, value in new.items():
+                torch._C._set_fp32_precision_setter(*key, value)
+
+
+# Above this many columns (Cx·K) the tap Gram is built from its block upper triangle in column
+# blocks of at least this width (at most _GRAM_MAX_BLOCKS of them): (1 + 1/nb)/2 of the full
+# GEMM's flops plus one transposed copy of the strict lower triangle. Below, one full GEMM.
+_GRAM_BLOCK_COLS = 512
+_GRAM_MAX_BLOCKS = 8
+
+
+def tap_gram(Z: torch.Tensor) -> torch.Tensor:
+    """``X = Zᵀ Z`` per group, ``(G, N, N)`` float32 for ``Z (G, M, N)``, by IEEE fp32 GEMMs batched
+    over the groups (``ieee_fp32_matmul``).
+
+    ``X`` is symmetric: for ``N ≥ 2·_GRAM_BLOCK_COLS`` only the block upper triangle is multiplied
+    (block row ``i``: ``X[:, i, i:] = Z[:, :, i]ᵀ Z[:, :, i:]``, one bmm per block written in
+    place) and the strict lower block triangle is its transposed copy, so ``X[i, j]`` and
+    ``X[j, i]`` are the same number off the diagonal blocks (inside a diagonal block both come
+    from the GEMM and may differ in the last bit, as in the full product)."""
+    G, _, N = Z.shape
+    nb = min(_GRAM_MAX_BLOCKS, N // _GRAM_BLOCK_COLS)
+    with ieee_fp32_matmul():
+        if nb < 2:
+            return Z.mT @ Z
+        X = Z.new_empty((G, N, N))
+        step = -(-N // nb)
+        for c0 in range(0, N, step):
+            c1 = min(c0 + step, N)
+            torch.matmul(Z[:, :, c0:c1].mT, Z[:, :, c0:], out=X[:, c0:c1, c0:])
+            X[:, c1:, c0:c1] = X[:, c0:c1, c1:].mT
+    return X
+
+
 # ----------------------------------------------------------------------------- custom ops
 
 @functools.lru_cache(maxsize=64)
@@ -287,69 +399,103 @@ def _combined_table(geo: CG.FrameGeometry, device: torch.device) -> tuple[torch.
     """``(NC, K, K, Q)`` float32 table ``Π_i Cls_i[κ_i, t_i, t'_i, q_i]`` (κ, t, q flat row-major
     over the dims, κ in the order of the stats' class axis) and the flat index of offset 0."""
     T0, T1, T2 = CG.class_tables(geo, torch.float32, device)
-    tab = torch.einsum("iaxr,jbys,kczq->ijkabcxyzrsq", T0, T1, T2)
+    with ieee_fp32_matmul():  # small integers: exact either way, but no GEMM of this module runs in TF32
+        tab = torch.einsum("iaxr,jbys,kczq->ijkabcxyzrsq", T0, T1, T2)
     K = math.prod(geo.kernel)
     (z0, z1, z2), (_, r1, r2) = (dim.zero for dim in geo.dims), (len(dim.rel) for dim in geo.dims)
     return tab.reshape(geo.n_cls, K, K, -1).contiguous(), (z0 * r1 + z1) * r2 + z2
 
 
-def _stats_problem(weight, input_size, stride, padding, dilation, groups, circular, rows):
-    """``(geo, Z, X̂, tab, zero, σ)``: the tap Gram ``X̂`` of the scaled factor ``Z/σ``
-    (``regkernels._geometry.factor_scale``)."""
+def _stats_problem(weight, input_size, stride, padding, dilation, groups, circular, rows, op):
+    """``(geo, Z, tab, zero, σ)``: the geometry, the factor ``Z (G, ·, Cx·K)`` of the tap Gram, the
+    combined class table and ``σ`` (``regkernels._geometry.factor_scale``); sizes checked."""
     geo = CG.stats_geometry(weight, input_size, stride, padding, dilation, circular, rows)
     Z = CG.tap_gram_factor(weight.float(), groups, rows)
-    K = math.prod(geo.kernel)
-    G, cx = Z.shape[0], Z.shape[2] // K
-    CG.check_frame_work(geo, G, cx, "regkernels::conv_frame_stats_triton", R.MAX_WORK_BYTES, triton=True)
+    G, cx = Z.shape[0], Z.shape[2] // math.prod(geo.kernel)
+    CG.check_frame_work(geo, G, cx, op, R.MAX_WORK_BYTES, triton=True)
     tab, zero = _combined_table(geo, weight.device)
-    scale = CG.factor_scale(Z)
-    Zs = Z / scale
-    return geo, Z, (Zs.mT @ Zs).view(G, cx, K, cx, K), tab, zero, scale
+    return geo, Z, tab, zero, CG.factor_scale(Z)
+
+
+def _gram_shape(weight_shape, geo: CG.FrameGeometry, groups: int) -> tuple[int, int, int]:
+    """``(G, Cx·K, Cx·K)``: the kept scaled tap Gram ``X̂`` of a layer."""
+    G, _, cx = CG.stats_shape(weight_shape, geo, groups)
+    n = cx * math.prod(geo.kernel)
+    return G, n, n
+
+
+def _check_gram(op: str, weight: torch.Tensor, geo: CG.FrameGeometry, groups: int, gram) -> None:
+    """``gram``: the forward's third output, float32 ``(G, Cx·K, Cx·K)`` or empty ``(0,)``."""
+    shapes = ((0,), _gram_shape(weight.shape, geo, groups))
+    if not (isinstance(gram, torch.Tensor) and gram.dtype == torch.float32 and tuple(gram.shape) in shapes
+            and gram.device == weight.device and gram.layout == torch.strided):
+        got = (f"{tuple(gram.shape)} {gram.dtype} on {gram.device}" if isinstance(gram, torch.Tensor)
+               else type(gram).__name__)
+        raise RuntimeError(f"{op}: gram must be the forward's float32 output (the scaled tap Gram), of shape "
+                           f"{shapes[1]} or (0,), on {weight.device}; got {got}")
 
 
 @torch.library.custom_op("regkernels::conv_frame_stats_triton", mutates_args=())
 def _conv_frame_stats_triton(weight: torch.Tensor, input_size: list[int], stride: list[int],
                              padding: list[int], dilation: list[int], groups: int, circular: bool,
-                             rows: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(d, r)`` as ``regkernels::conv_frame_stats``, by the fused kernel (float32)."""
-    CG.check_op_geometry("regkernels::conv_frame_stats_triton", weight, input_size, stride, padding, dilation,
-                         groups, circular)
-    *_, X, tab, zero, scale = _stats_problem(weight, input_size, stride, padding, dilation, groups, circular, rows)
-    d, r = class_stats_forward(X, tab, zero)
-    return d.mul_(scale).mul_(scale), r.mul_(scale).mul_(scale)
+                             rows: bool, keep_gram: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(d, r, gram)``: ``d``, ``r`` as ``regkernels::conv_frame_stats``, by the fused kernel (float32),
+    and with ``keep_gram`` the scaled tap Gram ``X̂ (G, Cx·K, Cx·K)`` for the backward (else an empty
+    ``(0,)`` tensor), so that the backward does not redo the GEMM."""
+    op = "regkernels::conv_frame_stats_triton"
+    CG.check_op_geometry(op, weight, input_size, stride, padding, dilation, groups, circular)
+    geo, Z, tab, zero, scale = _stats_problem(weight, input_size, stride, padding, dilation, groups, circular,
+                                              rows, op)
+    G, n = Z.shape[0], Z.shape[2]
+    K = math.prod(geo.kernel)
+    X = tap_gram(Z / scale)
+    d, r = class_stats_forward(X.view(G, n // K, K, n // K, K), tab, zero)
+    gram = X if keep_gram else X.new_empty((0,))
+    return d.mul_(scale).mul_(scale), r.mul_(scale).mul_(scale), gram
 
 
 @_conv_frame_stats_triton.register_fake
-def _conv_frame_stats_triton_fake(weight, input_size, stride, padding, dilation, groups, circular, rows):
+def _conv_frame_stats_triton_fake(weight, input_size, stride, padding, dilation, groups, circular, rows, keep_gram):
     CG.check_op_geometry("regkernels::conv_frame_stats_triton", weight, input_size, stride, padding, dilation,
                          groups, circular)
     geo = CG.stats_geometry(weight, input_size, stride, padding, dilation, circular, rows)
     d = weight.new_empty(CG.stats_shape(weight.shape, geo, groups), dtype=torch.float32)
-    return d, torch.empty_like(d)
+    gram = weight.new_empty(_gram_shape(weight.shape, geo, groups) if keep_gram else (0,), dtype=torch.float32)
+    return d, torch.empty_like(d), gram
 
 
 @torch.library.custom_op("regkernels::conv_frame_stats_triton_backward", mutates_args=())
 def _conv_frame_stats_triton_backward(weight: torch.Tensor, grad_d: torch.Tensor, grad_r: torch.Tensor,
-                                      input_size: list[int], stride: list[int], padding: list[int],
-                                      dilation: list[int], groups: int, circular: bool,
+                                      gram: torch.Tensor, input_size: list[int], stride: list[int],
+                                      padding: list[int], dilation: list[int], groups: int, circular: bool,
                                       rows: bool) -> torch.Tensor:
+    """``∂L/∂weight`` from ``(∂L/∂d, ∂L/∂r)``; ``gram`` as the forward returned it (the tap Gram is
+    recomputed when it is empty). One class-contraction launch into ``gX``, then one GEMM."""
     op = "regkernels::conv_frame_stats_triton_backward"
     CG.check_op_geometry(op, weight, input_size, stride, padding, dilation, groups, circular)
-    geo, Z, X, tab, zero, _ = _stats_problem(weight, input_size, stride, padding, dilation, groups, circular, rows)
+    geo, Z, tab, zero, scale = _stats_problem(weight, input_size, stride, padding, dilation, groups, circular,
+                                              rows, op)
     CG.check_stats_grads(op, weight, geo, groups, grad_d, grad_r)
+    _check_gram(op, weight, geo, groups, gram)
+    G, n = Z.shape[0], Z.shape[2]
+    K = math.prod(geo.kernel)
+    # the kernel needs the forward's V̂ (its signs): the kept X̂, or X̂ again from the same Z/σ
+    X = gram if gram.dim() == 3 else tap_gram(Z / scale)
     # gX depends on sign(V̂) = sign(V) and the incoming grads only: no σ to undo
-    gX = class_stats_backward(X, tab, zero, grad_d, grad_r).view(Z.shape[0], Z.shape[2], Z.shape[2])
-    gZ = Z @ (gX + gX.mT)  # X = Zᵀ Z
+    gX = class_stats_backward(X.view(G, n // K, K, n // K, K), tab, zero, grad_d, grad_r).view(G, n, n)
+    with ieee_fp32_matmul():
+        gZ = Z @ (gX + gX.mT)  # X = Zᵀ Z
     return CG.weight_of_factor(gZ, weight.shape, rows).to(weight.dtype).contiguous()
 
 
 @_conv_frame_stats_triton_backward.register_fake
-def _conv_frame_stats_triton_backward_fake(weight, grad_d, grad_r, input_size, stride, padding, dilation,
+def _conv_frame_stats_triton_backward_fake(weight, grad_d, grad_r, gram, input_size, stride, padding, dilation,
                                            groups, circular, rows):
     op = "regkernels::conv_frame_stats_triton_backward"
     CG.check_op_geometry(op, weight, input_size, stride, padding, dilation, groups, circular)
-    CG.check_stats_grads(op, weight, CG.stats_geometry(weight, input_size, stride, padding, dilation, circular, rows),
-                         groups, grad_d, grad_r)
+    geo = CG.stats_geometry(weight, input_size, stride, padding, dilation, circular, rows)
+    CG.check_stats_grads(op, weight, geo, groups, grad_d, grad_r)
+    _check_gram(op, weight, geo, groups, gram)
     return torch.empty_like(weight, memory_format=torch.contiguous_format)
 
 
@@ -358,15 +504,17 @@ _DOUBLE_BACKWARD = ("conv_frame_penalty / conv_gershgorin_bounds: double backwar
 
 
 def _stats_setup(ctx, inputs, output) -> None:
-    weight, *geometry = inputs
+    weight, *geometry, _keep = inputs
     ctx.geometry = geometry
-    ctx.save_for_backward(weight)
+    ctx.save_for_backward(weight, output[2])
+    # X̂ is the backward's cache, not a differentiable result: a gradient into it would be dropped
+    ctx.mark_non_differentiable(output[2])
 
 
-def _stats_op_backward(ctx, grad_d, grad_r):
-    (weight,) = ctx.saved_tensors
-    gW = torch.ops.regkernels.conv_frame_stats_triton_backward(weight, grad_d, grad_r, *ctx.geometry)
-    return (gW,) + (None,) * 7
+def _stats_op_backward(ctx, grad_d, grad_r, _grad_gram):
+    weight, gram = ctx.saved_tensors
+    gW = torch.ops.regkernels.conv_frame_stats_triton_backward(weight, grad_d, grad_r, gram, *ctx.geometry)
+    return (gW,) + (None,) * 8
 
 
 def _refuse_double_backward(ctx, *grads):
@@ -392,18 +540,18 @@ class _FrameStats(torch.autograd.Function):
     otherwise (``regkernels._numerics.through_function``)."""
 
     @staticmethod
-    def forward(weight, input_size, stride, padding, dilation, groups, circular, rows):
+    def forward(weight, input_size, stride, padding, dilation, groups, circular, rows, keep_gram):
         return torch.ops.regkernels.conv_frame_stats_triton(weight, input_size, stride, padding, dilation, groups,
-                                                            circular, rows)
+                                                            circular, rows, keep_gram)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         _stats_setup(ctx, inputs, output)
 
     @staticmethod
-    def backward(ctx, grad_d, grad_r):
-        (weight,) = ctx.saved_tensors
-        return (_FrameStatsBackward.apply(weight, grad_d, grad_r, *ctx.geometry),) + (None,) * 7
+    def backward(ctx, grad_d, grad_r, _grad_gram):
+        weight, gram = ctx.saved_tensors
+        return (_FrameStatsBackward.apply(weight, grad_d, grad_r, gram, *ctx.geometry),) + (None,) * 8
 
     @staticmethod
     def vmap(info, in_dims, *args):
@@ -414,9 +562,10 @@ class _FrameStatsBackward(torch.autograd.Function):
     """``regkernels::conv_frame_stats_triton_backward``, differentiable once: differentiating it raises."""
 
     @staticmethod
-    def forward(weight, grad_d, grad_r, input_size, stride, padding, dilation, groups, circular, rows):
-        return torch.ops.regkernels.conv_frame_stats_triton_backward(weight, grad_d, grad_r, input_size, stride,
-                                                                     padding, dilation, groups, circular, rows)
+    def forward(weight, grad_d, grad_r, gram, input_size, stride, padding, dilation, groups, circular, rows):
+        return torch.ops.regkernels.conv_frame_stats_triton_backward(weight, grad_d, grad_r, gram, input_size,
+                                                                     stride, padding, dilation, groups, circular,
+                                                                     rows)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -440,10 +589,11 @@ def _stats(op: str, weight: torch.Tensor, input_size, stride, padding, dilation,
         op, tuple(weight.shape), tuple(input_size), stride, padding, dilation, groups, padding_mode, side, True,
         R.MAX_WORK_BYTES)
     w5 = weight.reshape(weight.shape[0], weight.shape[1], *kernel)
+    keep_gram = torch.is_grad_enabled() and weight.requires_grad  # X̂ for the backward
     if through_function():
-        d, r = _FrameStats.apply(w5, *geometry, groups, circular, rows)
+        d, r, _ = _FrameStats.apply(w5, *geometry, groups, circular, rows, keep_gram)
     else:
-        d, r = torch.ops.regkernels.conv_frame_stats_triton(w5, *geometry, groups, circular, rows)
+        d, r, _ = torch.ops.regkernels.conv_frame_stats_triton(w5, *geometry, groups, circular, rows, keep_gram)
     counts = CG.class_counts(counts, d.dtype, d.device)  # cached on the device
     return d, r, counts, d.shape[0] * d.shape[2] * positions
 
