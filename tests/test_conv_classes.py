@@ -9,6 +9,7 @@ from collections import Counter
 import pytest
 import torch
 
+from test_robust_conv import _classes_of  # the table read back as (pattern, count) pairs
 from regkernels import _geometry as CG
 from regkernels.composite import conv as CC
 from regkernels.reference import conv as R
@@ -69,17 +70,6 @@ def _oracle_classes(n, k, s, p, dil, circular, rows, wrap=True):
     return sorted(Counter(tuple(sorted(pat.items())) for pat in patterns).items()), labels
 
 
-def _table_classes(dc):
-    nq = len(dc.rel)
-    found = []
-    for c, count in enumerate(dc.counts):
-        table = dc.table[c * dc.k * dc.k * nq:(c + 1) * dc.k * dc.k * nq]
-        items = sorted((((i // nq) // dc.k, (i // nq) % dc.k, dc.rel[i % nq]), int(v))
-                       for i, v in enumerate(table) if v)
-        found.append((tuple(items), count))
-    return sorted(found)
-
-
 def _sweep():
     for n in list(range(1, 13)) + [17, 32, 33]:
         for k in range(1, 5):
@@ -98,7 +88,7 @@ def test_dim_classes_equal_the_per_position_oracle():
     for args in _sweep():
         dc = CG.dim_classes.__wrapped__(*args)  # uncached: every case enumerated here
         want, labels = _oracle_classes(*args)
-        assert _table_classes(dc) == want, args
+        assert _classes_of(dc) == want, args
         assert dc.rel == tuple(sorted(labels | {0})), args
         assert dc.rel[dc.zero] == 0
         assert len(set(pat for pat, _ in want)) == dc.n_cls  # one class per distinct pattern
