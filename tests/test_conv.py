@@ -524,19 +524,19 @@ def test_empty_weight():
 # backends each op has for CPU tensors besides "reference" (tables in regkernels/ops/conv.py): the
 # Sedghi ops' per-frequency SVD kernel runs only when named there (LAPACK's complex SVD is faster on
 # CPU); the fused Triton frame stats take float16 / bfloat16 / float32, not these float64 weights
-CPU_KERNELS = {"conv_to_matrix": MATRIX_BACKENDS[1:], "conv_frame_penalty": ["torch"],
-               "conv_gershgorin_bounds": ["torch"],
+CPU_KERNELS = {"conv_to_matrix": MATRIX_BACKENDS[1:], "conv_frame_penalty": ["cpu", "torch"],
+               "conv_gershgorin_bounds": ["cpu", "torch"],
                "conv_orthogonality_penalty": ["torch"], "conv_singular_values": ["cpu"], "clip_conv_singular_values": ["cpu"]}
 # what backend=None takes for float64 CPU weights
-CPU_DEFAULT = {"conv_to_matrix": "cpu", "conv_frame_penalty": "torch", "conv_gershgorin_bounds": "torch",
+CPU_DEFAULT = {"conv_to_matrix": "cpu", "conv_frame_penalty": "cpu", "conv_gershgorin_bounds": "cpu",
                "conv_orthogonality_penalty": "torch", "conv_singular_values": "reference",
                "clip_conv_singular_values": "reference"}
 
 
 def _backends_listed(name: str) -> str:
     """The listing of a refusal: every backend that takes CPU float64 weights, in table order."""
-    have = {"conv_to_matrix": MATRIX_BACKENDS[1:], "conv_frame_penalty": ["torch"],
-            "conv_gershgorin_bounds": ["torch"], "conv_orthogonality_penalty": ["torch"],
+    have = {"conv_to_matrix": MATRIX_BACKENDS[1:], "conv_frame_penalty": ["cpu", "torch"],
+            "conv_gershgorin_bounds": ["cpu", "torch"], "conv_orthogonality_penalty": ["torch"],
             "conv_singular_values": ["cpu"], "clip_conv_singular_values": ["cpu"]}[name] + ["reference"]
     return ", ".join(f"'{b}'" for b in have)
 
@@ -577,7 +577,7 @@ def test_named_triton_refuses_float64_listing_what_takes_it(name):
     args = ((5, 4), 0.5, 2.0) if name == "conv_frame_penalty" else ((5, 4),)
     with pytest.raises(ValueError, match=rf"{name}: the 'triton' backend takes torch.float16, "
                                          rf"torch.bfloat16, torch.float32, not torch.float64; backends that take "
-                                         rf"cpu fp64 inputs here: 'torch', 'reference'$"):
+                                         rf"cpu fp64 inputs here: 'cpu', 'torch', 'reference'$"):
         getattr(C, name)(w, *args, padding=1, backend="triton")
     for a, b in zip(_as_tuple(getattr(C, name)(w.float(), *args, padding=1, backend="triton")),
                     _as_tuple(getattr(C, name)(w, *args, padding=1, backend="reference"))):
