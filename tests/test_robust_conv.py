@@ -245,17 +245,22 @@ def test_conv_to_matrix_sparse_refuses_what_cannot_fit_before_allocating(backend
         C.conv_to_matrix(w, (60000, 60000), padding=1, layout=layout, backend=backend)
 
 
-def test_conv_orthogonality_penalty_refuses_huge_padding_before_allocating():
+@pytest.mark.parametrize("backend,needs", [
+    ("reference", r"the self-convolution O of shape \(4, 4, 200001, 200001\) and the padded kernel need"),
+    ("torch", r"the tap Gram of 1 layer\(s\) of shape \(4, 3, 3, 3\) and the self-convolution O of shape "
+              r"\(4, 4, 200001, 200001\) need"),
+])
+def test_conv_orthogonality_penalty_refuses_huge_padding_before_allocating(backend, needs):
     w = torch.randn(4, 3, 3, 3)
-    with pytest.raises(ValueError, match=r"conv_orthogonality_penalty: the self-convolution O of shape "
-                                         r"\(4, 4, 200001, 200001\) and the padded kernel need \d+ bytes .* over MAX_WORK_BYTES"):
-        C.conv_orthogonality_penalty(w, padding=10**5)
+    with pytest.raises(ValueError, match=rf"conv_orthogonality_penalty: {needs} \d+ bytes .* over MAX_WORK_BYTES"):
+        C.conv_orthogonality_penalty(w, padding=10**5, backend=backend)
     # a large but fitting padding is computed: beyond the kernel's reach O is 0
     P = 7
     O = torch.nn.functional.conv2d(w.double(), w.double(), padding=P)
     target = torch.zeros_like(O)
     target[:, :, P, P] = torch.eye(4, dtype=D64)
-    torch.testing.assert_close(C.conv_orthogonality_penalty(w.double(), padding=P), ((O - target) ** 2).sum())
+    torch.testing.assert_close(C.conv_orthogonality_penalty(w.double(), padding=P, backend=backend),
+                               ((O - target) ** 2).sum())
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
