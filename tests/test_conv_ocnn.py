@@ -1,4 +1,4 @@
-"""OCNN through the tap Gram (backend "torch" of conv_orthogonality_penalty and
+"""OCNN through the kernel's DFT (backend "torch" of conv_orthogonality_penalty and
 conv_orthogonality_penalty_multi, docs/conv.md#conv_orthogonality_penalty) against the reference's
 conv of the kernel with itself, and Regularizer(kind="ocnn")'s grouping of layers into multi calls."""
 from __future__ import annotations
@@ -157,24 +157,65 @@ def test_nan_stays_in_its_layer():
     assert torch.isfinite(ws[0].grad).all() and torch.isfinite(ws[2].grad).all()
 
 
-def test_shift_tables_cached():
-    a = C.ocnn_shift_matrix((3, 3), (1, 1), (2, 2), torch.float32, torch.device("cpu"))
-    b = C.ocnn_shift_matrix((3, 3), (1, 1), (2, 2), torch.float32, torch.device("cpu"))
-    assert a is b
-    # every tap pair feeds one shift at stride 1 with the default padding; padding 1 keeps the 49
-    # pairs whose taps differ by at most 1 per dim
-    assert a.shape == (25, 81) and a.sum() == 81 and (a.sum(0) == 1).all()
-    p1 = C.ocnn_shift_matrix((3, 3), (1, 1), (1, 1), torch.float32, torch.device("cpu"))
-    assert p1.shape == (9, 81) and p1.sum() == 49
+def test_dft_tables_cached_and_equal_to_fftn():
+    a = C.ocnn_tables((3, 3), (1, 1), (2, 2), torch.float64, torch.device("cpu"))
+    assert a is C.ocnn_tables((3, 3), (1, 1), (2, 2), torch.float64, torch.device("cpu"))
+    F, Finv, BC, G, BCs = a
+    # 3×3: the 5×5 grid, 12 conjugate pairs, 1 + 3·12 products, 25 shifts
+    assert F.shape == (49, 9) and Finv.shape == (25, 37) and BC.shape == (37, 50) and G.shape == (9, 37)
+    assert BCs is not None and BCs.shape == (37, 25)
+    # the operand rows are the DFT A + iB on the (2k − 1) grid, one frequency of each conjugate pair
+    w = torch.randn(4, 3, 3, 3, dtype=D64)
+    ops = (F @ w.reshape(12, 9).T).reshape(49, 4, 3)
+    fft = torch.fft.fftn(w, s=(5, 5))
+    pairs = [(i, j) for i in range(5) for j in range(5) if 0 < 5 * i + j < 5 * ((-i) % 5) + (-j) % 5]
+    assert len(pairs) == 12
+    torch.testing.assert_close(ops[0], fft[..., 0, 0].real)
+    for q, (i, j) in enumerate(pairs):
+        torch.testing.assert_close(ops[1 + q] + 1j * ops[13 + q], fft[..., i, j])
+        torch.testing.assert_close(ops[25 + q], ops[1 + q] + ops[13 + q])
+        torch.testing.assert_close(ops[37 + q], ops[1 + q] - ops[13 + q])
+    # the mirrored backward table exists only where the stride divides the padding
+    assert C.ocnn_tables((3, 3), (2, 2), (1, 1), torch.float64, torch.device("cpu"))[4] is None
+    assert C.ocnn_tables((3, 3), (2, 2), (2, 2), torch.float64, torch.device("cpu"))[4] is not None
+
+
+@pytest.mark.parametrize("shape,stride,padding", [((3, 2, 3, 3), 1, None), ((4, 3, 3, 3), 2, None),
+                                                  ((3, 2, 3, 3), 2, 1), ((2, 3, 4), 1, 3)])
+def test_first_order_path_equals_graph_path(shape, stride, padding):
+    # loss.backward() takes the saved-operand path (mirrored table where S | P); a backward that
+    # builds a graph recomputes from W: both are the gradient
+    w = torch.randn((3,) + shape, dtype=D64, requires_grad=True)
+    gv = torch.randn(3, dtype=D64)
+    got = []
+    for create_graph in (False, True):
+        (g,) = torch.autograd.grad(regkernels.conv_orthogonality_penalty_multi(list(w.unbind(0)), stride, padding),
+                                   w, gv, create_graph=create_graph)
+        got.append(g.detach())
+    torch.testing.assert_close(got[0], got[1], rtol=1e-12, atol=1e-12)
+
+
+def test_float32_resnet_layer_accuracy():
+    # a CIFAR ResNet-18 layer shape, He-scaled, in float32 against the float64 reference
+    g = torch.Generator().manual_seed(5)
+    w64 = torch.randn(64, 64, 3, 3, generator=g, dtype=D64) * (2 / 576) ** 0.5
+    w32 = w64.float().requires_grad_()
+    want_w = w32.detach().double().requires_grad_()
+    got = regkernels.conv_orthogonality_penalty(w32)
+    want = R.conv_orthogonality_penalty(want_w)
+    torch.testing.assert_close(got.double(), want.detach(), rtol=2e-6, atol=0)
+    (gw,) = torch.autograd.grad(got, w32)
+    (ww,) = torch.autograd.grad(want, want_w)
+    assert float((gw.double() - ww).abs().max() / ww.abs().max()) < 2e-6
 
 
 def test_work_limit(monkeypatch):
     monkeypatch.setattr(R, "MAX_WORK_BYTES", 10_000)
     w = torch.randn(8, 2, 3, 3)
-    with pytest.raises(ValueError, match=r"conv_orthogonality_penalty_multi: the tap Gram of 2 layer\(s\) of shape "
+    with pytest.raises(ValueError, match=r"conv_orthogonality_penalty_multi: the DFT products of 2 layer\(s\) of shape "
                                          r"\(8, 2, 3, 3\) .* over MAX_WORK_BYTES=10000"):
         regkernels.conv_orthogonality_penalty_multi([w, w])
-    with pytest.raises(ValueError, match=r"conv_orthogonality_penalty: the tap Gram .* over MAX_WORK_BYTES"):
+    with pytest.raises(ValueError, match=r"conv_orthogonality_penalty: the DFT products .* over MAX_WORK_BYTES"):
         regkernels.conv_orthogonality_penalty(w, backend="torch")
 
 

@@ -247,7 +247,7 @@ def test_conv_to_matrix_sparse_refuses_what_cannot_fit_before_allocating(backend
 
 @pytest.mark.parametrize("backend,needs", [
     ("reference", r"the self-convolution O of shape \(4, 4, 200001, 200001\) and the padded kernel need"),
-    ("torch", r"the tap Gram of 1 layer\(s\) of shape \(4, 3, 3, 3\) and the self-convolution O of shape "
+    ("torch", r"the DFT products of 1 layer\(s\) of shape \(4, 3, 3, 3\) and the self-convolution O of shape "
               r"\(4, 4, 200001, 200001\) need"),
 ])
 def test_conv_orthogonality_penalty_refuses_huge_padding_before_allocating(backend, needs):

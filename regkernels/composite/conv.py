@@ -542,112 +542,198 @@ def conv_to_matrix(weight: torch.Tensor, input_size, stride=1, padding=0, dilati
 
 
 
-# ----------------------------------------------------------------------------- OCNN through the tap Gram
+# ----------------------------------------------------------------------------- OCNN through the kernel's DFT
 #
-# O = conv(K, K, stride=S, padding=P) (docs/conv.md#conv_orthogonality_penalty) is a contraction of
-# the tap Gram X[(t, a), (t', b)] = Σ_c K[a, c, t]·K[b, c, t'] = (Z Zᵀ) for Z = K laid out
-# ((t, o), c): O[a, b, y] = Σ_{t'} X[(t' + δ(y), a), (t', b)] with δ(y) = y·S − P per dim, over the
-# taps t' whose shifted tap t' + δ lies in the kernel (the reference conv also multiplies the
-# zero-padded taps: 225 tap products per (a, b, c) for 3×3 where 81 suffice). Every tap pair
-# (t, t') has one difference, so it feeds at most one shift: the contraction is one small GEMM of
-# a 0/1 table M (shifts × K² tap pairs) with X's o×o blocks (n_shift·K²·o² multiply-adds, against
-# K²·o²·c for X; torch's scatter-add on CPU was 10× slower than this GEMM). The backward maps gO to
-# gX[(t, a), (t', b)] = gO[a, b, y(t − t')] (Mᵀ gO) and, X being Z Zᵀ, to
-# gZ = (gX + gXᵀ) Z: one GEMM. It is written in differentiable torch ops of gO and the saved
-# weight, so a second derivative is exact (O is linear in each factor). Layers of one shape go
-# through as one stack (L, o, c, *k): batched GEMMs, one table GEMM.
+# O = conv(K, K, stride=S, padding=P) (docs/conv.md#conv_orthogonality_penalty) samples the full
+# self-correlation C_δ[a, b] = Σ_{c,t} K[a, c, t + δ]·K[b, c, t] (|δ_i| ≤ k_i − 1) at the shifts
+# δ(y) = y·S − P; shifts outside that support are exactly 0. On the periodic grid N_i = 2k_i − 1 the
+# circular self-correlation equals C (no wrap reaches the support), so with K̂_ω = Σ_t K_t e^{−iθ(ω,t)}
+# (o × c per frequency, θ(ω, t) = 2π Σ_i ω_i t_i / N_i) the DFT diagonalises it:
+# C_δ = (1/N) Σ_ω H_ω e^{iθ(ω,δ)}, H_ω = K̂_ω K̂_ωᴴ. K is real, so ω and −ω are conjugate and only
+# ω = 0 and one of each of the m = (N − 1)/2 pairs are formed. With K̂ = A + iB per pair, the
+# Hermitian product takes three real GEMMs (Gauss): P1 = AAᵀ, P2 = BBᵀ, P3 = (A + B)(A − B)ᵀ give
+# Re H = P1 + P2 and Im H = P3 − P1 + P2. For 3×3 that is 1 + 3·12 = 37 products of o × c by c × o
+# (the tap Gram takes 81 blocks, the reference conv 225 tap products). Every map between K, the
+# GEMM operands, the products and O is linear and small, so it is one cached table per geometry:
+#   [Lhs; Rhs] = F·K (rows A₀, A, B, A + B and A₀, A, B, A − B), P_j = Lhs_j Rhs_jᵀ, O = Finv·P.
+# Backward of ⟨gO, O⟩: gP = Finvᵀ gO and, per pair, gA = M1 A + M3 (A + B), gB = M2 B − M3 (A + B)
+# with M1 = gP1 + gP1ᵀ + 2gP3, M2 = gP2 + gP2ᵀ − 2gP3, M3 = gP3ᵀ − gP3 (M0 = gP1₀ + gP1₀ᵀ at ω = 0):
+# M = Bm·gO + Cm·gOᵀ (one table GEMM), Y_j = M_j Lhs_j (the same 37 GEMMs), gK = G·Y. It is written
+# in differentiable torch ops of gO and the saved weight, so a second derivative is exact. Layers of
+# one shape go through as one stack (L, o, c, *k): batched GEMMs, one table GEMM per step.
 
 @functools.lru_cache(maxsize=256)
-def _ocnn_pairs(kernel: tuple[int, ...], stride: tuple[int, ...], padding: tuple[int, ...]):
-    """The tap pairs of the self-correlation: ``(t, t', y)`` flat indices (row-major over the kernel and
-    over the shift grid ``s = ⌊2P/S⌋ + 1``) of every pair with ``t − t' = δ(y)`` per dim, and ``s``.
-    Pure Python, O(∏k²) per geometry."""
-    out = tuple(2 * p // s + 1 for p, s in zip(padding, stride))
-    per_dim = []  # per dim: the (t_i, t'_i, y_i) triples
-    for k, s, p, n in zip(kernel, stride, padding, out):
-        triples = []
-        for t in range(k):
-            for tp in range(k):
-                q = t - tp + p  # = y·s
-                if q >= 0 and q % s == 0 and q // s < n:
-                    triples.append((t, tp, q // s))
-        per_dim.append(triples)
-    ti, tpi, yi = [], [], []
-    for combo in itertools.product(*per_dim):
-        t = tp = y = 0
-        for (a, b, c), k, n in zip(combo, kernel, out):
-            t, tp, y = t * k + a, tp * k + b, y * n + c
-        ti.append(t)
-        tpi.append(tp)
-        yi.append(y)
-    return tuple(ti), tuple(tpi), tuple(yi), out
+def _ocnn_table_rows(kernel: tuple[int, ...], stride: tuple[int, ...], padding: tuple[int, ...]):
+    """The tables of one geometry as nested lists of floats: ``F (n + m, K)``, ``Finv (n_shift, n)``,
+    ``BC (n, 2·n_shift)``, ``G (K, n)`` with ``n = 1 + 3m`` products (module comment), and where the
+    stride divides the padding ``BCs (n, n_shift)``. Pure Python
+    (torch.compile traces it as constants), O((K + n_shift)·n) per geometry."""
+    N = [2 * k - 1 for k in kernel]
+    size = math.prod(N)
+    freqs = list(itertools.product(*[range(n) for n in N]))  # row-major, as the flat index
+    pairs = []  # one frequency of each conjugate pair: the one whose flat index is below its partner's
+    for f, w in enumerate(freqs):
+        partner = 0
+        for wi, n in zip(w, N):
+            partner = partner * n + (-wi) % n
+        if 0 < f < partner:
+            pairs.append(w)
+
+    def phases(points):  # θ(ω, x) = 2π Σ_i ω_i x_i / N_i, per pair and point
+        return [[2 * math.pi * sum(wi * xi / n for wi, xi, n in zip(w, x, N)) for x in points] for w in pairs]
+
+    th = phases(list(itertools.product(*[range(k) for k in kernel])))  # (m, K)
+    cos = [[math.cos(v) for v in row] for row in th]
+    sin = [[math.sin(v) for v in row] for row in th]
+    ones = [[1.0] * math.prod(kernel)]
+    neg_sin = [[-v for v in row] for row in sin]
+    c_minus_s = [[a - b for a, b in zip(r, q)] for r, q in zip(cos, sin)]
+    c_plus_s = [[a + b for a, b in zip(r, q)] for r, q in zip(cos, sin)]
+    # K̂ = A + iB: A = Σ K cos θ, B = −Σ K sin θ; rows A₀, A, B, A + B (the left operands) and A − B
+    F = ones + cos + neg_sin + c_minus_s + c_plus_s
+    G = [list(col) for col in zip(*(ones + cos + neg_sin + c_plus_s))]  # (K, n): gK from Y
+    # shifts y over the grid ⌊2P/S⌋ + 1 per dim, row-major; δ = y·S − P; rows off the support are 0
+    out = [2 * p // s + 1 for p, s in zip(padding, stride)]
+    Finv = []
+    for y in itertools.product(*[range(n) for n in out]):
+        delta = [yi * s - p for yi, s, p in zip(y, stride, padding)]
+        if any(abs(d) > k - 1 for d, k in zip(delta, kernel)):
+            Finv.append([0.0] * (1 + 3 * len(pairs)))
+            continue
+        ph = phases([delta])
+        c, s = [math.cos(r[0]) for r in ph], [math.sin(r[0]) for r in ph]
+        Finv.append([1.0 / size] + [2 * (a + b) / size for a, b in zip(c, s)]
+                    + [2 * (a - b) / size for a, b in zip(c, s)] + [-2 * b / size for b in s])
+    m = len(pairs)
+    Bm, Cm = [], []
+    for row in Finv:
+        f0, f1, f2, f3 = row[:1], row[1:1 + m], row[1 + m:1 + 2 * m], row[1 + 2 * m:]
+        Bm.append(f0 + [a + 2 * b for a, b in zip(f1, f3)] + [a - 2 * b for a, b in zip(f2, f3)] + [-b for b in f3])
+        Cm.append(row)
+    BC = [list(a) + list(b) for a, b in zip(zip(*Bm), zip(*Cm))]
+    # S | P per dim: shift y and its mirror (out − 1 − y) have δ and −δ, the target sits at δ = 0, and
+    # O_{−δ} = O_δᵀ, so gOᵀ is gO mirrored and Bm·gO + Cm·gOᵀ = (Bm + Cm mirrored)·gO
+    BCs = None
+    if all(p % s == 0 for p, s in zip(padding, stride)):
+        BCs = [[b + c for b, c in zip(rb, reversed(rc))] for rb, rc in zip(zip(*Bm), zip(*Cm))]
+    return F, Finv, BC, G, BCs
 
 
 @functools.lru_cache(maxsize=256)
-def _ocnn_shift_matrix(kernel: tuple[int, ...], stride: tuple[int, ...], padding: tuple[int, ...],
-                       dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    pairs = _ocnn_pairs.__wrapped__ if torch.compiler.is_compiling() else _ocnn_pairs
-    ti, tpi, yi, out = pairs(kernel, stride, padding)
-    K = math.prod(kernel)
-    M = torch.zeros((math.prod(out), K * K), dtype=dtype)
-    M[list(yi), [t * K + tp for t, tp in zip(ti, tpi)]] = 1
-    return M.to(device)
+def _ocnn_tables(kernel: tuple[int, ...], stride: tuple[int, ...], padding: tuple[int, ...],
+                 dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
+    rows = _ocnn_table_rows.__wrapped__ if torch.compiler.is_compiling() else _ocnn_table_rows
+    F, Finv, BC, G, BCs = rows(kernel, stride, padding)
+    n = len(G[0])  # kernel sizes are >= 1: K >= 1 taps, and >= 1 shift
+    shapes = ((len(F), len(G)), (len(Finv), n), (n, 2 * len(Finv)), (len(G), n), (n, len(Finv)))
+    return tuple(None if t is None else torch.tensor(t, dtype=torch.float64).reshape(shape).to(device, dtype)
+                 for t, shape in zip((F, Finv, BC, G, BCs), shapes))
 
 
-def ocnn_shift_matrix(kernel, stride, padding, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``M (n_shift, K²)``, 1 where tap pair ``(t, t')`` (column ``t·K + t'``) feeds shift ``y``, cached per
-    (geometry, dtype, device): a host→device copy per call would be a stream sync on a GPU. Built afresh
-    while torch.compile traces (no traced tensor in the cache), as ``_geometry.class_counts``. Read-only."""
-    make = _ocnn_shift_matrix.__wrapped__ if torch.compiler.is_compiling() else _ocnn_shift_matrix
+def ocnn_tables(kernel, stride, padding, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """``(F, Finv, BC, G, BCs)`` of the module comment (``BCs`` None unless S | P), cached per (geometry, dtype, device): a host→device
+    copy per call would be a stream sync on a GPU. Built afresh while torch.compile traces (no traced
+    tensor in the cache), as ``_geometry.class_counts``. Read-only."""
+    make = _ocnn_tables.__wrapped__ if torch.compiler.is_compiling() else _ocnn_tables
     return make(tuple(kernel), tuple(stride), tuple(padding), dtype, torch.device(device))
 
 
-def _tap_factor(W: torch.Tensor) -> torch.Tensor:
-    """``(L, o, c, *k)`` → ``Z (L, K·o, c)`` with rows ``(t, a)``."""
+def _operands(W: torch.Tensor, F: torch.Tensor) -> torch.Tensor:
+    """``F`` applied over the taps of the stack ``W (L, o, c, *k)``: ``(rows, L, o, c)``, one GEMM."""
     L, o, c = W.shape[:3]
     K = math.prod(W.shape[3:])
-    return W.reshape(L, o, c, K).permute(0, 3, 1, 2).reshape(L, K * o, c)
+    Wt = W.reshape(L, o, c, K).permute(3, 0, 1, 2).reshape(K, L * o * c)
+    return torch.mm(F, Wt).view(F.shape[0], L, o, c)
 
 
-def _self_correlation(W: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
-    """``O (L, n_shift, o, o)`` from the stack ``W (L, o, c, *k)``."""
-    L, o = W.shape[:2]
-    K = math.prod(W.shape[3:])
-    Z = _tap_factor(W)
-    X = torch.bmm(Z, Z.mT).view(L, K, o, K, o)
-    # blocks (t, t') of X as rows, summed into their shifts by one GEMM with the 0/1 table
-    Xp = X.transpose(2, 3).reshape(L, K * K, o * o)
-    return torch.matmul(M, Xp).view(L, M.shape[0], o, o)
+def _products(ops: torch.Tensor, Finv: torch.Tensor) -> torch.Tensor:
+    """``O (n_shift, L, o, o)`` from the operands ``(n + m, L, o, c)`` of ``_operands``."""
+    L, o, c = ops.shape[1:]
+    n = Finv.shape[1]
+    m = (n - 1) // 3
+    sym = ops[:1 + 2 * m].reshape((1 + 2 * m) * L, o, c)
+    P12 = torch.bmm(sym, sym.mT).view(1 + 2 * m, L * o * o)  # A₀A₀ᵀ, AAᵀ, BBᵀ
+    P3 = torch.bmm(ops[1 + 2 * m:n].reshape(m * L, o, c), ops[n:].reshape(m * L, o, c).mT).view(m, L * o * o)
+    O = torch.mm(Finv[:, :1 + 2 * m], P12).addmm_(Finv[:, 1 + 2 * m:], P3)
+    return O.view(Finv.shape[0], L, o, o)
 
 
-def _self_correlation_backward(W: torch.Tensor, gO: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
-    """``∂/∂W`` of ``⟨gO, O(W)⟩`` in differentiable torch ops of ``gO`` and ``W``."""
+def _centre_distance(O: torch.Tensor, centre: int) -> torch.Tensor:
+    """``‖O_l − target‖²`` per layer of ``O (n_shift, L, o, o)``: each shift's squared norm as a dot
+    product (one read of O), the centre's from ``O_c − I``, never ``‖O‖² − 2 tr + o``, which cancels
+    for near-orthogonal kernels."""
+    S, L, o = O.shape[:3]
+    flat = O.reshape(S * L, 1, o * o)
+    sq = torch.bmm(flat, flat.mT).view(S, L)
+    D = (O[centre] - torch.eye(o, dtype=O.dtype, device=O.device)).reshape(L, 1, o * o)
+    return torch.cat([sq[:centre], torch.bmm(D, D.mT).view(1, L), sq[centre + 1:]]).sum(0)
+
+
+def _weight_grad(Y: torch.Tensor, G: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """``gK = G·Y`` over the products ``Y (n, L, o, c)``, laid out as the stack ``shape``."""
+    n, L, o, c = Y.shape
+    gK = torch.mm(G, Y.reshape(n, L * o * c))  # (K, L·o·c)
+    return gK.view(G.shape[0], L, o, c).permute(1, 2, 3, 0).reshape(shape)
+
+
+def _penalty_grad(W: torch.Tensor, g: torch.Tensor, F, Finv, BC, G, centre: int) -> torch.Tensor:
+    """``g``-weighted ``∂/∂W`` of the penalties, from ``W`` in differentiable torch ops (the path of a
+    second derivative and of torch.func): O again, ``gO = 2g·(O − target)``, ``Bm·gO + Cm·gOᵀ``."""
     L, o, c = W.shape[:3]
-    K = math.prod(W.shape[3:])
-    gX = torch.matmul(M.mT, gO.reshape(L, M.shape[0], o * o))  # block (t, t') = gO at the shift of t − t'
-    gX = gX.view(L, K, K, o, o).transpose(2, 3).reshape(L, K * o, K * o)
-    gZ = torch.bmm(gX + gX.mT, _tap_factor(W))  # X = Z Zᵀ: one GEMM
-    return gZ.view(L, K, o, c).permute(0, 2, 3, 1).reshape(W.shape)
+    n = G.shape[1]
+    ops = _operands(W, F)
+    O = _products(ops, Finv)
+    eye = torch.eye(o, dtype=O.dtype, device=O.device)
+    gO = torch.cat([O[:centre], (O[centre] - eye)[None], O[centre + 1:]]) * (2 * g).view(1, L, 1, 1)
+    both = torch.cat([gO, gO.mT]).view(2 * gO.shape[0], L * o * o)
+    M = torch.mm(BC, both).view(n * L, o, o)
+    Y = torch.bmm(M, ops[:n].reshape(n * L, o, c)).view(n, L, o, c)
+    return _weight_grad(Y, G, W.shape)
 
 
-class _SelfCorrelation(torch.autograd.Function):
-    """``O = conv(K, K)`` per layer of a stack through the tap Gram, with the one-GEMM backward
-    (``setup_context`` and a generated vmap rule: torch.func and torch.compile take it)."""
+class _OcnnPenalty(torch.autograd.Function):
+    """The penalties ``(L,)`` of a stack ``W (L, o, c, *k)`` through the kernel's DFT, returning also
+    ``O`` and the GEMM operands (non-differentiable, for the backward). First-order backward (grad
+    mode off, as in ``loss.backward()``): from the saved ``O`` and operands, and where the stride
+    divides the padding without a transpose (``M = BCs·gO``), ``gO = 2g·(O − target)`` folded in.
+    A backward that builds a graph (double backward, torch.func) recomputes from ``W`` in
+    differentiable torch ops (``_penalty_grad``): the second derivative is exact. ``setup_context``
+    and a generated vmap rule: torch.func and torch.compile take it."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(W, M):
-        return _self_correlation(W, M)
+    def forward(W, F, Finv, BC, G, BCs, centre):
+        ops = _operands(W, F)
+        O = _products(ops, Finv)
+        return _centre_distance(O, centre), O, ops
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        ctx.save_for_backward(*inputs)
+        W, F, Finv, BC, G, BCs, centre = inputs
+        _, O, ops = output
+        ctx.mark_non_differentiable(O, ops)
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for O and the operands
+        ctx.save_for_backward(W, F, Finv, BC, G, BCs, O, ops)
+        ctx.centre = centre
 
     @staticmethod
-    def backward(ctx, gO):
-        W, M = ctx.saved_tensors
-        return _self_correlation_backward(W, gO, M), None
+    def backward(ctx, g, _gO, _gops):
+        W, F, Finv, BC, G, BCs, O, ops = ctx.saved_tensors
+        if g is None:
+            return (None,) * 7
+        centre = ctx.centre
+        if torch.is_grad_enabled() or BCs is None:
+            return _penalty_grad(W, g, F, Finv, BC, G, centre), None, None, None, None, None, None
+        S, L, o = O.shape[:3]
+        n = G.shape[1]
+        g2 = 2 * g
+        M = torch.mm(BCs, O.reshape(S, L * o * o)).view(n, L, o, o)  # BCs·O, then ·2g − BCs[:, c]·2g·I
+        M.mul_(g2.view(1, L, 1, 1))
+        M.diagonal(dim1=-2, dim2=-1).sub_(BCs[:, centre].view(n, 1, 1) * g2.view(1, L, 1))
+        c = ops.shape[-1]
+        Y = torch.bmm(M.view(n * L, o, o), ops[:n].reshape(n * L, o, c)).view(n, L, o, c)
+        return _weight_grad(Y, G, W.shape), None, None, None, None, None, None
 
 
 def _ocnn_geometry(shape: tuple[int, ...], stride, padding) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -658,16 +744,19 @@ def _ocnn_geometry(shape: tuple[int, ...], stride, padding) -> tuple[tuple[int, 
 
 
 def check_ocnn_work(op: str, L: int, shape: tuple[int, ...], stride, padding, dtype: torch.dtype) -> None:
-    """Refuse (ValueError naming the size, before allocating) a stack whose tap Gram ``X (L, K·o, K·o)``,
-    its blocks laid out as rows and ``O (L, o, o, *s)`` exceed ``MAX_WORK_BYTES`` in the compute dtype."""
+    """Refuse (ValueError naming the size, before allocating) a stack whose DFT operands
+    ``(n + m, L, o, c)``, products ``(n, L, o, o)`` and ``O (n_shift, L, o, o)`` exceed
+    ``MAX_WORK_BYTES`` in the compute dtype (``n = 1 + 3m``, ``m = (∏(2k − 1) − 1)/2``)."""
     S, P = _ocnn_geometry(shape, stride, padding)
-    o, K = shape[0], math.prod(shape[2:])
+    o, c = shape[0], shape[1]
+    m = (math.prod([2 * k - 1 for k in shape[2:]]) - 1) // 2
+    n = 1 + 3 * m
     out = tuple(2 * p // s + 1 for p, s in zip(P, S))
-    elements = L * o * o * (2 * K * K + math.prod(out))  # X, its blocks as rows, O
+    elements = L * ((n + m) * o * c + (n + math.prod(out)) * o * o)  # operands, products, O
     nbytes = elements * torch.empty((), dtype=compute_dtype(dtype)).element_size()
     if nbytes > R.MAX_WORK_BYTES:
-        raise ValueError(f"{op}: the tap Gram of {L} layer(s) of shape {tuple(shape)} and the self-convolution O of "
-                         f"shape {(o, o, *out)} need {nbytes} bytes ({nbytes / 2**30:.1f} GiB), over MAX_WORK_BYTES="
+        raise ValueError(f"{op}: the DFT products of {L} layer(s) of shape {tuple(shape)} and the self-convolution O "
+                         f"of shape {(o, o, *out)} need {nbytes} bytes ({nbytes / 2**30:.1f} GiB), over MAX_WORK_BYTES="
                          f"{R.MAX_WORK_BYTES} (regkernels.reference.conv); use fewer layers per call, fewer filters "
                          f"or a smaller padding")
 
@@ -677,21 +766,16 @@ def ocnn_stack(W: torch.Tensor, stride, padding) -> torch.Tensor:
     S, P = _ocnn_geometry(tuple(W.shape[1:]), stride, padding)
     L, o = W.shape[:2]
     W = W.to(compute_dtype(W.dtype))
-    M = ocnn_shift_matrix(W.shape[3:], S, P, W.dtype, W.device)
+    tables = ocnn_tables(W.shape[3:], S, P, W.dtype, W.device)
     out = tuple(2 * p // s + 1 for p, s in zip(P, S))
-    O = _SelfCorrelation.apply(W, M)  # (L, n_shift, o, o)
-    # target I at the centre ⌊s/2⌋ per dim (flat index in the row-major shift grid); the difference
-    # is formed, not ‖O‖² − 2 tr + o, which cancels for near-orthogonal kernels
-    centre = 0
+    centre = 0  # target I at the centre ⌊s/2⌋ per dim: its flat index in the row-major shift grid
     for n in out:
         centre = centre * n + n // 2
-    off = torch.cat([O[:, :centre], O[:, centre + 1:]], dim=1)
-    D = O[:, centre] - torch.eye(o, dtype=O.dtype, device=O.device)
-    return (off * off).sum(dim=(1, 2, 3)) + (D * D).sum(dim=(1, 2))
+    return _OcnnPenalty.apply(W, *tables, centre)[0]
 
 
 def conv_orthogonality_penalty(weight: torch.Tensor, stride=1, padding=None) -> torch.Tensor:
-    """OCNN penalty (docs/conv.md#conv_orthogonality_penalty) through the tap Gram; float16 / bfloat16
+    """OCNN penalty (docs/conv.md#conv_orthogonality_penalty) through the kernel's DFT; float16 / bfloat16
     computed in float32, the result in the weight's dtype."""
     check_ocnn_work("conv_orthogonality_penalty", 1, tuple(weight.shape), stride, padding, weight.dtype)
     return ocnn_stack(weight[None], stride, padding)[0].to(weight.dtype)

@@ -23,9 +23,10 @@ then runs the implementation ``TABLE`` gives for the backend, the weight's devic
   reference is faster on CPU). Named, a weight larger than the kernel takes raises ValueError;
   under ``backend=None`` such a weight takes the reference's complex SVD.
 * ``conv_orthogonality_penalty`` (and ``conv_orthogonality_penalty_multi``, several weights of one
-  shape in one call): ``"torch"`` (the default on every device) contracts the tap Gram ``Z Zᵀ`` into
-  the shifts (only the tap pairs that overlap) with a one-GEMM backward; the reference is one
-  ``conv`` of the kernel with itself (a loop of them for the multi op).
+  shape in one call): ``"torch"`` (the default on every device) takes the kernel's DFT on the
+  ``(2k − 1)`` grid, where the self-correlation is diagonal: ``1 + 3m`` real GEMMs per layer (37 for
+  3×3, against 81 tap pairs and the reference's 225), one table GEMM to the shifts, a backward of
+  the same size; the reference is one ``conv`` of the kernel with itself (a loop for the multi op).
 
 ``backend=None`` takes the first row for the device that can run the dtype; a named backend that
 cannot take the input raises ValueError listing those that can (``regkernels.ops._table``).
@@ -93,12 +94,12 @@ TABLE = Table("conv", [
     Kernel("conv_frame_penalty_multi", "any", "reference", f"{_REF}:conv_frame_penalty_multi",
            note="explicit T and its Gram, one layer at a time"),
     Kernel("conv_orthogonality_penalty", "any", "torch", "regkernels.composite.conv:conv_orthogonality_penalty",
-           note="the tap Gram Z Zᵀ contracted into the shifts; one-GEMM backward"),
+           note="the kernel's DFT on the (2k − 1) grid: 1 + 3m real GEMMs per layer (Gauss), one table GEMM to the shifts; backward the same"),
     Kernel("conv_orthogonality_penalty", "any", "reference", f"{_REF}:conv_orthogonality_penalty",
            note="one conv of the kernel with itself"),
     Kernel("conv_orthogonality_penalty_multi", "any", "torch",
            "regkernels.composite.conv:conv_orthogonality_penalty_multi",
-           note="the layers stacked: batched tap Grams, one call"),
+           note="the layers stacked: batched DFT products, one call"),
     Kernel("conv_orthogonality_penalty_multi", "any", "reference", f"{_REF}:conv_orthogonality_penalty_multi",
            note="a loop over the reference"),
     Kernel("conv_singular_values", "cuda", "cuda", "regkernels._C_ops:conv_singular_values",
@@ -366,8 +367,8 @@ def conv_orthogonality_penalty_multi(weights: Sequence[torch.Tensor], stride=1, 
 
     Returns:
         ``(len(weights),)`` in the weights' dtype (float16/bfloat16 computed in float32). A weight
-        holding NaN/inf gives NaN in its own entry only. Work over ``MAX_WORK_BYTES`` (the tap Grams
-        and ``O`` of all the layers) raises ValueError before allocating: split the list.
+        holding NaN/inf gives NaN in its own entry only. Work over ``MAX_WORK_BYTES`` (the DFT
+        products and ``O`` of all the layers) raises ValueError before allocating: split the list.
     """
     op = "conv_orthogonality_penalty_multi"
     check_backend_keyword(op, backend)
