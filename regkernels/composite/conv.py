@@ -555,11 +555,11 @@ def conv_to_matrix(weight: torch.Tensor, input_size, stride=1, padding=0, dilati
 # Re H = P1 + P2 and Im H = P3 − P1 + P2. For 3×3 that is 1 + 3·12 = 37 products of o × c by c × o
 # (the tap Gram takes 81 blocks, the reference conv 225 tap products). Every map between K, the
 # GEMM operands, the products and O is linear and small, so it is one cached table per geometry:
-#   [Lhs; Rhs] = F·K (rows A₀, A, B, A + B and A₀, A, B, A − B), P_j = Lhs_j Rhs_jᵀ, O = Finv·P.
+#   operands F·K (rows A₀, A, B, A + B, A − B), P = (A₀A₀ᵀ, AAᵀ, BBᵀ, (A + B)(A − B)ᵀ), O = Finv·P.
 # Backward of ⟨gO, O⟩: gP = Finvᵀ gO and, per pair, gA = M1 A + M3 (A + B), gB = M2 B − M3 (A + B)
 # with M1 = gP1 + gP1ᵀ + 2gP3, M2 = gP2 + gP2ᵀ − 2gP3, M3 = gP3ᵀ − gP3 (M0 = gP1₀ + gP1₀ᵀ at ω = 0):
-# M = Bm·gO + Cm·gOᵀ (one table GEMM), Y_j = M_j Lhs_j (the same 37 GEMMs), gK = G·Y. It is written
-# in differentiable torch ops of gO and the saved weight, so a second derivative is exact. Layers of
+# M = Bm·gO + Cm·gOᵀ (one table GEMM), Y_j = M_j (A₀, A, B, A + B)_j (the same 37 GEMMs), gK = G·Y.
+# Where S | P, O_{−δ} = O_δᵀ and M = BCs·gO needs no transpose (_OcnnPenalty.backward). Layers of
 # one shape go through as one stack (L, o, c, *k): batched GEMMs, one table GEMM per step.
 
 @functools.lru_cache(maxsize=256)
@@ -605,17 +605,16 @@ def _ocnn_table_rows(kernel: tuple[int, ...], stride: tuple[int, ...], padding: 
         Finv.append([1.0 / size] + [2 * (a + b) / size for a, b in zip(c, s)]
                     + [2 * (a - b) / size for a, b in zip(c, s)] + [-2 * b / size for b in s])
     m = len(pairs)
-    Bm, Cm = [], []
+    Bm = []  # acts on gO; Cm, acting on gOᵀ, is Finv itself (gP1, gP2, gP3 enter M as their transposes)
     for row in Finv:
         f0, f1, f2, f3 = row[:1], row[1:1 + m], row[1 + m:1 + 2 * m], row[1 + 2 * m:]
         Bm.append(f0 + [a + 2 * b for a, b in zip(f1, f3)] + [a - 2 * b for a, b in zip(f2, f3)] + [-b for b in f3])
-        Cm.append(row)
-    BC = [list(a) + list(b) for a, b in zip(zip(*Bm), zip(*Cm))]
+    BC = [list(a) + list(b) for a, b in zip(zip(*Bm), zip(*Finv))]
     # S | P per dim: shift y and its mirror (out − 1 − y) have δ and −δ, the target sits at δ = 0, and
     # O_{−δ} = O_δᵀ, so gOᵀ is gO mirrored and Bm·gO + Cm·gOᵀ = (Bm + Cm mirrored)·gO
     BCs = None
     if all(p % s == 0 for p, s in zip(padding, stride)):
-        BCs = [[b + c for b, c in zip(rb, reversed(rc))] for rb, rc in zip(zip(*Bm), zip(*Cm))]
+        BCs = [[b + c for b, c in zip(rb, reversed(rc))] for rb, rc in zip(zip(*Bm), zip(*Finv))]
     return F, Finv, BC, G, BCs
 
 
@@ -631,9 +630,10 @@ def _ocnn_tables(kernel: tuple[int, ...], stride: tuple[int, ...], padding: tupl
 
 
 def ocnn_tables(kernel, stride, padding, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """``(F, Finv, BC, G, BCs)`` of the module comment (``BCs`` None unless S | P), cached per (geometry, dtype, device): a host→device
-    copy per call would be a stream sync on a GPU. Built afresh while torch.compile traces (no traced
-    tensor in the cache), as ``_geometry.class_counts``. Read-only."""
+    """``(F, Finv, BC, G, BCs)`` of the module comment (``BCs`` None unless S | P), cached per
+    (geometry, dtype, device): a host→device copy per call would be a stream sync on a GPU. Built
+    afresh while torch.compile traces (no traced tensor in the cache), as ``_geometry.class_counts``.
+    Read-only."""
     make = _ocnn_tables.__wrapped__ if torch.compiler.is_compiling() else _ocnn_tables
     return make(tuple(kernel), tuple(stride), tuple(padding), dtype, torch.device(device))
 
@@ -669,26 +669,28 @@ def _centre_distance(O: torch.Tensor, centre: int) -> torch.Tensor:
     return torch.cat([sq[:centre], torch.bmm(D, D.mT).view(1, L), sq[centre + 1:]]).sum(0)
 
 
-def _weight_grad(Y: torch.Tensor, G: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """``gK = G·Y`` over the products ``Y (n, L, o, c)``, laid out as the stack ``shape``."""
-    n, L, o, c = Y.shape
-    gK = torch.mm(G, Y.reshape(n, L * o * c))  # (K, L·o·c)
+def _weight_grad(M: torch.Tensor, ops: torch.Tensor, G: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """``Y_j = M_j·ops_j`` for the ``n`` left operands and ``gK = G·Y``, laid out as the stack ``shape``
+    (``M (n, L, o, o)``, ``ops (n + m, L, o, c)``)."""
+    n, L, o = M.shape[:3]
+    c = ops.shape[-1]
+    Y = torch.bmm(M.reshape(n * L, o, o), ops[:n].reshape(n * L, o, c))
+    gK = torch.mm(G, Y.view(n, L * o * c))  # (K, L·o·c)
     return gK.view(G.shape[0], L, o, c).permute(1, 2, 3, 0).reshape(shape)
 
 
 def _penalty_grad(W: torch.Tensor, g: torch.Tensor, F, Finv, BC, G, centre: int) -> torch.Tensor:
     """``g``-weighted ``∂/∂W`` of the penalties, from ``W`` in differentiable torch ops (the path of a
     second derivative and of torch.func): O again, ``gO = 2g·(O − target)``, ``Bm·gO + Cm·gOᵀ``."""
-    L, o, c = W.shape[:3]
+    L, o = W.shape[:2]
     n = G.shape[1]
     ops = _operands(W, F)
     O = _products(ops, Finv)
     eye = torch.eye(o, dtype=O.dtype, device=O.device)
     gO = torch.cat([O[:centre], (O[centre] - eye)[None], O[centre + 1:]]) * (2 * g).view(1, L, 1, 1)
     both = torch.cat([gO, gO.mT]).view(2 * gO.shape[0], L * o * o)
-    M = torch.mm(BC, both).view(n * L, o, o)
-    Y = torch.bmm(M, ops[:n].reshape(n * L, o, c)).view(n, L, o, c)
-    return _weight_grad(Y, G, W.shape)
+    M = torch.mm(BC, both).view(n, L, o, o)
+    return _weight_grad(M, ops, G, W.shape)
 
 
 class _OcnnPenalty(torch.autograd.Function):
@@ -731,9 +733,7 @@ class _OcnnPenalty(torch.autograd.Function):
         M = torch.mm(BCs, O.reshape(S, L * o * o)).view(n, L, o, o)  # BCs·O, then ·2g − BCs[:, c]·2g·I
         M.mul_(g2.view(1, L, 1, 1))
         M.diagonal(dim1=-2, dim2=-1).sub_(BCs[:, centre].view(n, 1, 1) * g2.view(1, L, 1))
-        c = ops.shape[-1]
-        Y = torch.bmm(M.view(n * L, o, o), ops[:n].reshape(n * L, o, c)).view(n, L, o, c)
-        return _weight_grad(Y, G, W.shape), None, None, None, None, None, None
+        return _weight_grad(M, ops, G, W.shape), None, None, None, None, None, None
 
 
 def _ocnn_geometry(shape: tuple[int, ...], stride, padding) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -764,7 +764,6 @@ def check_ocnn_work(op: str, L: int, shape: tuple[int, ...], stride, padding, dt
 def ocnn_stack(W: torch.Tensor, stride, padding) -> torch.Tensor:
     """The penalties ``(L,)`` of a stack ``W (L, o, c, *k)`` in the compute dtype (no checks)."""
     S, P = _ocnn_geometry(tuple(W.shape[1:]), stride, padding)
-    L, o = W.shape[:2]
     W = W.to(compute_dtype(W.dtype))
     tables = ocnn_tables(W.shape[3:], S, P, W.dtype, W.device)
     out = tuple(2 * p // s + 1 for p, s in zip(P, S))

@@ -94,7 +94,8 @@ TABLE = Table("conv", [
     Kernel("conv_frame_penalty_multi", "any", "reference", f"{_REF}:conv_frame_penalty_multi",
            note="explicit T and its Gram, one layer at a time"),
     Kernel("conv_orthogonality_penalty", "any", "torch", "regkernels.composite.conv:conv_orthogonality_penalty",
-           note="the kernel's DFT on the (2k − 1) grid: 1 + 3m real GEMMs per layer (Gauss), one table GEMM to the shifts; backward the same"),
+           note="the kernel's DFT on the (2k − 1) grid: 1 + 3m real GEMMs per layer (Gauss), one "
+                "table GEMM to the shifts; backward the same"),
     Kernel("conv_orthogonality_penalty", "any", "reference", f"{_REF}:conv_orthogonality_penalty",
            note="one conv of the kernel with itself"),
     Kernel("conv_orthogonality_penalty_multi", "any", "torch",
