@@ -34,6 +34,7 @@ every rank).
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -42,11 +43,13 @@ import torch
 from torch import nn
 
 from regkernels import _geometry as CG
+from regkernels import distributed as _dist
 from regkernels.ops import conv as _conv
 from regkernels.ops import gram as _gram
 from regkernels.ops import svd as _svd
 from regkernels.ops._common import check_bounds, check_number, check_side
 from regkernels.ops._table import BACKENDS
+from regkernels.reference import gram as _ref_gram
 
 __all__ = ["Regularizer", "SVBProjector", "KINDS"]
 
@@ -137,9 +140,23 @@ def _float32_if_half(w: torch.Tensor) -> torch.Tensor:
     return w.float() if w.dtype in (torch.float16, torch.bfloat16) else w
 
 
-def _as_conv_weight(module: nn.Module) -> torch.Tensor:
-    w = module.weight
+def _as_conv_weight(module: nn.Module, w: torch.Tensor | None = None) -> torch.Tensor:
+    """The weight of ``module`` (or ``w``, its full value) as a conv weight: a Linear's gets a 1-point kernel dim."""
+    w = module.weight if w is None else w
     return w.unsqueeze(-1) if isinstance(module, nn.Linear) else w
+
+
+def _gram_of(kind: str, G: torch.Tensor, kw: dict) -> torch.Tensor:
+    """The ``frame`` / ``orthogonality`` penalty from the Gram ``G`` it acts on (the sharded
+    Gram route, docs/distributed.md#fsdp2): the reference formulas (docs/gram.md) with the
+    Gram's diagonal for the squared row / column norms."""
+    eye = torch.eye(G.shape[-1], dtype=torch.bool, device=G.device)
+    if kind == "frame":
+        d = G.diagonal()
+        r = G.abs().masked_fill(eye, 0).sum(-1)
+        return (torch.relu(kw["A"] - (d - r)).square() + torch.relu((d + r) - kw["B"]).square()).mean()
+    E = G - eye.to(G.dtype)
+    return E.square().sum() if kw.get("squared", True) else _ref_gram.frobenius0(E)
 
 
 class Regularizer:
@@ -179,7 +196,7 @@ class Regularizer:
         self.layers = _select(op, model, include, exclude)
         if kind in MATRIX_KINDS:
             # validates kind's arguments once, on the selected weights
-            _gram._check_weights(op, [m.weight for _, m in self.layers], self._groups(), kind,
+            _gram._check_weights(op, [_dist.stand_in(m.weight) for _, m in self.layers], self._groups(), kind,
                                  _gram._multi_args(op, kind, dict(kw)),
                                  names=[f"layer {name!r}.weight" for name in self.names])
         elif kind == "conv_frame":
@@ -218,7 +235,7 @@ class Regularizer:
                                  f"convs: {[n for n, m in self.layers if isinstance(m, _CONVS)]}")
             m, geo = layers[name], self._geometry[name]
             size = (size,) * (m.weight.dim() - 2) if isinstance(size, int) and not isinstance(size, bool) else size
-            _conv._check_geometry(f"{op} (layer {name!r})", m.weight.detach(), size, geo["stride"], geo["padding"],
+            _conv._check_geometry(f"{op} (layer {name!r})", _dist.stand_in(m.weight.detach()), size, geo["stride"], geo["padding"],
                                   geo["dilation"], geo["groups"], geo["padding_mode"])
 
     def _groups(self) -> list[int]:
@@ -230,15 +247,49 @@ class Regularizer:
 
     def values(self) -> torch.Tensor:
         """The per-layer penalties ``(L,)`` (before the mean and the factor)."""
-        if self.kind in MATRIX_KINDS:
-            return _gram.penalty_multi([_float32_if_half(m.weight) for _, m in self.layers], self.kind,
-                                       backend=self.backend,
-                                       groups=self._groups(), **self.kw)
-        if self.kind == "ocnn":
-            return torch.stack(self._ocnn_values())
-        return torch.stack(self._conv_frame_values())
+        weights = [m.weight for _, m in self.layers]
+        if not torch.compiler.is_compiling() and _dist.any_dtensor(weights):
+            return self._sharded_values(weights)
+        return torch.stack(self._values(weights, range(len(self.layers))))
 
-    def _conv_frame_values(self) -> list[torch.Tensor]:
+    def _values(self, weights: Sequence[torch.Tensor], idx: Sequence[int]) -> list[torch.Tensor]:
+        """0-dim penalties of the layers ``idx`` whose (full) weights are ``weights``."""
+        if self.kind in MATRIX_KINDS:
+            groups = self._groups()
+            return list(_gram.penalty_multi([_float32_if_half(w) for w in weights], self.kind, backend=self.backend,
+                                            groups=[groups[i] for i in idx], **self.kw).unbind(0))
+        if self.kind == "ocnn":
+            return self._ocnn_values(weights)
+        return self._conv_frame_values(weights)
+
+    def _sharded_values(self, weights: list[torch.Tensor]) -> torch.Tensor:
+        """``values()`` of DTensor weights (FSDP2, tensor parallelism; docs/distributed.md): the
+        ``frame`` / ``orthogonality`` layers whose Gram is the sum of the ranks' partial Grams and
+        smaller than half the weight (``regkernels.distributed.gram_route``) reduce their partial
+        Grams; every other layer is gathered (bucketed). Every rank gets the same values."""
+        out: list = [None] * len(weights)
+        routed: dict[int, list[tuple[int, torch.Tensor, object]]] = {}
+        if self.kind in ("frame", "orthogonality"):
+            for i, (w, g) in enumerate(zip(weights, self._groups())):
+                m, n = w.shape[0], math.prod(w.shape[1:])
+                side = self.kw.get("side", "auto")
+                side = ("cols" if m >= n else "rows") if side == "auto" else side
+                lay = _dist.gram_route(w, side) if g == 1 else None
+                if lay is not None:
+                    M = _float32_if_half(w.to_local()).reshape(w.to_local().shape[0], -1)
+                    routed.setdefault(id(lay.group), []).append((i, M.mT @ M if side == "cols" else M @ M.mT, lay))
+        rest = [i for i in range(len(weights)) if all(i != j for r in routed.values() for j, _, _ in r)]
+        if rest:
+            for i, v in zip(rest, self._values(_dist.gather([weights[i] for i in rest]), rest)):
+                out[i] = v
+        for parts in routed.values():
+            lay = parts[0][2]
+            for (i, _, _), G in zip(parts, _dist.all_reduce_sum([P for _, P, _ in parts], lay.group, lay.world)):
+                out[i] = _gram_of(self.kind, G, self.kw)
+        dtype = functools.reduce(torch.promote_types, [v.dtype for v in out])
+        return torch.stack([v.to(dtype) for v in out])
+
+    def _conv_frame_values(self, weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """``conv_frame`` per layer (0-dim tensors in ``self.layers`` order) in as few calls as the shapes
         allow: every Linear in one ``penalty_multi`` call (its operator is W itself: ``frame_penalty(W)``),
         and the convs in one ``conv_frame_penalty_multi`` call per set of layers of equal weight shape,
@@ -248,7 +299,7 @@ class Regularizer:
         out: list = [None] * len(self.layers)
         linear = [i for i, (_, m) in enumerate(self.layers) if isinstance(m, nn.Linear)]
         if linear:
-            values = _gram.penalty_multi([_float32_if_half(self.layers[i][1].weight) for i in linear], "frame",
+            values = _gram.penalty_multi([_float32_if_half(weights[i]) for i in linear], "frame",
                                          backend=self.backend, A=A, B=B, side=side)
             for i, v in zip(linear, values):
                 out[i] = v
@@ -256,7 +307,7 @@ class Regularizer:
         for i, (name, m) in enumerate(self.layers):
             if out[i] is not None:
                 continue
-            w, geo = _float32_if_half(_as_conv_weight(m)), self._geometry[name]
+            w, geo = _float32_if_half(_as_conv_weight(m, weights[i])), self._geometry[name]
             d = w.dim() - 2
             # int and tuple spellings of one padding are one geometry
             key = (tuple(w.shape), w.dtype, w.device, tuple(self._sizes.get(op, name, m)),
@@ -270,13 +321,13 @@ class Regularizer:
                 out[i] = v
         return out
 
-    def _ocnn_values(self) -> list[torch.Tensor]:
+    def _ocnn_values(self, weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Per layer (0-dim): the mean over its group chunks of ``conv_orthogonality_penalty`` at its
         stride. Every chunk of equal (shape, stride, dtype, device), across layers, goes through one
         ``conv_orthogonality_penalty_multi`` call."""
         buckets: dict[tuple, list[tuple[int, torch.Tensor]]] = {}
         for i, (name, m) in enumerate(self.layers):
-            w, geo = _float32_if_half(_as_conv_weight(m)), self._geometry[name]
+            w, geo = _float32_if_half(_as_conv_weight(m, weights[i])), self._geometry[name]
             stride = tuple(geo["stride"]) if not isinstance(geo["stride"], int) else (geo["stride"],) * (w.dim() - 2)
             chunks = w.chunk(geo["groups"], dim=0)
             for wg in chunks:
@@ -301,13 +352,15 @@ class Regularizer:
         holding NaN/Inf gets NaN entries; the other layers are unaffected and nothing raises."""
         out = {}
         side = self.kw.get("side", "auto")
-        for (name, m), g in zip(self.layers, self._groups()):
-            M = _gram.as_matrix(m.weight, g)
+        # sharded weights: gathered once, bucketed (docs/distributed.md)
+        weights = _dist.gather([m.weight for _, m in self.layers])
+        for (name, m), g, w in zip(self.layers, self._groups(), weights):
+            M = _gram.as_matrix(w, g)
             M = M if M.dtype == torch.float64 else M.float()
             if self.kind == "conv_frame":
                 geo = self._geometry[name]
                 size = (1,) if isinstance(m, nn.Linear) else self._sizes.get("Regularizer.stats", name, m)
-                lo, hi = _conv.conv_gershgorin_bounds(_as_conv_weight(m), size, geo["stride"], geo["padding"],
+                lo, hi = _conv.conv_gershgorin_bounds(_as_conv_weight(m, w), size, geo["stride"], geo["padding"],
                                                       geo["dilation"], geo["groups"], geo["padding_mode"], side,
                                                       backend=self.backend)
             else:

@@ -43,6 +43,7 @@ from typing import Sequence
 import torch
 
 from regkernels._geometry import conv_output_size
+from regkernels.distributed import accepts_sharded
 from regkernels.ops._common import check_bounds, check_number, check_side, check_tensor
 from regkernels.ops._table import HALF_AND_FLOAT, Kernel, Table, check_backend_keyword
 
@@ -187,6 +188,7 @@ def _check_circular_fit(op: str, weight, input_size) -> None:
                          f"kernel size <= input_size per dim; got input_size={size}")
 
 
+@accepts_sharded
 def conv_to_matrix(weight: torch.Tensor, input_size: Sequence[int], stride=1, padding=0, dilation=1,
                    groups: int = 1, padding_mode: str = "zeros", layout: str = "dense",
                    max_dense_bytes: int | None = None, *, backend: str | None = None) -> torch.Tensor:
@@ -232,6 +234,7 @@ def conv_to_matrix(weight: torch.Tensor, input_size: Sequence[int], stride=1, pa
     return impl(weight, input_size, stride, padding, dilation, groups, padding_mode, layout, max_dense_bytes)
 
 
+@accepts_sharded
 def conv_frame_penalty(weight: torch.Tensor, input_size: Sequence[int], A: float, B: float, stride=1, padding=0,
                        dilation=1, groups: int = 1, padding_mode: str = "zeros", side: str = "auto", *,
                        backend: str | None = None) -> torch.Tensor:
@@ -268,6 +271,7 @@ def conv_frame_penalty(weight: torch.Tensor, input_size: Sequence[int], A: float
     return impl(weight, input_size, A, B, stride, padding, dilation, groups, padding_mode, side)
 
 
+@accepts_sharded
 def conv_frame_penalty_multi(weights: Sequence[torch.Tensor], input_size: Sequence[int], A: float, B: float,
                              stride=1, padding=0, dilation=1, groups: int = 1, padding_mode: str = "zeros",
                              side: str = "auto", *, backend: str | None = None) -> torch.Tensor:
@@ -314,6 +318,7 @@ def conv_frame_penalty_multi(weights: Sequence[torch.Tensor], input_size: Sequen
     return impl(list(weights), input_size, A, B, stride, padding, dilation, groups, padding_mode, side)
 
 
+@accepts_sharded
 def conv_gershgorin_bounds(weight: torch.Tensor, input_size: Sequence[int], stride=1, padding=0, dilation=1,
                            groups: int = 1, padding_mode: str = "zeros", side: str = "auto", *,
                            backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -328,6 +333,7 @@ def conv_gershgorin_bounds(weight: torch.Tensor, input_size: Sequence[int], stri
     return impl(weight, input_size, stride, padding, dilation, groups, padding_mode, side)
 
 
+@accepts_sharded
 def conv_orthogonality_penalty(weight: torch.Tensor, stride=1, padding=None, *,
                                backend: str | None = None) -> torch.Tensor:
     """OCNN kernel orthogonality penalty (docs/conv.md).
@@ -354,6 +360,7 @@ def conv_orthogonality_penalty(weight: torch.Tensor, stride=1, padding=None, *,
     return impl(weight, stride, padding)
 
 
+@accepts_sharded
 def conv_orthogonality_penalty_multi(weights: Sequence[torch.Tensor], stride=1, padding=None, *,
                                      backend: str | None = None) -> torch.Tensor:
     """OCNN penalties of several weights of one shape, dtype and device in one call
@@ -403,6 +410,7 @@ def conv_orthogonality_penalty_multi(weights: Sequence[torch.Tensor], stride=1, 
 _SEDGHI_KERNELS = ("cpu", "cuda")
 
 
+@accepts_sharded
 def conv_singular_values(weight: torch.Tensor, input_size: Sequence[int], *,
                          backend: str | None = None) -> torch.Tensor:
     """Singular values of the circular stride-1 convolution on ``input_size`` (docs/conv.md).
@@ -434,6 +442,7 @@ def conv_singular_values(weight: torch.Tensor, input_size: Sequence[int], *,
     return impl(weight, input_size)
 
 
+@accepts_sharded
 def clip_conv_singular_values(weight: torch.Tensor, input_size: Sequence[int], lo: float, hi: float, *,
                               backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Clamp the circular operator's singular values into ``[lo, hi]`` (docs/conv.md).

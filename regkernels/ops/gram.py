@@ -35,6 +35,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from regkernels.distributed import accepts_sharded
 from regkernels.ops._common import (
     check_bounds,
     check_matrix,
@@ -181,6 +182,7 @@ def _dispatch(op: str, backend, W: torch.Tensor) -> Callable:
     return TABLE.implementation(op, backend, W.device, W.dtype)
 
 
+@accepts_sharded
 def as_matrix(weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
     """A layer weight as the matrix the penalties act on (docs/gram.md); a reshape, no kernel.
 
@@ -194,6 +196,7 @@ def as_matrix(weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
     return R.as_matrix(weight, groups)
 
 
+@accepts_sharded
 def frame_penalty(W: torch.Tensor, A: float, B: float, side: str = "auto", *,
                   backend: str | None = None) -> torch.Tensor:
     """Frame regularizer (docs/gram.md): ``W (..., m, n)`` → ``(...)``.
@@ -213,6 +216,7 @@ def frame_penalty(W: torch.Tensor, A: float, B: float, side: str = "auto", *,
     return _dispatch(op, backend, W)(W, **args)
 
 
+@accepts_sharded
 def gershgorin_bounds(W: torch.Tensor, side: str = "auto", *,
                       backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Gershgorin bounds on the eigenvalues of ``Gram(W, side)``: ``(lo, hi)``, each ``W.shape[:-2]``.
@@ -225,6 +229,7 @@ def gershgorin_bounds(W: torch.Tensor, side: str = "auto", *,
     return _dispatch(op, backend, W)(W, side)
 
 
+@accepts_sharded
 def frame_bounds(W: torch.Tensor, *, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact frame bounds ``(σ_min², σ_max²)`` over the k = min(m, n) singular values of W.
 
@@ -235,6 +240,7 @@ def frame_bounds(W: torch.Tensor, *, backend: str | None = None) -> tuple[torch.
     return _dispatch(op, backend, W)(W)
 
 
+@accepts_sharded
 def diversity_penalty(W: torch.Tensor, tau: float, inclusive: bool = True, *,
                       backend: str | None = None) -> torch.Tensor:
     """DiReAL filter diversity (docs/gram.md): ``W (..., m, n)`` → ``(...)``.
@@ -251,6 +257,7 @@ def diversity_penalty(W: torch.Tensor, tau: float, inclusive: bool = True, *,
     return _dispatch(op, backend, W)(W, **args)
 
 
+@accepts_sharded
 def orthogonality_penalty(W: torch.Tensor, side: str = "auto", squared: bool = True, *,
                           backend: str | None = None) -> torch.Tensor:
     """Soft orthogonality (docs/gram.md): ``‖Gram(W, side) − I‖_F²`` (``squared=False``: the norm).
@@ -266,6 +273,7 @@ def orthogonality_penalty(W: torch.Tensor, side: str = "auto", squared: bool = T
     return _dispatch(op, backend, W)(W, **args)
 
 
+@accepts_sharded
 def mhe_penalty(W: torch.Tensor, s: int = 2, half: bool = False, eps: float = 1e-4, *,
                 backend: str | None = None) -> torch.Tensor:
     """Minimum hyperspherical energy (docs/gram.md): ``W (..., m, n)`` → ``(...)``.
@@ -285,6 +293,7 @@ def mhe_penalty(W: torch.Tensor, s: int = 2, half: bool = False, eps: float = 1e
     return _dispatch(op, backend, W)(W, **args)
 
 
+@accepts_sharded
 def srip_penalty(W: torch.Tensor, n_iter: int = 1, generator: torch.Generator | None = None, *,
                  backend: str | None = None) -> torch.Tensor:
     """Spectral restricted isometry penalty (docs/gram.md): ``W (..., m, n)`` → ``(...)``.
@@ -357,6 +366,7 @@ def _check_weights(op: str, weights, groups, kind: str, args: dict,
     return per_weight
 
 
+@accepts_sharded
 def penalty_multi(weights: Sequence[torch.Tensor], kind: str, *, backend: str | None = None,
                   **kw) -> torch.Tensor:
     """Per-layer penalty values for many weights of different shapes (docs/gram.md).

@@ -36,6 +36,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from regkernels.distributed import accepts_sharded
 from regkernels.ops import conv as _conv
 from regkernels.ops._common import check_bounds, check_matrix, check_number, check_tensor
 from regkernels.ops._table import Kernel, Table, check_backend_keyword
@@ -73,6 +74,7 @@ def svd_function(device: torch.device, backend: str | None = None, dtype: torch.
     return functools.partial(impl, strict=True) if backend in _KERNEL_BACKENDS else impl
 
 
+@accepts_sharded
 def batched_svd(X: torch.Tensor, *, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD of a batch of matrices, ``torch.linalg.svd(X, full_matrices=False)``'s contract.
 
@@ -87,6 +89,7 @@ def batched_svd(X: torch.Tensor, *, backend: str | None = None) -> tuple[torch.T
     return impl(X, strict=True) if backend in _KERNEL_BACKENDS else impl(X)
 
 
+@accepts_sharded
 def clamp_singular_values(X: torch.Tensor, lo: float, hi: float, *,
                           backend: str | None = None) -> torch.Tensor:
     """``U · diag(clamp(S, lo, hi)) · Vh`` for every matrix of ``X (..., m, n)`` (docs/svd.md).

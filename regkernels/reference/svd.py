@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from regkernels import distributed as _dist
 from regkernels._dtypes import compute_dtype, upcast
 from regkernels._numerics import functorch_wrapped
 from regkernels.reference.conv import clip_conv_singular_values
@@ -501,17 +502,23 @@ def svb_(weights_or_module: nn.Module | torch.Tensor | Iterable[torch.Tensor], e
     """
     lo, hi = 1.0 / (1.0 + eps), 1.0 + eps
     svd = svd if svd is not None else batched_svd
+
+    def run(items: list[SVBTarget]) -> tuple[int, list[tuple[SVBTarget, torch.Tensor]]]:
+        if not operator:
+            return _svb_matrices(items, lo, hi, svd)
+        convs = [(t, _size_for(t, input_size)) for t in items if t.weight.dim() > 2]
+        mats = [t for t in items if t.weight.dim() == 2]
+        n_ops, op_updates = _svb_operators(convs, lo, hi, clip) if convs else (0, [])
+        n_mats, updates = _svb_matrices(mats, lo, hi, svd)
+        return n_ops + n_mats, op_updates + updates
+
     with torch.no_grad():
         items = collect_svb_weights(weights_or_module)
         # every new value is computed before any weight is written, so an error in any of
-        # them leaves all weights as they were
-        if not operator:
-            count, updates = _svb_matrices(items, lo, hi, svd)
+        # them leaves all weights as they were (sharded weights: see svb_sharded)
+        if _dist.any_dtensor(t.weight for t in items):
+            count, updates = _dist.svb_sharded(items, run, operator, lambda t: _size_for(t, input_size))
         else:
-            convs = [(t, _size_for(t, input_size)) for t in items if t.weight.dim() > 2]
-            mats = [t for t in items if t.weight.dim() == 2]
-            n_ops, op_updates = _svb_operators(convs, lo, hi, clip) if convs else (0, [])
-            n_mats, updates = _svb_matrices(mats, lo, hi, svd)
-            count, updates = n_ops + n_mats, op_updates + updates
+            count, updates = run(items)
         _write_all(updates)
     return count

@@ -1,0 +1,301 @@
+"""Penalties, stats() and svb_ on sharded weights: FSDP2 ``fully_shard`` and DTensor tensor
+parallelism (docs/distributed.md), in 2 and 4 CPU processes with gloo.
+
+One spawn per world size runs every check (a process start costs seconds); each rank saves what
+it computed, and the tests compare every rank's numbers with one process computing the same on
+the unsharded model. float64 throughout, so "equal" means equal to ~1e-15 (the Gram route sums
+the ranks' partial Grams in another order than one GEMM does; everything else is bit-identical).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import regkernels as rk
+from regkernels import distributed as D
+from regkernels.nn import Regularizer
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+KINDS = {"frame": dict(A=0.5, B=2.0), "diversity": dict(tau=0.1), "orthogonality": {}, "mhe": {},
+         "srip": dict(n_iter=3), "conv_frame": dict(A=0.5, B=2.0), "ocnn": {}}
+EPS = 0.1  # svb_'s band [1/1.1, 1.1]: every random layer here has singular values outside it
+TOL = dict(rtol=1e-12, atol=1e-13)
+
+
+def _cnn() -> nn.Module:
+    """A small CNN with a Linear head: a widening 1×1 conv (its Gram goes the reduce route under
+    FSDP2), a conv whose 5 output channels do not split evenly over 2 or 4 ranks, a strided conv."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 40, 1), nn.ReLU(), nn.Conv2d(40, 5, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(5, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(8 * 4 * 4, 10)).double()
+
+
+def _grouped() -> nn.Module:
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=2),
+                         nn.ReLU(), nn.Conv2d(8, 6, 3, padding=1, padding_mode="circular", groups=2), nn.Flatten(),
+                         nn.Linear(6 * 6 * 6, 3)).double()
+
+
+def _tp_weights() -> dict[str, torch.Tensor]:
+    """Full values of the tensor-parallel weights: one per placement."""
+    g = torch.Generator().manual_seed(2)
+    return {"shard1": torch.randn(6, 9, generator=g, dtype=torch.float64),
+            "shard0": torch.randn(7, 5, generator=g, dtype=torch.float64),
+            "conv_shard1": torch.randn(6, 4, 3, 3, generator=g, dtype=torch.float64) / 3,
+            "replicate": torch.randn(4, 6, generator=g, dtype=torch.float64)}
+
+
+def _x(shape) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+
+def _full(t):
+    return t.full_tensor() if D.is_dtensor(t) else t
+
+
+def _kind_results(model: nn.Module, x: torch.Tensor) -> dict:
+    """Per kind: values, gradients of the weights (full), stats(), the collectives one call made."""
+    out = {}
+    for kind, kw in KINDS.items():
+        reg = Regularizer(model, kind, 1.0, **kw)
+        model(x)  # records the conv input sizes
+        for p in model.parameters():
+            p.grad = None
+        D.reset_comm_counts()
+        values = reg.values()
+        comm = D.comm_counts()
+        (values * torch.arange(1, len(values) + 1, dtype=values.dtype)).sum().backward()
+        out[kind] = dict(values=values.detach(), grads=[_full(m.weight.grad) for _, m in reg.layers],
+                         stats=reg.stats(), comm=comm)
+        reg.remove_hooks()
+    return out
+
+
+def _training(model: nn.Module, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    """Gradients of task loss + frame + ocnn regularizers, through the forward of ``net``."""
+    frame, ocnn = Regularizer(model, "frame", 0.3, A=0.5, B=2.0), Regularizer(model, "ocnn", 0.01)
+    for p in model.parameters():
+        p.grad = None
+    loss = nn.functional.cross_entropy(net(x), y) + frame() + ocnn()
+    loss.backward()
+    return [_full(p.grad) for p in model.parameters()]
+
+
+def _svb(make, shard, operator: bool) -> tuple[int, list[torch.Tensor], dict]:
+    model = make()
+    shard(model)
+    D.reset_comm_counts()
+    n = rk.svb_(model, EPS, operator=operator, input_size=6 if operator else None)
+    return n, [_full(p).detach() for p in model.parameters()], D.comm_counts()
+
+
+def _fsdp(model: nn.Module) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model:
+        if isinstance(layer, (nn.Conv2d, nn.Linear)):
+            fully_shard(layer)
+    return fully_shard(model)
+
+
+def _tp_model(mesh):
+    """Linear / conv modules whose weights are DTensors placed Shard(1), Shard(0), Shard(1), Replicate."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    full = _tp_weights()
+    mods = nn.ModuleDict({"shard1": nn.Linear(9, 6, bias=False), "shard0": nn.Linear(5, 7, bias=False),
+                          "conv_shard1": nn.Conv2d(4, 6, 3, bias=False), "replicate": nn.Linear(6, 4, bias=False)})
+    place = {"shard1": Shard(1), "shard0": Shard(0), "conv_shard1": Shard(1), "replicate": Replicate()}
+    for name, m in mods.items():
+        m.weight = nn.Parameter(distribute_tensor(full[name], mesh, [place[name]]))
+    return mods
+
+
+def _ops_on(weights: dict) -> dict:
+    """Public ops given (DTensor) weights: values and gradients."""
+    out = {}
+    for name, w in weights.items():
+        w.grad = None
+        M = w if w.dim() == 2 else rk.as_matrix(w)
+        vals = [rk.frame_penalty(M, 0.5, 2.0), rk.orthogonality_penalty(M), rk.diversity_penalty(M, 0.1),
+                rk.mhe_penalty(M), rk.srip_penalty(M, generator=torch.Generator().manual_seed(5))]
+        if w.dim() == 4:
+            vals += [rk.conv_frame_penalty(w, (5, 5), 0.5, 2.0, padding=1),
+                     rk.conv_orthogonality_penalty(w)]
+        v = torch.stack(vals)
+        (v * torch.arange(1, len(v) + 1, dtype=v.dtype)).sum().backward()
+        out[name] = (v.detach(), _full(w.grad))
+    multi = rk.penalty_multi(list(weights.values()), "frame", A=0.5, B=2.0)
+    return {"ops": out, "multi": multi.detach()}
+
+
+def _worker(rank: int, world: int, init_file: str, out_prefix: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        from torch.distributed.tensor import init_device_mesh
+        from torch.distributed.tensor.debug import CommDebugMode
+
+        mesh = init_device_mesh("cpu", (world,))
+        res: dict = {}
+        model = _fsdp(_cnn())
+        res["cnn"] = _kind_results(model, _x((2, 3, 8, 8)))
+        # c10d's own count of one call, independent of regkernels' counter
+        reg = Regularizer(model, "frame", 1.0, A=0.5, B=2.0)
+        with CommDebugMode() as comm:
+            reg()
+        res["cnn_c10d"] = comm.get_total_counts()
+        res["grouped"] = _kind_results(_fsdp(_grouped()), _x((2, 4, 6, 6)))
+        # training: each rank takes its part of the batch; FSDP2 averages the task gradients and
+        # the penalties' gradients arrive on the shards
+        cnn = _cnn()
+        net = _fsdp(cnn)
+        x, y = _x((4, 3, 8, 8)), torch.arange(4) % 10
+        part = slice(rank * 4 // world, (rank + 1) * 4 // world)
+        res["training"] = _training(cnn, net, x[part], y[part])
+        tp = _tp_model(mesh)
+        res["tp_ops"] = _ops_on({name: m.weight for name, m in tp.items()})
+        reg = Regularizer(tp, "orthogonality", 1.0, include=(nn.Linear, nn.Conv2d))
+        D.reset_comm_counts()
+        v = reg.values()
+        res["tp_reg"] = (v.detach(), D.comm_counts())
+        for operator in (False, True):
+            res[f"svb_cnn_{operator}"] = _svb(_cnn, _fsdp, operator)
+            res[f"svb_grouped_{operator}"] = _svb(_grouped, _fsdp, operator)
+        res["svb_tp"] = _svb(lambda: _tp_model(mesh), lambda m: None, False)
+        torch.save(res, f"{out_prefix}{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"world{w}")
+def ranks(request, tmp_path_factory):
+    """Every rank's results, for a world of 2 and of 4 processes."""
+    world = request.param
+    tmp = tmp_path_factory.mktemp(f"dist{world}")
+    mp.spawn(_worker, args=(world, str(tmp / "init"), str(tmp / "rank")), nprocs=world, join=True)
+    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def _assert_kinds(got: dict, want: dict) -> None:
+    for kind in KINDS:
+        torch.testing.assert_close(got[kind]["values"], want[kind]["values"], **TOL, msg=kind)
+        for a, b in zip(got[kind]["grads"], want[kind]["grads"]):
+            torch.testing.assert_close(a, b, **TOL, msg=kind)
+        for layer, stats in want[kind]["stats"].items():
+            for key, value in stats.items():
+                assert got[kind]["stats"][layer][key] == pytest.approx(value, rel=1e-12, abs=1e-13), (kind, layer, key)
+
+
+def test_fsdp2_cnn_every_kind_values_gradients_stats(ranks):
+    want = _kind_results(_cnn(), _x((2, 3, 8, 8)))
+    for res in ranks:
+        _assert_kinds(res["cnn"], want)
+
+
+def test_fsdp2_grouped_conv_every_kind(ranks):
+    want = _kind_results(_grouped(), _x((2, 4, 6, 6)))
+    for res in ranks:
+        _assert_kinds(res["grouped"], want)
+
+
+def test_fsdp2_regularizer_is_bucketed(ranks):
+    """One all_gather for all the gathered layers (and one all_reduce for the Gram-route layers of
+    frame/orthogonality), not one collective per parameter; c10d's own count agrees."""
+    for res in ranks:
+        for kind in KINDS:
+            routed = kind in ("frame", "orthogonality")  # the 1x1 conv 3 -> 40: Gram 3x3 < weight 40x3
+            assert res["cnn"][kind]["comm"]["collectives"] == (2 if routed else 1), kind
+        assert res["cnn_c10d"] == 2
+
+
+def test_fsdp2_training_gradients_equal_one_process(ranks):
+    model = _cnn()
+    x, y = _x((4, 3, 8, 8)), torch.arange(4) % 10
+    want = _training(model, model, x, y)
+    for res in ranks:
+        for a, b in zip(res["training"], want):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_dtensor_tensor_parallel_ops_and_regularizer(ranks):
+    """Shard(0), Shard(1) (a Linear and a conv) and Replicate weights given to the public ops and
+    to a Regularizer."""
+    full = {name: w.clone().requires_grad_() for name, w in _tp_weights().items()}
+    want = _ops_on(full)
+    reg_want = Regularizer(nn.ModuleDict({n: _wrap(w) for n, w in _tp_weights().items()}), "orthogonality", 1.0,
+                           include=(nn.Linear, nn.Conv2d)).values().detach()
+    world = len(ranks)
+    for res in ranks:
+        for name, (v, g) in want["ops"].items():
+            got_v, got_g = res["tp_ops"]["ops"][name]
+            torch.testing.assert_close(got_v, v.detach(), **TOL, msg=name)
+            torch.testing.assert_close(got_g, g, **TOL, msg=name)
+        torch.testing.assert_close(res["tp_ops"]["multi"], want["multi"], **TOL)
+        v, comm = res["tp_reg"]
+        torch.testing.assert_close(v, reg_want, **TOL)
+        # shard1 (6x9 -> Gram 6x6: 72 < 54? no) and conv_shard1 (6x36 -> rows Gram: 72 < 216) is
+        # reduced; shard0 gathered; replicate needs nothing
+        assert comm["collectives"] == 2, (world, comm)
+
+
+def _wrap(w: torch.Tensor) -> nn.Module:
+    m = nn.Linear(w.shape[1], w.shape[0], bias=False) if w.dim() == 2 else nn.Conv2d(w.shape[1], w.shape[0], 3,
+                                                                                       bias=False)
+    m.weight = nn.Parameter(w.clone())
+    return m
+
+
+@pytest.mark.parametrize("operator", [False, True])
+@pytest.mark.parametrize("make", [_cnn, _grouped], ids=["cnn", "grouped"])
+def test_svb_sharded_equals_one_process(ranks, make, operator):
+    model = make()
+    n = rk.svb_(model, EPS, operator=operator, input_size=6 if operator else None)
+    name = f"svb_{'cnn' if make is _cnn else 'grouped'}_{operator}"
+    weights = sum(p.numel() * p.element_size() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+                  for p in [m.weight])
+    for res in ranks:
+        got_n, params, comm = res[name]
+        assert got_n == n
+        for a, b in zip(params, model.parameters()):
+            assert torch.equal(a, b.detach())
+        # two all_to_all_single: pieces to the owners, bounded pieces back; at most 2x the weights
+        assert comm["collectives"] == 2
+        assert comm["bytes"] <= 2 * weights
+
+
+def test_svb_tensor_parallel_weights(ranks):
+    model = nn.ModuleDict({n: _wrap(w) for n, w in _tp_weights().items()})
+    n = rk.svb_(model, EPS)
+    for res in ranks:
+        got_n, params, comm = res["svb_tp"]
+        assert got_n == n == 4
+        for a, b in zip(params, model.parameters()):
+            assert torch.equal(a, b.detach())
+
+
+def test_svb_owners_balance_cost():
+    """Every rank computes the same owners; the costliest layer alone on a rank when it dominates."""
+    assert D._owners([1.0, 8.0, 1.0, 1.0], 2) == [1, 0, 1, 1]
+    assert D._owners([3.0, 3.0, 2.0, 2.0, 2.0], 2) == [0, 1, 0, 1, 0]
+    assert D._owners([], 4) == []
+
+
+def test_gram_route_byte_rule():
+    """Without a process group: the decision from shapes only, on a fake layout."""
+    class Lay:
+        def __init__(self, dim):
+            self.dim = dim
+
+    assert D._gram_route_for((40, 3), Lay(0), "cols")          # Gram 3x3 vs weight 40x3
+    assert not D._gram_route_for((64, 576), Lay(0), "cols")    # 576² ≫ 64·576
+    assert not D._gram_route_for((64, 576), Lay(0), "rows")    # rows Gram needs columns sharded
+    assert D._gram_route_for((64, 576), Lay(1), "rows")        # 2·64² < 64·576
+    assert not D._gram_route_for((6, 9), Lay(1), "rows")       # 72 ≥ 54
