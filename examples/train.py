@@ -11,6 +11,11 @@ mean and standard deviation. Model: Conv(1→16) → Conv(16→32, stride 2) →
 Linear(512→64) → Linear(64→10), ReLUs between; SGD with momentum 0.9 (``beta-lasso`` replaces
 it by ``regkernels.optim.BetaLasso`` with the same learning rate and momentum).
 
+``--fsdp N`` trains the same model sharded with FSDP2 (``torch.distributed.fsdp.fully_shard`` on
+every Conv/Linear and on the root) in N CPU processes (gloo): each rank takes its part of every
+batch, the regularizers run on the sharded weights (docs/distributed.md) and rank 0 prints. The
+loss and penalty columns are rank 0's; test accuracy and the singular value columns are global.
+
 One table line per epoch: mean task loss, mean penalty term (what is added to the loss; 0 for
 ``none``, ``svb`` and ``beta-lasso``, which act through the weights), test accuracy, the mean
 wall time of a training step split into the model's part (forward + backward of the task loss,
@@ -32,7 +37,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
+import tempfile
 import time
 
 import torch
@@ -108,13 +115,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--quiet", action="store_true", help="print nothing (main still returns the records)")
+    p.add_argument("--fsdp", type=int, default=None, metavar="N",
+                   help="train sharded with FSDP2 in N CPU processes (gloo); rank 0 prints")
     args = p.parse_args(argv)
-    for name in ("epochs", "batch", "steps_per_epoch", "svb_every", "threads"):
+    for name in ("epochs", "batch", "steps_per_epoch", "svb_every", "threads", "fsdp"):
         v = getattr(args, name)
         if v is not None and v < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1; got {v}")
     if args.lam is not None and not args.lam >= 0:
         p.error(f"--lam must be >= 0; got {args.lam}")
+    if args.fsdp is not None and args.device != "cpu":
+        p.error("--fsdp runs CPU processes with gloo; use --device cpu")
+    if args.fsdp is not None and args.reg == "jacobian":
+        p.error("--fsdp does not run --reg jacobian: this script times the task backward and the penalty's "
+                "backward separately, and FSDP2 frees the unsharded weights after the first one (in your own "
+                "loop, add the Jacobian penalty to the loss and call backward once)")
+    if args.fsdp is not None and args.batch < args.fsdp:
+        p.error(f"--batch ({args.batch}) must be >= --fsdp ({args.fsdp}): every rank takes part of each batch")
     return args
 
 
@@ -142,11 +159,47 @@ class _Timer:
         return self.t - t
 
 
+def _shard(model: nn.Module) -> nn.Module:
+    """FSDP2: every Conv/Linear its own unit, then the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            fully_shard(m)
+    return fully_shard(model)
+
+
+def _rank_main(rank: int, world: int, init_file: str, argv, out_file: str) -> None:
+    """One ``--fsdp`` process: joins the gloo group, trains, rank 0 saves the records."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        records = _train(parse_args(argv), rank, world)
+        if rank == 0:
+            torch.save(records, out_file)
+    finally:
+        dist.destroy_process_group()
+
+
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    say = (lambda *a, **k: None) if args.quiet else print
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.fsdp is None:
+        return _train(args, 0, 1)
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out_file = os.path.join(tmp, "records.pt")
+        mp.spawn(_rank_main, args=(args.fsdp, os.path.join(tmp, "init"), argv if argv is not None else sys.argv[1:],
+                                   out_file), nprocs=args.fsdp, join=True)
+        return torch.load(out_file, weights_only=False)
+
+
+def _train(args: argparse.Namespace, rank: int, world: int) -> list[dict]:
+    say = (lambda *a, **k: None) if args.quiet or rank else print
+    if args.threads or world > 1:
+        # --fsdp: the machine's threads shared among the processes unless --threads says otherwise
+        torch.set_num_threads(args.threads or max(1, torch.get_num_threads() // world))
     device = torch.device(args.device)
     backend = None if args.backend == "auto" else "reference"
     reg_name = args.reg
@@ -155,6 +208,8 @@ def main(argv=None) -> list[dict]:
     x_train, y_train, x_test, y_test = load_data(device)
     torch.manual_seed(args.seed)
     model = build_model().to(device)
+    if world > 1:
+        _shard(model)
     batch_gen = torch.Generator().manual_seed(args.seed)
     n_batches = math.ceil(len(y_train) / args.batch)
     steps = n_batches if args.steps_per_epoch is None else min(n_batches, args.steps_per_epoch)
@@ -182,7 +237,7 @@ def main(argv=None) -> list[dict]:
 
     say(f"digits 8x8: {len(y_train)} train / {len(y_test)} test | reg {reg_name} (lam {lam:g}) | "
         f"backend {args.backend} | {steps} steps/epoch x {args.epochs} epochs, batch {args.batch} | "
-        f"{torch.get_num_threads()} threads, {device}")
+        f"{torch.get_num_threads()} threads, {device}" + (f" | FSDP2 x {world} processes" if world > 1 else ""))
     header = (f"{'epoch':>5} {'loss':>8} {'penalty':>9} {'test acc':>8} {'model ms':>9} {'reg ms':>8} "
               f"{'sigma min..max':>15} {'gersh(WWt) lo..hi':>19}  extra")
     say(header)
@@ -199,6 +254,8 @@ def main(argv=None) -> list[dict]:
         d_real = d_fake = 0.0
         for step in range(steps):
             idx = order[step * args.batch:(step + 1) * args.batch]
+            if world > 1:
+                idx = idx.tensor_split(world)[rank]  # this rank's part of the batch
             x, y = x_train[idx], y_train[idx]
             if reg_name == "jacobian":
                 x = x.detach().requires_grad_(True)

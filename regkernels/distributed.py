@@ -162,7 +162,7 @@ class _GatherBucket(torch.autograd.Function):
         lay0 = layouts[0]
         slots = [lay.slot() for lay in layouts]
         total = sum(slots)
-        buf = pieces[0].new_zeros(total)
+        buf = pieces[0].new_empty(total)  # the padding of each slot is never read
         off = 0
         for piece, s in zip(pieces, slots):
             buf[off:off + piece.numel()] = piece.reshape(-1)
@@ -206,6 +206,8 @@ def gather(weights: Sequence[torch.Tensor], bucket_bytes: int = BUCKET_BYTES) ->
     replicated ones need nothing; other layouts take ``full_tensor()``. Every rank must call it
     with the same list (collectives)."""
     out: list = list(weights)
+    if torch.compiler.is_compiling() or not any_dtensor(out):
+        return out
     groups: dict[tuple, list[tuple[int, _Layout]]] = {}
     for i, w in enumerate(weights):
         if not is_dtensor(w):

@@ -352,3 +352,27 @@ def test_cpu_peak_rss_sees_new_pages():
     if grown is None:
         pytest.skip("no /proc/self/clear_refs here")
     assert grown >= 48 << 20
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="torch.distributed with gloo is not available")
+def test_distributed_report_counts_collectives_and_bytes(tmp_path, capsys):
+    """``python -m regkernels.bench.distributed`` on a narrow ResNet-18 in 2 processes: one
+    collective per Regularizer call against one per weight for the naive gather, equal bytes
+    ((world − 1)/world of the weights), svb_ within 2x the weights, c10d's count agreeing."""
+    from regkernels.bench import distributed as BD
+
+    path = tmp_path / "dist.json"
+    assert BD.main(["--world", "2", "--width", "4", "--repeat", "1", "--json", str(path)]) == 0
+    res = json.loads(path.read_text())["results"][0]
+    calls, half = res["calls"], res["weight_bytes"] // 2
+    assert res["world"] == 2 and res["layers"] == 21
+    for kind in BD.KINDS:
+        row = calls[f"Regularizer[{kind}]"]
+        assert row["collectives"] == row["c10d"] == 1, kind  # width 4: no layer on the Gram route
+        assert abs(row["bytes"] - half) <= 64, kind
+    naive = calls["naive: [w.full_tensor() for w in weights]"]
+    assert naive["collectives"] == naive["c10d"] == 21
+    assert calls["svb_(model, 0.5)"]["collectives"] == 2
+    assert calls["svb_(model, 0.5)"]["bytes"] <= 2 * res["weight_bytes"]
+    assert "naive" in capsys.readouterr().out

@@ -6,6 +6,7 @@ The script is loaded from its path (examples/ is not a package). It needs scikit
 import importlib.util
 import json
 import math
+import os
 import pathlib
 import sys
 
@@ -93,3 +94,31 @@ def test_plain_cnn_learns(train):
     assert [r["epoch"] for r in records] == [1, 2, 3]
     assert records[-1]["loss"] < records[0]["loss"]
     assert records[-1]["test_acc"] >= 0.85
+
+
+@pytest.mark.parametrize("reg", ["frame", "svb"])
+def test_fsdp_two_processes_train_like_one(train, reg, tmp_path):
+    """``--fsdp 2`` (run as a user runs it): FSDP2 in two gloo processes, each with half of every
+    batch, ends where one process ends (the task gradients are averaged over equal halves, the
+    regularizer acts on the sharded weights): the same test accuracy and singular value range, up
+    to float32 reduction order."""
+    import subprocess
+
+    argv = ["--reg", reg, "--epochs", "1", "--steps-per-epoch", "4", "--threads", "1"]
+    path = tmp_path / "fsdp.json"
+    # the repository first on the path, as for the tests (an installed regkernels works the same)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SCRIPT.parents[1]), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, str(SCRIPT), *argv, "--fsdp", "2", "--json", str(path)],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "FSDP2 x 2 processes" in run.stdout and "summary:" in run.stdout
+    got = json.loads(path.read_text())["epochs"][0]
+    want = train.main(argv + ["--quiet"])[0]
+    assert got["test_acc"] == pytest.approx(want["test_acc"], abs=1 / 360)  # one test image
+    for key in ("sigma_min", "sigma_max", "gershgorin_lo", "gershgorin_hi"):
+        assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-5), key
+
+
+def test_fsdp_refuses_jacobian(train):
+    with pytest.raises(SystemExit):
+        train.main(["--reg", "jacobian", "--fsdp", "2"])

@@ -23,6 +23,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.utils import skip_init
 
+from regkernels import distributed as _dist
 from regkernels.ops._common import check_number, check_tensor
 
 __all__ = ["gabor_bank", "harvest_kernels", "AdversarialKernelRegularizer", "GABOR_MAX_ENTRIES"]
@@ -219,6 +220,9 @@ class AdversarialKernelRegularizer(nn.Module):
 
     def _kernels(self) -> torch.Tensor:
         ws = [c.weight for c in self._convs] if self._convs else self._weights
+        # sharded weights (FSDP2 / DTensor): the full kernels, gathered in buckets; every rank
+        # then draws the same batches and trains the same D (docs/distributed.md)
+        ws = _dist.gather(ws)
         return torch.cat([w.reshape(-1, self.k, self.k) for w in ws])
 
     def _logits(self, x: torch.Tensor, params: dict | None = None) -> torch.Tensor:

@@ -30,7 +30,10 @@ the penalty acts on (eigenvalues of that Gram are squared singular values) and t
 
 ``SVBProjector(model, eps, every)`` calls ``svb_`` after every ``every``-th ``step()``.
 Both work on a DDP-wrapped model's ``module`` (replicated weights give identical penalties on
-every rank).
+every rank) and on FSDP2 / DTensor-sharded models, given the model itself: every rank computes the
+same value from the full weights, gathered in buckets (or, for ``frame`` / ``orthogonality``
+layers where it moves fewer bytes, from all-reduced partial Grams), and the gradients arrive on
+the shards (docs/distributed.md).
 """
 from __future__ import annotations
 
@@ -163,7 +166,7 @@ class Regularizer:
     """``weight · mean_l penalty(layer_l)`` over the selected layers of ``model`` (docs/nn.md#regularizer).
 
     Args:
-        model: the network (a DDP-wrapped model: pass ``ddp.module``).
+        model: the network (a DDP-wrapped model: pass ``ddp.module``; an FSDP2 / DTensor model: itself).
         kind: one of ``KINDS`` (module docstring).
         weight: the factor λ ≥ 0 of the returned value.
         include: layer types selected (default Conv2d and Linear); layers need a ``weight``.
