@@ -29,9 +29,9 @@ TABLE = Table("beta_lasso", [
 ])
 
 
-def fused_takes(p: torch.Tensor) -> bool:
-    """Whether the fused kernels can update ``p`` (its ``.grad`` set): both contiguous, one dtype."""
-    g = p.grad
+def fused_takes(p: torch.Tensor, g: torch.Tensor) -> bool:
+    """Whether the fused kernels can update ``p`` with gradient ``g`` (plain tensors: a DTensor's
+    local shards): both contiguous, one dtype."""
     return g.dtype == p.dtype and p.is_contiguous() and g.is_contiguous()
 
 
