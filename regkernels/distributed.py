@@ -134,9 +134,13 @@ def layout(w) -> _Layout | None:
     ``Shard(d)`` or ``Replicate``), else None (DTensor's own redistribution moves it)."""
     from torch.distributed.tensor import Replicate, Shard
 
-    if w.device_mesh.ndim != 1 or not isinstance(w.placements[0], (Shard, Replicate)):
+    # exact types: Shard's subclasses (_StridedShard) interleave their pieces differently
+    if w.device_mesh.ndim != 1 or type(w.placements[0]) not in (Shard, Replicate):
         return None
-    return _Layout(w)
+    lay = _Layout(w)
+    if lay.dim is not None and tuple(w.to_local().shape) != lay.local_shape(lay.rank):
+        return None  # not torch.chunk's split: DTensor's own redistribution knows it
+    return lay
 
 
 # ----------------------------------------------------------------------------------------

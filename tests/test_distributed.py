@@ -299,3 +299,65 @@ def test_gram_route_byte_rule():
     assert not D._gram_route_for((64, 576), Lay(0), "rows")    # rows Gram needs columns sharded
     assert D._gram_route_for((64, 576), Lay(1), "rows")        # 2·64² < 64·576
     assert not D._gram_route_for((6, 9), Lay(1), "rows")       # 72 ≥ 54
+
+
+# ----------------------------------------------------------------------------- one process
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory):
+    """A world of one process: DTensors whose collectives are local, for the refusals and for
+    the paths that must not communicate."""
+    from torch.distributed.tensor import init_device_mesh
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path_factory.mktemp('pg')}/init", rank=0,
+                            world_size=1)
+    try:
+        yield init_device_mesh
+    finally:
+        dist.destroy_process_group()
+
+
+def test_plain_tensors_are_not_moved(one_rank):
+    ws = [torch.randn(3, 4), torch.randn(2, 2, 3, 3)]
+    D.reset_comm_counts()
+    out = D.gather(ws)
+    assert all(a is b for a, b in zip(out, ws)) and D.comm_counts() == {"collectives": 0, "bytes": 0}
+
+
+def test_svb_refuses_a_two_dim_mesh(one_rank):
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = one_rank("cpu", (1, 1))
+    lin = nn.Linear(4, 6, bias=False)
+    lin.weight = nn.Parameter(distribute_tensor(torch.randn(6, 4), mesh, [Shard(0), Replicate()]))
+    with pytest.raises(ValueError, match=r"svb_: layer 'Linear' has a DTensor weight on a 2-D mesh .* 1-D meshes placed "
+                                         r"Shard\(d\) or Replicate\(\)"):
+        rk.svb_(lin, 0.1)
+
+
+def test_two_dim_mesh_penalty_takes_dtensors_own_gather(one_rank):
+    """A layout the buckets do not move (n-D mesh) is gathered by DTensor itself: still correct."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    full = torch.randn(6, 4, dtype=torch.float64)
+    w = distribute_tensor(full, one_rank("cpu", (1, 1)), [Shard(0), Replicate()]).requires_grad_()
+    D.reset_comm_counts()
+    v = rk.frame_penalty(w, 0.5, 2.0)
+    assert D.comm_counts()["collectives"] == 1
+    ref = full.clone().requires_grad_()
+    want = rk.frame_penalty(ref, 0.5, 2.0)
+    torch.testing.assert_close(v, want)
+    v.backward()
+    want.backward()
+    torch.testing.assert_close(w.grad.full_tensor(), ref.grad)
+
+
+def test_public_op_on_a_dtensor_returns_a_plain_tensor(one_rank):
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    full = torch.randn(5, 7, dtype=torch.float64)
+    w = distribute_tensor(full, one_rank("cpu", (1,)), [Shard(1)])
+    for op in (lambda x: rk.orthogonality_penalty(x), lambda x: rk.batched_svd(x)[1],
+               lambda x: rk.penalty_multi([x, x], "mhe")):
+        got, want = op(w), op(full)
+        assert not D.is_dtensor(got)
+        torch.testing.assert_close(got, want)
