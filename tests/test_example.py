@@ -96,7 +96,7 @@ def test_plain_cnn_learns(train):
     assert records[-1]["test_acc"] >= 0.85
 
 
-@pytest.mark.parametrize("reg", ["frame", "svb"])
+@pytest.mark.parametrize("reg", ["frame", "svb", "beta-lasso"])
 def test_fsdp_two_processes_train_like_one(train, reg, tmp_path):
     """``--fsdp 2`` (run as a user runs it): FSDP2 in two gloo processes, each with half of every
     batch, ends where one process ends (the task gradients are averaged over equal halves, the
@@ -117,6 +117,8 @@ def test_fsdp_two_processes_train_like_one(train, reg, tmp_path):
     assert got["test_acc"] == pytest.approx(want["test_acc"], abs=1 / 360)  # one test image
     for key in ("sigma_min", "sigma_max", "gershgorin_lo", "gershgorin_hi"):
         assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-5), key
+    if reg == "beta-lasso":  # nonzeros() counts the whole tensors on every rank
+        assert got["nonzero_frac"] == pytest.approx(want["nonzero_frac"], abs=1e-3)
 
 
 def test_fsdp_refuses_jacobian(train):
