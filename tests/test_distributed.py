@@ -23,6 +23,7 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 
 KINDS = {"frame": dict(A=0.5, B=2.0), "diversity": dict(tau=0.1), "orthogonality": {}, "mhe": {},
          "srip": dict(n_iter=3), "conv_frame": dict(A=0.5, B=2.0), "ocnn": {}}
+TP_KINDS = ("orthogonality", "diversity", "mhe", "srip")  # the Gram route on a Shard(1) conv, and one kind without
 EPS = 0.1  # svb_'s band [1/1.1, 1.1]: every random layer here has singular values outside it
 TOL = dict(rtol=1e-12, atol=1e-13)
 
@@ -162,10 +163,17 @@ def _worker(rank: int, world: int, init_file: str, out_prefix: str) -> None:
         res["training"] = _training(cnn, net, x[part], y[part])
         tp = _tp_model(mesh)
         res["tp_ops"] = _ops_on({name: m.weight for name, m in tp.items()})
-        reg = Regularizer(tp, "orthogonality", 1.0, include=(nn.Linear, nn.Conv2d))
-        D.reset_comm_counts()
-        v = reg.values()
-        res["tp_reg"] = (v.detach(), D.comm_counts())
+        res["tp_reg"] = {}
+        for kind in TP_KINDS:
+            reg = Regularizer(tp, kind, 1.0, include=(nn.Linear, nn.Conv2d), **KINDS[kind])
+            for m in tp.values():
+                m.weight.grad = None
+            D.reset_comm_counts()
+            torch.manual_seed(11)  # SRIP's start vectors
+            v = reg.values()
+            comm = D.comm_counts()
+            (v * torch.arange(1, len(v) + 1, dtype=v.dtype)).sum().backward()
+            res["tp_reg"][kind] = (v.detach(), [_full(m.weight.grad) for m in tp.values()], comm)
         for operator in (False, True):
             res[f"svb_cnn_{operator}"] = _svb(_cnn, _fsdp, operator)
             res[f"svb_grouped_{operator}"] = _svb(_grouped, _fsdp, operator)
@@ -230,8 +238,16 @@ def test_dtensor_tensor_parallel_ops_and_regularizer(ranks):
     to a Regularizer."""
     full = {name: w.clone().requires_grad_() for name, w in _tp_weights().items()}
     want = _ops_on(full)
-    reg_want = Regularizer(nn.ModuleDict({n: _wrap(w) for n, w in _tp_weights().items()}), "orthogonality", 1.0,
-                           include=(nn.Linear, nn.Conv2d)).values().detach()
+    tp = nn.ModuleDict({n: _wrap(w) for n, w in _tp_weights().items()})
+    reg_want = {}
+    for kind in TP_KINDS:
+        for m in tp.values():
+            m.weight.grad = None
+        reg = Regularizer(tp, kind, 1.0, include=(nn.Linear, nn.Conv2d), **KINDS[kind])
+        torch.manual_seed(11)
+        v = reg.values()
+        (v * torch.arange(1, len(v) + 1, dtype=v.dtype)).sum().backward()
+        reg_want[kind] = (v.detach(), [m.weight.grad for m in tp.values()])
     world = len(ranks)
     for res in ranks:
         for name, (v, g) in want["ops"].items():
@@ -239,11 +255,16 @@ def test_dtensor_tensor_parallel_ops_and_regularizer(ranks):
             torch.testing.assert_close(got_v, v.detach(), **TOL, msg=name)
             torch.testing.assert_close(got_g, g, **TOL, msg=name)
         torch.testing.assert_close(res["tp_ops"]["multi"], want["multi"], **TOL)
-        v, comm = res["tp_reg"]
-        torch.testing.assert_close(v, reg_want, **TOL)
-        # shard1 (6x9 -> Gram 6x6: 72 < 54? no) and conv_shard1 (6x36 -> rows Gram: 72 < 216) is
-        # reduced; shard0 gathered; replicate needs nothing
-        assert comm["collectives"] == 2, (world, comm)
+        for kind in TP_KINDS:
+            v, grads, comm = res["tp_reg"][kind]
+            torch.testing.assert_close(v, reg_want[kind][0], **TOL, msg=kind)
+            for a, b in zip(grads, reg_want[kind][1]):
+                torch.testing.assert_close(a, b, **TOL, msg=kind)
+            # the Shard(1) conv's rows Gram (6x6 against its 6x36 weight) is all-reduced; the
+            # Shard(1) Linear (2·6² ≥ 6·9) and the Shard(0) one (cols Gram: 2·5² ≥ 7·5; rows
+            # Grams need columns split) gathered in one bucket; Replicate() moves nothing
+            routed = kind != "srip"  # SRIP is matrix-free: its layers are always gathered
+            assert comm["collectives"] == (2 if routed else 1), (world, kind, comm)
 
 
 def _wrap(w: torch.Tensor) -> nn.Module:
@@ -361,3 +382,32 @@ def test_public_op_on_a_dtensor_returns_a_plain_tensor(one_rank):
         got, want = op(w), op(full)
         assert not D.is_dtensor(got)
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("kind,kw", [
+    ("frame", dict(A=0.5, B=2.0)), ("frame", dict(A=0.5, B=2.0, side="rows")), ("frame", dict(A=1.0, B=1.5, side="cols")),
+    ("orthogonality", {}), ("orthogonality", dict(side="rows", squared=False)), ("orthogonality", dict(side="cols")),
+    ("diversity", dict(tau=0.2)), ("diversity", dict(tau=0.0, inclusive=False)),
+    ("mhe", {}), ("mhe", dict(s=0, half=True)), ("mhe", dict(s=1, eps=1e-2))])
+@pytest.mark.parametrize("shape", [(7, 5), (4, 9)])
+def test_penalty_from_gram_equals_the_penalty(kind, kw, shape):
+    """The Gram route's formulas against the references on W (value and gradient, float64), and a
+    zero row (diversity's norm at 0) and a NaN row (that matrix NaN) kept as the references keep them."""
+    from regkernels.reference import gram as R
+
+    g = torch.Generator().manual_seed(7)
+    for W0 in (torch.randn(*shape, generator=g, dtype=torch.float64),
+               torch.cat([torch.zeros(1, shape[1], dtype=torch.float64), torch.randn(shape[0] - 1, shape[1],
+                                                                                     generator=g, dtype=torch.float64)])):
+        W, V = W0.clone().requires_grad_(), W0.clone().requires_grad_()
+        want = R.PENALTY_KINDS[kind](W, **kw)
+        G = R.gram(V, R.gram_side(kind, *shape, kw.get("side", "auto")))
+        got = R.penalty_from_gram(kind, G, **kw)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        if torch.isfinite(want):
+            want.backward()
+            got.backward()
+            torch.testing.assert_close(V.grad, W.grad, rtol=1e-10, atol=1e-12)
+    W = torch.randn(*shape, generator=g, dtype=torch.float64)
+    W[1, 2] = float("nan")
+    assert torch.isnan(R.penalty_from_gram(kind, R.gram(W, R.gram_side(kind, *shape, kw.get("side", "auto"))), **kw))

@@ -31,8 +31,8 @@ the penalty acts on (eigenvalues of that Gram are squared singular values) and t
 ``SVBProjector(model, eps, every)`` calls ``svb_`` after every ``every``-th ``step()``.
 Both work on a DDP-wrapped model's ``module`` (replicated weights give identical penalties on
 every rank) and on FSDP2 / DTensor-sharded models, given the model itself: every rank computes the
-same value from the full weights, gathered in buckets (or, for ``frame`` / ``orthogonality``
-layers where it moves fewer bytes, from all-reduced partial Grams), and the gradients arrive on
+same value from the full weights, gathered in buckets (or, for the Gram kinds' layers where it
+moves fewer bytes, from all-reduced partial Grams), and the gradients arrive on
 the shards (docs/distributed.md).
 """
 from __future__ import annotations
@@ -149,19 +149,6 @@ def _as_conv_weight(module: nn.Module, w: torch.Tensor | None = None) -> torch.T
     return w.unsqueeze(-1) if isinstance(module, nn.Linear) else w
 
 
-def _gram_of(kind: str, G: torch.Tensor, kw: dict) -> torch.Tensor:
-    """The ``frame`` / ``orthogonality`` penalty from the Gram ``G`` it acts on (the sharded
-    Gram route, docs/distributed.md#fsdp2): the reference formulas (docs/gram.md) with the
-    Gram's diagonal for the squared row / column norms."""
-    eye = torch.eye(G.shape[-1], dtype=torch.bool, device=G.device)
-    if kind == "frame":
-        d = G.diagonal()
-        r = G.abs().masked_fill(eye, 0).sum(-1)
-        return (torch.relu(kw["A"] - (d - r)).square() + torch.relu((d + r) - kw["B"]).square()).mean()
-    E = G - eye.to(G.dtype)
-    return E.square().sum() if kw.get("squared", True) else _ref_gram.frobenius0(E)
-
-
 class Regularizer:
     """``weight · mean_l penalty(layer_l)`` over the selected layers of ``model`` (docs/nn.md#regularizer).
 
@@ -267,16 +254,15 @@ class Regularizer:
 
     def _sharded_values(self, weights: list[torch.Tensor]) -> torch.Tensor:
         """``values()`` of DTensor weights (FSDP2, tensor parallelism; docs/distributed.md): the
-        ``frame`` / ``orthogonality`` layers whose Gram is the sum of the ranks' partial Grams and
-        smaller than half the weight (``regkernels.distributed.gram_route``) reduce their partial
-        Grams; every other layer is gathered (bucketed). Every rank gets the same values."""
+        layers of a Gram kind (``frame``, ``orthogonality``, ``diversity``, ``mhe``) whose Gram is
+        the sum of the ranks' partial Grams and smaller than half the weight
+        (``regkernels.distributed.gram_route``) reduce their partial Grams; every other layer is
+        gathered (bucketed). Every rank gets the same values."""
         out: list = [None] * len(weights)
         routed: dict[int, list[tuple[int, torch.Tensor, object]]] = {}
-        if self.kind in ("frame", "orthogonality"):
+        if self.kind in _ref_gram.GRAM_KINDS:
             for i, (w, g) in enumerate(zip(weights, self._groups())):
-                m, n = w.shape[0], math.prod(w.shape[1:])
-                side = self.kw.get("side", "auto")
-                side = ("cols" if m >= n else "rows") if side == "auto" else side
+                side = _ref_gram.gram_side(self.kind, w.shape[0], math.prod(w.shape[1:]), self.kw.get("side", "auto"))
                 lay = _dist.gram_route(w, side) if g == 1 else None
                 if lay is not None:
                     M = _float32_if_half(w.to_local()).reshape(w.to_local().shape[0], -1)
@@ -288,7 +274,7 @@ class Regularizer:
         for parts in routed.values():
             lay = parts[0][2]
             for (i, _, _), G in zip(parts, _dist.all_reduce_sum([P for _, P, _ in parts], lay.group, lay.world)):
-                out[i] = _gram_of(self.kind, G, self.kw)
+                out[i] = _ref_gram.penalty_from_gram(self.kind, G, **self.kw)
         dtype = functools.reduce(torch.promote_types, [v.dtype for v in out])
         return torch.stack([v.to(dtype) for v in out])
 

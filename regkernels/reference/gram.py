@@ -39,6 +39,7 @@ __all__ = [
     "MAX_GRAM_BYTES", "check_gram_bytes", "sqrt0",
     "as_matrix", "gram", "frame_penalty", "gershgorin_bounds", "frame_bounds", "diversity_penalty",
     "orthogonality_penalty", "mhe_penalty", "srip_penalty", "penalty_multi", "PENALTY_KINDS",
+    "GRAM_KINDS", "gram_side", "penalty_from_gram",
 ]
 
 # DiReAL normalises rows as F.normalize does: w / max(‖w‖₂, 1e-12) (docs/gram.md#diversity_penalty).
@@ -347,6 +348,53 @@ def srip_penalty(W: torch.Tensor, b: torch.Tensor, n_iter: int = 1) -> torch.Ten
         u = _gram_minus_identity_times(X, v)
         v = u / power_step_norm(u, -1)
     return _gram_minus_identity_times(X, v).square().sum(-1).to(W.dtype)
+
+
+GRAM_KINDS = ("frame", "orthogonality", "diversity", "mhe")
+
+
+def gram_side(kind: str, m: int, n: int, side: str = "auto") -> str:
+    """The Gram of an ``(m, n)`` matrix that penalty ``kind`` (one of ``GRAM_KINDS``) is a function
+    of: ``side`` resolved for ``frame`` / ``orthogonality``, the rows' Gram for ``diversity`` / ``mhe``."""
+    if kind in ("diversity", "mhe"):
+        return "rows"
+    return side if side != "auto" else ("cols" if m >= n else "rows")
+
+
+def penalty_from_gram(kind: str, G: torch.Tensor, **kw) -> torch.Tensor:
+    """Penalty ``kind`` of a matrix W given only ``G = Gram(W, gram_side(kind, ...))`` (k×k, in the
+    compute dtype), the same formulas as the functions above with ``G`` in place of W's products:
+    the squared row / column norms are ``G``'s diagonal, the cosines ``G_ij / (‖w_i‖ ‖w_j‖)``.
+    The sharded Gram route (docs/distributed.md#the-gram-route) evaluates layers this way from the
+    sum of the ranks' partial Grams. ``kw``: the kind's arguments (``side`` is ignored here)."""
+    eye = torch.eye(G.shape[-1], dtype=torch.bool, device=G.device)
+    diag = G.diagonal(dim1=-2, dim2=-1)
+    if kind == "frame":
+        r = G.abs().masked_fill(eye, 0).sum(-1)
+        return (torch.relu(kw["A"] - (diag - r)).square() + torch.relu((diag + r) - kw["B"]).square()).mean(-1)
+    if kind == "orthogonality":
+        E = G - eye.to(G.dtype)
+        return E.square().sum((-2, -1)) if kw.get("squared", True) else frobenius0(E)
+    if kind == "diversity":
+        nrm = sqrt0(diag)
+        nrm = torch.where(nrm.isinf(), torch.nan, nrm).clamp_min(_NORMALIZE_EPS)
+        C = G / (nrm[..., :, None] * nrm[..., None, :])
+        a = C.detach().abs()
+        over = a >= kw["tau"] if kw.get("inclusive", True) else a > kw["tau"]
+        return 0.5 * (C.square() * (over & ~eye)).sum((-2, -1))
+    # mhe: the rows [W; −W] (half) have the Gram [[G, −G], [−G, G]]
+    if kw.get("half", False):
+        G = torch.cat([torch.cat([G, -G], -1), torch.cat([-G, G], -1)], -2)
+        diag = G.diagonal(dim1=-2, dim2=-1)
+    p = G.shape[-1]
+    nu = (diag + kw.get("eps", 1e-4)).sqrt()
+    nu = torch.where(nu.isinf(), torch.nan, nu)
+    cos = G / (nu[..., :, None] * nu[..., None, :])
+    i, j = torch.triu_indices(p, p, offset=1, device=G.device)
+    delta = 2 - 2 * cos[..., i, j]
+    s = kw.get("s", 2)
+    energy = -torch.log(delta) if s == 0 else torch.rsqrt(delta) if s == 1 else torch.reciprocal(delta)
+    return energy.mean(-1)
 
 
 PENALTY_KINDS = {
