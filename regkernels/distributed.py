@@ -368,8 +368,9 @@ def svb_sharded(targets: list, run: Callable[[list], tuple[int, list]], operator
     ``_owners``): every rank sends its piece to the owner (one all_to_all_single per mesh, dtype
     and device), the owner bounds the full weight with ``run`` (so the numbers are one process's),
     and sends every rank its new piece back (a second all_to_all_single). A replicated DTensor is
-    bounded by every rank on its local copy (no bytes to move). ``count`` is every layer's, on
-    every rank.
+    bounded by every rank on its local copy (no bytes to move); a DTensor on an n-D mesh by every
+    rank on its full value (``full_tensor()``, one collective each), keeping its own piece.
+    ``count`` is every layer's, on every rank.
     """
     from regkernels.reference.svd import SVBTarget
 
@@ -378,14 +379,20 @@ def svb_sharded(targets: list, run: Callable[[list], tuple[int, list]], operator
         if not is_dtensor(t.weight):
             plain.append(t)
             continue
-        lay = layout(t.weight)
-        if lay is None:
-            raise ValueError(f"svb_: layer {t.layer!r} has a DTensor weight on a {t.weight.device_mesh.ndim}-D mesh "
-                             f"with placements {t.weight.placements}; svb_ takes DTensors on 1-D meshes placed "
-                             "Shard(d) or Replicate() (FSDP2's and 1-D tensor parallelism's), or plain tensors")
         if t.module is not None and not isinstance(t.weight, torch.nn.Parameter):
             raise ValueError(f"svb_: layer {t.layer!r} has a parametrized DTensor weight; svb_ bounds sharded "
                              "weights that are plain parameters")
+        if any(p.is_partial() for p in t.weight.placements):
+            raise ValueError(f"svb_: layer {t.layer!r} has a DTensor weight with placements {t.weight.placements}; a "
+                             "Partial weight holds summands, not pieces of the weight: redistribute it to Shard or "
+                             "Replicate placements first")
+        lay = layout(t.weight)
+        if lay is None:
+            # n-D meshes (HSDP, FSDP x TP): every rank bounds the full weight (DTensor's own gather)
+            # and keeps its piece, cut locally by distribute_tensor without communication
+            plain.append(SVBTarget(t.weight.full_tensor(), t.groups, t.layer, t.module, _write_piece(t.weight)))
+            _count(t.weight.numel() * t.weight.element_size())
+            continue
         if lay.dim is None:
             local = t.weight.to_local()
             plain.append(SVBTarget(local, t.groups, t.layer, None, local.copy_))
@@ -395,6 +402,16 @@ def svb_sharded(targets: list, run: Callable[[list], tuple[int, list]], operator
     for members in sharded.values():
         count += _svb_mesh(members, run, operator, input_size_of)
     return count, updates
+
+
+def _write_piece(w) -> Callable[[torch.Tensor], None]:
+    """``write(new full value)`` for DTensor ``w``: its local piece of ``new``, no communication."""
+    from torch.distributed.tensor import distribute_tensor
+
+    def write(new: torch.Tensor) -> None:
+        w.to_local().copy_(distribute_tensor(new, w.device_mesh, w.placements, src_data_rank=None).to_local())
+
+    return write
 
 
 def _svb_mesh(members: list, run: Callable, operator: bool, input_size_of: Callable) -> int:

@@ -53,6 +53,24 @@ def _tp_weights() -> dict[str, torch.Tensor]:
             "replicate": torch.randn(4, 6, generator=g, dtype=torch.float64)}
 
 
+INPUT_SIZES = {"conv": (5, 5)}
+
+
+def _mesh2d_model(mesh) -> nn.Module:
+    """A Linear and a conv whose weights are DTensors on a 2-D mesh (what HSDP / FSDP x TP give)."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    g = torch.Generator().manual_seed(4)
+    mods = nn.ModuleDict({"lin": nn.Linear(8, 6, bias=False), "conv": nn.Conv2d(4, 6, 3, padding=1, bias=False)})
+    full = {"lin": torch.randn(6, 8, generator=g, dtype=torch.float64),
+            "conv": torch.randn(6, 4, 3, 3, generator=g, dtype=torch.float64) / 3}
+    place = {"lin": [Shard(0), Shard(1)], "conv": [Replicate(), Shard(0)]}
+    for name, m in mods.items():
+        w = full[name] if mesh is None else distribute_tensor(full[name], mesh, place[name])
+        m.weight = nn.Parameter(w)
+    return mods
+
+
 def _x(shape) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
 
@@ -61,12 +79,16 @@ def _full(t):
     return t.full_tensor() if D.is_dtensor(t) else t
 
 
-def _kind_results(model: nn.Module, x: torch.Tensor) -> dict:
-    """Per kind: values, gradients of the weights (full), stats(), the collectives one call made."""
+def _kind_results(model: nn.Module, x: torch.Tensor | None, kinds=tuple(KINDS)) -> dict:
+    """Per kind: values, gradients of the weights (full), stats(), the collectives one call made.
+    ``x``: an input that records the conv input sizes (None: ``INPUT_SIZES``)."""
     out = {}
-    for kind, kw in KINDS.items():
-        reg = Regularizer(model, kind, 1.0, **kw)
-        model(x)  # records the conv input sizes
+    for kind in kinds:
+        kw = KINDS[kind]
+        sizes = dict(input_sizes=INPUT_SIZES) if x is None and kind == "conv_frame" else {}
+        reg = Regularizer(model, kind, 1.0, **sizes, **kw)
+        if x is not None:
+            model(x)  # records the conv input sizes
         for p in model.parameters():
             p.grad = None
         D.reset_comm_counts()
@@ -174,6 +196,9 @@ def _worker(rank: int, world: int, init_file: str, out_prefix: str) -> None:
             comm = D.comm_counts()
             (v * torch.arange(1, len(v) + 1, dtype=v.dtype)).sum().backward()
             res["tp_reg"][kind] = (v.detach(), [_full(m.weight.grad) for m in tp.values()], comm)
+        mesh2 = init_device_mesh("cpu", (world // 2, 2))
+        res["mesh2d"] = _kind_results(_mesh2d_model(mesh2), None, kinds=("frame", "diversity", "conv_frame"))
+        res["svb_mesh2d"] = _svb(lambda: _mesh2d_model(mesh2), lambda m: None, False)
         for operator in (False, True):
             res[f"svb_cnn_{operator}"] = _svb(_cnn, _fsdp, operator)
             res[f"svb_grouped_{operator}"] = _svb(_grouped, _fsdp, operator)
@@ -344,14 +369,13 @@ def test_plain_tensors_are_not_moved(one_rank):
     assert all(a is b for a, b in zip(out, ws)) and D.comm_counts() == {"collectives": 0, "bytes": 0}
 
 
-def test_svb_refuses_a_two_dim_mesh(one_rank):
-    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+def test_svb_refuses_a_partial_weight(one_rank):
+    from torch.distributed.tensor import DTensor, Partial
 
-    mesh = one_rank("cpu", (1, 1))
     lin = nn.Linear(4, 6, bias=False)
-    lin.weight = nn.Parameter(distribute_tensor(torch.randn(6, 4), mesh, [Shard(0), Replicate()]))
-    with pytest.raises(ValueError, match=r"svb_: layer 'Linear' has a DTensor weight on a 2-D mesh .* 1-D meshes placed "
-                                         r"Shard\(d\) or Replicate\(\)"):
+    lin.weight = nn.Parameter(DTensor.from_local(torch.randn(6, 4), one_rank("cpu", (1,)), [Partial()]))
+    with pytest.raises(ValueError, match=r"svb_: layer 'Linear' has a DTensor weight with placements "
+                                         r"\(Partial\(sum\),\); a Partial weight holds summands"):
         rk.svb_(lin, 0.1)
 
 
@@ -411,3 +435,22 @@ def test_penalty_from_gram_equals_the_penalty(kind, kw, shape):
     W = torch.randn(*shape, generator=g, dtype=torch.float64)
     W[1, 2] = float("nan")
     assert torch.isnan(R.penalty_from_gram(kind, R.gram(W, R.gram_side(kind, *shape, kw.get("side", "auto"))), **kw))
+
+
+def test_two_dim_mesh_weights_penalties_and_svb(ranks):
+    """DTensors on a 2-D mesh (world/2 x 2): gathered by DTensor itself (one collective per
+    weight), bounded by every rank on the full value; equal to one process."""
+    want = _kind_results(_mesh2d_model(None), None, kinds=("frame", "diversity", "conv_frame"))
+    model = _mesh2d_model(None)
+    n = rk.svb_(model, EPS)
+    for res in ranks:
+        for kind in ("frame", "diversity", "conv_frame"):
+            got = res["mesh2d"][kind]
+            torch.testing.assert_close(got["values"], want[kind]["values"], **TOL, msg=kind)
+            for a, b in zip(got["grads"], want[kind]["grads"]):
+                torch.testing.assert_close(a, b, **TOL, msg=kind)
+            assert got["comm"]["collectives"] == 2, kind  # full_tensor() per weight
+        got_n, params, _ = res["svb_mesh2d"]
+        assert got_n == n
+        for a, b in zip(params, model.parameters()):
+            assert torch.equal(a, b.detach())
