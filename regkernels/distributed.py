@@ -24,6 +24,7 @@ here: a process that has DTensors has imported it already (importing it costs ha
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import sys
 from collections.abc import Callable, Sequence
@@ -303,15 +304,22 @@ def accepts_sharded(fn: Callable) -> Callable:
     tensors, on every rank; its results are ordinary, replicated tensors. Not under
     ``torch.compile`` (the op's own refusal of a DTensor stands there)."""
 
+    name = next(iter(inspect.signature(fn).parameters))  # the tensor argument, also by keyword
+
     @functools.wraps(fn)
-    def wrapper(first, *args, **kwargs):
+    def wrapper(*args, **kwargs):
         if _dtensor_type() is None or torch.compiler.is_compiling():
-            return fn(first, *args, **kwargs)
+            return fn(*args, **kwargs)
+        first = args[0] if args else kwargs.get(name)
         if is_dtensor(first):
             first = gather([first])[0]
         elif isinstance(first, (list, tuple)) and any_dtensor(first):
             first = gather(list(first))
-        return fn(first, *args, **kwargs)
+        else:
+            return fn(*args, **kwargs)
+        if args:
+            return fn(first, *args[1:], **kwargs)
+        return fn(**{**kwargs, name: first})
 
     return wrapper
 

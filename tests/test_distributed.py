@@ -402,7 +402,8 @@ def test_public_op_on_a_dtensor_returns_a_plain_tensor(one_rank):
     full = torch.randn(5, 7, dtype=torch.float64)
     w = distribute_tensor(full, one_rank("cpu", (1,)), [Shard(1)])
     for op in (lambda x: rk.orthogonality_penalty(x), lambda x: rk.batched_svd(x)[1],
-               lambda x: rk.penalty_multi([x, x], "mhe")):
+               lambda x: rk.penalty_multi([x, x], "mhe"), lambda x: rk.frame_penalty(W=x, A=0.5, B=2.0),
+               lambda x: rk.penalty_multi(weights=[x], kind="frame", A=0.5, B=2.0)):
         got, want = op(w), op(full)
         assert not D.is_dtensor(got)
         torch.testing.assert_close(got, want)
