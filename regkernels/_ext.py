@@ -10,6 +10,30 @@ import warnings
 
 import torch
 
+REBUILD = "bash scripts/setup.sh (in a checkout) or pip install --no-build-isolation -e ."
+
+
+def load_failure_message(error: str, built_for: str | None) -> str:
+    """What the one warning says when ``regkernels._C`` does not load: why in words (never built,
+    or built for another torch), the one command that rebuilds it, then the loader's own text."""
+    if "undefined symbol" in error or (built_for is not None and built_for != torch.__version__):
+        why = (f"the compiled extension was built for torch {built_for or 'another version'} and this is torch "
+               f"{torch.__version__}")
+    elif "_C" in error and ("No module named" in error or "cannot import name" in error):
+        why = "the compiled extension regkernels._C is missing (not built in this checkout or install)"
+    else:  # unforeseen: the loader's own words are the clue
+        why = f"the compiled extension regkernels._C does not load ({error})"
+    return f"regkernels: {why}; using the pure-torch references (slower). Rebuild it with: {REBUILD}"
+
+
+def _built_for() -> str | None:
+    try:
+        from regkernels._build_info import TORCH_VERSION
+    except ImportError:
+        return None
+    return TORCH_VERSION
+
+
 _LOAD_ERROR: str | None = None
 try:  # the import registers the C++ ops under torch.ops.regkernels
     from regkernels import _C  # noqa: F401
@@ -18,11 +42,7 @@ try:  # the import registers the C++ ops under torch.ops.regkernels
 except ImportError as exc:  # pragma: no cover - depends on the build
     HAS_C = False
     _LOAD_ERROR = str(exc)
-    warnings.warn(
-        f"regkernels: compiled extension not available ({exc}); using the pure-torch references",
-        RuntimeWarning,
-        stacklevel=2,
-    )
+    warnings.warn(load_failure_message(str(exc), _built_for()), RuntimeWarning, stacklevel=2)
 
 
 # Both answers are fixed for the process and read once here: the backend tables consult them on

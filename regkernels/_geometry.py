@@ -435,7 +435,15 @@ def check_frame_work(geo: FrameGeometry, G: int, cx: int, op: str, limit: int, t
                          f"group or a smaller kernel")
 
 
-@torch.compiler.assume_constant_result
+def _constant_result(fn):
+    """``torch.compiler.assume_constant_result(fn)`` without importing torch._dynamo (1–1.5 s) at
+    ``import regkernels``: the decorator only sets this attribute, which dynamo reads when it traces
+    a call (tests/test_import.py checks that the decorator still does only this)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_constant_result
 def frame_plan(op: str, shape: tuple[int, ...], input_size: tuple[int, ...], stride, padding, dilation, groups: int,
                padding_mode: str, side: str, triton: bool, limit: int) -> tuple:
     """The stats op's geometry arguments, the positions per class (flattened over the class grid)

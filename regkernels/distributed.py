@@ -186,7 +186,8 @@ class _GatherBucket(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        return (None, *(None if g is None else lay.piece(g, lay.rank).contiguous() for lay, g in zip(ctx.layouts, grads)))
+        return (None, *(None if g is None else lay.piece(g, lay.rank).contiguous()
+                        for lay, g in zip(ctx.layouts, grads)))
 
 
 def _buckets(items: list[tuple[int, object]], size_of: Callable, limit: int) -> list[list[tuple[int, object]]]:

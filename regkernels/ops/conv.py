@@ -38,7 +38,7 @@ stride / padding / dilation are an int or a d-tuple.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Sequence, Union
 
 import torch
 
@@ -46,6 +46,9 @@ from regkernels._geometry import conv_output_size
 from regkernels.distributed import accepts_sharded
 from regkernels.ops._common import check_bounds, check_number, check_side, check_tensor
 from regkernels.ops._table import HALF_AND_FLOAT, Kernel, Table, check_backend_keyword
+
+# an int (the same for every spatial dim) or one int per spatial dim
+IntOrTuple = Union[int, Sequence[int]]
 
 __all__ = [
     "conv_to_matrix",
@@ -189,8 +192,8 @@ def _check_circular_fit(op: str, weight, input_size) -> None:
 
 
 @accepts_sharded
-def conv_to_matrix(weight: torch.Tensor, input_size: Sequence[int], stride=1, padding=0, dilation=1,
-                   groups: int = 1, padding_mode: str = "zeros", layout: str = "dense",
+def conv_to_matrix(weight: torch.Tensor, input_size: Sequence[int], stride: IntOrTuple = 1, padding: IntOrTuple = 0,
+                   dilation: IntOrTuple = 1, groups: int = 1, padding_mode: str = "zeros", layout: str = "dense",
                    max_dense_bytes: int | None = None, *, backend: str | None = None) -> torch.Tensor:
     """The matrix ``T`` of a convolution on inputs of spatial size ``input_size`` (docs/conv.md).
 
@@ -235,8 +238,9 @@ def conv_to_matrix(weight: torch.Tensor, input_size: Sequence[int], stride=1, pa
 
 
 @accepts_sharded
-def conv_frame_penalty(weight: torch.Tensor, input_size: Sequence[int], A: float, B: float, stride=1, padding=0,
-                       dilation=1, groups: int = 1, padding_mode: str = "zeros", side: str = "auto", *,
+def conv_frame_penalty(weight: torch.Tensor, input_size: Sequence[int], A: float, B: float,
+                       stride: IntOrTuple = 1, padding: IntOrTuple = 0, dilation: IntOrTuple = 1, groups: int = 1,
+                       padding_mode: str = "zeros", side: str = "auto", *,
                        backend: str | None = None) -> torch.Tensor:
     """Frame penalty of the convolution operator ``T`` (docs/conv.md).
 
@@ -273,8 +277,9 @@ def conv_frame_penalty(weight: torch.Tensor, input_size: Sequence[int], A: float
 
 @accepts_sharded
 def conv_frame_penalty_multi(weights: Sequence[torch.Tensor], input_size: Sequence[int], A: float, B: float,
-                             stride=1, padding=0, dilation=1, groups: int = 1, padding_mode: str = "zeros",
-                             side: str = "auto", *, backend: str | None = None) -> torch.Tensor:
+                             stride: IntOrTuple = 1, padding: IntOrTuple = 0, dilation: IntOrTuple = 1,
+                             groups: int = 1, padding_mode: str = "zeros", side: str = "auto", *,
+                             backend: str | None = None) -> torch.Tensor:
     """``conv_frame_penalty`` of several layers of ONE geometry in one call
     (docs/conv.md#conv_frame_penalty_multi).
 
@@ -319,8 +324,9 @@ def conv_frame_penalty_multi(weights: Sequence[torch.Tensor], input_size: Sequen
 
 
 @accepts_sharded
-def conv_gershgorin_bounds(weight: torch.Tensor, input_size: Sequence[int], stride=1, padding=0, dilation=1,
-                           groups: int = 1, padding_mode: str = "zeros", side: str = "auto", *,
+def conv_gershgorin_bounds(weight: torch.Tensor, input_size: Sequence[int], stride: IntOrTuple = 1,
+                           padding: IntOrTuple = 0, dilation: IntOrTuple = 1, groups: int = 1,
+                           padding_mode: str = "zeros", side: str = "auto", *,
                            backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Gershgorin bounds ``(min_i(d_i − r_i), max_i(d_i + r_i))`` of ``Gram(T, side)``
     (docs/gram.md's companion, on the operator of docs/conv.md): two 0-dim tensors enclosing
@@ -334,8 +340,8 @@ def conv_gershgorin_bounds(weight: torch.Tensor, input_size: Sequence[int], stri
 
 
 @accepts_sharded
-def conv_orthogonality_penalty(weight: torch.Tensor, stride=1, padding=None, *,
-                               backend: str | None = None) -> torch.Tensor:
+def conv_orthogonality_penalty(weight: torch.Tensor, stride: IntOrTuple = 1, padding: IntOrTuple | None = None,
+                               *, backend: str | None = None) -> torch.Tensor:
     """OCNN kernel orthogonality penalty (docs/conv.md).
 
     ``P = ⌊(k−1)/S⌋·S`` unless given; ``O = conv(K, K, stride=S, padding=P)`` ``(o, o, *s)``;
@@ -361,7 +367,8 @@ def conv_orthogonality_penalty(weight: torch.Tensor, stride=1, padding=None, *,
 
 
 @accepts_sharded
-def conv_orthogonality_penalty_multi(weights: Sequence[torch.Tensor], stride=1, padding=None, *,
+def conv_orthogonality_penalty_multi(weights: Sequence[torch.Tensor], stride: IntOrTuple = 1,
+                                     padding: IntOrTuple | None = None, *,
                                      backend: str | None = None) -> torch.Tensor:
     """OCNN penalties of several weights of one shape, dtype and device in one call
     (docs/conv.md#conv_orthogonality_penalty_multi).
