@@ -5,6 +5,8 @@ nvcc is found; FORCE_CUDA=1 demands them (error if impossible), REGKERNELS_CPU_O
 them. Install after torch, without build isolation so the build never swaps the user's torch:
 
     pip install --no-build-isolation -e .
+
+Metadata and extras are in pyproject.toml.
 """
 from __future__ import annotations
 
@@ -13,13 +15,20 @@ import os
 import shutil
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 # nvcc lives in /usr/local/cuda on our machines; torch would otherwise guess /usr/local
 if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
     os.environ["CUDA_HOME"] = "/usr/local/cuda"
 
-import torch  # noqa: E402
+try:
+    import torch  # noqa: E402
+except ImportError:
+    # pip's build isolation (a plain `pip install .`) hides the torch the extension must be built
+    # against; one sentence, no traceback
+    sys.exit("regkernels: building the extension needs the torch you will run it with, which this build "
+             "environment does not have: install torch first, then run "
+             "`pip install --no-build-isolation .` (or `bash scripts/setup.sh` in a checkout)")
 from torch.utils import cpp_extension  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -91,16 +100,27 @@ def _extension():
                    extra_link_args=["-fopenmp"])
 
 
+class _BuildExt(cpp_extension.BuildExtension):
+    """torch's BuildExtension (ninja) with a persistent object directory, ``build/objects``: pip's
+    editable and wheel builds give setuptools a fresh temporary one each time, so every re-run
+    recompiled all sources (2–3 min); with the objects kept, ninja rebuilds only what changed."""
+
+    def finalize_options(self) -> None:
+        super().finalize_options()
+        self.build_temp = os.path.join(ROOT, "build", "objects")
+
+
+
+def _write_build_info() -> None:
+    """``regkernels/_build_info.py``: the torch this build compiles against (before setuptools copies
+    the package, so wheels carry it too)."""
+    with open(os.path.join(ROOT, "regkernels", "_build_info.py"), "w") as f:
+        f.write(f"# written by setup.py\nTORCH_VERSION = {torch.__version__!r}\n")
+
+
+_write_build_info()
+# metadata, dependencies and extras: pyproject.toml
 setup(
-    name="regkernels",
-    version="0.1.0",
-    description="Fast, exact Triton / CUDA / C++ kernels for neural-network weight regularizers",
-    packages=find_packages(include=["regkernels", "regkernels.*"]),
-    python_requires=">=3.10",
-    install_requires=["torch>=2.6"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis", "scikit-learn"], "triton": ["triton"],
-                    # examples/train.py trains on scikit-learn's bundled digits (no download)
-                    "examples": ["scikit-learn"]},
     ext_modules=[_extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(no_python_abi_suffix=False)},
+    cmdclass={"build_ext": _BuildExt.with_options(no_python_abi_suffix=False)},
 )
