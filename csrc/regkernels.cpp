@@ -23,9 +23,10 @@ TORCH_LIBRARY(regkernels, m) {
   // hyper[6i:6i+6] = (lr, lam, beta·lam, momentum, 1 − dampening, weight_decay),
   // flags[3i:3i+3] = (use momentum, nesterov, first step). Updates params and bufs in place
   // and returns the int64 count of non-zeros of each updated parameter. params, grads and
-  // (with momentum) bufs match per tensor in shape, dtype and device and are contiguous; the
-  // written tensors (params, bufs with momentum) must not share memory (checked: they are
-  // updated concurrently).
+  // (with momentum) bufs match per tensor in shape, dtype and device and are contiguous, or share
+  // one dense layout (same strides, no gaps or overlap: updated as flat storage); the written
+  // tensors (params, bufs with momentum) must not share memory (checked: they are updated
+  // concurrently).
   m.def(
       "beta_lasso_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] bufs, float[] hyper, int[] flags) "
       "-> Tensor");

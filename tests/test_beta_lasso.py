@@ -162,11 +162,18 @@ def test_one_launch_per_device_dtype(monkeypatch):
 
 
 @needs_ext
-def test_noncontiguous_param_falls_back_exactly():
-    base = torch.randn(6, 5)
-    a = base.t()  # non-contiguous leaf view
+@pytest.mark.parametrize("layout", ["strided", "mismatched"])
+def test_nondense_or_mismatched_layout_falls_back_exactly(layout):
+    """Dense layouts shared by parameter and gradient go through the fused kernel
+    (tests/test_beta_lasso_optim_api.py); a parameter with gaps, or a gradient with other
+    strides, is updated by the reference with backend=None."""
+    if layout == "strided":
+        a = torch.randn(6, 10)[:, ::2]  # a leaf view with gaps
+        a.grad = torch.randn(6, 10)[:, ::2]
+    else:
+        a = torch.randn(6, 5).t()  # dense, transposed
+        a.grad = torch.randn(5, 6)  # contiguous: other strides
     b = a.clone()
-    a.grad = torch.randn(6, 5).t()
     b.grad = a.grad.clone()
     BetaLasso([a], lr=0.1, lam=0.05, beta=1.0).step()
     BetaLasso([b], lr=0.1, lam=0.05, beta=1.0, backend="reference").step()
@@ -175,12 +182,13 @@ def test_noncontiguous_param_falls_back_exactly():
 
 @needs_ext
 def test_named_fused_backend_refuses_what_it_cannot_update():
-    """None falls back to the reference for a non-contiguous parameter (above); a named fused
-    backend raises instead, naming what takes it. Names without rows are refused up front."""
+    """None falls back to the reference for a parameter the kernel cannot take (above); a named
+    fused backend raises instead, naming what takes it. Names without rows are refused up front."""
     p = torch.randn(6, 5).t().requires_grad_()
-    p.grad = torch.randn(6, 5).t()
+    p.grad = torch.randn(5, 6)
     with pytest.raises(ValueError, match=r"BetaLasso: backend='cpu' cannot update a torch.float32 parameter on cpu "
-                                         r"\(contiguous=False.*backend='reference' or None takes any"):
+                                         r"with strides \(1, 5\) from a torch.float32 gradient with strides \(6, 1\)"
+                                         r".*backend='reference' or None takes any"):
         BetaLasso([p], lr=0.1, lam=0.05, beta=1.0, backend="cpu").step()
     for name in ("torch", "triton"):
         with pytest.raises(ValueError, match=rf"BetaLasso: no '{name}' backend for cpu tensors; backends that take "

@@ -64,3 +64,44 @@ def test_unknown_backend_is_rejected(backend):
 
     with pytest.raises((ValueError, TypeError), match="backend must be None or one of"):
         regkernels.frame_penalty(torch.randn(3, 4), 0.1, 1.0, backend=backend)
+
+
+def test_load_failure_says_missing_or_other_torch_and_how_to_rebuild():
+    """The warning of an extension that does not load: in words, with the one rebuild command (not
+    the loader's "circular import" or a mangled symbol)."""
+    import torch
+
+    from regkernels._ext import REBUILD, load_failure_message
+
+    missing = load_failure_message("cannot import name '_C' from partially initialized module 'regkernels' "
+                                   "(most likely due to a circular import)", None)
+    assert "regkernels._C is missing" in missing and REBUILD in missing and "circular" not in missing
+    stale = load_failure_message("/x/regkernels/_C.so: undefined symbol: _ZN3c104impl3cow11cow_deleterEPv",
+                                 "2.13.0+cpu")
+    assert f"built for torch 2.13.0+cpu and this is torch {torch.__version__}" in stale
+    assert REBUILD in stale and "_ZN3c10" not in stale
+    other = load_failure_message("libcudart.so.13: cannot open shared object file", None)
+    assert "libcudart" in other and REBUILD in other
+
+
+def test_import_does_not_load_dynamo_or_dtensor():
+    """torch._dynamo takes 1–1.5 s to import and torch.distributed.tensor 0.3–1 s more; regkernels
+    needs the first only when something compiles, the second only when there are DTensors."""
+    res = _run("""
+        import sys, regkernels
+        print([m for m in ("torch._dynamo", "torch.distributed.tensor") if m in sys.modules])
+    """)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]"
+
+
+def test_constant_result_marker_is_what_dynamo_sets():
+    """regkernels._geometry marks frame_plan constant for torch.compile without importing dynamo, by
+    the attribute torch._dynamo.assume_constant_result sets; if torch changes that, this fails."""
+    import torch._dynamo
+
+    f = torch._dynamo.assume_constant_result(lambda: 0)
+    assert vars(f) == {"_dynamo_marked_constant": True}
+    from regkernels._geometry import frame_plan
+
+    assert frame_plan._dynamo_marked_constant is True

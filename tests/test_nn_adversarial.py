@@ -122,8 +122,10 @@ def test_fake_is_a_batch_of_the_weights_kernels(how):
     # the batch is capped at the number of kernels
     reg_all = A.AdversarialKernelRegularizer(convs, bank, batch=1000)
     assert reg_all.fake().shape == pool.shape
-    # the model's parameters stay outside the regularizer; its own state is D's
-    assert all(name.startswith("discriminator.") for name in reg.state_dict())
+    # the model's parameters stay outside the regularizer; its own state is D's (and its extra
+    # state: D's optimizer, the generator, the configuration)
+    assert all(name.startswith("discriminator.") for name in reg.state_dict() if name != "_extra_state")
+    assert "_extra_state" in reg.state_dict()
     assert {id(p) for p in reg.parameters()} == {id(p) for p in reg.discriminator.parameters()}
 
 
@@ -310,3 +312,83 @@ def test_discriminator_step_trains_under_no_grad_and_refuses_inference_mode():
     with torch.inference_mode(), pytest.raises(RuntimeError, match="discriminator_step: cannot train the "
                                                                    "discriminator under torch.inference_mode"):
         reg.discriminator_step()
+
+
+# ------------------------------------------------------------------------- state_dict / resume
+def _resumable_run(steps, state=None):
+    """docs/nn.md#resuming-svbprojector-and-adversarialkernelregularizer's post-hook example: a
+    model, its optimizer, an SVBProjector and the regularizer stepped by a step post-hook; the
+    data comes from the step index. ``state`` (a torch.save'd checkpoint) is loaded first."""
+    from regkernels.nn import SVBProjector
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 3, padding=1))
+    bank = A.gabor_bank(64, 3, seed=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    proj = SVBProjector(model, eps=0.5, every=2)
+    reg = A.AdversarialKernelRegularizer(model, bank, lam=0.5, hidden=8, batch=16,
+                                         generator=torch.Generator().manual_seed(0))
+
+    def after_step(optimizer, args, kwargs):
+        proj.step()
+        reg.discriminator_step()
+
+    opt.register_step_post_hook(after_step)
+    start = 0
+    if state is not None:
+        ckpt = torch.load(state)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["opt"])
+        proj.load_state_dict(ckpt["svb"])
+        reg.load_state_dict(ckpt["adv"])
+        start = proj.steps
+    for i in range(start, start + steps):
+        x = torch.randn(4, 2, 6, 6, generator=torch.Generator().manual_seed(i))
+        loss = model(x).square().mean() + reg.generator_loss()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model, opt, proj, reg
+
+
+def test_state_dict_resume_continues_identically():
+    """5 steps, save, fresh objects, load, 4 more == 9 uninterrupted steps: model, D, D's Adam
+    state and the generator (every=2: the resumed projector keeps the odd step count)."""
+    import io
+
+    whole = _resumable_run(9)
+    first = _resumable_run(5)
+    buf = io.BytesIO()
+    torch.save({"model": first[0].state_dict(), "opt": first[1].state_dict(), "svb": first[2].state_dict(),
+                "adv": first[3].state_dict()}, buf)
+    buf.seek(0)
+    resumed = _resumable_run(4, buf)
+    for a, b in zip((whole[0], whole[3]), (resumed[0], resumed[3])):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys()
+        for key in sa:
+            if key.endswith("_extra_state"):
+                continue
+            assert torch.equal(sa[key], sb[key]), key
+    ea, eb = whole[3].get_extra_state(), resumed[3].get_extra_state()
+    assert torch.equal(ea["generator"], eb["generator"])
+    for s, t in zip(ea["optimizer"]["state"].values(), eb["optimizer"]["state"].values()):
+        assert all(torch.equal(s[k], t[k]) for k in ("exp_avg", "exp_avg_sq", "step"))
+    assert whole[2].steps == resumed[2].steps == 9
+
+
+def test_load_state_dict_refuses_another_configuration():
+    bank = A.gabor_bank(20, 3, seed=0)
+    conv = nn.Conv2d(2, 3, 3)
+    saved = A.AdversarialKernelRegularizer(conv, bank, lam=0.5, hidden=8, generator=torch.Generator()).state_dict()
+    other = A.AdversarialKernelRegularizer(conv, bank, lam=1.0, hidden=8, generator=torch.Generator())
+    with pytest.raises(ValueError, match=r"AdversarialKernelRegularizer.load_state_dict: the state was saved by a "
+                                         r"regularizer configured otherwise: lam=0.5 \(here 1.0\)"):
+        other.load_state_dict(saved)
+    no_gen = A.AdversarialKernelRegularizer(conv, bank, lam=0.5, hidden=8)
+    with pytest.raises(ValueError, match=r"generator=True \(here False\)"):
+        no_gen.load_state_dict(saved)
+    saved["_extra_state"] = {"optimizer": {}}
+    with pytest.raises(ValueError, match=r"_extra_state must be the dict AdversarialKernelRegularizer.state_dict\(\) "
+                                         r"saves"):
+        other.load_state_dict(saved)

@@ -221,3 +221,29 @@ def test_regularizer_takes_every_backend_name_and_a_named_backend_raises_the_ops
         Regularizer(model, "frame", backend="cuda", **KIND_KW["frame"])()
     with pytest.raises(ValueError, match=r"Regularizer: backend must be one of None, 'reference', 'torch'"):
         Regularizer(model, "frame", backend="fast", **KIND_KW["frame"])
+
+
+def test_svb_projector_state_dict_resumes_the_schedule():
+    """A projector loaded after 4 steps of every=3 projects on step 6, as the uninterrupted one."""
+    model = _model()
+    proj = SVBProjector(model, eps=0.1, every=3)
+    assert [proj.step() for _ in range(4)][2] > 0
+    state = proj.state_dict()
+    assert state == {"steps": 4, "eps": 0.1, "every": 3, "operator": False}
+    fresh = SVBProjector(model, eps=0.1, every=3)
+    fresh.load_state_dict(state)
+    assert fresh.step() == 0 and fresh.step() > 0 and fresh.steps == 6
+
+
+@pytest.mark.parametrize("state, match", [
+    ({"steps": 1, "eps": 0.1, "every": 2, "operator": False}, r"SVBProjector.load_state_dict: the state was saved with "
+                                                              r"every=2, this projector has every=3"),
+    ({"steps": 1, "eps": 0.2, "every": 3, "operator": False}, r"saved with eps=0.2, this projector has eps=0.1"),
+    ({"steps": 1, "eps": 0.1, "every": 3}, r"expected the dict SVBProjector.state_dict\(\) returns"),
+    ({"steps": -1, "eps": 0.1, "every": 3, "operator": False}, r"SVBProjector.load_state_dict: steps must be >= 0"),
+])
+def test_svb_projector_load_state_dict_refuses_another_configuration(state, match):
+    proj = SVBProjector(_model(), eps=0.1, every=3)
+    with pytest.raises(ValueError, match=match):
+        proj.load_state_dict(state)
+    assert proj.steps == 0

@@ -278,7 +278,9 @@ BAD_CALLS = {
     ("svb_", "eps"): (lambda v: regkernels.svb_(W0.clone(), v), [-1.0]),
     ("jacobian_penalty", "n_proj"): (lambda v: regkernels.jacobian_penalty(
         torch.randn(2, 3, requires_grad=True), torch.randn(2, 3, requires_grad=True), n_proj=v), [0, 1.5]),
-    ("BetaLasso", "lr"): (lambda v: _beta_lasso(lr=v), [-1.0]),
+    # a 0-dim floating Tensor is a valid lr (compiled steps with a scheduler): other tensors are not
+    ("BetaLasso", "lr"): (lambda v: _beta_lasso(lr=v), [-1.0, torch.tensor([0.1]), torch.tensor(1),
+                                                        torch.tensor(-0.1), torch.tensor(float("nan"))]),
     ("BetaLasso", "lam"): (lambda v: _beta_lasso(lam=v), [-1.0]),
     ("BetaLasso", "beta"): (lambda v: _beta_lasso(beta=v), [-1.0]),
     ("BetaLasso", "momentum"): (lambda v: _beta_lasso(momentum=v), [-0.5]),
@@ -286,6 +288,7 @@ BAD_CALLS = {
 }
 # arguments that legitimately take a bool (none of the numeric ones above do) or an int only
 _NONE_OK = {("conv_orthogonality_penalty", "padding")}
+_TENSOR_OK = {("BetaLasso", "lr")}
 _INT_ARGS = {"s", "n_iter", "stride", "padding", "groups", "dilation", "n_proj"}
 
 
@@ -300,6 +303,8 @@ def test_bad_hyperparameters_are_refused_naming_the_argument(op, arg, data):
         candidates = BAD_NUMBERS + out_of_range + ([2.5] if arg in _INT_ARGS else [])
         if (op, arg) in _NONE_OK:
             candidates = [c for c in candidates if c is not None]
+        if (op, arg) in _TENSOR_OK:
+            candidates = [c for c in candidates if not isinstance(c, torch.Tensor) or any(c is o for o in out_of_range)]
     v = data.draw(st.sampled_from(candidates))
     _refused(lambda: call(v), op, arg)
 

@@ -6,11 +6,53 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <string>
 #include <vector>
 
 #include "../beta_lasso_args.h"
 
 namespace regkernels {
+
+// Dense layouts (docs/beta_lasso.md#fused-kernels): the update is elementwise, so a parameter whose
+// gradient (and momentum buffer) has its strides and covers its memory without gaps or overlap
+// (channels_last weights, a transposed matrix) is updated as the flat array of its storage span.
+// Fills `flat` (params, grads, bufs) with flat 1-D views and returns true when some tensor is not
+// contiguous (false when all are: no allocation on the common path); refuses a dense layout the
+// three tensors do not share. Mismatched list lengths and shapes are left to
+// check_beta_lasso_args, which names them. Defined here with external linkage so the CUDA entry
+// (compiled into the same extension) calls the same code.
+bool beta_lasso_flat_args(at::TensorList params, at::TensorList grads, at::TensorList bufs,
+                          at::ArrayRef<int64_t> flags, std::vector<at::Tensor> (&flat)[3]) {
+  const size_t n = params.size();
+  if (grads.size() != n || bufs.size() != n || flags.size() != kFlagsPerTensor * n) return false;
+  bool any = false;
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    const at::Tensor& g = grads[i];
+    const bool mom = flags[kFlagsPerTensor * i] != 0;
+    if (p.is_contiguous() && g.is_contiguous() && (!mom || bufs[i].is_contiguous())) continue;
+    if (g.sizes() != p.sizes() || (mom && bufs[i].sizes() != p.sizes())) continue;
+    const bool shared = g.strides() == p.strides() && (!mom || bufs[i].strides() == p.strides());
+    TORCH_CHECK(shared && p.is_non_overlapping_and_dense(), "beta_lasso_step_: params[", i, "] and grads[", i,
+                "] must be contiguous, or share one dense layout (no gaps or overlap: channels_last, a transposed "
+                "matrix ...) with bufs[", i, "] when momentum is used; got strides ", p.strides(), " and ",
+                g.strides(), mom ? c10::str(" and ", bufs[i].strides()) : std::string(),
+                p.is_non_overlapping_and_dense() ? "" : " (the parameter's layout has gaps or overlap)",
+                "; make them contiguous or give the gradient and buffer the parameter's strides");
+    if (!any) {
+      flat[0] = params.vec();
+      flat[1] = grads.vec();
+      flat[2] = bufs.vec();
+      any = true;
+    }
+    const int64_t numel = p.numel();
+    flat[0][i] = p.as_strided({numel}, {1});
+    flat[1][i] = g.as_strided({numel}, {1});
+    if (mom) flat[2][i] = bufs[i].as_strided({numel}, {1});
+  }
+  return any;
+}
+
 namespace {
 
 constexpr int64_t kChunk = 1 << 15;  // elements per work item: amortises scheduling, fits an int32 count
@@ -80,8 +122,13 @@ void step_cpu(at::TensorList params, at::TensorList grads, at::TensorList bufs, 
   for (size_t c = 0; c < plan->tasks.size(); ++c) nnz[plan->tasks[c].tensor] += counts[c];
 }
 
-at::Tensor beta_lasso_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList bufs,
+at::Tensor beta_lasso_step_cpu(at::TensorList params_in, at::TensorList grads_in, at::TensorList bufs_in,
                                at::ArrayRef<double> hyper, at::ArrayRef<int64_t> flags) {
+  std::vector<at::Tensor> flat[3];
+  const bool flattened = beta_lasso_flat_args(params_in, grads_in, bufs_in, flags, flat);
+  const at::TensorList params = flattened ? at::TensorList(flat[0]) : params_in;
+  const at::TensorList grads = flattened ? at::TensorList(flat[1]) : grads_in;
+  const at::TensorList bufs = flattened ? at::TensorList(flat[2]) : bufs_in;
   check_beta_lasso_args(params, grads, bufs, hyper, flags);
   auto nnz = at::zeros({static_cast<int64_t>(params.size())}, at::TensorOptions().dtype(at::kLong));
   if (params.empty()) return nnz;

@@ -32,6 +32,12 @@
 #include "../beta_lasso_args.h"
 
 namespace regkernels {
+
+// Defined in ../cpu/beta_lasso_cpu.cpp (always part of the same extension): the dense-layout
+// handling both entries share.
+bool beta_lasso_flat_args(at::TensorList params, at::TensorList grads, at::TensorList bufs,
+                          at::ArrayRef<int64_t> flags, std::vector<at::Tensor> (&flat)[3]);
+
 namespace {
 
 constexpr int kThreads = 256;
@@ -246,8 +252,14 @@ void step_cuda(at::TensorList params, at::TensorList grads, at::TensorList bufs,
   }
 }
 
-at::Tensor beta_lasso_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList bufs,
+at::Tensor beta_lasso_step_cuda(at::TensorList params_in, at::TensorList grads_in, at::TensorList bufs_in,
                                 at::ArrayRef<double> hyper, at::ArrayRef<int64_t> flags) {
+  // dense non-contiguous layouts as flat views, exactly as on CPU
+  std::vector<at::Tensor> flat[3];
+  const bool flattened = beta_lasso_flat_args(params_in, grads_in, bufs_in, flags, flat);
+  const at::TensorList params = flattened ? at::TensorList(flat[0]) : params_in;
+  const at::TensorList grads = flattened ? at::TensorList(flat[1]) : grads_in;
+  const at::TensorList bufs = flattened ? at::TensorList(flat[2]) : bufs_in;
   check_beta_lasso_args(params, grads, bufs, hyper, flags);
   if (params.empty()) return at::zeros({0}, at::TensorOptions().dtype(at::kLong));
   TORCH_CHECK(params[0].is_cuda(), "beta_lasso_step_: CUDA implementation called with ", params[0].device(), " tensors");

@@ -16,6 +16,7 @@ Both mean σ(D(real)) and mean σ(D(fake)) tend to 0.5 when D can no longer tell
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -127,9 +128,13 @@ class AdversarialKernelRegularizer(nn.Module):
     D's parameters are part of this module, so ``reg.parameters()`` lists them; the task
     optimizer must hold the model's parameters, not this module's. ``generator_loss`` reads D
     through detached copies of its parameters, so no gradient ever lands on D from it.
+
+    ``state_dict()`` also holds D's optimizer state, the generator's state and the configuration
+    (``_extra_state``), so a run resumed with ``load_state_dict()`` continues identically
+    (docs/nn.md#resuming-svbprojector-and-adversarialkernelregularizer).
     """
 
-    def __init__(self, convs, real: torch.Tensor, lam: float = 1.0, hidden: int = 64, batch: int = 256,
+    def __init__(self, convs: nn.Module | Sequence[torch.Tensor], real: torch.Tensor, lam: float = 1.0, hidden: int = 64, batch: int = 256,
                  lr: float = 1e-3, generator: torch.Generator | None = None, *, normalize: bool = False):
         super().__init__()
         check_tensor(_CLS, "real", real, ndim=3, form="(N, k, k)")
@@ -253,6 +258,40 @@ class AdversarialKernelRegularizer(nn.Module):
     def forward(self) -> torch.Tensor:
         """``generator_loss()``, so ``reg()`` can be added to a loss."""
         return self.generator_loss()
+
+    def _config(self) -> dict:
+        """What a saved state must have been trained with to continue here."""
+        return {"k": self.k, "hidden": self.discriminator[0].out_features, "bank": self.real.shape[0],
+                "lam": self.lam, "batch": self.batch, "normalize": self.normalize,
+                "generator": self.generator is not None}
+
+    def get_extra_state(self) -> dict:
+        """``state_dict()``'s ``_extra_state`` entry, next to D's parameters: D's Adam state, the
+        state of ``generator`` (None without one) and the configuration, so a resumed run continues
+        identically (docs/nn.md#resuming-svbprojector-and-adversarialkernelregularizer). The bank is
+        not saved (a non-persistent buffer): build the regularizer with the same bank. Without a
+        generator the draws come from torch's global RNG, whose state is the caller's to save."""
+        return {"config": self._config(), "optimizer": self.optimizer.state_dict(),
+                "generator": None if self.generator is None else self.generator.get_state()}
+
+    def set_extra_state(self, state: dict) -> None:
+        """Restores ``get_extra_state()``; a ValueError for a state saved with another configuration."""
+        op = f"{_CLS}.load_state_dict"
+        if not isinstance(state, dict):
+            raise TypeError(f"{op}: _extra_state must be the dict {_CLS}.state_dict() saves; got "
+                            f"{type(state).__name__}")
+        if set(state) != {"config", "optimizer", "generator"}:
+            raise ValueError(f"{op}: _extra_state must be the dict {_CLS}.state_dict() saves (keys config, optimizer, "
+                             f"generator); got keys {sorted(state)}")
+        mine = self._config()
+        if state["config"] != mine:
+            diff = ", ".join(f"{k}={state['config'].get(k)!r} (here {v!r})" for k, v in mine.items()
+                             if state["config"].get(k) != v)
+            raise ValueError(f"{op}: the state was saved by a regularizer configured otherwise: {diff}; build it "
+                             "with the saved configuration (generator: whether one was given) to resume")
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.generator is not None:
+            self.generator.set_state(state["generator"])
 
     def discriminator_step(self) -> dict[str, float]:
         """One Adam step of D on a random batch of the bank (real) vs ``fake().detach()``.

@@ -53,6 +53,7 @@ from regkernels.ops import svd as _svd
 from regkernels.ops._common import check_bounds, check_number, check_side
 from regkernels.ops._table import BACKENDS
 from regkernels.reference import gram as _ref_gram
+from regkernels.reference.svd import InputSize
 
 __all__ = ["Regularizer", "SVBProjector", "KINDS"]
 
@@ -387,10 +388,11 @@ class SVBProjector:
     matrices projected (0 on the steps in between). Every argument is checked here as ``svb_``
     checks it (eps finite and > 0, operator a bool, input_size, a backend with the SVD on the
     model's devices), and so are the layers (parametrized weights: see ``svb_``).
+    ``state_dict()`` / ``load_state_dict()`` carry the step counter across a resume.
     """
 
     def __init__(self, model: nn.Module, eps: float, every: int = 1, operator: bool = False,
-                 input_size=None, backend: str | None = None):
+                 input_size: InputSize | None = None, backend: str | None = None):
         op = "SVBProjector"
         if not isinstance(model, nn.Module):
             raise TypeError(f"{op}: model must be an nn.Module; got {type(model).__name__}")
@@ -416,6 +418,30 @@ class SVBProjector:
             # keyed by module: a parametrized conv's weight is a new tensor at every access
             size = {m: self._sizes.get("SVBProjector", n, m) for n, m in self._convs}
         return _svd.svb_(self.model, self.eps, operator=self.operator, input_size=size, backend=self.backend)
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs to project on the same steps: the step counter and the
+        configuration it counts against
+        (docs/nn.md#resuming-svbprojector-and-adversarialkernelregularizer)."""
+        return {"steps": self.steps, "eps": self.eps, "every": self.every, "operator": self.operator}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Continue from ``state_dict()`` of an SVBProjector with the same eps, every and operator
+        (a ValueError otherwise: the projection schedule would silently change)."""
+        op = "SVBProjector.load_state_dict"
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"{op}: expected the dict SVBProjector.state_dict() returns; got "
+                            f"{type(state_dict).__name__}")
+        if set(state_dict) != {"steps", "eps", "every", "operator"}:
+            raise ValueError(f"{op}: expected the dict SVBProjector.state_dict() returns, with keys "
+                             f"['eps', 'every', 'operator', 'steps']; got {sorted(state_dict)}")
+        for key in ("eps", "every", "operator"):
+            if state_dict[key] != getattr(self, key):
+                raise ValueError(f"{op}: the state was saved with {key}={state_dict[key]!r}, this projector has "
+                                 f"{key}={getattr(self, key)!r}; build the SVBProjector with the saved "
+                                 "configuration to resume")
+        check_number(op, "steps", state_dict["steps"], lo=0, integer=True)
+        self.steps = state_dict["steps"]
 
     def remove_hooks(self) -> None:
         if self._sizes is not None:

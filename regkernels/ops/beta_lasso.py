@@ -7,9 +7,12 @@ live in the beta_lasso section of ``regkernels._C_ops``. The rows differ in how 
 call updates: the C++ entry is ONE fused launch over every parameter of one (device, dtype), its
 per-tensor hyper-parameters packed by ``pack_hyper``, and returns their non-zero counts; the
 reference updates one tensor (``regkernels.reference.beta_lasso.beta_lasso_update_``). The C++
-rows also need contiguous tensors and a gradient of the parameter's dtype (``fused_takes``).
+rows also need a gradient of the parameter's dtype and strides, in a dense layout
+(``fused_takes``).
 """
 from __future__ import annotations
+
+import operator
 
 import torch
 
@@ -21,9 +24,9 @@ OP = "beta_lasso_update_"
 
 TABLE = Table("beta_lasso", [
     Kernel(OP, "cpu", "cpu", "regkernels._C_ops:beta_lasso_step_",
-           note="one fused launch per (device, dtype), non-zero counts included; contiguous tensors"),
+           note="one fused launch per (device, dtype), non-zero counts included; dense tensors, shared strides"),
     Kernel(OP, "cuda", "cuda", "regkernels._C_ops:beta_lasso_step_",
-           note="one fused launch per (device, dtype), non-zero counts included; contiguous tensors"),
+           note="one fused launch per (device, dtype), non-zero counts included; dense tensors, shared strides"),
     Kernel(OP, "any", "reference", "regkernels.reference.beta_lasso:beta_lasso_update_",
            note="per-tensor torch ops"),
 ])
@@ -31,8 +34,27 @@ TABLE = Table("beta_lasso", [
 
 def fused_takes(p: torch.Tensor, g: torch.Tensor) -> bool:
     """Whether the fused kernels can update ``p`` with gradient ``g`` (plain tensors: a DTensor's
-    local shards): both contiguous, one dtype."""
-    return g.dtype == p.dtype and p.is_contiguous() and g.is_contiguous()
+    local shards): one dtype, one shape and one set of strides that cover the memory without gaps
+    or overlap (contiguous, channels_last, a transposed matrix ...): the update is elementwise,
+    so the kernels run over the storage span as a flat array (docs/beta_lasso.md#fused-kernels)."""
+    if g.dtype != p.dtype:
+        return False
+    if p.is_contiguous() and g.is_contiguous():
+        return True
+    return p.shape == g.shape and p.stride() == g.stride() and _dense(p)
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Whether ``t``'s elements fill ``[data, data + numel)`` exactly once: ordered by stride,
+    every dimension longer than 1 steps over all the ones before it."""
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=operator.itemgetter(1)):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def pack_hyper(lr: float, lam: float, beta: float, momentum: float, dampening: float, weight_decay: float,

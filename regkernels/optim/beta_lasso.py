@@ -19,57 +19,179 @@ communicates: one all-reduce per device mesh.
 from __future__ import annotations
 
 import itertools
+import math
 import operator
 from typing import Callable, Iterable
 
 import torch
 from torch.optim import Optimizer
 
+from regkernels import distributed as _dist
 from regkernels.ops._common import check_number
 from regkernels.ops._table import check_backend_keyword
 from regkernels.ops.beta_lasso import OP, TABLE, fused_takes, pack_hyper
 from regkernels.reference.beta_lasso import beta_lasso_update_
 
-if torch.distributed.is_available():
-    from torch.distributed.tensor import DTensor
-
-    _DTENSOR: tuple[type, ...] = (DTensor,)
-else:  # torch built without torch.distributed: no parameter can be a DTensor
-    _DTENSOR = ()
+# DTensor parameters are recognised without importing torch.distributed.tensor (0.3-1 s, at
+# import regkernels): a process that has DTensors has imported it (regkernels.distributed)
+_is_dtensor = _dist.is_dtensor
 
 __all__ = ["BetaLasso"]
 
 _OP = "BetaLasso"
 
 
-def _check_hyper(group: dict) -> None:
-    """A group's hyper-parameters: finite Python numbers (docs/beta_lasso.md), lr, lam, beta, momentum,
-    weight_decay >= 0, nesterov a bool that needs momentum > 0 and dampening = 0."""
-    for name in ("lr", "lam", "beta", "momentum", "weight_decay"):
+def _check_lr_tensor(lr: torch.Tensor) -> None:
+    """What a Tensor lr must be without reading it: 0-dim and floating."""
+    if lr.dim() != 0:
+        raise ValueError(f"{_OP}: a Tensor lr must be 0-dim; got shape {tuple(lr.shape)} (use lr.reshape(()))")
+    if not lr.is_floating_point():
+        raise TypeError(f"{_OP}: a Tensor lr must be floating (float32 or float64); got {lr.dtype}")
+
+
+def _lr_value(lr: torch.Tensor) -> float:
+    """A Tensor lr's value, read (``.item()``: a host sync for a CUDA tensor) and checked: a 0-dim
+    floating tensor holding a finite number >= 0 (docs/beta_lasso.md#tensor-learning-rate)."""
+    _check_lr_tensor(lr)
+    value = lr.item()
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{_OP}: lr must be finite and >= 0; got lr={value} (a Tensor lr)")
+    return value
+
+
+def _check_hyper(group: dict, read_lr: bool = True) -> float | torch.Tensor:
+    """A group's hyper-parameters (docs/beta_lasso.md): lr, lam, beta, momentum, weight_decay finite
+    Python numbers >= 0 (lr also a 0-dim floating Tensor), dampening finite, nesterov a bool that
+    needs momentum > 0 and dampening = 0, maximize a bool, differentiable False.
+    Returns lr as a float: a Tensor lr is read for that unless ``read_lr`` is False (under
+    torch.compile, where reading it would make its value a constant of the graph), then returned
+    as is after its dtype and shape checks."""
+    lr = group["lr"]
+    if isinstance(lr, torch.Tensor):
+        _prepare_tensor_lr()
+        if read_lr:
+            lr = _lr_value(lr)
+        else:
+            _check_lr_tensor(lr)
+    else:
+        lr = check_number(_OP, "lr", lr, lo=0)
+    for name in ("lam", "beta", "momentum", "weight_decay"):
         check_number(_OP, name, group[name], lo=0)
     check_number(_OP, "dampening", group["dampening"])
     nesterov, momentum, dampening = group["nesterov"], group["momentum"], group["dampening"]
-    if not isinstance(nesterov, bool):
-        raise TypeError(f"{_OP}: nesterov must be a bool; got {nesterov!r}")
+    for name in ("nesterov", "maximize"):
+        if not isinstance(group[name], bool):
+            raise TypeError(f"{_OP}: {name} must be a bool; got {group[name]!r}")
+    if group["differentiable"] is not False:
+        raise ValueError(f"{_OP}: differentiable={group['differentiable']!r} is not supported: the update is one "
+                         "in-place fused op with no autograd formula, so no graph can run through step(); "
+                         "use differentiable=False (the default)")
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError(f"{_OP}: nesterov=True requires momentum > 0 and dampening = 0; "
                          f"got momentum={momentum}, dampening={dampening}")
+    return lr
 
 
-_HYPER_KEYS = ("lr", "lam", "beta", "momentum", "dampening", "weight_decay", "nesterov")
+def _check_capturable(capturable) -> None:
+    """capturable must be False. Not kept in the param groups: torch.compile's optimizer support
+    sets group["capturable"] = True in the traced view of every group (the convention of torch's
+    optimizers that have the flag), which says nothing about this optimizer."""
+    if capturable is not False:
+        raise ValueError(f"{_OP}: capturable={capturable!r} is not supported: the fused op takes the "
+                         "hyper-parameters as host values (a Tensor lr is read with .item() each step), so a "
+                         "captured CUDA graph would replay the lr of its capture; use capturable=False (a step "
+                         "with constant hyper-parameters can still be captured after one warm-up step)")
+
+
+def _resolve_backend(backend: str | None, foreach, fused) -> tuple[str | None, bool]:
+    """``backend`` with torch.optim's ``foreach`` / ``fused`` flags folded in
+    (docs/beta_lasso.md#torchoptim-flags), and whether every parameter must take a fused kernel.
+    True for either means the fused kernel (BetaLasso's fused launch is already multi-tensor),
+    False the per-tensor reference (torch's for-loop implementation), None no preference."""
+    for name, v in (("foreach", foreach), ("fused", fused)):
+        if v is not None and not isinstance(v, bool):
+            raise TypeError(f"{_OP}: {name} must be None or a bool; got {v!r}")
+    wants = {v for v in (foreach, fused) if v is not None}
+    if len(wants) > 1:
+        raise ValueError(f"{_OP}: foreach={foreach} and fused={fused} contradict each other: True asks for the "
+                         "fused kernel, False for the per-tensor reference; give one of them")
+    if not wants:
+        return backend, False
+    if wants == {False}:
+        if backend not in (None, "reference"):
+            raise ValueError(f"{_OP}: foreach/fused=False asks for the per-tensor reference, backend={backend!r} "
+                             "for a fused kernel; give one of them")
+        return "reference", False
+    if backend == "reference":
+        raise ValueError(f"{_OP}: foreach/fused=True asks for the fused kernel, backend='reference' for the "
+                         "per-tensor ops; give one of them")
+    return backend, True
+
+
+_HYPER_KEYS = ("lr", "lam", "beta", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
+# torch.optim.SGD's flags (docs/beta_lasso.md#torchoptim-flags): every group holds them, as in SGD
+# (capturable, which SGD lacks, is refused and not kept: _check_capturable); foreach and fused
+# choose the backend of the whole optimizer, so a group cannot differ
+_FLAG_DEFAULTS = {"maximize": False, "foreach": None, "fused": None, "differentiable": False}
 _GRAD = operator.attrgetter("grad")
 _BUF = operator.itemgetter("momentum_buffer")
 _NONES = itertools.repeat(None)
 
 
+def _launch_reading_lr(launches: list[_Launch]) -> list[torch.Tensor]:
+    """The fused launches of a step under torch.compile, their Tensor lrs (``lr_at``: hyper
+    index, tensor) read now. Outside the graph (one graph break per step) so that the values stay
+    data: read while tracing, they would be constants of the graph, every new lr a recompilation.
+    Returns each launch's non-zero counts."""
+    read: dict[int, float] = {}
+    out = []
+    for launch in launches:
+        hyper = list(launch.hyper)
+        for i, lr in launch.lr_at:
+            if id(lr) not in read:
+                read[id(lr)] = _lr_value(lr)
+            hyper[i] = read[id(lr)]
+        out.append(launch.fused(launch.args, launch.grads, launch.bufs, hyper, launch.flags))
+    return out
+
+
+# ``torch.compiler.disable(_launch_reading_lr)``, made when the first Tensor lr is checked outside a
+# compiled region (torch.compiler.disable imports torch._dynamo, 1-1.5 s, which import regkernels
+# does not pay); None until then
+_LAUNCH_OUTSIDE_GRAPH = None
+
+
+def _launch_outside_graph(launches: list[_Launch]) -> list[torch.Tensor]:
+    """``_launch_reading_lr`` outside the compiled graph where it was prepared (a Tensor lr seen by
+    an eager check: construction, add_param_group, or an eager step); an lr that became a Tensor
+    only inside a compiled step is read while tracing (a recompilation per new value)."""
+    launch = _LAUNCH_OUTSIDE_GRAPH or _launch_reading_lr
+    return launch(launches)
+
+
+def _prepare_tensor_lr() -> None:
+    global _LAUNCH_OUTSIDE_GRAPH
+    if _LAUNCH_OUTSIDE_GRAPH is None and not torch.compiler.is_compiling():
+        _LAUNCH_OUTSIDE_GRAPH = torch.compiler.disable(_launch_reading_lr)
+
+
+def _negated(grads: list, at: list[int]) -> list:
+    """``grads`` with the gradients at ``at`` negated (maximize: the kernels take d = −g as the
+    gradient; a copy, the user's .grad is not touched)."""
+    grads = list(grads)
+    for i in at:
+        grads[i] = torch.neg(grads[i])
+    return grads
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     """What the kernels update for ``t``: its local shard (a view of the DTensor's own storage
     under no_grad) or ``t`` itself."""
-    return t.to_local() if isinstance(t, _DTENSOR) else t
+    return t.to_local() if _is_dtensor(t) else t
 
 
 def _layout(t: torch.Tensor) -> tuple | None:
-    return (t.device_mesh, t.placements) if isinstance(t, _DTENSOR) else None
+    return (t.device_mesh, t.placements) if _is_dtensor(t) else None
 
 
 def _local_grad(p: torch.Tensor, g: torch.Tensor, gi: int, pi: int) -> torch.Tensor:
@@ -78,7 +200,7 @@ def _local_grad(p: torch.Tensor, g: torch.Tensor, gi: int, pi: int) -> torch.Ten
     A gradient placed otherwise (a Partial one holds summands, a Shard(1) one of a Shard(0)
     parameter the wrong slice) is redistributed: one collective per such gradient and step,
     which FSDP2 and DTensor autograd never need (they give gradients the parameter's layout)."""
-    if not isinstance(g, _DTENSOR):
+    if not _is_dtensor(g):
         raise TypeError(f"{_OP}: parameter {pi} of param group {gi} is a DTensor but its gradient is a "
                         f"{type(g).__name__}; give it a DTensor gradient on the parameter's mesh (placements "
                         f"{tuple(p.placements)}), e.g. distribute_tensor(grad, p.device_mesh, p.placements)")
@@ -97,7 +219,7 @@ def _stored_buf(p: torch.Tensor, state: dict, gi: int, pi: int) -> torch.Tensor 
     buf = state.get("momentum_buffer")
     if buf is not None and _layout(buf) != _layout(p):
         def kind(t):
-            return f"a DTensor with placements {tuple(t.placements)}" if isinstance(t, _DTENSOR) else "a torch.Tensor"
+            return f"a DTensor with placements {tuple(t.placements)}" if _is_dtensor(t) else "a torch.Tensor"
         raise ValueError(f"{_OP}: the momentum buffer of parameter {pi} of param group {gi} is {kind(buf)}, the "
                          f"parameter {kind(p)}; load optimizer state saved with the parameters' layout "
                          "(torch.distributed.checkpoint with get_state_dict/set_state_dict reshards it)")
@@ -136,7 +258,7 @@ class _Launch:
     momentum buffer, so a plan can take the local views again)."""
 
     __slots__ = ("fused", "params", "args", "grads", "bufs", "hyper", "flags", "placeholder", "picks", "states",
-                 "dtensors")
+                 "dtensors", "negate", "lr_at")
 
     def __init__(self, fused: Callable, placeholder: torch.Tensor):
         self.fused = fused  # the table's fused entry for this (device, dtype)
@@ -150,6 +272,8 @@ class _Launch:
         self.picks: list[tuple[int, list[int]]] = []
         self.states: list[dict] = []  # the state dicts of its momentum parameters (their buffers checked per step)
         self.dtensors: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []
+        self.negate: list[int] = []  # indices of the tensors of maximize groups (their gradient negated)
+        self.lr_at: list[tuple[int, torch.Tensor]] = []  # under torch.compile: hyper index → Tensor lr
 
     def pick(self, gi: int, pi: int) -> None:
         if not self.picks or self.picks[-1][0] != gi:
@@ -159,29 +283,33 @@ class _Launch:
 
 class _GroupPlan:
     """One param group as the last full pass saw it: its params (by identity), which had a
-    gradient, and its hyper-parameters (values and types, so a float → bool change is rechecked).
+    gradient, and its hyper-parameters (values and types, so a float → bool change is rechecked;
+    a Tensor lr by the value read from it, ``tensor_lr``).
     ``dtensors``: the indices of its DTensor parameters, whose gradients are taken local per step."""
 
-    __slots__ = ("group", "params", "members", "mask", "dtensors", "types", "values", "hyper", "flags")
+    __slots__ = ("group", "params", "members", "mask", "dtensors", "types", "values", "tensor_lr", "hyper", "flags")
 
-    def __init__(self, group: dict, mask: tuple[bool, ...]):
+    def __init__(self, group: dict, mask: tuple[bool, ...], lr: float):
         self.group = group
         self.params = group["params"]
         self.members = tuple(self.params)
         self.mask = mask
-        self.dtensors = tuple(i for i, p in enumerate(self.members) if isinstance(p, _DTENSOR))
-        self.set_hyper(group)
+        self.dtensors = tuple(i for i, p in enumerate(self.members) if _is_dtensor(p))
+        self.set_hyper(group, lr)
 
-    def set_hyper(self, group: dict) -> None:
-        self.values = tuple(map(group.__getitem__, _HYPER_KEYS))
-        self.types = tuple(map(type, self.values))
+    def set_hyper(self, group: dict, lr: float) -> None:
+        """``lr``: the group's lr as a float (read from a Tensor lr)."""
+        values = tuple(map(group.__getitem__, _HYPER_KEYS))
+        self.types = tuple(map(type, values))
+        self.tensor_lr = isinstance(values[0], torch.Tensor)
+        self.values = (lr,) + values[1:]
         # the steady flags: a plan exists only once every momentum buffer does
-        self.hyper, self.flags = pack_hyper(*self.values, False)
+        self.hyper, self.flags = pack_hyper(*self.values[:-1], False)
 
 
 class _LaunchPlan:
     __slots__ = ("fused", "params", "args", "bufs", "hyper", "flags", "picks", "whole", "states", "state_bufs",
-                 "dtensors")
+                 "dtensors", "negate")
 
     def __init__(self, launch: _Launch, groups: list[_GroupPlan]):
         self.fused = launch.fused
@@ -189,6 +317,7 @@ class _LaunchPlan:
         self.args = launch.args
         self.bufs = launch.bufs
         self.dtensors = launch.dtensors
+        self.negate = launch.negate
         # a group all of whose parameters are in this launch in order passes its gradient list as is
         self.picks = [(gi, None if idx == list(range(len(groups[gi].members))) else idx) for gi, idx in launch.picks]
         self.states = launch.states
@@ -249,7 +378,8 @@ class BetaLasso(Optimizer):
 
     For every parameter θ with a gradient g (parameters without one are skipped)::
 
-        d = g + weight_decay·θ                                  (if weight_decay)
+        d = g, or −g with maximize
+        d = d + weight_decay·θ                                  (if weight_decay)
         buf = d (first step) | momentum·buf + (1 − dampening)·d (if momentum)
         d = d + momentum·buf (nesterov) | buf (momentum) | d
         θ = θ − lr·(d + lam·sign(θ))      # sign of θ before this step, sign(0) = 0
@@ -260,17 +390,24 @@ class BetaLasso(Optimizer):
 
     Args:
         params: iterable of parameters or of param-group dicts (``torch.optim`` convention).
-        lr: learning rate (≥ 0).
+        lr: learning rate (≥ 0): a Python number or a 0-dim floating Tensor, which
+            ``torch.compile(opt.step)`` does not specialize on, so a scheduler changing it causes no
+            recompilation; it is read once per step (docs/beta_lasso.md#tensor-learning-rate).
         lam: L1 strength λ (≥ 0).
         beta: threshold factor: entries with ``|θ| < beta·lam`` become 0 after the step (≥ 0).
         momentum, dampening, weight_decay, nesterov: as in ``torch.optim.SGD``.
+        maximize, foreach, fused, differentiable, capturable: ``torch.optim.SGD``'s flags
+            (docs/beta_lasso.md#torchoptim-flags): ``maximize`` ascends; ``fused``/``foreach``
+            True require the fused kernel, False select the reference; ``differentiable=True``
+            and ``capturable=True`` are refused.
         backend: ``None`` (fused kernel where one exists for the device and dtype, otherwise
             the reference), ``"reference"`` (per-tensor torch ops), ``"cpu"`` or ``"cuda"``
             (the fused kernel; a ValueError at ``step()`` for a parameter it cannot update,
             listing the backends that can).
 
     float16/bfloat16 parameters are updated in float32 math; in float32 the fused CPU update
-    equals the reference bit for bit.
+    equals the reference bit for bit. The fused kernels take any dense layout (contiguous,
+    channels_last, transposed) that the gradient shares; momentum buffers get the parameter's.
 
     DTensor parameters (FSDP2 ``fully_shard``, tensor parallelism) are updated through their
     local shards by the same launches, with no communication, so each rank's shard equals that
@@ -281,18 +418,22 @@ class BetaLasso(Optimizer):
     per device mesh (docs/beta_lasso.md#β-lasso-on-sharded-parameters).
 
     Refused with a TypeError/ValueError: hyper-parameters that are not finite Python numbers in
-    their range (bools included; every group's values are checked when the group is added and
-    again at each step), complex parameters, a parameter listed twice, a DTensor parameter with a
+    their range (a Tensor lr: 0-dim, floating, finite, ≥ 0; bools included; every group's values
+    are checked when the group is added and again at each step), complex parameters, a parameter listed twice, a DTensor parameter with a
     ``Partial`` placement. ``copy.deepcopy`` and pickling keep ``backend``; ``nonzeros()`` works
     under ``torch.compile(opt.step)``.
     """
 
-    def __init__(self, params: Iterable, lr: float, lam: float, beta: float, momentum: float = 0.0,
+    def __init__(self, params: Iterable, lr: float | torch.Tensor, lam: float, beta: float, momentum: float = 0.0,
                  dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False, *,
-                 backend: str | None = None):
+                 maximize: bool = False, foreach: bool | None = None, fused: bool | None = None,
+                 differentiable: bool = False, capturable: bool = False, backend: str | None = None):
         check_backend_keyword(_OP, backend)
+        _check_capturable(capturable)
+        backend, self._require_fused = _resolve_backend(backend, foreach, fused)
         defaults = dict(lr=lr, lam=lam, beta=beta, momentum=momentum, dampening=dampening,
-                        weight_decay=weight_decay, nesterov=nesterov)
+                        weight_decay=weight_decay, nesterov=nesterov, maximize=maximize, foreach=foreach,
+                        fused=fused, differentiable=differentiable)
         _check_hyper(defaults)
         super().__init__(params, defaults)
         self.backend = backend
@@ -313,6 +454,12 @@ class BetaLasso(Optimizer):
         DTensor with a ``Partial`` placement (its local tensors are summands of the weights, which
         cannot be thresholded one by one)."""
         group = dict(param_group)
+        _check_capturable(group.pop("capturable", False))
+        for name in ("foreach", "fused"):
+            if name in group and name in self.defaults and group[name] != self.defaults[name]:
+                raise ValueError(f"{_OP}: param group {len(self.param_groups)} has {name}={group[name]!r}, the "
+                                 f"optimizer {name}={self.defaults[name]!r}; {name} chooses the backend of the "
+                                 "whole optimizer: give it to the constructor only")
         params = group["params"]
         if not isinstance(params, (torch.Tensor, set)):  # a set is refused by torch's own check
             params = group["params"] = list(params)
@@ -324,7 +471,7 @@ class BetaLasso(Optimizer):
                 raise TypeError(f"{_OP}: parameter {i} of param group {len(self.param_groups)} is complex ({p.dtype}); "
                                 "β-LASSO is defined for real parameters (view it as real pairs with "
                                 "torch.view_as_real)")
-            if isinstance(p, _DTENSOR) and any(pl.is_partial() for pl in p.placements):
+            if _is_dtensor(p) and any(pl.is_partial() for pl in p.placements):
                 raise ValueError(f"{_OP}: parameter {i} of param group {len(self.param_groups)} is a DTensor with "
                                  f"placements {tuple(p.placements)}; a Partial placement holds summands of the "
                                  "weights, which cannot be thresholded one by one: give it Shard or Replicate "
@@ -347,7 +494,13 @@ class BetaLasso(Optimizer):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        self.backend = state.get("backend")
+        # state saved before the torch.optim flags existed: their defaults, as SGD does
+        for group in (self.defaults, *self.param_groups):
+            for name, default in _FLAG_DEFAULTS.items():
+                group.setdefault(name, default)
+        if "backend" in state:  # pickling; load_state_dict keeps the optimizer's own backend
+            self.backend = state["backend"]
+            self._require_fused = bool(self.defaults.get("foreach") or self.defaults.get("fused"))
         # the counts are tied to the parameter objects of the last step: a copy has not stepped
         self._counts = []
         self._plan = None  # load_state_dict comes through here: new state, new buffers
@@ -362,19 +515,23 @@ class BetaLasso(Optimizer):
             impls[key] = TABLE.implementation(OP, self.backend, t.device, t.dtype, name=_OP)
         impl = impls[key]
         if impl is beta_lasso_update_:
+            if self._require_fused:
+                raise ValueError(f"{_OP}: fused=True (or foreach=True) but no fused kernel updates {t.dtype} "
+                                 f"parameters on {t.device}; leave fused/foreach None to use the reference there")
             return None
         if fused_takes(t, g):
             return impl
-        if self.backend is None:
+        if self.backend is None and not self._require_fused:
             return None
+        asked = f"backend={self.backend!r}" if self.backend is not None else "fused=True (or foreach=True)"
         raise ValueError(
-            f"{_OP}: backend={self.backend!r} cannot update a {t.dtype} parameter on {t.device} "
-            f"(contiguous={t.is_contiguous()}, gradient {g.dtype} contiguous={g.is_contiguous()}): the fused kernels "
-            "take contiguous parameters with contiguous gradients of their dtype; backend='reference' or None "
-            "takes any")
+            f"{_OP}: {asked} cannot update a {t.dtype} parameter on {t.device} with strides {t.stride()} from a "
+            f"{g.dtype} gradient with strides {g.stride()}: the fused kernels take a gradient of the parameter's "
+            "dtype and strides, in a dense layout (contiguous, channels_last, transposed ...); "
+            "backend='reference' or None takes any")
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None):
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """One update of every parameter that has a gradient; returns ``closure()``'s loss."""
         loss = None
         if closure is not None:
@@ -415,12 +572,16 @@ class BetaLasso(Optimizer):
                 if grads[i] is not None:
                     grads[i] = _local_grad(params[i], grads[i], gi, i)
             values = tuple(map(group.__getitem__, _HYPER_KEYS))
+            types = tuple(map(type, values))
+            if gp.tensor_lr and types == gp.types:
+                # a scheduler fills a Tensor lr in place: its value is read once per step
+                values = (_lr_value(values[0]),) + values[1:]
             # types first: comparing a Tensor value with == would not give a bool
-            if tuple(map(type, values)) != gp.types or values != gp.values:
-                _check_hyper(group)  # a scheduler or a user may have changed lr etc. since the last step
-                if (values[3] != 0) != (gp.values[3] != 0):
-                    return set()  # momentum switched on or off: buffers and launches change
-                gp.set_hyper(group)
+            if types != gp.types or values != gp.values:
+                lr = _check_hyper(group)  # a scheduler or a user may have changed lr etc. since the last step
+                if (values[3] != 0) != (gp.values[3] != 0) or values[-1] != gp.values[-1]:
+                    return set()  # momentum or maximize switched: buffers and launches change
+                gp.set_hyper(group, lr)
                 rehyper = True
             grads_by_group.append(grads)
         for lp in plan.launches:
@@ -437,8 +598,11 @@ class BetaLasso(Optimizer):
                 lp.set_hyper(plan.groups)
         for k, lp in enumerate(plan.launches):
             args, bufs = lp.local_args()
+            grads = lp.grads(grads_by_group)
+            if lp.negate:
+                grads = _negated(grads, lp.negate)
             try:
-                counts = lp.fused(args, lp.grads(grads_by_group), bufs, lp.hyper, lp.flags)
+                counts = lp.fused(args, grads, bufs, lp.hyper, lp.flags)
             except RuntimeError:
                 # the op checks its arguments before it writes anything: a gradient that changed
                 # dtype, layout or device is the full pass's to route (reference or error)
@@ -461,21 +625,26 @@ class BetaLasso(Optimizer):
         group_plans: list[_GroupPlan] = []
         reference: list[tuple[torch.Tensor, int, int]] = []
         for gi, group in enumerate(self.param_groups):
-            _check_hyper(group)  # a scheduler or a user may have changed lr etc. since construction
-            hyper, flags = pack_hyper(group["lr"], group["lam"], group["beta"], group["momentum"],
-                                      group["dampening"], group["weight_decay"], group["nesterov"], False)
+            # a scheduler or a user may have changed lr etc. since construction. Under torch.compile a
+            # Tensor lr stays a tensor: the launch reads it outside the graph (_launch_reading_lr)
+            lr = _check_hyper(group, read_lr=planning)
+            lr_tensor = lr if isinstance(lr, torch.Tensor) else None
+            hyper, flags = pack_hyper(0.0 if lr_tensor is not None else lr, group["lam"], group["beta"],
+                                      group["momentum"], group["dampening"], group["weight_decay"],
+                                      group["nesterov"], False)
             flags_first = flags[:2] + [1]
             momentum = group["momentum"] != 0
+            maximize = group["maximize"]
             params = group["params"]
             if planning:
-                group_plans.append(_GroupPlan(group, tuple(p.grad is not None for p in params)))
+                group_plans.append(_GroupPlan(group, tuple(p.grad is not None for p in params), lr))
             for pi, p in enumerate(params):
                 t, g = p, p.grad
                 if g is None:
                     continue
                 if g.is_sparse:
                     raise RuntimeError("BetaLasso does not support sparse gradients")
-                dtensor = isinstance(p, _DTENSOR)
+                dtensor = _is_dtensor(p)
                 if dtensor:
                     t, g = p.to_local(), _local_grad(p, g, gi, pi)
                 fused = self._fused_for(t, g, impls)
@@ -492,15 +661,21 @@ class BetaLasso(Optimizer):
                     state = self.state[p]
                     buf = _stored_buf(p, state, gi, pi)
                     if buf is None:
-                        # the kernel writes buf = d on this first step; a DTensor's is a DTensor of its layout
-                        buf = state["momentum_buffer"] = torch.empty_like(p, memory_format=torch.contiguous_format)
+                        # the kernel writes buf = d on this first step; empty_like keeps the parameter's
+                        # dense layout (the kernel needs its strides); a DTensor's is a DTensor of its layout
+                        buf = state["momentum_buffer"] = torch.empty_like(p)
                         first = True
-                    elif not _local(buf).is_contiguous():
-                        buf = state["momentum_buffer"] = buf.contiguous()
+                    elif _local(buf).stride() != t.stride():  # e.g. loaded contiguous for a channels_last weight
+                        buf = state["momentum_buffer"] = torch.empty_like(p).copy_(buf)
                     local_buf = _local(buf)
                     launch.states.append(state)
                 if dtensor:
                     launch.dtensors.append((len(launch.args), p, buf))
+                if maximize:
+                    launch.negate.append(len(launch.args))
+                    g = torch.neg(g)
+                if lr_tensor is not None:
+                    launch.lr_at.append((len(launch.hyper), lr_tensor))
                 launch.params.append(p)
                 launch.args.append(t)
                 launch.grads.append(g)
@@ -508,11 +683,14 @@ class BetaLasso(Optimizer):
                 launch.hyper += hyper
                 launch.flags += flags_first if first else flags
                 launch.pick(gi, pi)
-        for launch in launches.values():
-            if done and any(id(p) in done for p in launch.params):
-                continue  # updated by the planned step before it gave up (a whole launch, always)
-            counts = launch.fused(launch.args, launch.grads, launch.bufs, launch.hyper, launch.flags)
-            self._counts.append((launch.params, counts))
+        # a launch the planned step ran before it gave up is skipped (it is always a whole launch)
+        run = [launch for launch in launches.values() if not (done and any(id(p) in done for p in launch.params))]
+        if any(launch.lr_at for launch in run):
+            all_counts = _launch_outside_graph(run)
+        else:
+            all_counts = [launch.fused(launch.args, launch.grads, launch.bufs, launch.hyper, launch.flags)
+                          for launch in run]
+        self._counts.extend(zip((launch.params for launch in run), all_counts))
         if planning:
             self._plan = _Plan(self.state, group_plans, [_LaunchPlan(launch, group_plans) for launch in launches.values()],
                                reference)
@@ -525,9 +703,10 @@ class BetaLasso(Optimizer):
         buf = _stored_buf(p, state, gi, pi)
         new = beta_lasso_update_(t, g, None if buf is None else _local(buf), lr=group["lr"], lam=group["lam"],
                                  beta=group["beta"], momentum=group["momentum"], dampening=group["dampening"],
-                                 weight_decay=group["weight_decay"], nesterov=group["nesterov"])
+                                 weight_decay=group["weight_decay"], nesterov=group["nesterov"],
+                                 maximize=group["maximize"])
         if buf is None and new is not None:
-            if isinstance(p, _DTENSOR):
+            if _is_dtensor(p):
                 buf = torch.empty_like(p)
                 buf.to_local().copy_(new)
                 new = buf
@@ -551,7 +730,7 @@ class BetaLasso(Optimizer):
         sharded: dict = {}  # device mesh → its DTensor parameters
         for group in self.param_groups:
             for p in group["params"]:
-                if isinstance(p, _DTENSOR):
+                if _is_dtensor(p):
                     sharded.setdefault(p.device_mesh, []).append(p)
         for mesh, ps in sharded.items():
             totals = _sum_over_mesh(mesh, [by_param.get(id(p), 0) if _first_copy(p) else 0 for p in ps])

@@ -3,7 +3,8 @@ Convolutions from Scratch", Neyshabur 2020).
 
 Per parameter θ with gradient g::
 
-    d   = g + weight_decay·θ                                    (if weight_decay)
+    d   = g, or −g with maximize
+    d   = d + weight_decay·θ                                    (if weight_decay)
     buf = d (first step) | momentum·buf + (1 − dampening)·d      (if momentum)
     d   = d + momentum·buf (nesterov) | buf (momentum) | d
     θ   = θ − lr·(d + lam·sign(θ))        # sign of θ before this step, sign(0) = 0
@@ -22,19 +23,23 @@ __all__ = ["beta_lasso_update_"]
 
 
 @torch.no_grad()
-def beta_lasso_update_(param: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor | None, *, lr: float,
-                       lam: float, beta: float, momentum: float = 0.0, dampening: float = 0.0,
-                       weight_decay: float = 0.0, nesterov: bool = False) -> torch.Tensor | None:
+def beta_lasso_update_(param: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor | None, *,
+                       lr: float | torch.Tensor, lam: float, beta: float, momentum: float = 0.0,
+                       dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
+                       maximize: bool = False) -> torch.Tensor | None:
     """Update ``param`` in place with one β-LASSO step; return the momentum buffer.
 
     ``buf`` is the momentum buffer (same shape and dtype as ``param``), ``None`` on the first
     step, when a new buffer holding ``d`` is created and returned. Without momentum the
     return value is ``None``. Python-float hyper-parameters are rounded to the math dtype by
-    torch, as the kernels round them.
+    torch, as the kernels round them; so is a 0-dim Tensor ``lr`` (used as a tensor: no host
+    read), the same value.
     """
     math = torch.float64 if param.dtype == torch.float64 else torch.float32
     theta = param.to(math)
     d = grad.to(math)
+    if maximize:
+        d = -d  # exact: the kernels take the negated gradient
     if weight_decay != 0:
         d = d + theta * weight_decay
     if momentum != 0:
