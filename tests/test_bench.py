@@ -184,6 +184,15 @@ def test_cuda_timer_uses_events_around_the_call_after_sync_and_flush():
     assert d["method"] == "cuda_events" and d["l2_flush_bytes"] == 1 << 20
 
 
+def test_cuda_timer_runs_a_staged_calls_untimed_part_before_the_sync():
+    """The backward alone on CUDA: its forward runs before the sync and the flush, outside the events."""
+    gpu = _FakeGpu()
+    timer = R.CallTimer(torch.device("cuda"), event=gpu.event, synchronize=gpu.sync, flush=gpu.flush)
+    forward, backward = gpu.kernel("fwd", 5.0), gpu.kernel("bwd", 2.0)
+    assert timer(C.Staged(before=forward, timed=lambda state: backward())) == pytest.approx(2.0)
+    assert gpu.log == ["fwd", "sync", "flush", "sync", "record", "bwd", "record", "event_sync"]
+
+
 def test_cuda_round_robin_times_each_provider_with_its_own_events():
     gpu = _FakeGpu()
     timer = R.CallTimer(torch.device("cuda"), event=gpu.event, synchronize=gpu.sync, flush=gpu.flush)
@@ -376,3 +385,276 @@ def test_distributed_report_counts_collectives_and_bytes(tmp_path, capsys):
     assert calls["svb_(model, 0.5)"]["collectives"] == 2
     assert calls["svb_(model, 0.5)"]["bytes"] <= 2 * res["weight_bytes"]
     assert "naive" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- issue 18: output, progress, Ctrl-C, JSON, markdown
+def _sleepers(ms: dict[str, float]) -> C.Prepared:
+    import time as _time
+
+    return C.Prepared(providers={p: (lambda t=t: _time.sleep(t / 1e3)) for p, t in ms.items()})
+
+
+def _fast_cases(monkeypatch, cases):
+    """``main`` over ``cases`` only, with fixed ceilings (no 128 MiB bandwidth runs)."""
+    monkeypatch.setattr(R, "all_cases", lambda: cases)
+    monkeypatch.setattr(R, "measure_ceilings", lambda device, quick, timer=None: dict(CEIL))
+
+
+def test_spread_reports_iqr_and_flags_noisy_rows():
+    quiet = R.spread([10.0, 10.1, 10.2, 10.0, 10.1, 10.3])
+    assert quiet["min_ms"] == 10.0 and quiet["max_ms"] == 10.3 and quiet["median_ms"] == pytest.approx(10.1)
+    assert quiet["iqr_ms"] == pytest.approx(0.15, abs=1e-3) and quiet["noisy"] is False
+    busy = R.spread([10.0, 30.0, 12.0, 45.0, 11.0, 40.0])
+    assert busy["iqr_rel"] > R.NOISY_IQR_REL and busy["noisy"] is True
+    assert R.spread([10.0, 40.0, 10.0])["noisy"] is False  # too few times to call it
+
+
+def test_noisy_row_is_flagged_and_logged(monkeypatch):
+    class Timer:  # a CallTimer whose calls take 1, 5, 1, 9, 1.2, 7 ms
+        cuda = False
+        times = iter([1.0, 5.0, 1.0, 9.0, 1.2, 7.0] * 10)
+
+        def __call__(self, fn):
+            fn()
+            return next(self.times)
+
+    timer = Timer()
+    case = C.Case(op="tiny_op", name="busy", setup=lambda device: C.Prepared(providers={"eager": lambda: None}))
+    lines: list[str] = []
+    rows = R.run_case(case, torch.device("cpu"), CEIL, quick=True, log=lines.append, timer=timer, rounds=6)
+    assert rows[0]["noisy"] is True and rows[0]["reps"] == 6
+    assert any(line.startswith("  noisy: tiny_op busy") and "rerun" in line for line in lines)
+
+
+def test_peak_memory_prints_nothing(capfd):
+    """The profiler's C++ lines (profiler_start / profiler_stop, gpuGetDeviceCount) stay off stderr."""
+    assert R.peak_memory(lambda: torch.ones(250_000) * 2, torch.device("cpu")) >= 1_000_000
+    assert capfd.readouterr().err == ""
+
+
+def test_quiet_third_party_keeps_regkernels_warnings_and_restores_logging():
+    import logging
+    import warnings
+
+    torch_log = logging.getLogger("torch")
+    level = torch_log.level
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with R.quiet_third_party():
+            assert logging.getLogger("torch").getEffectiveLevel() >= logging.ERROR
+            warnings.warn_explicit("inductor says", FutureWarning, "x.py", 1, module="torch._inductor.x")
+            warnings.warn_explicit("ours", UserWarning, "y.py", 1, module="regkernels.ops.gram")
+    assert [str(w.message) for w in seen] == ["ours"]
+    assert torch_log.level == level
+
+
+class _Tty:
+    """A terminal stand-in for Progress: records what is written."""
+
+    def __init__(self, tty=True):
+        self.tty, self.text = tty, ""
+
+    def isatty(self):
+        return self.tty
+
+    def write(self, s):
+        self.text += s
+
+    def flush(self):
+        pass
+
+
+def test_progress_line_only_on_a_terminal_with_elapsed_and_eta():
+    now = [0.0]
+    case = C.Case(op="frame_penalty", name="64x576", setup=None)
+    out = _Tty()
+    p = R.Progress(4, stream=out, clock=lambda: now[0])
+    p.start_case(1, case)
+    p.status("both eager")
+    assert out.text.endswith("[1/4] frame_penalty 64x576 both eager  this case 0m00s, elapsed 0m00s, ETA ?")
+    now[0] = 30.0
+    p.end_case()
+    p.start_case(2, case)
+    assert "\r[2/4]" in out.text and out.text.rstrip().endswith("elapsed 0m30s, ETA 1m30s")  # 30 s a case, 3 left
+    p.print("a line of the runner", file=out)
+    before, _, after = out.text.rpartition("a line of the runner\n")
+    assert before.endswith(" \r") and after.startswith("\r[2/4]")  # cleared, printed, drawn again
+    silent = _Tty(tty=False)
+    q = R.Progress(4, stream=silent)
+    with q:
+        q.start_case(1, case)
+        q.status("fwd regkernels")
+    assert silent.text == ""
+
+
+def test_progress_ticks_while_a_case_runs():
+    import time as _time
+
+    out = _Tty()
+    with R.Progress(1, stream=out, tick_s=0.01) as p:
+        p.start_case(1, C.Case(op="op", name="slow", setup=None))
+        _time.sleep(0.2)
+    assert out.text.count("\r[1/1] op slow") >= 5
+    assert out.text.endswith("\r")  # the line is cleared at the end
+
+
+def test_ctrl_c_writes_the_rows_so_far_marked_partial_and_exits_130(tmp_path, monkeypatch, capsys):
+    def interrupted(device):
+        raise KeyboardInterrupt
+
+    cases = [C.Case(op="tiny_op", name="done", setup=lambda d: _sleepers({"eager": 1, "regkernels": 1})),
+             C.Case(op="tiny_op", name="cut", setup=interrupted),
+             C.Case(op="tiny_op", name="never", setup=lambda d: _sleepers({"eager": 1}))]
+    _fast_cases(monkeypatch, cases)
+    path = tmp_path / "partial.json"
+    assert R.main(["--device", "cpu", "--rounds", "2", "--json", str(path)]) == 130
+    doc = json.loads(path.read_text())
+    assert doc["partial"] is True and doc["interrupted_at"] == "tiny_op cut"
+    assert doc["cases_done"] == 1 and doc["cases_selected"] == 3
+    assert {r["case"] for r in doc["results"]} == {"done"}
+    err = capsys.readouterr().err
+    assert "interrupted (Ctrl-C) during tiny_op cut" in err and '"partial": true' in err
+
+
+def test_json_records_commit_machine_params_dtype_and_spread(tmp_path, monkeypatch, capsys):
+    cases = [C.Case(op="tiny_op", name="4x8x8", setup=lambda d: _sleepers({"eager": 2, "regkernels": 1}),
+                    params={"batch": 4, "m": 8, "n": 8}, passes=("fwd",))]
+    _fast_cases(monkeypatch, cases)
+    path = tmp_path / "out.json"
+    assert R.main(["--device", "cpu", "--rounds", "5", "--json", str(path), "--markdown"]) == 0
+    assert "| `tiny_op` | 4x8x8 |" in capsys.readouterr().out  # --markdown alone: the table of this run
+    doc = json.loads(path.read_text())
+    assert doc["partial"] is False
+    commit = doc["git"]["commit"]
+    assert commit is None or (len(commit) == 40 and isinstance(doc["git"]["dirty"], bool))
+    m = doc["machine"]
+    assert m["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert "torch_threads" in m and m["torch_config"] == torch.__config__.show()
+    assert set(m["cpu_flags"]) == {"avx2", "avx512f", "fma"}
+    assert m["cpu_flags"]["avx2"] in (torch.cpu._is_avx2_supported(), None)
+    assert [r["provider"] for r in doc["results"]] == ["eager", "compile", "regkernels"]
+    for r in doc["results"]:
+        assert r["dtype"] == "float32" and r["params"] == {"batch": 4, "m": 8, "n": 8} and r["pass"] == "fwd"
+        if r["provider"] == "compile":  # the case has none
+            continue
+        assert {"iqr_ms", "iqr_rel", "min_ms", "median_ms", "max_ms"} <= set(r) and isinstance(r["noisy"], bool)
+
+
+def test_case_definitions_carry_params_and_passes():
+    for c in C.all_cases():
+        assert c.params, (c.op, c.name)
+        assert c.passes[0] in ("fwd", "both") and set(c.passes) <= {"fwd", "bwd", "both"}
+    svd = next(c for c in C.all_cases() if c.op == "batched_svd" and c.name == "4096x8x8")
+    assert svd.params == {"batch": 4096, "m": 8, "n": 8} and svd.passes == ("fwd",)
+
+
+def test_dtype_and_pass_select_cases(capsys):
+    cpu = torch.device("cpu")
+    assert len(R.select_cases(None, True, cpu, dtypes=["float32"])) == len(R.select_cases(None, True, cpu))
+    with pytest.raises(SystemExit, match="no selected case runs in --dtype float64; their dtypes: float32"):
+        R.select_cases(None, True, cpu, dtypes=["float64"])
+    bwd = R.select_cases(None, True, cpu, passes=["bwd"])
+    assert bwd and all("bwd" in c.passes for c in bwd)
+    assert {c.op for c in bwd} >= {"frame_penalty", "clamp_singular_values"} and "batched_svd" not in {c.op for c in bwd}
+    svd = R.select_cases(["batched_svd"], True, cpu)[0]
+    assert R.case_passes(svd, ["both", "fwd"]) == ["fwd"]  # forward only: its whole call is the forward
+    assert R.case_passes(svd, ["bwd"]) == [] and R.case_passes(bwd[0], ["both", "fwd"]) == ["both", "fwd"]
+    with pytest.raises(SystemExit):
+        R.main(["--dtype", "int8", "--list"])
+    assert "argument --dtype: invalid choice: 'int8'" in capsys.readouterr().err
+
+
+def test_threads_sets_torch_threads():
+    before = torch.get_num_threads()
+    try:
+        assert R.main(["--threads", "1", "--op", "batched_svd", "--list"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_forward_and_backward_timed_separately_on_cpu():
+    ref, make = _tiny()
+    case = C.penalty_case("tiny_op", "4x8x16", ref, ref, make, params={"batch": 4, "m": 8, "n": 16})
+    assert case.passes == ("both", "fwd", "bwd")
+    rows = R.run_case(case, torch.device("cpu"), CEIL, quick=True, log=lambda m: None, rounds=3,
+                      passes=["fwd", "bwd", "both"])
+    assert [(r["pass"], r["provider"]) for r in rows] == [(p, q) for p in ("fwd", "bwd", "both")
+                                                          for q in ("eager", "compile", "regkernels")]
+    for r in rows:
+        assert "error" not in r, r
+        assert r["max_rel_err"] < 1e-5 and r["params"] == {"batch": 4, "m": 8, "n": 16}
+    assert all("speedup_vs_eager" in r for r in rows if r["provider"] == "regkernels")
+
+
+def test_staged_call_times_only_its_timed_part():
+    import time as _time
+
+    timer = R.CallTimer.for_device(torch.device("cpu"))
+    staged = C.Staged(before=lambda: _time.sleep(0.05) or 7, timed=lambda state: state + 1)
+    assert staged() == 8
+    assert timer(staged) < 20.0
+    assert R.peak_memory(C.Staged(before=lambda: torch.ones(250_000), timed=lambda x: x.add_(1)),
+                         torch.device("cpu")) < 100_000  # the forward's 1 MB is not the backward's
+
+
+def _doc():
+    rows = [{"op": "frame_penalty", "case": "64x576", "pass": "both", "provider": "eager", "median_ms": 2.0,
+             "noisy": True},
+            {"op": "frame_penalty", "case": "64x576", "pass": "both", "provider": "compile", "median_ms": 1.5},
+            {"op": "frame_penalty", "case": "64x576", "pass": "both", "provider": "regkernels", "median_ms": 1.0,
+             "speedup_vs_eager": 2.0, "speedup_vs_compile": 1.5},
+            {"op": "conv_frame_penalty", "case": "64x64x3x3@32x32", "pass": "both", "provider": "eager",
+             "error": "ValueError: over the guard"},
+            {"op": "conv_frame_penalty", "case": "64x64x3x3@32x32", "pass": "both", "provider": "compile",
+             "error": R.NO_PROVIDER},
+            {"op": "conv_frame_penalty", "case": "64x64x3x3@32x32", "pass": "both", "provider": "regkernels",
+             "median_ms": 24.8, "speedup_vs_torch": 4.6},
+            {"op": "conv_frame_penalty", "case": "64x64x3x3@32x32", "pass": "both", "provider": "torch",
+             "median_ms": 114.0}]
+    return {"machine": {"cpu": "Test CPU", "device": "cpu", "torch_threads": 2}, "versions": {"torch": "2.x"},
+            "git": {"commit": "a" * 40, "dirty": True}, "timestamp": "2026-01-01T00:00:00+00:00", "partial": False,
+            "results": rows}
+
+
+def test_markdown_renders_a_results_json_without_running(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(R, "run_case", lambda *a, **k: pytest.fail("--markdown JSON must not run cases"))
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(_doc()))
+    assert R.main(["--markdown", str(path)]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0] == "| op | case | eager ms | compile ms | regkernels ms | torch ms | vs eager | vs compile |"
+    assert lines[2] == "| `frame_penalty` | 64x576 | 2.00 † | 1.50 | 1.00 |  | 2.00× | 1.50× |"
+    assert lines[3] == "| `conv_frame_penalty` | 64x64x3x3@32x32 | ValueError |  | 24.8 | 114 | — | — |"
+    assert "† noisy" in out and "aaaaaaaaaaaa (uncommitted changes)" in out
+    with pytest.raises(SystemExit, match="--markdown cannot read"):
+        R.main(["--markdown", str(tmp_path / "missing.json")])
+
+
+def test_plot_needs_matplotlib_and_says_so(monkeypatch, tmp_path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(SystemExit, match="--plot needs matplotlib.*pip install matplotlib"):
+        R.main(["--plot", str(tmp_path / "x.png"), "--op", "batched_svd", "--list"])
+
+
+def test_plot_draws_the_speedups(monkeypatch, tmp_path):
+    import sys
+    from unittest import mock
+
+    labels, series = R.speedup_series(_doc())
+    assert labels == ["frame_penalty 64x576"] and series == {"eager": [2.0], "compile": [1.5]}
+    plt, mpl = mock.MagicMock(), mock.MagicMock()
+    mpl.pyplot = plt
+    fig, ax = mock.MagicMock(), mock.MagicMock()
+    plt.subplots.return_value = (fig, ax)
+    monkeypatch.setitem(sys.modules, "matplotlib", mpl)
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", plt)
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(_doc()))
+    assert R.main(["--markdown", str(path), "--plot", str(tmp_path / "s.png")]) == 0
+    mpl.use.assert_called_with("Agg")
+    fig.savefig.assert_called_once_with(str(tmp_path / "s.png"), dpi=120)
+    assert ax.barh.call_count == 2 and ax.set_xscale.call_args.args == ("log",)

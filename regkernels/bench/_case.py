@@ -8,6 +8,13 @@ pure-torch reference, ``compile`` = ``torch.compile`` of that reference,
 compares a provider's output with a float64 evaluation, and optionally the bytes
 moved / flops of one call so the runner can report % of the machine's ceilings.
 
+A case also states what it is, for the results JSON and the runner's selectors: ``params``
+(its shape or model as a dict, e.g. ``{"m": 64, "n": 576}``), ``dtype`` (of its inputs) and
+``passes``, the parts of a call it can time: ``("fwd",)`` for a forward-only op, ``("both",)``
+for forward + backward as one call, ``("both", "fwd", "bwd")`` where ``Prepared.passes`` also
+holds the forward and the backward alone. A backward alone is a ``Staged`` call: its forward
+runs untimed before each timed backward.
+
 Each family module (``cases_<family>.py``) builds its literal ``CASES`` list; ``cases.all_cases``
 joins them.
 """
@@ -18,7 +25,22 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-__all__ = ["Case", "Prepared", "penalty_case", "max_rel_err", "compiled"]
+__all__ = ["Case", "Prepared", "Staged", "penalty_case", "max_rel_err", "compiled"]
+
+# the passes a case may time (``Case.passes``); "both" is forward + backward in one call
+PASSES = ("fwd", "bwd", "both")
+
+
+@dataclass(frozen=True)
+class Staged:
+    """A call whose ``before()`` runs untimed and whose ``timed(state)`` is the part measured
+    (the backward alone: its forward must run before every call, as the graph is freed).
+    Calling it runs both: code that does not time (first call, error check) treats it as any call."""
+    before: Callable[[], Any]
+    timed: Callable[[Any], Any]
+
+    def __call__(self) -> Any:
+        return self.timed(self.before())
 
 
 @dataclass
@@ -32,6 +54,9 @@ class Prepared:
     # called before each provider's first call: providers that share (and mutate) one set of
     # buffers all start from the same state, so their errors compare like with like
     reset: Callable[[], None] | None = None
+    # "fwd" / "bwd": the forward alone and the backward alone (a ``Staged`` call per provider),
+    # each with its own error function; present where the case's ``passes`` name them
+    passes: dict[str, "Prepared"] = field(default_factory=dict)
 
 
 @dataclass
@@ -42,6 +67,12 @@ class Case:
     quick: bool = False
     devices: Sequence[str] = ("cpu", "cuda")
     tags: dict = field(default_factory=dict)
+    # the shape or model as structured values, e.g. {"batch": 4096, "m": 8, "n": 8}
+    params: dict = field(default_factory=dict)
+    dtype: torch.dtype = torch.float32
+    # the whole call first: ("fwd",) forward only, ("both",) forward + backward unsplit,
+    # ("both", "fwd", "bwd") split as well (module docstring)
+    passes: tuple[str, ...] = ("both",)
 
 
 def max_rel_err(out, truth) -> float:
@@ -65,7 +96,8 @@ def compiled(fn: Callable) -> Callable:
 def penalty_case(op: str, name: str, reference_fn: Callable, public_fn: Callable,
                  make_inputs: Callable[[torch.device, torch.dtype], tuple], *, grad: bool = True,
                  kwargs: dict | None = None, quick: bool = False, bytes_moved=None, flops=None,
-                 eager_fn: Callable | None = None, compile_factory: Callable[[], Callable] | None = None) -> Case:
+                 eager_fn: Callable | None = None, compile_factory: Callable[[], Callable] | None = None,
+                 params: dict | None = None, dtype: torch.dtype = torch.float32) -> Case:
     """Case for a differentiable op ``f(X, *rest, **kwargs)`` returning a tensor.
 
     ``reference_fn`` gives the float64 truth and, unless ``eager_fn`` / ``compile_factory``
@@ -74,34 +106,53 @@ def penalty_case(op: str, name: str, reference_fn: Callable, public_fn: Callable
 
     With ``grad=True`` every provider runs forward and backward w.r.t. the first input
     (``out.sum().backward()``) and returns ``(out, grad)``; the error compares both with
-    the float64 reference. ``make_inputs(device, dtype)`` returns the positional inputs;
-    it must be deterministic (seeded) so the float64 copy matches.
+    the float64 reference; it is also split into ``passes`` "fwd" (the forward with autograd
+    recording, as in training; error of the value) and "bwd" (the backward alone, its forward
+    run untimed first). ``make_inputs(device, dtype)`` returns the positional inputs (``dtype``:
+    the case's); it must be deterministic (seeded) so the float64 copy matches.
     """
     kw = dict(kwargs or {})
 
     def setup(device: torch.device) -> Prepared:
-        args = make_inputs(device, torch.float32)
+        args = make_inputs(device, dtype)
         args64 = tuple(a.to(torch.float64) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
                        for a in args)
 
+        def forward(fn, args=args):
+            if not grad:
+                with torch.no_grad():
+                    return None, fn(*args, **kw)
+            x = args[0].detach().requires_grad_(True)
+            return x, fn(x, *args[1:], **kw)
+
+        def backward(state):
+            x, out = state
+            out.sum().backward()
+            return out.detach(), x.grad
+
         def runner(fn):
-            def call(args=args):
-                if not grad:
-                    with torch.no_grad():
-                        return fn(*args, **kw)
-                x = args[0].detach().requires_grad_(True)
-                out = fn(x, *args[1:], **kw)
-                out.sum().backward()
-                return out.detach(), x.grad
-            return call
+            if not grad:
+                return lambda: forward(fn)[1]
+            return lambda: backward(forward(fn))
 
-        truth = runner(reference_fn)(args64)
-        comp = compile_factory() if compile_factory is not None else compiled(reference_fn)
-        return Prepared(
-            providers={"eager": runner(eager_fn or reference_fn), "compile": runner(comp),
-                       "regkernels": runner(public_fn)},
-            error=lambda out: max_rel_err(out, truth),
-            bytes_moved=bytes_moved, flops=flops,
-        )
+        providers = {"eager": eager_fn or reference_fn,
+                     "compile": compile_factory() if compile_factory is not None else compiled(reference_fn),
+                     "regkernels": public_fn}
+        if not grad:
+            truth = forward(reference_fn, args64)[1]
+            return Prepared(providers={p: runner(fn) for p, fn in providers.items()},
+                            error=lambda out: max_rel_err(out, truth), bytes_moved=bytes_moved, flops=flops)
+        truth = backward(forward(reference_fn, args64))
+        passes = {
+            # the forward's output keeps its graph while the runner holds it, as in training
+            "fwd": Prepared(providers={p: (lambda fn=fn: forward(fn)[1]) for p, fn in providers.items()},
+                            error=lambda out: max_rel_err(out, truth[0])),
+            "bwd": Prepared(providers={p: Staged(lambda fn=fn: forward(fn), backward) for p, fn in providers.items()},
+                            error=lambda out: max_rel_err(out, truth)),
+        }
+        return Prepared(providers={p: runner(fn) for p, fn in providers.items()},
+                        error=lambda out: max_rel_err(out, truth), bytes_moved=bytes_moved, flops=flops,
+                        passes=passes)
 
-    return Case(op=op, name=name, setup=setup, quick=quick)
+    return Case(op=op, name=name, setup=setup, quick=quick, params=dict(params or {}), dtype=dtype,
+                passes=("both", "fwd", "bwd") if grad else ("fwd",))

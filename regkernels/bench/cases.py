@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 from regkernels.bench import cases_conv, cases_gram, cases_optim, cases_svd
-from regkernels.bench._case import Case, Prepared, compiled, max_rel_err, penalty_case
+from regkernels.bench._case import Case, Prepared, Staged, compiled, max_rel_err, penalty_case
 
-__all__ = ["Case", "Prepared", "all_cases", "penalty_case", "max_rel_err", "compiled"]
+__all__ = ["Case", "Prepared", "Staged", "all_cases", "penalty_case", "max_rel_err", "compiled"]
 
 FAMILIES = (cases_gram, cases_conv, cases_svd, cases_optim)
 

@@ -66,6 +66,15 @@ def _parse(name: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return tuple(map(int, layer.split("x"))), tuple(map(int, size.split("x")))
 
 
+def _params(name: str) -> dict:
+    """A case name's layer and input size as the JSON's structured parameters:
+    '64x64x3x3@32x32-circular' -> {"c_out": 64, "c_in": 64, "kh": 3, "kw": 3, "h": 32, "w": 32}."""
+    if "@" not in name:
+        return dict(zip(("c_out", "c_in", "kh", "kw"), map(int, name.split("-")[0].split("x"))))
+    shape, size = _parse(name)
+    return dict(zip(("c_out", "c_in", "kh", "kw"), shape)) | dict(zip(("h", "w"), size))
+
+
 def _matrix_case(name: str, quick: bool = False) -> Case:
     """conv_to_matrix forward (padding 1); the error compares the densified result with a
     float64 dense matrix."""
@@ -89,7 +98,8 @@ def _matrix_case(name: str, quick: bool = False) -> Case:
                                    "regkernels": provider(C.conv_to_matrix)},
                         error=error, bytes_moved=nbytes)
 
-    return register(Case(op="conv_to_matrix", name=name, setup=setup, quick=quick))
+    return register(Case(op="conv_to_matrix", name=name, setup=setup, quick=quick, passes=("fwd",),
+                         params=_params(name) | {"padding": 1, "layout": layout}))
 
 
 def _frame_case(name: str, quick: bool = False, tags: dict | None = None) -> Case:
@@ -129,20 +139,22 @@ def _frame_case(name: str, quick: bool = False, tags: dict | None = None) -> Cas
                                    "torch": lambda: run(C.conv_frame_penalty, w, backend="torch")},
                         error=error, note=note)
 
-    return Case(op="conv_frame_penalty", name=name, setup=setup, quick=quick, tags=dict(tags or {}))
+    return Case(op="conv_frame_penalty", name=name, setup=setup, quick=quick, tags=dict(tags or {}),
+                params=_params(name) | {"padding": 1, "padding_mode": mode})
 
 
 def _ocnn_case(name: str, quick: bool = False) -> Case:
     shape = tuple(map(int, name.split("x")))
     return register(penalty_case("conv_orthogonality_penalty", name, R.conv_orthogonality_penalty,
                         C.conv_orthogonality_penalty, lambda device, dtype: (_weight(shape, device, dtype),),
-                        quick=quick))
+                        quick=quick, params=_params(name)))
 
 
 def _sedghi_case(op: str, name: str, extra: tuple = (), quick: bool = False) -> Case:
     shape, size = _parse(name)
     return register(penalty_case(op, name, getattr(R, op), getattr(C, op),
-                        lambda device, dtype: (_weight(shape, device, dtype), size, *extra), grad=False, quick=quick))
+                        lambda device, dtype: (_weight(shape, device, dtype), size, *extra), grad=False, quick=quick,
+                        params=_params(name)))
 
 
 # ---------------------------------------------------------------- a CIFAR ResNet-18, whole-model cases
@@ -310,7 +322,9 @@ def _resnet_setup(kind: str, width: int = 64, image: int = 32, batch: int = 64) 
 
 def _resnet_case(op: str, kind: str, name: str = "resnet18-cifar", tags: dict | None = None, **size) -> Case:
     """(Not registered: the list below registers it.) ``size``: ``_resnet_setup``'s width, image, batch."""
-    return Case(op=op, name=name, setup=_resnet_setup(kind, **size), tags=dict(tags or {}))
+    dims = {"width": 64, "image": 32, "batch": 64} | size  # _resnet_setup's defaults
+    return Case(op=op, name=name, setup=_resnet_setup(kind, **size), tags=dict(tags or {}),
+                params={"model": "cifar_resnet18", "kind": kind} | dims)
 
 
 ISSUE16 = {"issue": "16"}

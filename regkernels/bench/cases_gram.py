@@ -98,17 +98,19 @@ def _register_single_layer() -> None:
             return (_weight((m, n), device, dtype, SEED), _srip_b(device, k))
 
         quick = name == QUICK
+        params = {"m": m, "n": n}
         register(penalty_case("frame_penalty", name, R.frame_penalty, G.frame_penalty, make,
-                     kwargs={"A": FRAME_A, "B": FRAME_B}, quick=quick, flops=_gram_flops(m, n, k)))
+                     kwargs={"A": FRAME_A, "B": FRAME_B}, quick=quick, flops=_gram_flops(m, n, k), params=params))
         register(penalty_case("diversity_penalty", name, R.diversity_penalty, G.diversity_penalty, make,
-                     kwargs={"tau": _diversity_tau(n)}, quick=quick, flops=_gram_flops(m, n, m)))
+                     kwargs={"tau": _diversity_tau(n)}, quick=quick, flops=_gram_flops(m, n, m), params=params))
         register(penalty_case("orthogonality_penalty", name, R.orthogonality_penalty, G.orthogonality_penalty, make,
-                     quick=quick, flops=_gram_flops(m, n, k)))
+                     quick=quick, flops=_gram_flops(m, n, k), params=params))
         register(penalty_case("mhe_penalty", name, R.mhe_penalty, G.mhe_penalty, make,
-                     quick=quick, flops=_gram_flops(m, n, m)))
+                     quick=quick, flops=_gram_flops(m, n, m), params=params))
         # M x costs 4·m·n (W x and Wᵀ·, matrix-free); n_iter = 1 means 2 applications; ×2 backward
         register(penalty_case("srip_penalty", name, R.srip_penalty, _srip_public, make_srip,
-                     quick=quick, flops=2 * 2 * (4 * m * n), eager_fn=_srip_reference, compile_factory=_srip_compile))
+                     quick=quick, flops=2 * 2 * (4 * m * n), eager_fn=_srip_reference, compile_factory=_srip_compile,
+                     params=params))
 
 
 def _resnet18_shapes() -> list[tuple[int, ...]]:
@@ -156,7 +158,8 @@ def _register_stacks() -> None:
 
         b, m, n = shape
         register(penalty_case("frame_penalty", name, R.frame_penalty, G.frame_penalty, make,
-                     kwargs={"A": FRAME_A, "B": FRAME_B}, quick=quick, flops=b * _gram_flops(m, n, min(m, n))))
+                     kwargs={"A": FRAME_A, "B": FRAME_B}, quick=quick, flops=b * _gram_flops(m, n, min(m, n)),
+                     params={"batch": b, "m": m, "n": n}))
 
 
 def _multi_case(name: str, shapes: list[tuple[int, ...]], quick: bool, groups: int = 1) -> Case:
@@ -185,7 +188,8 @@ def _multi_case(name: str, shapes: list[tuple[int, ...]], quick: bool, groups: i
             note=f"{len(shapes)} weights, kind=frame, A={FRAME_A}, B={FRAME_B}, groups={groups}",
         )
 
-    return register(Case(op="penalty_multi", name=name, setup=setup, quick=quick))
+    params = {"model": name, "weights": len(shapes), "numel": sum(math.prod(s) for s in shapes), "groups": groups}
+    return register(Case(op="penalty_multi", name=name, setup=setup, quick=quick, params=params))
 
 
 _register_single_layer()

@@ -102,7 +102,10 @@ def _beta_lasso_case(name: str, shapes: list[tuple[int, ...]], momentum: float, 
             bytes_moved=streams * 4 * numel,
         )
 
-    return register(Case(op="beta_lasso", name=name, setup=setup, quick=quick))
+    params = {"tensors": len(shapes), "numel": sum(torch.Size(s).numel() for s in shapes), "momentum": momentum,
+              "weight_decay": weight_decay}
+    # one optimizer step: no backward to split off
+    return register(Case(op="beta_lasso", name=name, setup=setup, quick=quick, params=params, passes=("fwd",)))
 
 
 _beta_lasso_case("model-10M", model_10m_shapes(), 0.0, 0.0, quick=True)

@@ -63,7 +63,8 @@ def _svd_case(batch: int, m: int, n: int, quick: bool = False) -> Case:
             note="forward only",
         )
 
-    return register(Case(op="batched_svd", name=f"{batch}x{m}x{n}", setup=setup, quick=quick))
+    return register(Case(op="batched_svd", name=f"{batch}x{m}x{n}", setup=setup, quick=quick,
+                         params={"batch": batch, "m": m, "n": n}, passes=("fwd",)))
 
 
 _svd_case(4096, 8, 8, quick=True)
@@ -80,6 +81,7 @@ for _shape, _quick in (((1024, 8, 8), True), ((2048, 32, 32), False)):
         ops_svd.clamp_singular_values,
         lambda device, dtype, shape=_shape: (_gaussian(shape, device, dtype, seed=7),),
         grad=True, kwargs={"lo": CLAMP_LO, "hi": CLAMP_HI}, quick=_quick,
+        params=dict(zip(("batch", "m", "n"), _shape)),
     ))
 
 
@@ -119,7 +121,9 @@ def _svb_case(count: int, out_ch: int, in_ch: int, k: int, quick: bool = False) 
         )
 
     name = f"{count}x{out_ch}x{in_ch * k * k}"
-    return register(Case(op="svb_", name=name, setup=setup, quick=quick))
+    # in place, no backward
+    return register(Case(op="svb_", name=name, setup=setup, quick=quick, passes=("fwd",),
+                         params={"count": count, "m": out_ch, "n": in_ch * k * k}))
 
 
 _svb_case(4, 16, 16, 3, quick=True)
@@ -178,7 +182,8 @@ def _jacobian_case(sizes: tuple[int, ...], batch: int, quick: bool) -> Case:
         )
 
     name = "mlp-" + "x".join(map(str, sizes)) + f"-b{batch}"
-    return register(Case(op="jacobian_penalty", name=name, setup=setup, quick=quick))
+    return register(Case(op="jacobian_penalty", name=name, setup=setup, quick=quick,
+                         params={"sizes": list(sizes), "batch": batch, "n_proj": 1}))
 
 
 _jacobian_case((784, 256, 10), 128, quick=True)
