@@ -324,7 +324,7 @@ def _train(args: argparse.Namespace, rank: int, world: int) -> list[dict]:
                "reg_ms": r_ms, "reg_share_pct": share}
     say(f"summary: reg {reg_name} (lam {lam:g}) | final test acc {records[-1]['test_acc']:.4f} | "
         f"ms/step model {m_ms:.2f}, regularizer {r_ms:.2f} | regularizer share {share:.1f}%")
-    if args.json:
+    if args.json and rank == 0:  # --fsdp: one writer
         with open(args.json, "w") as f:
             json.dump({"config": vars(args), "summary": summary, "epochs": records}, f, indent=2)
     return records

@@ -368,7 +368,8 @@ def _exchange(group, world: int, send: list[list[torch.Tensor]], recv_numels: li
 
 def svb_sharded(targets: list, run: Callable[[list], tuple[int, list]], operator: bool,
                 input_size_of: Callable) -> tuple[int, list]:
-    """SVB of ``targets`` (``regkernels.reference.svd.SVBTarget``) some of whose weights are DTensors
+    """SVB of ``targets`` (``regkernels.reference.svd.SVBTarget`` named tuples: this module imports no
+    other regkernels module, so it is handed them) some of whose weights are DTensors
     on 1-D meshes: returns ``(count, updates)`` as ``run`` does, with the DTensor layers' updates
     already made (their local pieces written here) and the other layers' updates returned.
 
@@ -381,8 +382,6 @@ def svb_sharded(targets: list, run: Callable[[list], tuple[int, list]], operator
     rank on its full value (``full_tensor()``, one collective each), keeping its own piece.
     ``count`` is every layer's, on every rank.
     """
-    from regkernels.reference.svd import SVBTarget
-
     plain, sharded = [], {}
     for t in targets:
         if not is_dtensor(t.weight):
@@ -399,12 +398,12 @@ def svb_sharded(targets: list, run: Callable[[list], tuple[int, list]], operator
         if lay is None:
             # n-D meshes (HSDP, FSDP x TP): every rank bounds the full weight (DTensor's own gather)
             # and keeps its piece, cut locally by distribute_tensor without communication
-            plain.append(SVBTarget(t.weight.full_tensor(), t.groups, t.layer, t.module, _write_piece(t.weight)))
+            plain.append(t._replace(weight=t.weight.full_tensor(), write=_write_piece(t.weight)))
             _count(t.weight.numel() * t.weight.element_size())
             continue
         if lay.dim is None:
             local = t.weight.to_local()
-            plain.append(SVBTarget(local, t.groups, t.layer, None, local.copy_))
+            plain.append(t._replace(weight=local, module=None, write=local.copy_))
         else:
             sharded.setdefault((id(lay.group), t.weight.dtype, t.weight.device), []).append((t, lay))
     count, updates = run(plain) if plain else (0, [])
@@ -425,8 +424,6 @@ def _write_piece(w) -> Callable[[torch.Tensor], None]:
 
 def _svb_mesh(members: list, run: Callable, operator: bool, input_size_of: Callable) -> int:
     """``svb_sharded`` for the sharded layers of one mesh, dtype and device; returns their count."""
-    from regkernels.reference.svd import SVBTarget
-
     group, world, rank = members[0][1].group, members[0][1].world, members[0][1].rank
     owner = _owners([_svb_cost(t, operator, input_size_of) for t, _ in members], world)
     like = members[0][0].weight.to_local()
@@ -450,8 +447,7 @@ def _svb_mesh(members: list, run: Callable, operator: bool, input_size_of: Calla
     def keep(i: int) -> Callable:
         return lambda value: new.__setitem__(i, value)
 
-    _, updates = run([SVBTarget(fulls[i], members[i][0].groups, members[i][0].layer, members[i][0].module,
-                                keep(i)) for i in mine])
+    _, updates = run([members[i][0]._replace(weight=fulls[i], write=keep(i)) for i in mine])
     for t, value in updates:
         t.write(value)
     # back: rank q gets its piece of every layer I own (unchanged layers too: the owner alone

@@ -84,6 +84,8 @@ _ANY = ("regkernels.",)
 FORBIDDEN = {
     "regkernels._numerics": _ANY,
     "regkernels._dtypes": _ANY,
+    # the sharded-weight helpers (collectives, gathers) sit below every op family
+    "regkernels.distributed": _ANY,
     "regkernels.reference": ("regkernels.ops", "regkernels.composite", "regkernels.triton", "regkernels._C_ops",
                              "regkernels.nn", "regkernels.optim", "regkernels.bench", "regkernels._ext"),
     "regkernels._geometry": ("regkernels.ops", "regkernels.composite", "regkernels.triton", "regkernels._C_ops",
