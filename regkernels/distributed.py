@@ -125,6 +125,11 @@ class _Layout:
         """Elements of the padded per-rank slot: the largest piece."""
         return max(self.local_numel(q) for q in range(self.world))
 
+    def assemble(self, flat_pieces: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The full tensor from every rank's piece, flattened (``flat_pieces[q]``: rank q's
+        ``local_numel(q)`` elements)."""
+        return torch.cat([flat_pieces[q].view(self.local_shape(q)) for q in range(self.world)], dim=self.dim)
+
     def piece(self, full: torch.Tensor, q: int) -> torch.Tensor:
         """Rank q's piece of a full tensor."""
         return full.narrow(self.dim, self.offsets[q], self.lengths[q])
@@ -179,8 +184,7 @@ class _GatherBucket(torch.autograd.Function):
         fulls = []
         off = 0
         for lay, s in zip(layouts, slots):
-            parts = [out[q, off:off + lay.local_numel(q)].view(lay.local_shape(q)) for q in range(lay.world)]
-            fulls.append(torch.cat(parts, dim=lay.dim))
+            fulls.append(lay.assemble([out[q, off:off + lay.local_numel(q)] for q in range(lay.world)]))
             off += s
         return tuple(fulls)
 
@@ -352,8 +356,7 @@ def _owners(costs: list[float], world: int) -> list[int]:
     return owner
 
 
-def _exchange(group, world: int, send: list[list[torch.Tensor]], recv_numels: list[int],
-              like: torch.Tensor) -> list[torch.Tensor]:
+def _exchange(group, send: list[list[torch.Tensor]], recv_numels: list[int], like: torch.Tensor) -> list[torch.Tensor]:
     """One all_to_all_single: ``send[q]`` (flattened, concatenated) goes to rank q; returns what
     each rank q sent here (``recv_numels[q]`` elements), as flat tensors."""
     import torch.distributed as dist
@@ -431,7 +434,7 @@ def _svb_mesh(members: list, run: Callable, operator: bool, input_size_of: Calla
     send = [[t.weight.to_local() for (t, _), o in zip(members, owner) if o == q] for q in range(world)]
     mine = [i for i, o in enumerate(owner) if o == rank]
     recv = [sum(members[i][1].local_numel(q) for i in mine) for q in range(world)]
-    got = _exchange(group, world, send, recv, like)
+    got = _exchange(group, send, recv, like)
     fulls: dict[int, torch.Tensor] = {}
     offs = [0] * world
     for i in mine:
@@ -439,9 +442,9 @@ def _svb_mesh(members: list, run: Callable, operator: bool, input_size_of: Calla
         parts = []
         for q in range(world):
             n = lay.local_numel(q)
-            parts.append(got[q][offs[q]:offs[q] + n].view(lay.local_shape(q)))
+            parts.append(got[q][offs[q]:offs[q] + n])
             offs[q] += n
-        fulls[i] = torch.cat(parts, dim=lay.dim)
+        fulls[i] = lay.assemble(parts)
     new: dict[int, torch.Tensor] = dict(fulls)
 
     def keep(i: int) -> Callable:
@@ -454,7 +457,7 @@ def _svb_mesh(members: list, run: Callable, operator: bool, input_size_of: Calla
     # knows which changed, and a second message to say so would cost a collective)
     back = [[members[i][1].piece(new[i], q) for i in mine] for q in range(world)]
     recv_back = [sum(members[i][1].local_numel(rank) for i, o in enumerate(owner) if o == q) for q in range(world)]
-    got_back = _exchange(group, world, back, recv_back, like)
+    got_back = _exchange(group, back, recv_back, like)
     offs = [0] * world
     for i, ((t, lay), o) in enumerate(zip(members, owner)):
         n = lay.local_numel(rank)

@@ -266,9 +266,11 @@ class Regularizer:
                 side = _ref_gram.gram_side(self.kind, w.shape[0], math.prod(w.shape[1:]), self.kw.get("side", "auto"))
                 lay = _dist.gram_route(w, side) if g == 1 else None
                 if lay is not None:
-                    M = _float32_if_half(w.to_local()).reshape(w.to_local().shape[0], -1)
-                    routed.setdefault(id(lay.group), []).append((i, M.mT @ M if side == "cols" else M @ M.mT, lay))
-        rest = [i for i in range(len(weights)) if all(i != j for r in routed.values() for j, _, _ in r)]
+                    local = _float32_if_half(w.to_local())
+                    partial = _ref_gram.gram(local.reshape(local.shape[0], -1), side)
+                    routed.setdefault(id(lay.group), []).append((i, partial, lay))
+        on_route = {i for parts in routed.values() for i, _, _ in parts}
+        rest = [i for i in range(len(weights)) if i not in on_route]
         if rest:
             for i, v in zip(rest, self._values(_dist.gather([weights[i] for i in rest]), rest)):
                 out[i] = v
