@@ -658,3 +658,104 @@ def test_plot_draws_the_speedups(monkeypatch, tmp_path):
     mpl.use.assert_called_with("Agg")
     fig.savefig.assert_called_once_with(str(tmp_path / "s.png"), dpi=120)
     assert ax.barh.call_count == 2 and ax.set_xscale.call_args.args == ("log",)
+
+
+def test_markdown_of_several_files_selects_rows_and_links_each_run(tmp_path, capsys):
+    old = {"machine": {"cpu": "Old CPU", "device": "cpu", "torch_threads": 2}, "versions": {"torch": "2.x"},
+           "timestamp": "2025-01-01T00:00:00+00:00",
+           # a file of the runner before issue 18: no pass, dtype, git or spread
+           "results": [{"op": "beta_lasso", "case": "model-10M", "provider": "eager", "median_ms": 35.0},
+                       {"op": "beta_lasso", "case": "model-10M", "provider": "regkernels", "median_ms": 5.0,
+                        "speedup_vs_eager": 7.0, "GBps": 25.7, "pct_inplace_add_bandwidth": 90.2}]}
+    a, b = tmp_path / "new.json", tmp_path / "old.json"
+    a.write_text(json.dumps(_doc()))
+    b.write_text(json.dumps(old))
+    assert R.main(["--markdown", str(a), str(b), "--op", "frame_penalty", "--op", "beta_lasso"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == ("| op | case | eager ms | compile ms | regkernels ms | vs eager | vs compile | regkernels rate "
+                        "| run |")
+    assert lines[2] == f"| `frame_penalty` | 64x576 | 2.00 † | 1.50 | 1.00 | 2.00× | 1.50× |  | [new]({a}) |"
+    assert lines[3] == f"| `beta_lasso` | model-10M | 35.0 |  | 5.00 | 7.00× | — | 25.7 GB/s, 90 % of add_ | [old]({b}) |"
+    assert len([ln for ln in lines if ln.startswith("| `")]) == 2  # conv_frame_penalty left out
+    assert any(ln.startswith(f"[old]({b}): Old CPU") and "commit not recorded" in ln for ln in lines)
+    assert R.main(["--markdown", str(a), "--case", "64x*", "--pass", "both"]) == 0
+    assert "conv_frame_penalty" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no row of .* matches"):
+        R.main(["--markdown", str(b), "--op", "svb_"])
+    with pytest.raises(SystemExit, match="--tag does not apply to --markdown FILE"):
+        R.main(["--markdown", str(b), "--tag", "issue=16"])
+
+
+def test_readme_benchmark_tables_are_the_markdown_of_the_committed_runs():
+    """README.md's benchmark tables are `--markdown` output of the JSON in benchmarks/results, not
+    typed by hand: regenerating every marked table changes nothing."""
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    text = (root / "README.md").read_text()
+    regenerated, count = R.update_readme(text, str(root))
+    assert count >= 6
+    assert regenerated == text, ("README.md's benchmark tables differ from their results files: run "
+                                 "`python -m regkernels.bench --update-readme README.md`")
+
+
+def test_update_readme_fills_each_marked_table_and_refuses_other_commands(tmp_path):
+    (tmp_path / "r.json").write_text(json.dumps(_doc()))
+    text = ("intro\n<!-- bench-table: --markdown r.json --op frame_penalty -->\n<!-- bench-table:end -->\nmiddle\n"
+            "<!-- bench-table: --markdown r.json --case 64x64* -->\nstale\n<!-- bench-table:end -->\nend\n")
+    out, n = R.update_readme(text, str(tmp_path))
+    assert n == 2 and out.startswith("intro\n") and "\nmiddle\n" in out and out.endswith("<!-- bench-table:end -->\nend\n")
+    first, second = out.split("middle")
+    assert "`frame_penalty`" in first and "conv_frame_penalty" not in first
+    assert "`conv_frame_penalty`" in second and "stale" not in second
+    assert R.update_readme(out, str(tmp_path)) == (out, 2)  # idempotent
+    with pytest.raises(SystemExit, match="must start with --markdown FILE.json"):
+        R.update_readme("<!-- bench-table: --quick -->\n<!-- bench-table:end -->", str(tmp_path))
+
+
+def test_other_cpu_cores_from_proc_stat_samples():
+    # (wall s, machine busy CPU-s, this process's CPU-s)
+    assert R.other_cpu_cores((0.0, 100.0, 10.0), (2.0, 104.0, 12.0)) == 1.0  # 4 busy, 2 ours, over 2 s
+    assert R.other_cpu_cores((0.0, 100.0, 10.0), (2.0, 102.0, 12.1)) == 0.0  # tick rounding: never < 0
+    assert R.other_cpu_cores((0.0, 100.0, 10.0), (0.1, 101.0, 10.0)) is None  # window under LOAD_MIN_WINDOW_S
+    assert R.other_cpu_cores(None, (2.0, 104.0, 12.0)) is None
+    assert R.load_is_noisy(0.5, cpu_count=2, threads=2) and not R.load_is_noisy(0.2, cpu_count=2, threads=2)
+    assert not R.load_is_noisy(1.0, cpu_count=16, threads=2)  # 14 idle cores: another core's work competes not
+    assert not R.load_is_noisy(None)
+    sample = R.cpu_sample()
+    if sample is not None:  # Linux
+        assert sample[1] > 0 and sample[2] > 0
+
+
+@pytest.mark.skipif(R.cpu_sample() is None, reason="needs /proc/stat (Linux)")
+def test_steady_load_marks_rows_noisy_though_their_spread_is_small(monkeypatch):
+    """A busy loop in another process while a case is timed: the rows say noisy for 'load' with
+    the cores it took. The timer is a fake with steady times (so the spread alone would pass),
+    and calls work for 0.3 s in all, the window /proc/stat needs."""
+    import subprocess
+    import sys
+    import time
+
+    class Timer:
+        cuda = False
+
+        def __call__(self, fn):
+            end = time.perf_counter() + 0.02
+            while time.perf_counter() < end:
+                pass
+            return 1.0
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: __import__("os").cpu_count())  # no idle cores
+    case = C.Case(op="tiny_op", name="loaded", setup=lambda device: C.Prepared(providers={"eager": lambda: None}))
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.2)
+        lines: list[str] = []
+        rows = R.run_case(case, torch.device("cpu"), CEIL, quick=True, log=lines.append, timer=Timer(), rounds=20)
+    finally:
+        spin.kill()
+        spin.wait()
+    row = rows[0]
+    assert row["iqr_rel"] == 0 and row["other_cpu_cores"] > 0.5
+    assert row["noisy"] is True and row["noisy_reasons"] == ["load"]
+    assert any("other processes used" in line and "rerun" in line for line in lines)

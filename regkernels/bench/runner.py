@@ -35,8 +35,9 @@ lines sent to /dev/null. On a terminal, stderr carries a progress line, ``[i/N] 
 provider`` with the time spent and an ETA, rewritten in place; piped or redirected, nothing of
 it. Per row the JSON holds the ``pass``, ``dtype``, the case's ``params`` (its shape as a dict),
 and the spread of its times: ``iqr_ms`` / ``iqr_rel`` next to median, p20 / p80, min / max. A
-row whose IQR exceeds ``NOISY_IQR_REL`` of its median gets ``"noisy": true`` and a printed
-warning. The document also holds the machine (CPU model and flags, threads, torch's build and
+row whose IQR exceeds ``NOISY_IQR_REL`` of its median, or during whose timing other processes
+used more CPU than the run leaves idle (``other_cpu_cores``: a steady load slows every call alike
+and leaves the spread small), gets ``"noisy": true``, its ``noisy_reasons`` and a printed warning. The document also holds the machine (CPU model and flags, threads, torch's build and
 CPU capability, the GPU), the git commit and whether the tree had uncommitted changes.
 
 Ctrl-C stops the run and keeps what it measured: the finished cases go to ``--json`` with
@@ -53,10 +54,13 @@ import argparse
 import contextlib
 import datetime as _dt
 import fnmatch
+import io
 import json
 import logging
 import os
 import platform
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -445,6 +449,55 @@ def spread(times: list[float]) -> dict:
             "noisy": len(times) >= NOISY_MIN_REPS and rel > NOISY_IQR_REL}
 
 
+# a row's timings are also "noisy" when other work took CPU time while they were taken: a steady
+# load (a build beside the run) slows every call alike, so the spread stays small while the medians
+# grow (the eager β-LASSO step once took 1,512 ms under such a load against 25.8 ms on a quiet
+# machine, with an IQR of a few percent). ``other_cpu_cores`` is the mean number of cores that
+# something other than this process used during the row's timing window (``cpu_sample``: the
+# machine's busy time from /proc/stat, hypervisor steal included, minus this process's CPU time);
+# the row is noisy when that exceeds LOAD_OTHER_CORES plus the cores this run leaves idle
+# (``cpu_count - torch threads``), over a window of at least LOAD_MIN_WINDOW_S (the kernel counts
+# CPU time in 10 ms ticks, too coarse for shorter ones). Linux only; elsewhere the field is None.
+LOAD_OTHER_CORES = 0.25
+LOAD_MIN_WINDOW_S = 0.25
+
+
+def cpu_sample() -> tuple[float, float, float] | None:
+    """(monotonic wall s, the machine's busy CPU-seconds so far, this process's CPU-seconds so
+    far), or None where /proc/stat is missing. Busy = user + nice + system + irq + softirq +
+    steal of the aggregate ``cpu`` line (guest time is inside user already)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        if fields[0] != "cpu":
+            return None
+        ticks = [int(x) for x in fields[1:9]]  # user nice system idle iowait irq softirq steal
+        hz = os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+    busy = (sum(ticks) - ticks[3] - ticks[4]) / hz
+    return time.monotonic(), busy, time.process_time()
+
+
+def other_cpu_cores(start, end) -> float | None:
+    """The mean number of cores busy with anything but this process between two ``cpu_sample``s,
+    or None when either is missing or the window is shorter than LOAD_MIN_WINDOW_S."""
+    if start is None or end is None or end[0] - start[0] < LOAD_MIN_WINDOW_S:
+        return None
+    other = (end[1] - start[1]) - (end[2] - start[2])
+    return round(max(0.0, other) / (end[0] - start[0]), 2)
+
+
+def load_is_noisy(other_cores: float | None, cpu_count: int | None = None, threads: int | None = None) -> bool:
+    """Whether ``other_cores`` of other work competed with this run: over LOAD_OTHER_CORES beyond
+    the cores the run leaves idle (``cpu_count`` minus torch's ``threads``)."""
+    if other_cores is None:
+        return False
+    cpu_count = cpu_count or os.cpu_count() or 1
+    threads = threads or torch.get_num_threads()
+    return other_cores > LOAD_OTHER_CORES + max(0, cpu_count - threads)
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -491,9 +544,8 @@ def run_case(case: Case, device: torch.device, ceilings: dict, quick: bool, log:
             log(f"  {case.op:28s} {case.name:28s} {name:4s} {row['provider']:10s} "
                 + (f"{row['median_ms']:10.3f} ms" if "median_ms" in row else f"error: {row.get('error')}"))
             if row.get("noisy"):
-                log(f"  noisy: {case.op} {case.name} {name} {row['provider']}: the IQR of its times, "
-                    f"{row['iqr_ms']:.3g} ms, is {100 * row['iqr_rel']:.0f} % of the median {row['median_ms']:.3g} ms "
-                    f"(over {100 * NOISY_IQR_REL:.0f} %): the machine was busy; rerun before trusting its ratios")
+                log(f"  noisy: {case.op} {case.name} {name} {row['provider']}: {_noise_text(row)}: "
+                    "the machine was busy; rerun before trusting its ratios")
         _add_ratios(rows)
         note = part.note or prep.note
         if note:
@@ -501,6 +553,19 @@ def run_case(case: Case, device: torch.device, ceilings: dict, quick: bool, log:
                 r["note"] = note
         out_rows += rows
     return out_rows
+
+
+def _noise_text(row: dict) -> str:
+    """Why ``row`` is noisy, in words (``noisy_reasons``)."""
+    parts = []
+    if "spread" in row.get("noisy_reasons", ["spread"]):
+        parts.append(f"the IQR of its times, {row['iqr_ms']:.3g} ms, is {100 * row['iqr_rel']:.0f} % of the median "
+                     f"{row['median_ms']:.3g} ms (over {100 * NOISY_IQR_REL:.0f} %)")
+    if "load" in row.get("noisy_reasons", []):
+        parts.append(f"other processes used {row['other_cpu_cores']} cores while it was timed (over "
+                     f"{LOAD_OTHER_CORES} beyond the {max(0, (os.cpu_count() or 1) - torch.get_num_threads())} "
+                     "this run leaves idle)")
+    return "; ".join(parts)
 
 
 def _run_pass(case: Case, prep: Prepared, pass_name: str, base: dict, device: torch.device, ceilings: dict,
@@ -535,16 +600,24 @@ def _run_pass(case: Case, prep: Prepared, pass_name: str, base: dict, device: to
         reps = dict(min_reps=5 if quick else 10, max_reps=30 if quick else 200,
                     budget_s=len(ready) * (1.0 if quick else 4.0))
     status(f"{pass_name} timing {', '.join(ready)}")
+    before = cpu_sample()
     try:
         times = time_interleaved(ready, timer, **reps)
     except Exception as exc:
         times = {}
         for provider in ready:
             rows[provider]["error"] = _error_text(exc)
+    other = other_cpu_cores(before, cpu_sample())
     for provider, ts in times.items():
         row = rows[provider]
         status(f"{pass_name} memory {provider}")
-        row.update(spread(ts), peak_mem_bytes=peak_memory(ready[provider], device))
+        row.update(spread(ts), other_cpu_cores=other, peak_mem_bytes=peak_memory(ready[provider], device))
+        reasons = ["spread"] if row["noisy"] else []
+        if load_is_noisy(other):
+            reasons.append("load")
+        row["noisy"] = bool(reasons)
+        if reasons:
+            row["noisy_reasons"] = reasons
         if device.type == "cpu":
             row["peak_rss_bytes"] = peak_rss_growth(ready[provider])
         sec = row["median_ms"] * 1e-3
@@ -752,14 +825,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", choices=("cpu", "cuda"), default=None,
                     help="default: cuda when available, else cpu")
     ap.add_argument("--json", metavar="PATH", help="write the results JSON here")
-    ap.add_argument("--markdown", nargs="?", const="", metavar="JSON",
-                    help="print the results as a markdown table: with JSON, of that results file, without running "
-                         "anything; alone, of this run (after the plain table)")
+    ap.add_argument("--markdown", nargs="*", default=None, metavar="JSON",
+                    help="print the results as a markdown table: with JSON files, of their rows (those --op, --case, "
+                         "--pass, --dtype select; several files add a run column), without running anything: the "
+                         "README's benchmark tables are this output; alone, of this run (after the plain table)")
     ap.add_argument("--plot", metavar="PNG",
                     help="draw regkernels' speedups vs eager and vs compile per op and case to this PNG (needs "
                          "matplotlib); of --markdown's JSON when given, else of this run")
     ap.add_argument("--threads", type=int, default=None, metavar="N",
                     help="torch.set_num_threads(N) first (default: torch's; the JSON records the count)")
+    ap.add_argument("--update-readme", metavar="README",
+                    help="regenerate the benchmark tables of this README in place (each between a "
+                         "'<!-- bench-table: --markdown FILE.json ... -->' marker and '<!-- bench-table:end -->' is "
+                         "that --markdown output) and exit")
     ap.add_argument("--list", action="store_true", help="list the cases and exit")
     ap.add_argument("--support-matrix", action="store_true",
                     help="print the README's support matrix (markdown, from the backend tables) and exit")
@@ -769,18 +847,38 @@ def main(argv: list[str] | None = None) -> int:
 
         print(support_matrix())
         return 0
+    if args.update_readme:
+        with open(args.update_readme) as f:
+            text, n = update_readme(f.read(), os.path.dirname(os.path.abspath(args.update_readme)))
+        with open(args.update_readme, "w") as f:
+            f.write(text)
+        print(f"regenerated {n} benchmark tables in {args.update_readme}")
+        return 0
     if args.plot:
         _pyplot()  # fail before a run, not after it
-    if args.markdown:  # a results file: render it, run nothing
-        try:
-            with open(args.markdown) as f:
-                doc = json.load(f)
-        except (OSError, ValueError) as exc:
-            raise SystemExit(f"regkernels.bench: --markdown cannot read {args.markdown}: {exc}; give a JSON that "
-                             "--json wrote, or --markdown alone to render this run") from None
-        print(render_markdown(doc))
+    if args.markdown:  # results files: render them, run nothing
+        docs = []
+        for path in args.markdown:
+            try:
+                with open(path) as f:
+                    docs.append((path, json.load(f)))
+            except (OSError, ValueError) as exc:
+                raise SystemExit(f"regkernels.bench: --markdown cannot read {path}: {exc}; give JSON files that "
+                                 "--json wrote, or --markdown alone to render this run") from None
+        if args.tag:
+            raise SystemExit("regkernels.bench: --tag does not apply to --markdown FILE (results files do not "
+                             "record tags); select rows with --op, --case, --pass or --dtype")
+        table = render_markdown(docs, ops=args.op, names=args.case, passes=args.passes, dtypes=args.dtype)
+        if table.count("\n|") < 2:
+            raise SystemExit(f"regkernels.bench: --markdown: no row of {', '.join(args.markdown)} matches the "
+                             "--op / --case / --pass / --dtype given")
+        print(table)
         if args.plot:
-            plot(doc, args.plot)
+            # the rows of the table, under the first file's machine
+            plot({"results": [r for _, d in docs for r in select_rows(d.get("results", []), args.op, args.case,
+                                                                       args.passes, args.dtype)],
+                  "machine": docs[0][1].get("machine", {}), "partial": any(d.get("partial") for _, d in docs)},
+                 args.plot)
             print(f"wrote {args.plot}")
         return 0
 
@@ -807,7 +905,7 @@ def main(argv: list[str] | None = None) -> int:
 
         doc, interrupted = _run(args, argv, cases, device, log, progress)
     _print_summary(doc["results"])
-    if args.markdown == "":
+    if args.markdown == []:
         print()
         print(render_markdown(doc))
     if args.json:
@@ -868,7 +966,10 @@ def _run(args: argparse.Namespace, argv: list[str] | None, cases: list[Case], de
                   rounds="round-robin, one call of each provider per round; median, p20, p80, min, max"
                          + (f"; exactly {args.rounds} rounds (--rounds)" if args.rounds is not None else ""),
                   spread=f"iqr_ms = p75 - p25 of the row's times, iqr_rel = iqr_ms / median_ms; noisy: at least "
-                         f"{NOISY_MIN_REPS} reps and iqr_rel > {NOISY_IQR_REL}",
+                         f"{NOISY_MIN_REPS} reps and iqr_rel > {NOISY_IQR_REL} (noisy_reasons 'spread'), or "
+                         f"other_cpu_cores (the mean cores other processes used, hypervisor steal included, while "
+                         f"the pass was timed; Linux /proc/stat, windows >= {LOAD_MIN_WINDOW_S} s) over "
+                         f"{LOAD_OTHER_CORES} beyond cpu_count - torch_threads (noisy_reasons 'load')",
                   passes="both: the whole call; fwd: the forward alone; bwd: the backward alone (its forward "
                          "runs before each call, untimed)")
     doc = {"machine": machine, "versions": versions(), "git": git, "ceilings": ceilings, "timing": timing,
@@ -944,34 +1045,121 @@ def _ms_cell(r: dict | None) -> str:
     return text + (" †" if r.get("noisy") else "")
 
 
-def render_markdown(doc: dict) -> str:
-    """The results as the README's table: op, case (and pass where a case has several), each
-    provider's median ms, regkernels' speedups vs eager and vs compile; † marks a noisy row."""
-    groups = _groups(doc.get("results", []))
+def select_rows(results: list[dict], ops: list[str] | None = None, names: list[str] | None = None,
+                passes: list[str] | None = None, dtypes: list[str] | None = None) -> list[dict]:
+    """The rows of a results file that ``--op`` / ``--case`` (fnmatch) / ``--pass`` / ``--dtype``
+    select (``--markdown JSON``): a row without a ``pass`` or ``dtype`` (files written before the
+    runner recorded them) is a whole call ("both") in float32, as every case then was."""
+    def keep(r: dict) -> bool:
+        return ((not ops or r["op"] in ops) and (not names or any(fnmatch.fnmatchcase(r["case"], n) for n in names))
+                and (not passes or r.get("pass", "both") in passes)
+                and (not dtypes or r.get("dtype", "float32") in dtypes))
+
+    return [r for r in results if keep(r)]
+
+
+def _rate_cell(k: dict) -> str:
+    """regkernels' rate against the run's ceiling: GB/s and % of the in-place add_ (or copy)
+    bandwidth, or GFLOP/s and % of the fp32 matmul rate; empty where the case declares neither."""
+    if "GBps" in k:
+        pct, of = (k["pct_inplace_add_bandwidth"], "add_") if "pct_inplace_add_bandwidth" in k else (
+            k.get("pct_copy_bandwidth"), "copy")
+        return f"{k['GBps']:.3g} GB/s, {pct:.0f} % of {of}" if pct is not None else f"{k['GBps']:.3g} GB/s"
+    if "GFLOPs" in k:
+        pct = k.get("pct_matmul_fp32")
+        return f"{k['GFLOPs']:.3g} GFLOP/s, {pct:.0f} % of matmul" if pct is not None else f"{k['GFLOPs']:.3g} GFLOP/s"
+    return ""
+
+
+def _run_link(path: str) -> str:
+    """A results file as a markdown link named by its file name without ``.json``."""
+    return f"[{os.path.basename(path).removesuffix('.json')}]({path})"
+
+
+def _run_line(doc: dict) -> str:
+    machine, git = doc.get("machine", {}), doc.get("git") or {}
+    commit = git.get("commit")
+    return (f"{machine.get('cpu') or 'unknown CPU'}, {machine.get('torch_threads', '?')} threads, device "
+            f"{machine.get('device', '?')}, torch {doc.get('versions', {}).get('torch', '?')}, commit "
+            f"{commit[:12] if commit else 'not recorded'}{' (uncommitted changes)' if git.get('dirty') else ''}, "
+            f"{doc.get('timestamp', '')}")
+
+
+def render_markdown(docs: dict | list[tuple[str, dict]], *, ops: list[str] | None = None,
+                    names: list[str] | None = None, passes: list[str] | None = None,
+                    dtypes: list[str] | None = None) -> str:
+    """Results as a markdown table (the README's benchmark tables are this function's output,
+    ``--markdown FILE.json ...``): op, case (and pass where a case has several), each provider's
+    median ms, regkernels' speedups vs eager and vs compile, its rate against the run's ceilings
+    where the case declares bytes or flops, and with several files the run each row comes from;
+    † marks a noisy row. ``docs``: one results document, or (path, document) pairs; the rows are
+    those ``select_rows`` keeps, in the files' order."""
+    sources = [("", docs)] if isinstance(docs, dict) else list(docs)
+    groups: dict[tuple[int, str, str, str], dict[str, dict]] = {}
+    for i, (_, doc) in enumerate(sources):
+        for (op, name, pass_name), by in _groups(select_rows(doc.get("results", []), ops, names, passes,
+                                                             dtypes)).items():
+            groups[(i, op, name, pass_name)] = by
     extra = [p for by in groups.values() for p in by if p not in PROVIDERS]
     providers = list(PROVIDERS) + list(dict.fromkeys(extra))
-    passes_of: dict[tuple[str, str], set] = {}
-    for op, name, pass_name in groups:
-        passes_of.setdefault((op, name), set()).add(pass_name)
+    passes_of: dict[tuple[int, str, str], set] = {}
+    for i, op, name, pass_name in groups:
+        passes_of.setdefault((i, op, name), set()).add(pass_name)
     show_pass = any(len(p) > 1 for p in passes_of.values())
-    head = ["op", "case"] + (["pass"] if show_pass else []) + [f"{p} ms" for p in providers] + ["vs eager", "vs compile"]
+    show_rate = any(_rate_cell(by.get("regkernels", {})) for by in groups.values())
+    show_run = len(sources) > 1
+    head = (["op", "case"] + (["pass"] if show_pass else []) + [f"{p} ms" for p in providers]
+            + ["vs eager", "vs compile"] + (["regkernels rate"] if show_rate else []) + (["run"] if show_run else []))
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    for (op, name, pass_name), by in groups.items():
+    for (i, op, name, pass_name), by in groups.items():
         k = by.get("regkernels", {})
         ratios = [f"{k[key]:.2f}×" if key in k else "—" for key in ("speedup_vs_eager", "speedup_vs_compile")]
-        cells = [f"`{op}`", name] + ([pass_name] if show_pass else []) + [_ms_cell(by.get(p)) for p in providers]
-        lines.append("| " + " | ".join(cells + ratios) + " |")
-    machine, git = doc.get("machine", {}), doc.get("git") or {}
-    notes = [f"{machine.get('cpu') or 'unknown CPU'}, {machine.get('torch_threads', '?')} threads, device "
-             f"{machine.get('device', '?')}, torch {doc.get('versions', {}).get('torch', '?')}, commit "
-             f"{(git.get('commit') or 'unknown')[:12]}{' (uncommitted changes)' if git.get('dirty') else ''}, "
-             f"{doc.get('timestamp', '')}."]
-    if any(r.get("noisy") for r in doc.get("results", [])):
+        cells = ([f"`{op}`", name] + ([pass_name] if show_pass else []) + [_ms_cell(by.get(p)) for p in providers]
+                 + ratios + ([_rate_cell(k)] if show_rate else [])
+                 + ([_run_link(sources[i][0])] if show_run else []))
+        lines.append("| " + " | ".join(cells) + " |")
+    used = sorted({i for i, *_ in groups})
+    if show_run:
+        notes = [f"{_run_link(sources[i][0])}: {_run_line(sources[i][1])}." for i in used]
+    else:
+        notes = [_run_line(sources[0][1]) + "."]
+    rows = [r for by in groups.values() for r in by.values()]
+    if any(r.get("noisy") for r in rows):
         notes.append(f"† noisy: the interquartile range of the row's times is over {100 * NOISY_IQR_REL:.0f} % of "
-                     "its median (the machine was busy); its ratios are suspect.")
-    if doc.get("partial"):
-        notes.append(f"Partial run: interrupted during {doc.get('interrupted_at')}.")
-    return "\n".join(lines) + "\n\n" + "\n".join(notes)
+                     "its median, or other processes took CPU time while it was timed (the machine was busy); its "
+                     "ratios are suspect.")
+    for i in used:
+        if sources[i][1].get("partial"):
+            notes.append(f"Partial run{' ' + sources[i][0] if show_run else ''}: interrupted during "
+                         f"{sources[i][1].get('interrupted_at')}.")
+    return "\n".join(lines) + "\n\n" + "  \n".join(notes)
+
+
+# a README table generated by --markdown: the marker holds the arguments, the body is their output
+README_TABLE = re.compile(r"(<!-- bench-table: (?P<args>[^>]*?) -->\n)(?P<body>(?:(?!<!-- bench-table).)*?)"
+                          r"(<!-- bench-table:end -->)", re.S)
+
+
+def update_readme(text: str, root: str) -> tuple[str, int]:
+    """``text`` with every README benchmark table regenerated: between ``<!-- bench-table: ARGS -->``
+    and ``<!-- bench-table:end -->`` goes the output of ``python -m regkernels.bench ARGS`` (ARGS
+    start with ``--markdown FILE.json``; paths relative to ``root``, the README's directory).
+    Returns the text and the number of tables."""
+    count = 0
+
+    def table(m: re.Match) -> str:
+        nonlocal count
+        args = shlex.split(m.group("args"))
+        if not args or args[0] != "--markdown" or len(args) < 2 or args[1].startswith("-"):
+            raise SystemExit(f"regkernels.bench: a README bench-table marker must start with --markdown FILE.json; "
+                             f"got {m.group('args')!r}")
+        out = io.StringIO()
+        with contextlib.chdir(root), contextlib.redirect_stdout(out):
+            main(args)
+        count += 1
+        return m.group(1) + out.getvalue().rstrip("\n") + "\n" + m.group(4)
+
+    return README_TABLE.sub(table, text), count
 
 
 def speedup_series(doc: dict) -> tuple[list[str], dict[str, list[float | None]]]:
