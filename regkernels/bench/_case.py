@@ -13,7 +13,9 @@ A case also states what it is, for the results JSON and the runner's selectors: 
 ``passes``, the parts of a call it can time: ``("fwd",)`` for a forward-only op, ``("both",)``
 for forward + backward as one call, ``("both", "fwd", "bwd")`` where ``Prepared.passes`` also
 holds the forward and the backward alone. A backward alone is a ``Staged`` call: its forward
-runs untimed before each timed backward.
+runs untimed before each timed backward. ``split_prepared`` builds all three passes of a
+differentiable case from one forward per provider and one backward (``penalty_case`` and the
+family modules' own differentiable cases all use it).
 
 Each family module (``cases_<family>.py``) builds its literal ``CASES`` list; ``cases.all_cases``
 joins them.
@@ -25,10 +27,12 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-__all__ = ["Case", "Prepared", "Staged", "penalty_case", "max_rel_err", "compiled"]
+__all__ = ["Case", "Prepared", "Staged", "penalty_case", "split_prepared", "max_rel_err", "compiled"]
 
 # the passes a case may time (``Case.passes``); "both" is forward + backward in one call
 PASSES = ("fwd", "bwd", "both")
+# ``Case.passes`` of a case whose ``Prepared`` comes from ``split_prepared``
+SPLIT = ("both", "fwd", "bwd")
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,38 @@ def compiled(fn: Callable) -> Callable:
     return torch.compile(fn, dynamic=False)
 
 
+def split_prepared(forwards: dict[str, Callable[[], Any]], backward: Callable[[Any], Any],
+                   error_fwd: Callable[[Any], float | None] | None, error_bwd: Callable[[Any], float | None] | None,
+                   **prepared: Any) -> Prepared:
+    """``Prepared`` of a differentiable case, split (its ``Case.passes`` are ``SPLIT``).
+
+    ``forwards[provider]()`` runs one provider's forward with autograd recording, as in training,
+    and returns a state that keeps the graph alive (e.g. ``(leaf, out)``); ``backward(state)``
+    runs the backward and returns what the whole call returns (e.g. ``(value, grads)``). From
+    them, per provider:
+
+    - the whole call (``providers``, pass "both"): ``backward(forward())``, checked by ``error_bwd``;
+    - ``passes["fwd"]``: ``forward()``, its state returned (the runner holds it, graph and all,
+      until it has checked it), checked by ``error_fwd`` (the value only);
+    - ``passes["bwd"]``: ``Staged(forward, backward)``, the forward untimed before each timed
+      backward, checked by ``error_bwd`` (value and gradients).
+
+    A forward must leave no gradient from an earlier call where ``backward`` reads one: it
+    differentiates fresh leaves (``w.detach().requires_grad_(True)``), or it sets the ``.grad``
+    of the shared tensors it differentiates to None first (untimed in the "bwd" pass), so
+    repeated calls give the same gradients. An error function may return None (nothing to
+    compare, e.g. a model's own training step). ``prepared``: the whole call's other ``Prepared``
+    fields (``bytes_moved``, ``flops``, ``note``, ``reset``); the passes fall back to its note and
+    reset (the runner's rule).
+    """
+    return Prepared(
+        providers={p: (lambda f=f: backward(f())) for p, f in forwards.items()},
+        error=error_bwd,
+        passes={"fwd": Prepared(providers=dict(forwards), error=error_fwd),
+                "bwd": Prepared(providers={p: Staged(f, backward) for p, f in forwards.items()}, error=error_bwd)},
+        **prepared)
+
+
 def penalty_case(op: str, name: str, reference_fn: Callable, public_fn: Callable,
                  make_inputs: Callable[[torch.device, torch.dtype], tuple], *, grad: bool = True,
                  kwargs: dict | None = None, quick: bool = False, bytes_moved=None, flops=None,
@@ -117,42 +153,33 @@ def penalty_case(op: str, name: str, reference_fn: Callable, public_fn: Callable
         args = make_inputs(device, dtype)
         args64 = tuple(a.to(torch.float64) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
                        for a in args)
+        providers = {"eager": eager_fn or reference_fn,
+                     "compile": compile_factory() if compile_factory is not None else compiled(reference_fn),
+                     "regkernels": public_fn}
+        if not grad:
+            def call(fn, args=args):
+                with torch.no_grad():
+                    return fn(*args, **kw)
+
+            truth = call(reference_fn, args64)
+            return Prepared(providers={p: (lambda fn=fn: call(fn)) for p, fn in providers.items()},
+                            error=lambda out: max_rel_err(out, truth), bytes_moved=bytes_moved, flops=flops)
 
         def forward(fn, args=args):
-            if not grad:
-                with torch.no_grad():
-                    return None, fn(*args, **kw)
-            x = args[0].detach().requires_grad_(True)
-            return x, fn(x, *args[1:], **kw)
+            def run():  # a fresh leaf per call: no gradient carries over
+                x = args[0].detach().requires_grad_(True)
+                return x, fn(x, *args[1:], **kw)
+            return run
 
         def backward(state):
             x, out = state
             out.sum().backward()
             return out.detach(), x.grad
 
-        def runner(fn):
-            if not grad:
-                return lambda: forward(fn)[1]
-            return lambda: backward(forward(fn))
-
-        providers = {"eager": eager_fn or reference_fn,
-                     "compile": compile_factory() if compile_factory is not None else compiled(reference_fn),
-                     "regkernels": public_fn}
-        if not grad:
-            truth = forward(reference_fn, args64)[1]
-            return Prepared(providers={p: runner(fn) for p, fn in providers.items()},
-                            error=lambda out: max_rel_err(out, truth), bytes_moved=bytes_moved, flops=flops)
-        truth = backward(forward(reference_fn, args64))
-        passes = {
-            # the forward's output keeps its graph while the runner holds it, as in training
-            "fwd": Prepared(providers={p: (lambda fn=fn: forward(fn)[1]) for p, fn in providers.items()},
-                            error=lambda out: max_rel_err(out, truth[0])),
-            "bwd": Prepared(providers={p: Staged(lambda fn=fn: forward(fn), backward) for p, fn in providers.items()},
-                            error=lambda out: max_rel_err(out, truth)),
-        }
-        return Prepared(providers={p: runner(fn) for p, fn in providers.items()},
-                        error=lambda out: max_rel_err(out, truth), bytes_moved=bytes_moved, flops=flops,
-                        passes=passes)
+        truth = backward(forward(reference_fn, args64)())
+        return split_prepared({p: forward(fn) for p, fn in providers.items()}, backward,
+                              error_fwd=lambda state: max_rel_err(state[1], truth[0]),
+                              error_bwd=lambda out: max_rel_err(out, truth), bytes_moved=bytes_moved, flops=flops)
 
     return Case(op=op, name=name, setup=setup, quick=quick, params=dict(params or {}), dtype=dtype,
-                passes=("both", "fwd", "bwd") if grad else ("fwd",))
+                passes=SPLIT if grad else ("fwd",))

@@ -11,7 +11,8 @@ class statistics, regkernels/composite/conv.py: the path every later kernel is m
 Layers over the explicit path's size guard make eager and compile record ValueError, and the
 error is then measured against the composite implicit path in float64 (the tests check implicit
 = explicit in float64 on a sweep). ``conv_orthogonality_penalty`` runs forward + backward; the
-Sedghi ops forward only.
+Sedghi ops forward only. Every forward + backward case (per layer and whole model) also times the
+forward alone and the backward alone (passes ``fwd`` / ``bwd``, ``_case.split_prepared``).
 
 ``resnet18-cifar`` (both ``conv_frame_penalty`` and ``conv_orthogonality_penalty``): one call is
 forward + backward of ``regkernels.nn.Regularizer(model, kind)`` over every conv and the Linear of
@@ -20,7 +21,9 @@ setup. Providers: regkernels (default backends), torch (``backend="torch"``), ea
 (``backend="reference"``; for conv_frame the explicit reference refuses the model's large layers
 before running any) and ``model-step``, the model's own training forward + backward (batch 64,
 cross-entropy), so the runner reports every provider's time as a multiple of the model step
-(``x_model_step``) from the same run.
+(``x_model_step``) from the same run. Split into passes, the model step's forward is the model's
+training forward + the loss and its backward ``loss.backward()``, so ``x_model_step`` compares
+forward with forward and backward with backward.
 
 Cases tagged ``issue="16"`` are those of issue 16 ("Conv-operator regularizers at model
 scale"): ``python -m regkernels.bench --device cpu --tag issue=16`` runs exactly them. All
@@ -36,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from regkernels.bench._case import Case, Prepared, compiled, max_rel_err, penalty_case
+from regkernels.bench._case import SPLIT, Case, Prepared, compiled, max_rel_err, penalty_case, split_prepared
 from regkernels.ops import conv as C
 from regkernels.nn import Regularizer
 from regkernels.reference import conv as R
@@ -104,9 +107,10 @@ def _matrix_case(name: str, quick: bool = False) -> Case:
 
 def _frame_case(name: str, quick: bool = False, tags: dict | None = None) -> Case:
     """(Not registered: the list below registers it.) conv_frame_penalty forward + backward w.r.t. the weight, padding 1 (``-circular``: circular
-    padding). Unlike ``penalty_case`` the float64 truth is computed lazily: for layers over the
-    explicit path's size guard the providers raise ValueError and the truth is the composite
-    implicit path's (backend "torch") in float64."""
+    padding), and the forward and the backward alone (``split_prepared``). Unlike ``penalty_case``
+    the float64 truth is computed lazily: for layers over the explicit path's size guard the
+    providers raise ValueError and the truth is the composite implicit path's (backend "torch")
+    in float64."""
     shape, size = _parse(name)
     mode = "circular" if name.endswith("-circular") else "zeros"
     kw = dict(FRAME_KW, padding_mode=mode)
@@ -115,32 +119,40 @@ def _frame_case(name: str, quick: bool = False, tags: dict | None = None) -> Cas
         w = _weight(shape, device, torch.float32)
         truth: list = []
 
-        def run(fn: Callable, weight: torch.Tensor, **extra):
-            x = weight.detach().requires_grad_(True)
-            out = fn(x, size, **kw, **extra)
+        def forward(fn: Callable, weight: torch.Tensor, **extra) -> Callable:
+            def run():  # a fresh leaf per call: no gradient carries over
+                x = weight.detach().requires_grad_(True)
+                return x, fn(x, size, **kw, **extra)
+            return run
+
+        def backward(state):
+            x, out = state
             out.backward()
             return out.detach(), x.grad
 
-        def error(out) -> float:
+        def truth64():
             if not truth:
                 try:
-                    truth.append(run(R.conv_frame_penalty, w.double()))
+                    truth.append(backward(forward(R.conv_frame_penalty, w.double())()))
                 except ValueError:  # over the explicit path's size guard
-                    truth.append(run(C.conv_frame_penalty, w.double(), backend="torch"))
-            return max_rel_err(out, truth[0])
+                    truth.append(backward(forward(C.conv_frame_penalty, w.double(), backend="torch")()))
+            return truth[0]
 
         comp = compiled(R.conv_frame_penalty)
         _, explicit_bytes = R.frame_working_bytes(w, size, 1, 1, 1, 1, "auto")
         note = "" if explicit_bytes <= R.MAX_DENSE_BYTES else (
             f"the explicit path needs {explicit_bytes / 2**30:.1f} GiB (over its guard); max_rel_err is against the "
             "implicit composite path (backend 'torch') in float64")
-        return Prepared(providers={"eager": lambda: run(R.conv_frame_penalty, w), "compile": lambda: run(comp, w),
-                                   "regkernels": lambda: run(C.conv_frame_penalty, w),
-                                   "torch": lambda: run(C.conv_frame_penalty, w, backend="torch")},
-                        error=error, note=note)
+        return split_prepared({"eager": forward(R.conv_frame_penalty, w), "compile": forward(comp, w),
+                               "regkernels": forward(C.conv_frame_penalty, w),
+                               "torch": forward(C.conv_frame_penalty, w, backend="torch")},
+                              backward,
+                              error_fwd=lambda state: max_rel_err(state[1], truth64()[0]),
+                              error_bwd=lambda out: max_rel_err(out, truth64()),
+                              note=note)
 
     return Case(op="conv_frame_penalty", name=name, setup=setup, quick=quick, tags=dict(tags or {}),
-                params=_params(name) | {"padding": 1, "padding_mode": mode})
+                params=_params(name) | {"padding": 1, "padding_mode": mode}, passes=SPLIT)
 
 
 def _ocnn_case(name: str, quick: bool = False) -> Case:
@@ -269,53 +281,66 @@ def _resnet_setup(kind: str, width: int = 64, image: int = 32, batch: int = 64) 
         sizes = conv_input_sizes(model, image, device)
         weights = [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
-        def call(reg: Callable[[], torch.Tensor], ws: list[torch.Tensor]):
-            for w in ws:
-                w.grad = None
-            value = reg()
+        # state of a forward: (value, the weights whose gradients the call returns); the model
+        # step's is (loss, None): it computes something else, nothing to compare
+        def forward(reg: Callable[[], torch.Tensor], ws: list[torch.Tensor]) -> Callable:
+            def run():
+                for w in ws:  # the weights are shared by every call: no gradient carries over
+                    w.grad = None
+                return reg(), ws
+            return run
+
+        def backward(state):
+            value, ws = state
             value.backward()
-            return value.detach(), [w.grad for w in ws]
+            return None if ws is None else (value.detach(), [w.grad for w in ws])
 
         def provider(backend: str | None) -> Callable:
-            reg = _regularizer(model, kind, backend, sizes)
-            return lambda: call(reg, weights)
+            return forward(_regularizer(model, kind, backend, sizes), weights)
 
         g = torch.Generator().manual_seed(1)
         x = torch.randn(batch, 3, image, image, generator=g).to(device)
         y = torch.randint(0, 10, (batch,), generator=g).to(device)
 
-        def model_step() -> None:
+        def model_step():  # the training forward + loss; backward: loss.backward()
             model.train()
             for p in model.parameters():
                 p.grad = None
-            F.cross_entropy(model(x), y).backward()
+            return F.cross_entropy(model(x), y), None
 
         truth: list = []
 
-        def error(out) -> float | None:
-            if out is None:  # the model step: nothing to compare
-                return None
-            if not truth:  # float64 copy of the model, the composite (conv_frame) or the reference (ocnn)
+        def truth64():  # float64 copy of the model, the composite (conv_frame) or the reference (ocnn)
+            if not truth:
                 model64 = copy.deepcopy(model).double()
                 ws64 = [m.weight for m in model64.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-                truth.append(call(_regularizer(model64, kind, "torch" if kind == "conv_frame" else "reference",
-                                               sizes), ws64))
-            return max_rel_err(out, truth[0])
+                reg64 = _regularizer(model64, kind, "torch" if kind == "conv_frame" else "reference", sizes)
+                truth.append(backward(forward(reg64, ws64)()))
+            return truth[0]
 
-        providers: dict[str, Callable] = {"eager": provider("reference"), "regkernels": provider(None),
-                                          "torch": provider("torch"), "model-step": model_step}
+        def error_fwd(state) -> float | None:
+            value, ws = state
+            return None if ws is None else max_rel_err(value, truth64()[0])
+
+        def error_bwd(out) -> float | None:
+            return None if out is None else max_rel_err(out, truth64())  # None: the model step
+
+        forwards: dict[str, Callable] = {"eager": provider("reference"), "regkernels": provider(None),
+                                         "torch": provider("torch"), "model-step": model_step}
         refusal = _explicit_refusal(model, sizes) if kind == "conv_frame" else None
         if refusal is not None:
-            def refused():
+            def refused():  # in every pass: the forward raises
                 raise ValueError(refusal)
-            providers["eager"] = refused
+            forwards["eager"] = refused
         layers = len(weights)
         note = (f"Regularizer(kind={kind!r}) over {layers} layers (every conv and the Linear), forward + backward; "
                 "regkernels: default backends, torch: backend='torch'"
                 + (" (the Linear through penalty_multi's default: it has no 'torch' row)" if kind == "conv_frame" else "")
                 + f", eager: backend='reference'; model-step: the model's training forward + backward, batch {batch}, "
-                  f"{image}x{image}, cross-entropy; x_model_step = median / model-step median")
-        return Prepared(providers=providers, error=error, note=note)
+                  f"{image}x{image}, cross-entropy; x_model_step = median / model-step median"
+                + "; pass fwd: each forward alone (model-step: training forward + cross-entropy loss), pass bwd: "
+                  "each backward alone (model-step: loss.backward()), its forward untimed before each call")
+        return split_prepared(forwards, backward, error_fwd, error_bwd, note=note)
 
     return setup
 
@@ -324,7 +349,7 @@ def _resnet_case(op: str, kind: str, name: str = "resnet18-cifar", tags: dict | 
     """(Not registered: the list below registers it.) ``size``: ``_resnet_setup``'s width, image, batch."""
     dims = {"width": 64, "image": 32, "batch": 64} | size  # _resnet_setup's defaults
     return Case(op=op, name=name, setup=_resnet_setup(kind, **size), tags=dict(tags or {}),
-                params={"model": "cifar_resnet18", "kind": kind} | dims)
+                params={"model": "cifar_resnet18", "kind": kind} | dims, passes=SPLIT)
 
 
 ISSUE16 = {"issue": "16"}

@@ -4,7 +4,8 @@ Single-layer cases time forward + backward of one ``(m, n)`` weight per op at th
 shapes of real layers (conv weights as matrices: 64×576 is a 64-filter 3×3 conv over
 64 channels, …; 1024×1024 and 4096×1024 are MLP layers). The model cases time
 ``penalty_multi(kind="frame")`` over every conv / linear weight of ResNet-18 and
-ResNet-50 (shapes written out from the torchvision architectures).
+ResNet-50 (shapes written out from the torchvision architectures). Every case also times the
+forward alone and the backward alone (passes ``fwd`` / ``bwd``, ``_case.split_prepared``).
 
 Weights are seeded ``N(0, 1/n)`` so every row has norm ≈ 1, like an initialised layer.
 """
@@ -15,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from regkernels.bench._case import Case, Prepared, compiled, max_rel_err, penalty_case
+from regkernels.bench._case import SPLIT, Case, Prepared, compiled, max_rel_err, penalty_case, split_prepared
 from regkernels.ops import gram as G
 from regkernels.reference import gram as R
 
@@ -163,38 +164,43 @@ def _register_stacks() -> None:
 
 
 def _multi_case(name: str, shapes: list[tuple[int, ...]], quick: bool, groups: int = 1) -> Case:
-    """``penalty_multi(weights, "frame", A, B, groups)`` forward + backward over a whole model's weights."""
+    """(Not registered: the list below registers it.) ``penalty_multi(weights, "frame", A, B, groups)``
+    forward + backward over a whole model's weights (fresh leaves per call), and the forward and
+    the backward alone (``split_prepared``)."""
     kw = {"A": FRAME_A, "B": FRAME_B, "groups": groups}
 
-    def runner(fn: Callable, weights: list[torch.Tensor]) -> Callable:
-        def call():
+    def forward(fn: Callable, weights: list[torch.Tensor]) -> Callable:
+        def run():
             leaves = [w.detach().requires_grad_(True) for w in weights]
-            out = fn(leaves, "frame", **kw)
-            out.sum().backward()
-            return out.detach(), [w.grad for w in leaves]
-        return call
+            return leaves, fn(leaves, "frame", **kw)
+        return run
+
+    def backward(state):
+        leaves, out = state
+        out.sum().backward()
+        return out.detach(), [w.grad for w in leaves]
 
     def setup(device: torch.device) -> Prepared:
         weights = [_weight(s, device, torch.float32, SEED + i) for i, s in enumerate(shapes)]
-        truth = runner(R.penalty_multi, [w.to(torch.float64) for w in weights])()
-        return Prepared(
-            providers={
-                "eager": runner(R.penalty_multi, weights),
-                "compile": runner(compiled(R.penalty_multi), weights),
-                "regkernels": runner(G.penalty_multi, weights),
-            },
-            error=lambda out: max_rel_err(out, truth),
+        truth = backward(forward(R.penalty_multi, [w.to(torch.float64) for w in weights])())
+        return split_prepared(
+            {"eager": forward(R.penalty_multi, weights),
+             "compile": forward(compiled(R.penalty_multi), weights),
+             "regkernels": forward(G.penalty_multi, weights)},
+            backward,
+            error_fwd=lambda state: max_rel_err(state[1], truth[0]),
+            error_bwd=lambda out: max_rel_err(out, truth),
             flops=_multi_flops(shapes, groups),
             note=f"{len(shapes)} weights, kind=frame, A={FRAME_A}, B={FRAME_B}, groups={groups}",
         )
 
     params = {"model": name, "weights": len(shapes), "numel": sum(math.prod(s) for s in shapes), "groups": groups}
-    return register(Case(op="penalty_multi", name=name, setup=setup, quick=quick, params=params))
+    return Case(op="penalty_multi", name=name, setup=setup, quick=quick, params=params, passes=SPLIT)
 
 
 _register_single_layer()
 _register_stacks()
-_multi_case("resnet18", _resnet18_shapes(), quick=True)
+register(_multi_case("resnet18", _resnet18_shapes(), quick=True))
 # a depthwise conv (groups = channels): 1024 matrices of 1×9, the Regularizer's default path
-_multi_case("depthwise1024", [(1024, 1, 3, 3)], quick=True, groups=1024)
-_multi_case("resnet50", _resnet50_shapes(), quick=False)
+register(_multi_case("depthwise1024", [(1024, 1, 3, 3)], quick=True, groups=1024))
+register(_multi_case("resnet50", _resnet50_shapes(), quick=False))

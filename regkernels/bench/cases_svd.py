@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from regkernels.bench._case import Case, Prepared, compiled, max_rel_err, penalty_case
+from regkernels.bench._case import SPLIT, Case, Prepared, compiled, max_rel_err, penalty_case, split_prepared
 from regkernels.ops import jacobian as ops_jacobian
 from regkernels.ops import svd as ops_svd
 from regkernels.reference import jacobian as ref_jacobian
@@ -144,6 +144,10 @@ def _mlp(sizes: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> nn
 def _jacobian_case(sizes: tuple[int, ...], batch: int, quick: bool) -> Case:
     """Forward + backward of ``jacobian_penalty(model(x), x)`` (one projection, the training
     default) w.r.t. the model's parameters; returns ``(penalty, grad of the first weight)``.
+    Split (``split_prepared``): the forward is the model's forward and the penalty (its
+    vector-Jacobian product, recorded for double backward), the backward the penalty's gradient
+    w.r.t. the parameters (a double backward through the model); the model's gradients are
+    cleared in each forward.
 
     The error check replays the float32 projection vectors of the seeded generator in float64
     (float32 and float64 Gaussian draws of one seed differ), so it measures rounding only.
@@ -154,15 +158,17 @@ def _jacobian_case(sizes: tuple[int, ...], batch: int, quick: bool) -> Case:
         model = _mlp(sizes, device, torch.float32)
         x0 = _gaussian((batch, sizes[0]), device, torch.float32, seed=3) * sizes[0] ** 0.5
 
-        def runner(fn):
-            def call():
-                model.zero_grad(set_to_none=True)
+        def forward(fn):
+            def run():
+                model.zero_grad(set_to_none=True)  # the parameters are shared by every call
                 x = x0.clone().requires_grad_(True)
                 gen = torch.Generator(device).manual_seed(seed)
-                penalty = fn(model(x), x, generator=gen)
-                penalty.backward()
-                return penalty.detach(), model[0].weight.grad
-            return call
+                return fn(model(x), x, generator=gen)
+            return run
+
+        def backward(penalty):
+            penalty.backward()
+            return penalty.detach(), model[0].weight.grad
 
         model64 = _mlp(sizes, torch.device("cpu"), torch.float64)
         model64.load_state_dict({k: v.double().cpu() for k, v in model.state_dict().items()})
@@ -173,16 +179,18 @@ def _jacobian_case(sizes: tuple[int, ...], batch: int, quick: bool) -> Case:
         penalty64 = g.pow(2).sum() * (sizes[-1] / batch)
         penalty64.backward()
         truth = (penalty64.detach(), model64[0].weight.grad)
-        return Prepared(
-            providers={"eager": runner(ref_jacobian.jacobian_penalty),
-                       "compile": runner(compiled(ref_jacobian.jacobian_penalty)),
-                       "regkernels": runner(ops_jacobian.jacobian_penalty)},
-            error=lambda out: max_rel_err(out, truth),
+        return split_prepared(
+            {"eager": forward(ref_jacobian.jacobian_penalty),
+             "compile": forward(compiled(ref_jacobian.jacobian_penalty)),
+             "regkernels": forward(ops_jacobian.jacobian_penalty)},
+            backward,
+            error_fwd=lambda penalty: max_rel_err(penalty, truth[0]),
+            error_bwd=lambda out: max_rel_err(out, truth),
             note="n_proj=1, forward + backward to the parameters",
         )
 
     name = "mlp-" + "x".join(map(str, sizes)) + f"-b{batch}"
-    return register(Case(op="jacobian_penalty", name=name, setup=setup, quick=quick,
+    return register(Case(op="jacobian_penalty", name=name, setup=setup, quick=quick, passes=SPLIT,
                          params={"sizes": list(sizes), "batch": batch, "n_proj": 1}))
 
 
