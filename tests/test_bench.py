@@ -680,6 +680,16 @@ def test_markdown_of_several_files_selects_rows_and_links_each_run(tmp_path, cap
     assert any(ln.startswith(f"[old]({b}): Old CPU") and "commit not recorded" in ln for ln in lines)
     assert R.main(["--markdown", str(a), "--case", "64x*", "--pass", "both"]) == 0
     assert "conv_frame_penalty" in capsys.readouterr().out
+    # "both" is a case's whole call: a forward-only case's "fwd" rows, not a split case's
+    doc = _doc()
+    doc["results"] += [{"op": "batched_svd", "case": "8x8", "pass": "fwd", "provider": "regkernels", "median_ms": 3.0},
+                       {"op": "frame_penalty", "case": "64x576", "pass": "fwd", "provider": "regkernels",
+                        "median_ms": 0.5}]
+    a.write_text(json.dumps(doc))
+    assert R.main(["--markdown", str(a), "--pass", "both", "--op", "batched_svd", "--op", "frame_penalty"]) == 0
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| `")]
+    assert [r.split(" | ")[:2] for r in rows] == [["| `frame_penalty`", "64x576"], ["| `batched_svd`", "8x8"]]
+    assert "| 1.00 |" in rows[0]  # the whole call's row, not the forward's 0.5 ms
     with pytest.raises(SystemExit, match="no row of .* matches"):
         R.main(["--markdown", str(b), "--op", "svb_"])
     with pytest.raises(SystemExit, match="--tag does not apply to --markdown FILE"):
