@@ -2,8 +2,8 @@
 venv holding torch 2.13.0's CPU build, then the Quick start's setup twice. The installed torch
 must be kept (setup.sh never replaces it, and nothing it installs pulls a newer one), the
 extension must build against it, and the second run must rebuild nothing (ninja keeps the objects
-in build/objects). Takes ~3-4 min on 2 cores, most of it the first build; skipped where pip cannot
-install torch 2.13.0 (no registry and no local copy)."""
+in build/objects). Takes ~3-5 min on 2 cores, most of it the first build; skipped where pip has no
+local wheel of torch 2.13.0 (find-links) or cannot install its dependencies."""
 from __future__ import annotations
 
 import os
@@ -43,10 +43,16 @@ def test_setup_sh_keeps_an_older_torch_and_a_rerun_rebuilds_nothing(tmp_path):
     venv = tmp_path / "venv"
     assert _run([sys.executable, "-m", "venv", venv], timeout=120).returncode == 0
     py = venv / "bin" / "python"
-    res = _run([py, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", f"torch=={OLD_TORCH}"],
-               timeout=900)
+    # only a local copy of the wheel (pip's find-links): from PyPI, torch 2.13.0 for Linux is a CUDA
+    # build of several GB
+    probe = _run([py, "-m", "pip", "download", "--quiet", "--no-index", "--no-deps", "--only-binary", ":all:",
+                  "-d", tmp_path / "wheel", f"torch=={OLD_TORCH}"], timeout=600)
+    if probe.returncode != 0:
+        pytest.skip(f"no local wheel of torch {OLD_TORCH} for pip (find-links): {probe.stderr.strip().splitlines()[-1:]}")
+    res = _run([py, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                *(tmp_path / "wheel").glob("torch-*.whl")], timeout=900)
     if res.returncode != 0:
-        pytest.skip(f"pip cannot install torch {OLD_TORCH} here: {res.stderr.strip().splitlines()[-1:]}")
+        pytest.skip(f"pip cannot install torch {OLD_TORCH}'s dependencies here: {res.stderr.strip().splitlines()[-1:]}")
     before = _run([py, "-c", "import torch; print(torch.__version__)"], timeout=120).stdout.strip()
     assert before.startswith(OLD_TORCH)
     repo = tmp_path / "repo"
