@@ -1,8 +1,8 @@
 """Model-level regularizers for training loops (docs/nn.md#regularizer): ``Regularizer`` and ``SVBProjector``.
 
 ``Regularizer(model, kind, weight, …)`` selects layers once (``include`` types, minus
-``exclude``) and on each call returns ``weight · mean over the selected layers`` of the ``kind``
-penalty, with as few kernel launches as the kind allows:
+``exclude``) and on each call returns ``weight · mean over the selected layers`` (``reduction="sum"``:
+the sum) of the ``kind`` penalty, with as few kernel launches as the kind allows:
 
 ==================  ============================================================================
 kind                per-layer penalty (docs/gram.md, docs/conv.md) and how the model's layers are batched
@@ -22,7 +22,10 @@ kind                per-layer penalty (docs/gram.md, docs/conv.md) and how the m
 
 A ``nn.Linear`` is the 1×1 convolution of a 1-point input, so the conv kinds take it as the
 operator ``W`` itself (``conv_frame`` of a Linear is ``frame_penalty(W)``, ``ocnn`` is
-``‖W Wᵀ − I‖²``). Penalties of grouped convs are the mean over groups (docs/gram.md#as_matrix).
+``‖W Wᵀ − I‖²``). Penalties of grouped convs are the mean over groups (docs/gram.md#as_matrix);
+for the Gram kinds ``group_mode="whole"`` takes a grouped conv's weight ``(out, in/g, *k)`` as ONE
+matrix ``(out, in/g·∏k)`` instead (DiReAL's and the SVB code's convention). ``values()`` is one
+entry per selected layer whatever the groups, and ``reduction`` combines those entries.
 
 ``stats()`` returns per layer, as plain floats for a logger: the Gershgorin bounds of the Gram
 the penalty acts on (eigenvalues of that Gram are squared singular values) and the exact
@@ -60,6 +63,8 @@ __all__ = ["Regularizer", "SVBProjector", "KINDS"]
 MATRIX_KINDS = ("frame", "diversity", "orthogonality", "mhe", "srip")
 CONV_KINDS = ("conv_frame", "ocnn")
 KINDS = MATRIX_KINDS + CONV_KINDS
+GROUP_MODES = ("per_group", "whole")
+REDUCTIONS = ("mean", "sum")
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -150,8 +155,18 @@ def _as_conv_weight(module: nn.Module, w: torch.Tensor | None = None) -> torch.T
     return w.unsqueeze(-1) if isinstance(module, nn.Linear) else w
 
 
+def _check_choice(op: str, name: str, value, allowed: tuple[str, ...]) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{op}: {name} must be a str, one of {', '.join(map(repr, allowed))}; got "
+                        f"{type(value).__name__} {value!r}")
+    if value not in allowed:
+        raise ValueError(f"{op}: {name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+    return value
+
+
 class Regularizer:
-    """``weight · mean_l penalty(layer_l)`` over the selected layers of ``model`` (docs/nn.md#regularizer).
+    """``weight · mean_l penalty(layer_l)`` (or ``Σ_l``) over the selected layers of ``model``
+    (docs/nn.md#regularizer).
 
     Args:
         model: the network (a DDP-wrapped model: pass ``ddp.module``; an FSDP2 / DTensor model: itself).
@@ -165,6 +180,13 @@ class Regularizer:
             a name from ``regkernels.ops._table.BACKENDS``, e.g. ``"reference"``). A named
             backend that one of those ops does not have for the layers' device and dtype raises
             that op's ValueError (listing what it has) at the call; nothing falls back.
+        group_mode: how a grouped conv ``(out, in/g, *k)`` enters a Gram kind: ``"per_group"``
+            (default) the mean over its g matrices ``(out/g, in/g·∏k)``; ``"whole"`` one matrix
+            ``(out, in/g·∏k)`` (``as_matrix(W, 1)``). Linear and ungrouped layers are one matrix
+            either way. The conv kinds refuse ``"whole"`` (a grouped conv's operator is
+            block-diagonal: its groups never mix).
+        reduction: ``"mean"`` (default) or ``"sum"`` of the per-layer values ``values()`` (one
+            entry per selected layer, a grouped conv included).
         **kw: the kind's arguments: ``frame`` / ``conv_frame`` ``A, B`` (required), ``side``;
             ``diversity`` ``tau`` (required), ``inclusive``; ``orthogonality`` ``side, squared``;
             ``mhe`` ``s, half, eps``; ``srip`` ``n_iter, generator``; ``ocnn`` ``padding``.
@@ -178,12 +200,21 @@ class Regularizer:
 
     def __init__(self, model: nn.Module, kind: str, weight: float = 1.0,
                  include: type | Sequence[type] = (nn.Conv2d, nn.Linear), exclude: Iterable | None = None, *,
-                 input_sizes: dict | None = None, backend: str | None = None, **kw):
+                 input_sizes: dict | None = None, backend: str | None = None, group_mode: str = "per_group",
+                 reduction: str = "mean", **kw):
         op = "Regularizer"
         if kind not in KINDS:
             raise ValueError(f"{op}: kind must be one of {', '.join(map(repr, KINDS))}; got {kind!r}")
         check_number(op, "weight", weight, lo=0)
+        _check_choice(op, "group_mode", group_mode, GROUP_MODES)
+        _check_choice(op, "reduction", reduction, REDUCTIONS)
+        if kind in CONV_KINDS and group_mode == "whole":
+            raise ValueError(f"{op}: group_mode='whole' is for the Gram kinds ({', '.join(MATRIX_KINDS)}); "
+                             f"kind={kind!r} penalises each layer's conv operator, which for a grouped conv is "
+                             f"block-diagonal by construction (its groups never mix), so there is no whole-weight "
+                             f"matrix to penalise: use group_mode='per_group'")
         self.kind, self.weight, self.backend, self.kw = kind, float(weight), backend, dict(kw)
+        self.group_mode, self.reduction = group_mode, reduction
         self.layers = _select(op, model, include, exclude)
         if kind in MATRIX_KINDS:
             # validates kind's arguments once, on the selected weights
@@ -230,6 +261,10 @@ class Regularizer:
                                   geo["dilation"], geo["groups"], geo["padding_mode"])
 
     def _groups(self) -> list[int]:
+        """The ``groups`` of ``as_matrix`` per layer: each conv's own, or 1 for every layer with
+        ``group_mode="whole"`` (Gram kinds only: the conv kinds refuse it)."""
+        if self.group_mode == "whole":
+            return [1] * len(self.layers)
         return [getattr(m, "groups", 1) for _, m in self.layers]
 
     @property
@@ -237,7 +272,7 @@ class Regularizer:
         return [name for name, _ in self.layers]
 
     def values(self) -> torch.Tensor:
-        """The per-layer penalties ``(L,)`` (before the mean and the factor)."""
+        """The per-layer penalties ``(L,)``, one per selected layer (before the reduction and the factor)."""
         weights = [m.weight for _, m in self.layers]
         if not torch.compiler.is_compiling() and _dist.any_dtensor(weights):
             return self._sharded_values(weights)
@@ -258,7 +293,9 @@ class Regularizer:
         layers of a Gram kind (``frame``, ``orthogonality``, ``diversity``, ``mhe``) whose Gram is
         the sum of the ranks' partial Grams and smaller than half the weight
         (``regkernels.distributed.gram_route``) reduce their partial Grams; every other layer is
-        gathered (bucketed). Every rank gets the same values."""
+        gathered (bucketed). Every rank gets the same values. A grouped conv takes the Gram route
+        only with ``group_mode="whole"`` (one matrix, whose Gram is a sum over the shards like any
+        ungrouped layer's); per group it is gathered."""
         out: list = [None] * len(weights)
         routed: dict[int, list[tuple[int, torch.Tensor, object]]] = {}
         if self.kind in _ref_gram.GRAM_KINDS:
@@ -334,14 +371,17 @@ class Regularizer:
         return [torch.stack(vs).mean() for vs in per_layer]
 
     def __call__(self) -> torch.Tensor:
-        return self.weight * self.values().mean()
+        values = self.values()
+        return self.weight * (values.sum() if self.reduction == "sum" else values.mean())
 
     @torch.no_grad()
     def stats(self) -> dict[str, dict[str, float]]:
         """Per layer: ``gershgorin_lo`` / ``gershgorin_hi`` (bounds on the eigenvalues of the Gram
         the penalty acts on: the operator's for ``conv_frame``, else ``Gram(as_matrix(W))`` on the
-        kind's side) and ``sigma_min`` / ``sigma_max`` (exact, of ``as_matrix(W, groups)``). A layer
-        holding NaN/Inf gets NaN entries; the other layers are unaffected and nothing raises."""
+        kind's side) and ``sigma_min`` / ``sigma_max`` (exact, of ``as_matrix(W, groups)``; with
+        ``group_mode="whole"`` groups is 1, the one matrix the penalty acts on). A layer holding
+        NaN/Inf gets NaN entries; the other layers are unaffected and nothing raises. No combined
+        value, so ``reduction`` does not enter."""
         out = {}
         side = self.kw.get("side", "auto")
         # sharded weights: gathered once, bucketed (docs/distributed.md)
@@ -376,7 +416,8 @@ class Regularizer:
             self._sizes.remove()
 
     def __repr__(self) -> str:
-        return f"Regularizer(kind={self.kind!r}, weight={self.weight}, layers={len(self.layers)}, kw={self.kw})"
+        return (f"Regularizer(kind={self.kind!r}, weight={self.weight}, layers={len(self.layers)}, "
+                f"group_mode={self.group_mode!r}, reduction={self.reduction!r}, kw={self.kw})")
 
 
 class SVBProjector:
