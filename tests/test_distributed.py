@@ -396,6 +396,19 @@ def test_two_dim_mesh_penalty_takes_dtensors_own_gather(one_rank):
     torch.testing.assert_close(w.grad.full_tensor(), ref.grad)
 
 
+def test_init_refuses_sharded_weights(one_rank):
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    w = distribute_tensor(torch.randn(8, 4, 3), one_rank("cpu", (1,)), [Shard(0)])
+    before = w.to_local().clone()
+    for call, name in ((lambda: rk.nn.init.orthogonal_(w), "weight_or_weights"),
+                       (lambda: rk.nn.init.orthogonal_([w]), r"weight_or_weights\[0\]"),
+                       (lambda: rk.nn.init.delta_orthogonal_(w), "weight")):
+        with pytest.raises(ValueError, match=rf"{name} is a DTensor .*before sharding"):
+            call()
+    assert torch.equal(w.to_local(), before)
+
+
 def test_public_op_on_a_dtensor_returns_a_plain_tensor(one_rank):
     from torch.distributed.tensor import Shard, distribute_tensor
 
