@@ -31,7 +31,8 @@ entry per selected layer whatever the groups, and ``reduction`` combines those e
 the penalty acts on (eigenvalues of that Gram are squared singular values) and the exact
 σ_min / σ_max of the weight matrix ``as_matrix(W, groups)``.
 
-``SVBProjector(model, eps, every)`` calls ``svb_`` after every ``every``-th ``step()``.
+``SVBProjector(model, eps, every)`` calls ``svb_`` after every ``every``-th ``step()`` (``bn=True``:
+also the BatchNorm scales, docs/svd.md#batchnorm-scales-bn).
 Both work on a DDP-wrapped model's ``module`` (replicated weights give identical penalties on
 every rank) and on FSDP2 / DTensor-sharded models, given the model itself: every rank computes the
 same value from the full weights, gathered in buckets (or, for the Gram kinds' layers where it
@@ -56,7 +57,7 @@ from regkernels.ops import svd as _svd
 from regkernels.ops._common import check_bounds, check_number, check_side
 from regkernels.ops._table import BACKENDS
 from regkernels.reference import gram as _ref_gram
-from regkernels.reference.svd import InputSize
+from regkernels.reference.svd import BNChoice, InputSize
 
 __all__ = ["Regularizer", "SVBProjector", "KINDS"]
 
@@ -431,11 +432,14 @@ class SVBProjector:
     matrices projected (0 on the steps in between). Every argument is checked here as ``svb_``
     checks it (eps finite and > 0, operator a bool, input_size, a backend with the SVD on the
     model's devices), and so are the layers (parametrized weights: see ``svb_``).
+    ``bn=True`` also bounds the scales of the BatchNorms that directly follow a Linear / Conv
+    (``bn=[names or modules]``: those BatchNorms), as ``svb_(..., bn=...)`` does
+    (docs/svd.md#batchnorm-scales-bn); a list is kept as the layers' names.
     ``state_dict()`` / ``load_state_dict()`` carry the step counter across a resume.
     """
 
     def __init__(self, model: nn.Module, eps: float, every: int = 1, operator: bool = False,
-                 input_size: InputSize | None = None, backend: str | None = None):
+                 input_size: InputSize | None = None, backend: str | None = None, bn: BNChoice = False):
         op = "SVBProjector"
         if not isinstance(model, nn.Module):
             raise TypeError(f"{op}: model must be an nn.Module; got {type(model).__name__}")
@@ -446,6 +450,8 @@ class SVBProjector:
         _svd.check_svb_args(op, eps, operator, input_size, backend,
                              [p for p in model.parameters() if p.is_floating_point()])
         _svd._svb_weights(model, op)
+        # the BatchNorm selection, checked now (names kept, so state_dict() can record it)
+        self.bn = _svd._svb_bn(model, bn, op) or False  # an empty list bounds no BatchNorm: bn=False
         self.model, self.eps, self.every, self.operator = model, float(eps), every, operator
         self.input_size, self.backend, self.steps = input_size, backend, 0
         convs = [(n, m) for n, m in model.named_modules() if isinstance(m, _CONVS)]
@@ -460,27 +466,36 @@ class SVBProjector:
         if self._sizes is not None:
             # keyed by module: a parametrized conv's weight is a new tensor at every access
             size = {m: self._sizes.get("SVBProjector", n, m) for n, m in self._convs}
-        return _svd.svb_(self.model, self.eps, operator=self.operator, input_size=size, backend=self.backend)
+        return _svd.svb_(self.model, self.eps, operator=self.operator, input_size=size, backend=self.backend,
+                         bn=self.bn)
 
     def state_dict(self) -> dict:
         """What a resumed run needs to project on the same steps: the step counter and the
         configuration it counts against
-        (docs/nn.md#resuming-svbprojector-and-adversarialkernelregularizer)."""
-        return {"steps": self.steps, "eps": self.eps, "every": self.every, "operator": self.operator}
+        (docs/nn.md#resuming-svbprojector-and-adversarialkernelregularizer); with ``bn`` enabled
+        also ``"bn"`` (True or the list of BatchNorm names), absent for ``bn=False``."""
+        state = {"steps": self.steps, "eps": self.eps, "every": self.every, "operator": self.operator}
+        if self.bn is not False:
+            state["bn"] = self.bn if self.bn is True else list(self.bn)
+        return state
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Continue from ``state_dict()`` of an SVBProjector with the same eps, every and operator
-        (a ValueError otherwise: the projection schedule would silently change)."""
+        """Continue from ``state_dict()`` of an SVBProjector with the same eps, every, operator and
+        bn (a ValueError otherwise: the projection schedule would silently change)."""
         op = "SVBProjector.load_state_dict"
         if not isinstance(state_dict, dict):
             raise TypeError(f"{op}: expected the dict SVBProjector.state_dict() returns; got "
                             f"{type(state_dict).__name__}")
-        if set(state_dict) != {"steps", "eps", "every", "operator"}:
+        base = {"steps", "eps", "every", "operator"}
+        if set(state_dict) not in (base, base | {"bn"}):
             raise ValueError(f"{op}: expected the dict SVBProjector.state_dict() returns, with keys "
-                             f"['eps', 'every', 'operator', 'steps']; got {sorted(state_dict)}")
-        for key in ("eps", "every", "operator"):
-            if state_dict[key] != getattr(self, key):
-                raise ValueError(f"{op}: the state was saved with {key}={state_dict[key]!r}, this projector has "
+                             f"['eps', 'every', 'operator', 'steps'] (and 'bn' when bn is enabled); got "
+                             f"{sorted(state_dict)}")
+        # a state without "bn" was saved with bn=False
+        saved = {"bn": False, **state_dict}
+        for key in ("eps", "every", "operator", "bn"):
+            if saved[key] != getattr(self, key):
+                raise ValueError(f"{op}: the state was saved with {key}={saved[key]!r}, this projector has "
                                  f"{key}={getattr(self, key)!r}; build the SVBProjector with the saved "
                                  "configuration to resume")
         check_number(op, "steps", state_dict["steps"], lo=0, integer=True)

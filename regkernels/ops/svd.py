@@ -42,7 +42,7 @@ from regkernels.ops._common import check_bounds, check_matrix, check_number, che
 from regkernels.ops._table import Kernel, Table, check_backend_keyword
 from regkernels.reference import svd as _ref
 
-__all__ = ["TABLE", "batched_svd", "clamp_singular_values", "svb_"]
+__all__ = ["TABLE", "batched_svd", "clamp_singular_values", "svb_", "svb_bn_layers"]
 
 TABLE = Table("svd", [
     Kernel("batched_svd", "cpu", "cpu", "regkernels._C_ops:batched_svd",
@@ -163,8 +163,27 @@ def check_svb_args(op: str, eps, operator, input_size, backend, tensors: Iterabl
         svd_function(device, backend, dtype, name=op)
 
 
+def _svb_bn(weights_or_module, bn: _ref.BNChoice, op: str = "svb_") -> bool | list[str]:
+    """``bn`` checked (``regkernels.reference.svd.select_bn_layers``) and in the form svb_ passes
+    on: a bool, or the list of the selected layers' names (modules and one-shot iterators
+    resolved)."""
+    chosen = _ref.select_bn_layers(weights_or_module, bn, op)
+    return bn if isinstance(bn, bool) else [name for name, _ in chosen]
+
+
+def svb_bn_layers(model: nn.Module, bn: _ref.BNChoice = True) -> list[str]:
+    """The names of the BatchNorm layers ``svb_(model, eps, bn=bn)`` bounds, in model order
+    (docs/svd.md#batchnorm-scales-bn); raises as svb_ would for a ``bn`` it refuses. With
+    ``bn=True``: the BatchNorms that directly follow a Linear / Conv in ``model.named_modules()``
+    order (with γ; ``affine=False`` ones are left alone)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"svb_bn_layers: model must be an nn.Module; got {type(model).__name__}")
+    return [name for name, _ in _ref.select_bn_layers(model, bn, "svb_bn_layers")]
+
+
 def svb_(weights_or_module: nn.Module | torch.Tensor | Iterable[torch.Tensor], eps: float, operator: bool = False,
-         input_size: _ref.InputSize | None = None, *, backend: str | None = None) -> int:
+         input_size: _ref.InputSize | None = None, *, backend: str | None = None,
+         bn: _ref.BNChoice = False) -> int:
     """Hard singular value bounding in place: ``W ← U clamp(S, 1/(1+eps), 1+eps) Vh`` (docs/svd.md).
 
     ``weights_or_module``: an ``nn.Module`` (every Linear and Conv1d/2d/3d weight, grouped
@@ -174,18 +193,23 @@ def svb_(weights_or_module: nn.Module | torch.Tensor | Iterable[torch.Tensor], e
     conv operator (docs/conv.md) and needs ``input_size`` (int, tuple, or dict weight / conv
     module → size). Parametrized layers (``torch.nn.utils.parametrize`` with a
     ``right_inverse``, hook-based ``weight_norm``) are bounded through the parametrization;
-    weights that cannot be written back are refused naming the layer. All arguments and all
-    new values are settled before the first weight changes: an error changes nothing.
-    Returns the number of matrices projected. See ``regkernels.reference.svd.svb_``.
+    weights that cannot be written back are refused naming the layer. ``bn=True`` also bounds
+    the scale γ_c/sqrt(running_var_c + eps_bn) of each BatchNorm that directly follows a
+    Linear / Conv in module order into ``[m/(1+eps), m·(1+eps)]``, m the layer's mean |scale|
+    (γ rewritten, β and the statistics kept); ``bn=[names or modules]`` names the BatchNorms
+    instead (docs/svd.md#batchnorm-scales-bn). All arguments and all new values are settled
+    before the first weight changes: an error changes nothing. Returns the number of matrices
+    projected (BatchNorms not counted). See ``regkernels.reference.svd.svb_``.
     """
     weights = _svb_weights(weights_or_module)
     # an unknown or missing backend fails before any weight changes
     check_svb_args("svb_", eps, operator, input_size, backend, weights)
+    bn = _svb_bn(weights_or_module, bn)
     if not isinstance(weights_or_module, (nn.Module, torch.Tensor)):
         weights_or_module = weights  # a one-shot iterator was consumed by the checks above
     return _ref.svb_(weights_or_module, eps, operator=operator, input_size=input_size,
                      svd=functools.partial(_svb_svd, backend=backend),
-                     clip=functools.partial(_conv.clip_conv_singular_values, backend=backend))
+                     clip=functools.partial(_conv.clip_conv_singular_values, backend=backend), bn=bn)
 
 
 def _svb_svd(X: torch.Tensor, *, backend: str | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -19,7 +19,8 @@ from regkernels._numerics import functorch_wrapped
 from regkernels.reference.conv import clip_conv_singular_values
 from regkernels.reference.gram import as_matrix
 
-__all__ = ["batched_svd", "clamp_singular_values", "svb_", "collect_svb_weights", "SVBTarget", "SVB_LAYERS"]
+__all__ = ["batched_svd", "clamp_singular_values", "svb_", "collect_svb_weights", "SVBTarget", "SVB_LAYERS",
+           "BN_LAYERS", "following_bn_layers", "select_bn_layers"]
 
 SVDFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 InputSize = Union[int, Sequence[int], Mapping[torch.Tensor, Union[int, Sequence[int]]]]
@@ -467,9 +468,197 @@ def _write_all(updates: list[tuple[SVBTarget, torch.Tensor]]) -> None:
         t.write(new)
 
 
+# ---------------------------------------------------------------------------------------
+# svb_(..., bn=...): bounding the scales of BatchNorm layers (Jia et al.'s bounded BN)
+# ---------------------------------------------------------------------------------------
+
+# Norm layers whose per-channel scale ``svb_(..., bn=...)`` bounds. SyncBatchNorm is the same
+# function with statistics reduced across processes. The Lazy BatchNorms are not listed: they
+# have no parameters before their first forward, after which they are BatchNorm1d/2d/3d.
+BN_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+BNChoice = Union[bool, Iterable[Union[str, nn.Module]]]
+
+
+def _bn_name(name: str, mod: nn.Module) -> str:
+    return name or type(mod).__name__
+
+
+def _refuse_bn(op: str, layer: str, why: str) -> None:
+    raise ValueError(f"{op}: cannot bound the BatchNorm scale of layer {layer!r}: {why}")
+
+
+def following_bn_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of every BatchNorm (``BN_LAYERS``) that directly follows a layer svb_
+    bounds, found from the module order (docs/svd.md#batchnorm-scales-bn):
+
+    for each ``nn.Linear`` / ``nn.Conv1d/2d/3d`` in ``model.named_modules()``, the next module in
+    that order that is not one of the layer's own submodules (a parametrization) is taken if it
+    is a BatchNorm whose ``num_features`` equals the layer's ``out_features`` / ``out_channels``.
+    Containers count as modules, so a conv that ends one ``nn.Sequential`` is followed by the next
+    container, not by that container's first child. Module order is registration order, not data
+    flow: ``bn=[names]`` overrides it. BatchNorms without ``affine`` are included here (svb_ leaves
+    them alone); each module once, in model order.
+    """
+    mods = list(model.named_modules())  # each module once, at its first name
+    found, seen = [], set()
+    with torch.no_grad():  # a parametrized layer's weight is computed on access
+        for i, (name, mod) in enumerate(mods):
+            if not name or not isinstance(mod, SVB_LAYERS) or not isinstance(mod.weight, torch.Tensor):
+                continue  # the root module has no "next" module: all others are its submodules
+            j, own = i + 1, name + "."
+            while j < len(mods) and mods[j][0].startswith(own):  # its own submodules come right after it
+                j += 1
+            if j == len(mods):
+                continue
+            bn_name, bn = mods[j]
+            width = mod.out_features if isinstance(mod, nn.Linear) else mod.out_channels
+            if isinstance(bn, BN_LAYERS) and bn.num_features == width and id(bn) not in seen:
+                seen.add(id(bn))
+                found.append((bn_name, bn))
+    return found
+
+
+def _check_bn_layer(op: str, layer: str, mod: nn.Module) -> None:
+    """Refuse (ValueError naming the layer) a BatchNorm whose scale bn= cannot bound."""
+    if mod.weight is None:
+        _refuse_bn(op, layer, "it has no γ (affine=False): its scale 1/sqrt(running_var + eps) is set by the "
+                              "statistics alone, which svb_ does not change; leave it out of bn=[...]")
+    if mod.running_var is None:
+        _refuse_bn(op, layer, "it keeps no running statistics (track_running_stats=False), so its scale "
+                              "γ/sqrt(var + eps) uses each batch's own variance and no parameter bounds it; leave "
+                              "it out with bn=[names of the others]")
+    if parametrize.is_parametrized(mod, "weight"):
+        _refuse_bn(op, layer, "its γ (weight) is parametrized, and bn= writes γ in place; remove the "
+                              "parametrization or leave the layer out of bn=[...]")
+    for what, t in (("γ (weight)", mod.weight), ("running_var", mod.running_var)):
+        if _dist.is_dtensor(t) and any(p.is_partial() for p in t.placements):
+            _refuse_bn(op, layer, f"its {what} is a DTensor with placements {t.placements}; a Partial tensor "
+                                  "holds summands, not pieces: redistribute it to Shard or Replicate placements first")
+
+
+def select_bn_layers(weights_or_module, bn: BNChoice, op: str = "svb_") -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of the BatchNorm layers ``svb_(weights_or_module, eps, bn=bn)`` bounds,
+    checked (docs/svd.md#batchnorm-scales-bn).
+
+    ``bn=False``: none. ``bn=True``: ``following_bn_layers`` of the model, without the BatchNorms
+    that have no γ (``affine=False``, left alone). A list (any iterable) of module names, as
+    ``model.named_modules()`` spells them, or of the BatchNorm modules themselves: exactly those.
+    Raises TypeError for a ``bn`` of another form or a ``weights_or_module`` that is not a module,
+    ValueError naming the layer for a name or module that is not a BatchNorm of the model or
+    whose scale cannot be bounded (no γ when named, no running statistics, a parametrized γ, a
+    Partial DTensor), and for two selected layers sharing one γ.
+    """
+    if isinstance(bn, bool):
+        if not bn:
+            return []
+    elif isinstance(bn, (str, bytes)) or not isinstance(bn, Iterable):
+        raise TypeError(f"{op}: bn must be a bool or a list of BatchNorm module names (or modules) of the model; "
+                        f"got {type(bn).__name__}")
+    if not isinstance(weights_or_module, nn.Module):
+        raise TypeError(f"{op}: bn= needs weights_or_module to be an nn.Module (its BatchNorm layers are found in "
+                        f"it); got {type(weights_or_module).__name__}")
+    model = weights_or_module
+    if bn is True:
+        chosen = [(n, m) for n, m in following_bn_layers(model) if m.weight is not None]
+    else:
+        # every name of a module registered twice, but one name per module in messages
+        by_name = dict(model.named_modules(remove_duplicate=False))
+        by_id = {id(m): n for n, m in model.named_modules()}
+        chosen, seen = [], set()
+        for item in bn:
+            if isinstance(item, str):
+                if item not in by_name:
+                    raise ValueError(f"{op}: bn names {item!r}, which is not a module of the model (names as "
+                                     "model.named_modules() spells them)")
+                name, mod = item, by_name[item]
+            elif isinstance(item, nn.Module):
+                if id(item) not in by_id:
+                    raise ValueError(f"{op}: bn holds a {type(item).__name__} that is not a module of the model")
+                name, mod = by_id[id(item)], item
+            else:
+                raise TypeError(f"{op}: bn must be a bool or a list of BatchNorm module names (or modules) of the "
+                                f"model; got an element of type {type(item).__name__}")
+            if not isinstance(mod, BN_LAYERS):
+                raise ValueError(f"{op}: bn names layer {_bn_name(name, mod)!r}, a {type(mod).__name__}, not a "
+                                 "BatchNorm1d/2d/3d or SyncBatchNorm")
+            if id(mod) not in seen:
+                seen.add(id(mod))
+                chosen.append((name, mod))
+    owner: dict[int, str] = {}
+    for name, mod in chosen:
+        layer = _bn_name(name, mod)
+        _check_bn_layer(op, layer, mod)
+        if id(mod.weight) in owner:
+            raise ValueError(f"{op}: BatchNorm layers {owner[id(mod.weight)]!r} and {layer!r} share one γ (weight), "
+                             "whose bounded values would differ; bound at most one of them")
+        owner[id(mod.weight)] = layer
+    return chosen
+
+
+def _bound_bn_scales(gammas: list[torch.Tensor], variances: list[torch.Tensor], bn_eps: list[float],
+                     lo: float, hi: float, dtype: torch.dtype) -> tuple[list[torch.Tensor], list[bool]]:
+    """New γ of each BatchNorm (in ``dtype``) and whether it changes (docs/svd.md#batchnorm-scales-bn).
+
+    Per layer, with ``s_c = γ_c / sqrt(running_var_c + eps_bn)`` and ``m = mean_c |s_c|``:
+    ``γ_c ← sign(γ_c) · clamp(|s_c|, lo·m, hi·m) · sqrt(running_var_c + eps_bn)``, sign(0) = +1.
+    A channel already inside the band (up to a relative slack of 4 rounding units) keeps its
+    bits. A layer with a non-finite γ or running_var, a running_var + eps_bn that is not > 0 or
+    a non-finite scale or mean gets γ = NaN (that layer only). The layers go through one padded
+    ``(layers, max channels)`` batch, so the number of operations does not grow with the layers.
+    """
+    sizes = [g.numel() for g in gammas]
+    G = torch.nn.utils.rnn.pad_sequence([g.reshape(-1).to(dtype) for g in gammas], batch_first=True)
+    V = torch.nn.utils.rnn.pad_sequence([v.reshape(-1).to(dtype) for v in variances], batch_first=True,
+                                        padding_value=1.0)
+    n = torch.tensor(sizes, device=G.device)
+    mask = torch.arange(G.shape[1], device=G.device) < n[:, None]
+    std = (V + torch.tensor(bn_eps, dtype=dtype, device=G.device)[:, None]).sqrt()
+    s = G / std
+    a = s.abs()
+    valid = (torch.isfinite(G) & torch.isfinite(std) & (std > 0) & torch.isfinite(s)) | ~mask
+    m = torch.where(mask, a, 0).sum(dim=1, keepdim=True) / n[:, None].clamp_min(1)
+    ok = valid.all(dim=1, keepdim=True) & torch.isfinite(m)
+    lo_c, hi_c = m * lo, m * hi
+    slack = 4 * torch.finfo(dtype).eps
+    inside = (a >= lo_c * (1 - slack)) & (a <= hi_c * (1 + slack))
+    sign = torch.where(G < 0, -1.0, 1.0).to(dtype)
+    bounded = sign * torch.minimum(torch.maximum(a, lo_c), hi_c) * std
+    new = torch.where(ok, torch.where(inside, G, bounded), torch.nan)
+    changed = ((~(inside & ok)) & mask).any(dim=1).tolist()  # the one host sync
+    return [new[i, :k] for i, k in enumerate(sizes)], changed
+
+
+def _bn_updates(chosen: list[tuple[str, nn.Module]], lo: float, hi: float) -> list[tuple[Callable, torch.Tensor]]:
+    """``(write, new γ)`` for each selected BatchNorm whose γ changes (nothing is written here).
+
+    DTensor γ / running_var (FSDP2 shards BatchNorm parameters too) are gathered first (``gather``:
+    one collective per bucket, every rank computes the same values) and each rank writes its own
+    piece (``distribute_tensor`` without communication)."""
+    if not chosen:
+        return []
+    tensors = [m.weight for _, m in chosen] + [m.running_var for _, m in chosen]
+    full = _dist.gather(tensors)
+    gammas, variances = full[:len(chosen)], full[len(chosen):]
+    groups: dict[tuple, list[int]] = {}
+    for i, (g, v) in enumerate(zip(gammas, variances)):
+        dtype = torch.promote_types(compute_dtype(g.dtype), compute_dtype(v.dtype))
+        groups.setdefault((dtype, g.device), []).append(i)
+    updates = []
+    for (dtype, _), idx in groups.items():
+        new, changed = _bound_bn_scales([gammas[i] for i in idx], [variances[i] for i in idx],
+                                        [float(chosen[i][1].eps) for i in idx], lo, hi, dtype)
+        for i, value, change in zip(idx, new, changed):
+            if change:
+                gamma = chosen[i][1].weight
+                write = _dist._write_piece(gamma) if _dist.is_dtensor(gamma) else gamma.copy_
+                updates.append((write, value.to(gamma.dtype).reshape(gamma.shape)))
+    return updates
+
+
 def svb_(weights_or_module: nn.Module | torch.Tensor | Iterable[torch.Tensor], eps: float, *,
          operator: bool = False, input_size: InputSize | None = None, svd: SVDFn | None = None,
-         clip: Callable | None = None) -> int:
+         clip: Callable | None = None, bn: BNChoice = False) -> int:
     """Hard singular value bounding, in place (formula: docs/svd.md#svb_, Jia et al.).
 
     ``W ← U · clamp(S, 1/(1+eps), 1+eps) · Vh`` for ``as_matrix(W) = U diag(S) Vh``,
@@ -497,8 +686,16 @@ def svb_(weights_or_module: nn.Module | torch.Tensor | Iterable[torch.Tensor], e
     way. ``clip`` is the ``clip_conv_singular_values(weight, size, lo, hi)`` to use (default:
     the reference).
 
+    ``bn`` (docs/svd.md#batchnorm-scales-bn): ``True`` also bounds the scales of the BatchNorm
+    layers that directly follow a bounded layer in module order (``following_bn_layers``), a list
+    of BatchNorm names or modules bounds exactly those: with ``s_c = γ_c / sqrt(running_var_c +
+    eps_bn)`` and ``m = mean_c |s_c|``, ``γ_c ← sign(γ_c) · clamp(|s_c|, m/(1+eps), m·(1+eps)) ·
+    sqrt(running_var_c + eps_bn)`` (a band relative to the layer's mean scale, as Jia et al.'s
+    bounded BN); β and the running statistics are not touched. These values are computed before
+    any weight is written and written last.
+
     Returns the number of matrices projected (a grouped conv counts once per group, an
-    operator-bounded conv once per group as well).
+    operator-bounded conv once per group as well; BatchNorm layers are not counted).
     """
     lo, hi = 1.0 / (1.0 + eps), 1.0 + eps
     svd = svd if svd is not None else batched_svd
@@ -514,6 +711,9 @@ def svb_(weights_or_module: nn.Module | torch.Tensor | Iterable[torch.Tensor], e
 
     with torch.no_grad():
         items = collect_svb_weights(weights_or_module)
+        # the BatchNorm scales first: their new values depend on γ and the running variance only,
+        # and svb_sharded below already writes the sharded weights it bounds
+        bn_updates = _bn_updates(select_bn_layers(weights_or_module, bn), lo, hi)
         # every new value is computed before any weight is written, so an error in any of
         # them leaves all weights as they were (sharded weights: see svb_sharded)
         if _dist.any_dtensor(t.weight for t in items):
@@ -521,4 +721,6 @@ def svb_(weights_or_module: nn.Module | torch.Tensor | Iterable[torch.Tensor], e
         else:
             count, updates = run(items)
         _write_all(updates)
+        for write, value in bn_updates:  # plain in-place copies: nothing left that can fail
+            write(value)
     return count
