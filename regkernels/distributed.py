@@ -373,8 +373,9 @@ def svb_sharded(targets: list, run: Callable[[list], tuple[int, list]], operator
                 input_size_of: Callable) -> tuple[int, list]:
     """SVB of ``targets`` (``regkernels.reference.svd.SVBTarget`` named tuples: this module imports no
     other regkernels module, so it is handed them) some of whose weights are DTensors
-    on 1-D meshes: returns ``(count, updates)`` as ``run`` does, with the DTensor layers' updates
-    already made (their local pieces written here) and the other layers' updates returned.
+    on 1-D meshes: returns ``(count, updates)`` as ``run`` does; the updates of the DTensor layers
+    write their local pieces (nothing is written here: the caller writes every update once all
+    exist, so an error anywhere leaves every weight as it was).
 
     ``run(targets) → (count, [(target, new full weight)])`` bounds plain targets (the caller's
     ``_svb_matrices`` / ``_svb_operators``). Each sharded layer has one owner rank (cost-balanced,
@@ -411,7 +412,9 @@ def svb_sharded(targets: list, run: Callable[[list], tuple[int, list]], operator
             sharded.setdefault((id(lay.group), t.weight.dtype, t.weight.device), []).append((t, lay))
     count, updates = run(plain) if plain else (0, [])
     for members in sharded.values():
-        count += _svb_mesh(members, run, operator, input_size_of)
+        n, pieces = _svb_mesh(members, run, operator, input_size_of)
+        count += n
+        updates += pieces
     return count, updates
 
 
@@ -425,8 +428,11 @@ def _write_piece(w) -> Callable[[torch.Tensor], None]:
     return write
 
 
-def _svb_mesh(members: list, run: Callable, operator: bool, input_size_of: Callable) -> int:
-    """``svb_sharded`` for the sharded layers of one mesh, dtype and device; returns their count."""
+def _svb_mesh(members: list, run: Callable, operator: bool, input_size_of: Callable) -> tuple[int, list]:
+    """``svb_sharded`` for the sharded layers of one mesh, dtype and device; returns their count
+    and, per layer, ``(target writing its local piece, new piece)``: written by the caller with
+    the other updates, after every new value exists (an error in a later layer, mesh or
+    parametrized write leaves the sharded weights unchanged too)."""
     group, world, rank = members[0][1].group, members[0][1].world, members[0][1].rank
     owner = _owners([_svb_cost(t, operator, input_size_of) for t, _ in members], world)
     like = members[0][0].weight.to_local()
@@ -459,11 +465,14 @@ def _svb_mesh(members: list, run: Callable, operator: bool, input_size_of: Calla
     recv_back = [sum(members[i][1].local_numel(rank) for i, o in enumerate(owner) if o == q) for q in range(world)]
     got_back = _exchange(group, back, recv_back, like)
     offs = [0] * world
+    pieces = []
     for i, ((t, lay), o) in enumerate(zip(members, owner)):
         n = lay.local_numel(rank)
         piece = got_back[o][offs[o]:offs[o] + n].view(lay.local_shape(rank))
         offs[o] += n
-        t.weight.to_local().copy_(piece)
+        local = t.weight.to_local()
+        # module=None: a plain copy into the local piece (sharded weights are plain parameters)
+        pieces.append((t._replace(weight=local, module=None, write=local.copy_), piece))
     # svb_'s count: one per group of every layer, matrix or operator (the owners' own counts
     # cover their subsets only)
-    return sum(t.groups for t, _ in members)
+    return sum(t.groups for t, _ in members), pieces

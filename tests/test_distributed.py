@@ -396,6 +396,39 @@ def test_two_dim_mesh_penalty_takes_dtensors_own_gather(one_rank):
     torch.testing.assert_close(w.grad.full_tensor(), ref.grad)
 
 
+def test_svb_on_a_sharded_model_changes_nothing_when_a_later_write_fails(one_rank):
+    """svb_'s all-or-nothing rule holds for sharded weights: their bounded pieces are written with
+    the other updates, so a parametrized layer whose write fails leaves the DTensor weights as
+    they were (they used to be written inside the exchange, before the failing write)."""
+    from torch import nn
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.nn.utils import parametrize
+
+    class LowerTriangular(nn.Module):  # right_inverse only inverts on triangular matrices
+        def forward(self, X):
+            return X.tril()
+
+        def right_inverse(self, A):
+            return A
+
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6, bias=False), nn.Linear(6, 6, bias=False))
+    sharded = nn.Parameter(distribute_tensor(torch.randn(6, 6, generator=g) * 3, one_rank("cpu", (1,)), [Shard(0)]))
+    model[0].weight = sharded
+    with torch.no_grad():
+        model[1].weight.copy_(torch.randn(6, 6, generator=g).tril() * 3)
+    parametrize.register_parametrization(model[1], "weight", LowerTriangular())
+    before = [sharded.to_local().clone(), model[1].weight.detach().clone()]
+    with pytest.raises(RuntimeError, match="right_inverse does not reproduce"):
+        rk.svb_(model, 0.1)
+    assert torch.equal(sharded.to_local(), before[0])
+    assert torch.equal(model[1].weight.detach(), before[1])
+    parametrize.remove_parametrizations(model[1], "weight")
+    assert rk.svb_(model, 0.1) == 2  # without the failing layer both are bounded
+    s = torch.linalg.svdvals(sharded.to_local())
+    assert float(s.max()) <= 1.1 * (1 + 1e-5) and not torch.equal(sharded.to_local(), before[0])
+
+
 def test_init_refuses_sharded_weights(one_rank):
     from torch.distributed.tensor import Shard, distribute_tensor
 

@@ -711,11 +711,11 @@ def svb_(weights_or_module: nn.Module | torch.Tensor | Iterable[torch.Tensor], e
 
     with torch.no_grad():
         items = collect_svb_weights(weights_or_module)
-        # the BatchNorm scales first: their new values depend on γ and the running variance only,
-        # and svb_sharded below already writes the sharded weights it bounds
+        # the BatchNorm scales first: their new values depend on γ and the running variance only
         bn_updates = _bn_updates(select_bn_layers(weights_or_module, bn), lo, hi)
         # every new value is computed before any weight is written, so an error in any of
-        # them leaves all weights as they were (sharded weights: see svb_sharded)
+        # them leaves all weights as they were (sharded weights too: svb_sharded returns their
+        # local pieces as updates)
         if _dist.any_dtensor(t.weight for t in items):
             count, updates = _dist.svb_sharded(items, run, operator, lambda t: _size_for(t, input_size))
         else:
