@@ -25,6 +25,7 @@ from regkernels.ops.conv import (
     conv_orthogonality_penalty,
     conv_orthogonality_penalty_multi,
     conv_singular_values,
+    conv_spectral_norm,
     conv_to_matrix,
 )
 from regkernels.ops.svd import batched_svd, clamp_singular_values, svb_
@@ -36,7 +37,7 @@ __all__ = [
     "orthogonality_penalty", "mhe_penalty", "srip_penalty", "penalty_multi",
     "conv_to_matrix", "conv_frame_penalty", "conv_frame_penalty_multi", "conv_gershgorin_bounds",
     "conv_orthogonality_penalty", "conv_orthogonality_penalty_multi",
-    "conv_singular_values", "clip_conv_singular_values",
+    "conv_singular_values", "clip_conv_singular_values", "conv_spectral_norm",
     "batched_svd", "clamp_singular_values", "svb_", "jacobian_penalty",
     "nn", "optim", "reference",
 ]

@@ -954,6 +954,201 @@ CONV_CASES += [
 ]
 
 
+# --------------------------------------------------------------------------- conv_spectral_norm
+
+def _operator_norm(T):
+    return torch.linalg.matrix_norm(T, 2) if T.numel() else torch.zeros((), dtype=D64)
+
+
+def _per_layer(weight, fn):
+    ws = [weight] if isinstance(weight, torch.Tensor) else list(weight)
+    vals = torch.stack([fn(w) for w in ws])
+    return vals[0] if isinstance(weight, torch.Tensor) else vals
+
+
+def o_spectral_norm_power(weight, input_size, **kw):
+    """σ_max of the dense T from impulse responses (LAPACK), for samples iterated to convergence
+    (``tol=1e-14``: every sample then stops, or runs out of steps, within 1e-9 of σ_max)."""
+    if kw.get("tol") != SPECTRAL_CONVERGED_TOL:
+        return None
+    return (_per_layer(weight, lambda w: _operator_norm(impulse_matrix(w, input_size, **kw))),)
+
+
+def _periodic_grid(input_size, kernel, stride=1, padding=0, dilation=1, padding_mode="zeros", **_):
+    """Per dim (grid N, stride g, row multiplicity m) of the periodic conv the bound embeds T in,
+    spelled out from docs/conv.md#conv_spectral_norm."""
+    d = len(input_size)
+    out = []
+    for n, k, s, p, dl in zip(input_size, kernel, _expand(stride, d), _expand(padding, d), _expand(dilation, d)):
+        o = (n + 2 * p - dl * (k - 1) - 1) // s + 1
+        if padding_mode == "circular":
+            g = math.gcd(s, n)
+            rows = [(s * i // g) % (n // g) for i in range(o)]
+            out.append((n, g, max(rows.count(r) for r in set(rows))))
+        else:
+            N = s
+            while N < n + p or N < s * o:
+                N += s
+            out.append((N, s, 1))
+    return out
+
+
+def _periodic_matrix(weight, input_size, groups=1, dilation=1, **kw):
+    """The dense periodic conv of stride g on the grid N from impulse responses: the basis inputs
+    tiled periodically (so taps wrap as often as they need), then a plain conv."""
+    weight = weight.detach().double().cpu()
+    d = weight.dim() - 2
+    grid = _periodic_grid(input_size, weight.shape[2:], dilation=dilation, **kw)
+    dl = _expand(dilation, d)
+    c_in = weight.shape[1] * groups
+    sizes = [N for N, _, _ in grid]
+    n = c_in * math.prod(sizes)
+    z = torch.eye(n, dtype=D64).reshape(n, c_in, *sizes)
+    for i, ((N, _, _), k, di) in enumerate(zip(grid, weight.shape[2:], dl)):
+        reach = N + di * (k - 1)
+        z = torch.cat([z] * (-(-reach // N)), dim=2 + i).narrow(2 + i, 0, reach)
+    y = CONV[d](z, weight, None, tuple(g for _, g, _ in grid), 0, dl, groups)
+    return y.reshape(n, -1).T, math.prod([m for _, _, m in grid])
+
+
+def o_spectral_norm_bound(weight, input_size, **kw):
+    """What the Gram bound converges to (generic layers: a simple top singular value per frequency):
+    √m·σ_max of the dense periodic conv. Checked on samples with enough Gram steps."""
+    if kw.get("n_iter", 6) < SPECTRAL_CONVERGED_GRAM:
+        return None
+
+    def one(w):
+        if w.numel() == 0:
+            return torch.zeros((), dtype=D64)
+        C, m = _periodic_matrix(w, input_size, **{k: v for k, v in kw.items() if k not in ("method", "n_iter")})
+        return math.sqrt(m) * _operator_norm(C)
+    return (_per_layer(weight, one),)
+
+
+SPECTRAL_CONVERGED_TOL = 1e-14
+# power steps to reach it: these two need about 700 (a near-double top singular value), the others
+# reach it within 300 (measured)
+SPECTRAL_SLOW = {"3x2x3@9-d2-p3-s2-circular", "3x2x3x3@4x4-p1-L3"}
+SPECTRAL_CONVERGED_GRAM = 12
+SPECTRAL_SEED = 11
+# geometries of T: zero / circular padding, strides, dilation, groups, 1-3 spatial dims, a circular
+# padding wider than half the kernel (rows of T repeated: m = 2)
+SPECTRAL_GEOMETRIES = CONV_GEOMETRIES[:5] + [
+    ("3x2x3@9-d2-p3-s2-circular", (3, 2, 3), (9,), dict(dilation=2, padding=3, stride=2, padding_mode="circular")),
+    ("4x3x4x4@6x6-s2-p1", (4, 3, 4, 4), (6, 6), dict(stride=2, padding=1)),
+    ("3x3x3x3@6x6-s3-circular", (3, 3, 3, 3), (6, 6), dict(stride=3, padding_mode="circular")),
+    ("3x2x1x1@4x3-p2-circular", (3, 2, 1, 1), (4, 3), dict(padding=2, padding_mode="circular")),
+]
+
+
+def _spectral_gen(device):
+    return torch.Generator(device=device).manual_seed(SPECTRAL_SEED)
+
+
+def _spectral_samples(method):
+    """Every geometry iterated to convergence (power: a seeded start, stopping at 1e-14 within 300
+    steps, 1000 for the slow ones; bound: 12 Gram steps), a list of three layers, the views and the
+    empty weight; then one sample without a generator, traceable by torch.compile (power: 8 steps,
+    none skipped; bound: the defaults), which has no oracle."""
+    def conv_kw(sid):
+        if method == "bound":
+            return dict(method="bound", n_iter=SPECTRAL_CONVERGED_GRAM)
+        return dict(n_iter=1000 if sid in SPECTRAL_SLOW else 300, tol=SPECTRAL_CONVERGED_TOL)
+
+    def samples(device, dtype, rg):
+        out = []
+        geometries = _conv_samples(SPECTRAL_GEOMETRIES, tag="spectral" + method, empty_kw=(("padding", 1),))
+        for s in geometries(device, dtype, rg):
+            make = s.make
+
+            def with_kw(*leaves, make=make, sid=s.id):
+                args, kw = make(*leaves)
+                extra = {"generator": _spectral_gen(leaves[0].device)} if method == "power" else {}
+                return args, dict(kw, **conv_kw(sid), **extra)
+            out.append(Sample(s.id, s.leaves, with_kw, grad=s.grad, compile=method != "power"))
+        gid, shape, size, kw = SPECTRAL_GEOMETRIES[1]
+        leaves = tuple(_leaf(_det(f"spectral-list{method}{l}", shape, 0.5 * (l + 1)), device, dtype, rg)
+                       for l in range(3))
+
+        def make_list(*ws, size=size, kw=kw, sid=f"{gid}-L3"):
+            extra = {"generator": _spectral_gen(ws[0].device)} if method == "power" else {}
+            return (list(ws), size), dict(kw, **conv_kw(sid), **extra)
+        out.append(Sample(f"{gid}-L3", leaves, make_list, compile=method != "power"))
+        gid, shape, size, kw = SPECTRAL_GEOMETRIES[0]
+        w = _leaf(_det(f"spectral-defaults{method}", shape, 0.5), device, dtype, rg)
+        defaults = dict(kw, method=method) if method == "bound" else dict(kw, n_iter=8, tol=0.0)
+        out.append(Sample(f"{gid}-defaults", (w,), lambda w, kw=defaults, size=size: ((w, size), dict(kw))))
+        return out
+    return samples
+
+
+def _sigma_and_tol(out):
+    return (out.sigma, out.rel_tol)
+
+
+def _sigma_only(outs):
+    return (outs[0],)
+
+
+SW = torch.randn(4, 2, 3, 3)
+
+CONV_CASES += [
+    OpCase("conv_spectral_norm", "conv", regkernels.conv_spectral_norm, R_conv.conv_spectral_norm,
+           o_spectral_norm_power, _spectral_samples("power"), normalize=_sigma_and_tol, oracle_view=_sigma_only,
+           grad_outputs=(0,), rtol64=1e-9, bad=[
+               Bad("weight-int64", (SW.long(), (5, 5)), {}, TypeError,
+                   r"conv_spectral_norm: weight must have a floating dtype"),
+               Bad("weight-str", ("w", (5, 5)), {}, TypeError,
+                   r"conv_spectral_norm: weight must be a torch.Tensor .* or a list / tuple of them; got str"),
+               Bad("weight-2d", (SW[0, 0], (5, 5)), {}, ValueError,
+                   r"conv_spectral_norm: weight must have 3 or 4 or 5 dims"),
+               Bad("weights-empty", ([], (5, 5)), {}, ValueError,
+                   r"conv_spectral_norm: weight must be a tensor .* or a non-empty list of them; got an empty list"),
+               Bad("weights-str-entry", ([SW, "w"], (5, 5)), {}, TypeError,
+                   r"conv_spectral_norm: weight\[1\] must be a torch.Tensor"),
+               Bad("weights-two-shapes", ([SW, SW[:2]], (5, 5)), {}, ValueError,
+                   r"conv_spectral_norm: the weights of a list must have one shape, dtype and device; got weight\[0\] "
+                   r"with shape \(4, 2, 3, 3\), weight\[1\] with shape \(2, 2, 3, 3\)"),
+               Bad("weights-two-dtypes", ([SW, SW.double()], (5, 5)), {}, ValueError,
+                   r"conv_spectral_norm: .* weight\[0\] with dtype torch.float32, weight\[1\] with dtype "
+                   r"torch.float64"),
+               Bad("input_size-1-of-2", (SW, (5,)), {}, ValueError,
+                   r"conv_spectral_norm: input_size must be a sequence of 2 positive"),
+               Bad("stride-zero", (SW, (5, 5)), dict(stride=0), ValueError, r"conv_spectral_norm: stride must be"),
+               Bad("groups-not-dividing", (SW, (5, 5)), dict(groups=3), ValueError,
+                   r"conv_spectral_norm: groups must divide the output channels"),
+               Bad("padding_mode-reflect", (SW, (5, 5)), dict(padding_mode="reflect"), ValueError,
+                   r"conv_spectral_norm: padding_mode must be 'zeros' or 'circular'"),
+               Bad("output-size-zero", (SW, (2, 2)), {}, ValueError, r"conv_spectral_norm: the output size must be"),
+               Bad("method-unknown", (SW, (5, 5)), dict(method="exact"), ValueError,
+                   r"conv_spectral_norm: method must be 'power' or 'bound'; got 'exact'"),
+               Bad("n_iter-zero", (SW, (5, 5)), dict(n_iter=0), ValueError,
+                   r"conv_spectral_norm: n_iter must be >= 1; got n_iter=0"),
+               Bad("n_iter-float", (SW, (5, 5)), dict(n_iter=10.0), TypeError,
+                   r"conv_spectral_norm: n_iter must be an integer"),
+               Bad("tol-negative", (SW, (5, 5)), dict(tol=-1e-3), ValueError, r"conv_spectral_norm: tol must be >= 0"),
+               Bad("tol-nan", (SW, (5, 5)), dict(tol=math.nan), ValueError, r"conv_spectral_norm: tol must be finite"),
+               Bad("generator-seed", (SW, (5, 5)), dict(generator=3), TypeError,
+                   r"conv_spectral_norm: generator must be a torch.Generator or None; got int"),
+               Bad("generator-other-device", (SW.to("meta"), (5, 5)), dict(generator=torch.Generator()), ValueError,
+                   r"conv_spectral_norm: generator must be on the weight's device \(meta\); got a cpu generator"),
+               Bad("positional-method", (SW, (5, 5), 1, 0, 1, 1, "zeros", "bound"), {}, TypeError,
+                   r"takes from 2 to 7 positional arguments"),
+               Bad("power-too-large", (torch.randn(64, 64, 3, 3, requires_grad=True), (256, 256)),
+                   dict(padding=1, n_iter=1000), ValueError,
+                   r"conv_spectral_norm: the power iterates \(every step kept for the backward\) need .* bytes .* "
+                   r"over MAX_WORK_BYTES=.*torch.no_grad\(\)"),
+               Bad("bound-too-large", (torch.randn(512, 512, 3, 3), (128, 128)), dict(method="bound", padding=1),
+                   ValueError, r"conv_spectral_norm: the per-frequency blocks and their Gram powers need .* bytes"),
+           ]),
+    # the same public op and table row, method="bound": its own case so each method gets the
+    # generated gradcheck, compile and torch.func checks
+    OpCase("conv_spectral_norm_bound", "conv", regkernels.conv_spectral_norm, R_conv.conv_spectral_norm,
+           o_spectral_norm_bound, _spectral_samples("bound"), normalize=_sigma_and_tol, oracle_view=_sigma_only,
+           grad_outputs=(0,), rtol64=1e-9, table_ops=("conv_spectral_norm",)),
+]
+
+
 # --------------------------------------------------------------------------- SVD
 
 def _orthogonal(*batch_and_n, seed):

@@ -273,6 +273,9 @@ BAD_CALLS = {
                                                 [-1]),
     ("clip_conv_singular_values", "hi"): (lambda v: regkernels.clip_conv_singular_values(K0, (4, 4), 0.5, v),
                                           [0.1]),
+    ("conv_spectral_norm", "n_iter"): (lambda v: regkernels.conv_spectral_norm(K0, (4, 4), n_iter=v), [0, -1]),
+    ("conv_spectral_norm", "tol"): (lambda v: regkernels.conv_spectral_norm(K0, (4, 4), method="bound", tol=v),
+                                    [-1e-3]),
     ("clamp_singular_values", "lo"): (lambda v: regkernels.clamp_singular_values(W0, v, 2.0), [-1.0, 3.0]),
     ("clamp_singular_values", "hi"): (lambda v: regkernels.clamp_singular_values(W0, 0.5, v), [0.1]),
     ("svb_", "eps"): (lambda v: regkernels.svb_(W0.clone(), v), [-1.0]),
@@ -287,7 +290,8 @@ BAD_CALLS = {
     ("BetaLasso", "weight_decay"): (lambda v: _beta_lasso(weight_decay=v), [-0.5]),
 }
 # arguments that legitimately take a bool (none of the numeric ones above do) or an int only
-_NONE_OK = {("conv_orthogonality_penalty", "padding")}
+_NONE_OK = {("conv_orthogonality_penalty", "padding"), ("conv_spectral_norm", "n_iter"),
+            ("conv_spectral_norm", "tol")}
 _TENSOR_OK = {("BetaLasso", "lr")}
 _INT_ARGS = {"s", "n_iter", "stride", "padding", "groups", "dilation", "n_proj"}
 

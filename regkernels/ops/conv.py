@@ -22,6 +22,9 @@ then runs the implementation ``TABLE`` gives for the backend, the weight's devic
   SVD kernel (``"cuda"``: the default on CUDA; ``"cpu"``: named only, LAPACK's complex SVD in the
   reference is faster on CPU). Named, a weight larger than the kernel takes raises ValueError;
   under ``backend=None`` such a weight takes the reference's complex SVD.
+* ``conv_spectral_norm``: the reference only (power iteration through ``F.conv`` and
+  ``F.conv_transpose``, which are already the fast kernels; the bound's Gram iteration is batched
+  complex GEMMs).
 * ``conv_orthogonality_penalty`` (and ``conv_orthogonality_penalty_multi``, several weights of one
   shape in one call): ``"torch"`` (the default on every device) takes the kernel's DFT on the
   ``(2k − 1)`` grid, where the self-correlation is diagonal: ``1 + 3m`` real GEMMs per layer (37 for
@@ -46,6 +49,7 @@ from regkernels._geometry import conv_output_size
 from regkernels.distributed import accepts_sharded
 from regkernels.ops._common import check_bounds, check_number, check_side, check_tensor
 from regkernels.ops._table import HALF_AND_FLOAT, Kernel, Table, check_backend_keyword
+from regkernels.reference.conv import ConvSpectralNorm
 
 # an int (the same for every spatial dim) or one int per spatial dim
 IntOrTuple = Union[int, Sequence[int]]
@@ -59,6 +63,8 @@ __all__ = [
     "conv_orthogonality_penalty_multi",
     "conv_singular_values",
     "clip_conv_singular_values",
+    "conv_spectral_norm",
+    "ConvSpectralNorm",
 ]
 
 _REF = "regkernels.reference.conv"
@@ -118,6 +124,9 @@ TABLE = Table("conv", [
            default=False, note="Jacobi SVD of each frequency's real embedding; LAPACK's complex SVD is faster on CPU"),
     Kernel("clip_conv_singular_values", "any", "reference", f"{_REF}:clip_conv_singular_values",
            note="complex SVD"),
+    Kernel("conv_spectral_norm", "any", "reference", f"{_REF}:conv_spectral_norm",
+           note="power: F.conv / F.conv_transpose steps; bound: Gram iteration on the blocks of a "
+                "circulant containing T"),
 ])
 
 _WEIGHT_FORM = "(C_out, C_in/groups, *kernel) with 1, 2 or 3 spatial dims"
@@ -471,3 +480,85 @@ def clip_conv_singular_values(weight: torch.Tensor, input_size: Sequence[int], l
     if backend in _SEDGHI_KERNELS:
         return impl(weight, input_size, lo, hi, strict=True)
     return impl(weight, input_size, lo, hi)
+
+
+_METHODS = ("power", "bound")
+
+
+@accepts_sharded
+def conv_spectral_norm(weight: torch.Tensor | Sequence[torch.Tensor], input_size: Sequence[int],
+                       stride: IntOrTuple = 1, padding: IntOrTuple = 0, dilation: IntOrTuple = 1, groups: int = 1,
+                       padding_mode: str = "zeros", *, method: str = "power", n_iter: int | None = None,
+                       tol: float | None = None, generator: torch.Generator | None = None,
+                       backend: str | None = None) -> ConvSpectralNorm:
+    """σ_max of the convolution operator ``T`` (``conv_to_matrix``'s matrix) (docs/conv.md#conv_spectral_norm).
+
+    Args:
+        weight: ``(C_out, C_in/groups, *k)``, or a non-empty list / tuple of ``L`` such tensors of
+            one shape, dtype and device (one geometry for all), evaluated together.
+        input_size, stride, padding, dilation, groups, padding_mode: the geometry, as
+            ``conv_frame_penalty``'s.
+        method: ``"power"`` (an estimate by power iteration on ``TᵀT``, through the conv and its
+            transpose; a lower bound of σ_max in exact arithmetic) or ``"bound"`` (a certified upper
+            bound: Gram iteration on the per-frequency blocks of a periodic conv that contains
+            ``T``; every padding mode, stride, dilation and groups).
+        n_iter: the most steps (power: 100, bound: 6 by default); an int >= 1.
+        tol: stop at the first step whose ``rel_tol`` is below it for every layer (power: 1e-6,
+            bound: 0, i.e. run all ``n_iter``, by default); a real >= 0. Under torch.compile and
+            torch.func every step runs (the test would read a value on the host).
+        generator: the power method's start vector is drawn from it (on the weight's device); the
+            bound draws nothing.
+
+    Returns:
+        ``ConvSpectralNorm(sigma, rel_tol)``, 0-dim each for one weight, ``(L,)`` for a list; the
+        weight's dtype (float16 / bfloat16 computed in float32). ``rel_tol``: power — the relative
+        gain of the estimate over the second half of its steps, ``(μ_k − μ_{⌊k/2⌋})/μ_k`` (``inf``
+        after one step; a heuristic, not a bound on the error: a near-double top singular value
+        can hold the estimate on a plateau); bound — the certified slack, further Gram steps can
+        lower ``sigma`` by at most this fraction. ``sigma_power ≤ σ_max(T) ≤ sigma_bound`` is a
+        certified bracket (in exact arithmetic). ``sigma`` is differentiable (autograd through
+        every step); ``rel_tol`` is not. A layer holding NaN/±inf gives NaN in its entries; an
+        empty layer gives 0.
+
+    Raises:
+        TypeError / ValueError: bad arguments (each message names the op and the argument);
+        ValueError for work over ``MAX_WORK_BYTES`` (the power iterates kept for the backward, or
+        the bound's frequency blocks), before allocating.
+    """
+    op = "conv_spectral_norm"
+    check_backend_keyword(op, backend)
+    if isinstance(weight, (list, tuple)):
+        if not weight:
+            raise ValueError(f"{op}: weight must be a tensor {_WEIGHT_FORM} or a non-empty list of them; got an "
+                             f"empty {type(weight).__name__}")
+        for i, w in enumerate(weight):
+            check_tensor(op, f"weight[{i}]", w, ndim=(3, 4, 5), form=_WEIGHT_FORM)
+        first = weight[0]
+        for i, w in enumerate(weight[1:], 1):
+            for what, a, b in (("shape", tuple(w.shape), tuple(first.shape)), ("dtype", w.dtype, first.dtype),
+                               ("device", w.device, first.device)):
+                if a != b:
+                    raise ValueError(f"{op}: the weights of a list must have one shape, dtype and device; got "
+                                     f"weight[0] with {what} {b}, weight[{i}] with {what} {a} (call it once per "
+                                     f"{what})")
+    elif isinstance(weight, torch.Tensor):
+        first = weight
+    else:
+        raise TypeError(f"{op}: weight must be a torch.Tensor {_WEIGHT_FORM} or a list / tuple of them; got "
+                        f"{type(weight).__name__}")
+    _check_geometry(op, first, input_size, stride, padding, dilation, groups, padding_mode)
+    if not isinstance(method, str) or method not in _METHODS:
+        raise ValueError(f"{op}: method must be 'power' or 'bound'; got {method!r}")
+    if n_iter is not None:
+        check_number(op, "n_iter", n_iter, lo=1, integer=True)
+    if tol is not None:
+        check_number(op, "tol", tol, lo=0)
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"{op}: generator must be a torch.Generator or None; got {type(generator).__name__}")
+        if generator.device.type != first.device.type:
+            raise ValueError(f"{op}: generator must be on the weight's device ({first.device.type}); got a "
+                             f"{generator.device.type} generator")
+    impl = TABLE.implementation(op, backend, first.device, first.dtype)
+    return impl(weight if isinstance(weight, torch.Tensor) else list(weight), tuple(input_size), stride, padding,
+                dilation, groups, padding_mode, method, n_iter, tol, generator)

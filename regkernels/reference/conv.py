@@ -12,6 +12,9 @@ for reading rather than speed:
 * ``conv_orthogonality_penalty`` — the OCNN kernel orthogonality penalty (docs/conv.md#conv_orthogonality_penalty).
 * ``conv_singular_values`` / ``clip_conv_singular_values`` — the singular values of a
   circular, stride-1 convolution through the FFT (Sedghi et al., docs/conv.md#conv_singular_values).
+* ``conv_spectral_norm`` — the largest singular value of ``T``: power iteration through the conv
+  and its adjoint, or a certified upper bound by Gram iteration on the blocks of a circulant that
+  contains ``T`` (docs/conv.md#conv_spectral_norm).
 
 Conventions shared by every function here: ``weight`` is ``(C_out, C_in/groups, *k)``
 with 1, 2 or 3 spatial dims ``d``; ``input_size`` is the spatial size ``(n_1, …, n_d)``
@@ -23,7 +26,7 @@ weights and keep their dtype.
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +35,7 @@ import torch.nn.functional as F
 from regkernels._geometry import (conv_output_size, expand, frame_value, gershgorin_value, matrix_shape,
                                   spatial_index_map)
 from regkernels._dtypes import compute_dtype, upcast
-from regkernels._numerics import first_order_only
+from regkernels._numerics import first_order_only, pow2_scale
 
 __all__ = [
     "MAX_DENSE_BYTES",
@@ -46,6 +49,9 @@ __all__ = [
     "conv_orthogonality_penalty_multi",
     "conv_singular_values",
     "clip_conv_singular_values",
+    "ConvSpectralNorm",
+    "conv_spectral_norm",
+    "circulant_embedding",
 ]
 
 # Largest dense matrix (in bytes) the explicit references build; over it they raise
@@ -480,3 +486,333 @@ def clip_conv_singular_values(weight: torch.Tensor, input_size: Sequence[int], l
     support = (slice(None), slice(None)) + tuple(slice(0, k) for k in weight.shape[2:])
     new_weight = full[support].to(weight.dtype)
     return new_weight, conv_singular_values(new_weight, input_size, svd=svd)
+
+
+# ----------------------------------------------------------------------------- conv_spectral_norm
+
+class ConvSpectralNorm(NamedTuple):
+    """What ``conv_spectral_norm`` returns (docs/conv.md#conv_spectral_norm).
+
+    ``sigma``: the estimate (``method="power"``: a lower bound of σ_max(T) in exact arithmetic) or
+    the certified upper bound (``method="bound"``). ``rel_tol``: the tolerance the iteration
+    reached — the power estimate's relative gain over the second half of its steps (a heuristic,
+    not a bound on the error), or the bound's certified slack (further Gram iterations can lower
+    ``sigma`` by at most this fraction). Both are 0-dim for one weight, ``(L,)`` for a list of
+    ``L``; the weight's dtype; ``rel_tol`` carries no gradient.
+    """
+
+    sigma: torch.Tensor
+    rel_tol: torch.Tensor
+
+
+# the defaults of n_iter / tol per method (docs/conv.md#conv_spectral_norm)
+POWER_ITERATIONS = 100
+POWER_TOL = 1e-6
+GRAM_ITERATIONS = 6
+GRAM_TOL = 0.0
+
+_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+def spectral_norm_settings(method: str, n_iter: int | None, tol: float | None) -> tuple[int, float]:
+    """``(n_iter, tol)`` with the method's defaults filled in."""
+    if method == "power":
+        return (POWER_ITERATIONS if n_iter is None else n_iter), (POWER_TOL if tol is None else tol)
+    return (GRAM_ITERATIONS if n_iter is None else n_iter), (GRAM_TOL if tol is None else tol)
+
+
+def _may_stop_early() -> bool:
+    """Whether the convergence test may be read on the host to stop early: not while dynamo traces
+    (the branch would break the graph) and not under a torch.func transform (vmap cannot read a
+    batched value). There every one of the ``n_iter`` steps runs, which only tightens the result."""
+    if torch.compiler.is_compiling():
+        return False
+    return not torch._C._are_functorch_transforms_active()
+
+
+def _stacked_layers(weights: Sequence[torch.Tensor]):
+    """``(W, scale, bad, nan)``: the layers stacked ``(L, C_out, C_in/g, *k)`` in the compute dtype,
+    each divided by its own power of two ``scale[l]`` (exact; σ is homogeneous of degree 1, so
+    ``σ(W) = s·σ(W/s)`` for a constant ``s``: nothing overflows while σ itself is finite), with the
+    layers holding NaN/±inf zeroed; ``nan[l]`` is NaN, with a NaN gradient for every entry, exactly
+    for those, and 0 with a zero gradient for the others."""
+    W = torch.stack([upcast(w) for w in weights])
+    flat = W.flatten(1)
+    bad = ~torch.isfinite(flat).all(1)
+    # a constant NaN per bad layer times its entries: NaN value and derivative (a real |x − x| would
+    # have derivative sign(NaN) = 0 in torch), exactly 0 for the finite layers
+    poison = torch.where(bad, torch.full((), math.nan, dtype=W.dtype, device=W.device),
+                         torch.zeros((), dtype=W.dtype, device=W.device))
+    nan = (flat * poison[:, None]).sum(1)
+    big = flat.detach().abs().amax(1) if flat.shape[1] else flat.new_zeros(flat.shape[0])
+    scale = pow2_scale(big)
+    view = (-1,) + (1,) * (W.dim() - 1)
+    W = torch.where(bad.view(view), torch.zeros((), dtype=W.dtype, device=W.device), W) / scale.view(view)
+    return W, scale, bad, nan
+
+
+# ---- method="power"
+
+def _apply_T(W2: torch.Tensor, x: torch.Tensor, stride, padding, dilation, groups: int, circular: bool):
+    """``T x`` for a batch of one input ``(1, C, *n)``: the conv (circular: pad, then no padding)."""
+    conv = _CONV[W2.dim() - 2]
+    if circular:
+        pads = [q for p in reversed(padding) for q in (p, p)]
+        return conv(F.pad(x, pads, mode="circular"), W2, None, stride, 0, dilation, groups)
+    return conv(x, W2, None, stride, padding, dilation, groups)
+
+
+def _apply_T_adjoint(W2: torch.Tensor, y: torch.Tensor, input_size, stride, padding, dilation, groups: int,
+                     circular: bool):
+    """``Tᵀ y``: the transposed conv back to the (circularly padded) input size, then, for circular
+    padding, the adjoint of the padding, which adds every padded position onto the input position
+    it copied (``(j − p) mod n``)."""
+    d = W2.dim() - 2
+    conv_padding = (0,) * d if circular else tuple(padding)
+    target = tuple(n + 2 * p for n, p in zip(input_size, padding)) if circular else tuple(input_size)
+    # conv_transpose gives (o − 1)·s − 2p + dil·(k − 1) + 1 positions; output_padding adds the rows the
+    # forward's floor dropped (0 ≤ it ≤ s − 1, as torch requires)
+    extra = tuple(t - ((o - 1) * s - 2 * p + dl * (k - 1) + 1)
+                  for t, o, s, p, dl, k in zip(target, y.shape[2:], stride, conv_padding, dilation, W2.shape[2:]))
+    z = _CONV_T[d](y, W2, None, stride, conv_padding, extra, groups, dilation)
+    if circular:
+        for i, (n, p) in enumerate(zip(input_size, padding)):
+            dim = 2 + i
+            index = (torch.arange(n + 2 * p, device=z.device) - p) % n
+            shape = list(z.shape)
+            shape[dim] = n
+            z = z.new_zeros(shape).index_add(dim, index, z)
+    return z
+
+
+def _unit_rows(x: torch.Tensor, tiny: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x / ‖x‖, ‖x‖)`` per row of ``(L, N)``; a zero row stays zero."""
+    norm = torch.linalg.vector_norm(x, dim=1)
+    return x / norm.clamp_min(tiny)[:, None], norm
+
+
+def _power_sigma(W: torch.Tensor, input_size, stride, padding, dilation, groups: int, circular: bool,
+                 n_iter: int, tol: float, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Power iteration on ``TᵀT`` for the ``L`` stacked layers at once (one conv with ``L·groups``
+    groups: group ``l·g + j`` is group ``j`` of layer ``l``); ``(μ, rel)`` per layer.
+
+    Step: ``u = T v``, ``w = Tᵀ u``, ``μ = ‖w‖ / ‖u‖``, ``v ← w / ‖w‖``. ``‖Tᵀu‖ ≤ σ_max ‖u‖`` makes
+    every ``μ`` a lower bound of σ_max; with ``m_j = ⟨(TᵀT)^j v₀, v₀⟩``, ``μ_k² = m_{2k+2}/m_{2k+1}``,
+    a ratio of consecutive moments of a positive measure, which never decreases (Cauchy–Schwarz),
+    and tends to σ_max² when ``v₀`` meets the top right singular vector (a Gaussian start does, with
+    probability 1). ``rel = (μ_k − μ_{⌊k/2⌋}) / μ_k``, the relative gain over the second half of the
+    run (``inf`` after one step): about the remaining error where the convergence is algebraic (a
+    top of the spectrum without a gap, as on large inputs), above it where it is geometric; a
+    per-step change would understate the first by a factor of order ``k`` (and is 0 whenever a
+    float32 step leaves μ unchanged). The loop stops at the first step with ``rel < tol`` for every
+    layer, where ``_may_stop_early`` allows reading it."""
+    L, c_out, c_in_g = W.shape[:3]
+    c_in = c_in_g * groups
+    W2 = W.reshape(L * c_out, c_in_g, *W.shape[3:])
+    tiny = torch.finfo(W.dtype).tiny
+    start = torch.randn((L, c_in, *input_size), generator=generator, device=W.device, dtype=torch.float32)
+    v, _ = _unit_rows(start.to(W.dtype).reshape(L, -1), tiny)
+    shape_in = (1, L * c_in, *input_size)
+    history = []  # μ_1, μ_2, … (detached): the gain over the second half of the run
+    early = tol > 0 and _may_stop_early()
+    for step in range(1, n_iter + 1):
+        u = _apply_T(W2, v.reshape(shape_in), stride, padding, dilation, L * groups, circular)
+        w = _apply_T_adjoint(W2, u, input_size, stride, padding, dilation, L * groups, circular)
+        nu = torch.linalg.vector_norm(u.reshape(L, -1), dim=1)
+        v, nw = _unit_rows(w.reshape(L, -1), tiny)
+        mu = nw / nu.clamp_min(tiny)  # u = 0 (v in T's null space) gives w = 0 and μ = 0
+        history.append(mu.detach())
+        rel = (torch.full_like(history[0], math.inf) if step == 1 else
+               (history[-1] - history[step // 2 - 1]).abs() / history[-1].clamp_min(tiny))
+        if early and step >= 2 and bool((rel < tol).all()):
+            break
+    return mu, rel
+
+
+# ---- method="bound"
+
+def circulant_embedding(input_size, kernel, stride, padding, dilation, padding_mode: str):
+    """``(N, g, m)`` per dim: ``T = R·C·E`` (docs/conv.md#conv_spectral_norm), where ``C`` is the
+    conv of stride ``g`` on a periodic grid of ``N`` points (``g | N``), ``E`` an isometry of the
+    inputs into that grid and ``R`` picks each output of ``T`` as a row of ``C``, no row more than
+    ``m`` times (the product of the per-dim ``m``), so ``σ_max(T) ≤ √m·σ_max(C)``.
+
+    Per dim, with ``k_e = dil·(k − 1) + 1`` and ``o`` the output size:
+
+    * zeros: ``g = s``; ``N`` the least multiple of ``s`` with ``N ≥ n + p`` and ``N ≥ s·o``; the
+      input sits at ``[p, p + n)`` of the grid. The conv reads padded positions up to
+      ``n + 2p − 1 < N + p``: those below ``N`` hold the same values on the grid, those at ``N`` or
+      above are zeros of the padding and wrap to ``[0, p)``, zeros of the grid. Output ``i`` is row
+      ``i`` of ``C``: ``m = 1``.
+    * circular: ``N = n``, ``g = gcd(s, n)``, ``E`` the roll by ``p``; output ``i`` is row
+      ``(s/g)·i mod (n/g)`` of ``C``. ``s/g`` is coprime to ``n/g``, so ``i ↦ (s/g)·i`` permutes the
+      residues mod ``n/g`` and a row is hit ``⌈o/(n/g)⌉`` times at most (1 for the usual paddings).
+    """
+    out = []
+    for n, k, s, p, dl in zip(input_size, kernel, stride, padding, dilation):
+        o = (n + 2 * p - dl * (k - 1) - 1) // s + 1
+        if padding_mode == "circular":
+            g = math.gcd(s, n)
+            out.append((n, g, -(-o // (n // g))))
+        else:
+            need = max(n + p, s * o)
+            out.append((-(-need // s) * s, s, 1))
+    return out
+
+
+def _dft_taps(k: int, dilation: int, g: int, N: int, half: bool, device, dtype) -> torch.Tensor:
+    """``(k, g, F)`` complex: tap ``t`` sits at grid offset ``τ = dil·t = g·a + ρ``; its entry is
+    ``exp(−2πi·ω·a/M)`` at phase ``ρ`` (0 at the other phases), ``M = N/g``, ``ω ∈ [0, M)`` (``half``:
+    ``[0, M//2]``). Taps whose ``a`` agree mod ``M`` add up, as they do in the periodic conv."""
+    M = N // g
+    freqs = torch.arange(M // 2 + 1 if half else M, device=device)
+    tau = torch.arange(k, device=device) * dilation
+    # the phase index a·ω mod M in integers: exact angles for any grid size
+    angle = (2 * math.pi / M) * (((tau // g)[:, None] * freqs[None, :]) % M).to(torch.float64)
+    wave = torch.polar(torch.ones_like(angle), -angle)
+    onehot = (tau[:, None] % g == torch.arange(g, device=device)[None, :]).to(torch.float64)
+    return (onehot[:, :, None] * wave[:, None, :]).to(dtype)
+
+
+def _frequency_blocks(W: torch.Tensor, groups: int, dilation, grid) -> torch.Tensor:
+    """``(L, F, groups, C_out/groups, (C_in/groups)·∏g)`` complex: the blocks that
+    block-diagonalise ``C`` (``grid``: ``circulant_embedding``'s ``(N, g, m)`` per dim), one per
+    frequency of the ``M = N/g`` grid (the last dim's ``M//2 + 1`` nonnegative ones: a real
+    kernel's block at ``−ω`` is the conjugate of the one at ``ω`` and has its singular values).
+
+    ``C z[r] = Σ_ρ Σ_t W_t z_ρ[r + a_t]`` with the phases ``z_ρ[b] = z[g·b + ρ]``: the DFT of length
+    ``M`` of ``C z`` at ``ω`` is ``Σ_ρ conj(Ŵ_ρ(ω)) ẑ_ρ(ω)`` (``Ŵ_ρ`` the DFT of the taps at phase
+    ``ρ``), and ``z ↦ (ẑ_ρ)`` is unitary up to the factor ``√M`` the output's DFT shares. So
+    ``σ(C) = ⋃_ω σ([Ŵ_ρ(ω)]_ρ)`` (conjugation leaves singular values be)."""
+    L, c_out, c_in_g = W.shape[:3]
+    kernel = W.shape[3:]
+    d = len(kernel)
+    cdt = torch.complex128 if W.dtype == torch.float64 else torch.complex64
+    mats = [_dft_taps(k, dl, g, N, i == d - 1, W.device, cdt)
+            for i, (k, dl, (N, g, _)) in enumerate(zip(kernel, dilation, grid))]
+    letters = "xyz"[:d]
+    spec = (f"loi{letters}," + ",".join(f"{t}{t.upper()}{f}" for t, f in zip(letters, "pqr"))
+            + f"->l{'pqr'[:d]}oi{letters.upper()}")
+    A = torch.einsum(spec, W.to(cdt), *mats)  # (L, F_1.., C_out, C_in/g, g_1..)
+    F_total = math.prod(A.shape[1:1 + d])
+    G = math.prod(A.shape[3 + d:])
+    return A.reshape(L, F_total, groups, c_out // groups, c_in_g * G)
+
+
+def _gram_bound(blocks: torch.Tensor, n_iter: int, tol: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upper and lower bounds of ``σ_max`` of every block by ``n_iter`` Gram iterations; the loop
+    stops at the first step where, for every layer (dim 0), ``1 − max lower / max upper < tol``.
+
+    ``G₀ = A``, ``G_{k+1} = G_kᴴ G_k``: ``σ_max(G_{k+1}) = σ_max(G_k)²``, so
+    ``σ_max(A)^{2^t} = σ_max(G_t) ≤ ‖G_t‖_F``: ``upper = ‖G_t‖_F^{1/2^t}``. And
+    ``‖G_t‖_F = ‖G_{t−1}ᴴG_{t−1}‖_F ≤ σ_max(G_{t−1})·‖G_{t−1}‖_F`` gives
+    ``lower = (‖G_t‖_F / ‖G_{t−1}‖_F)^{1/2^{t−1}} ≤ σ_max(A)``. Each ``G_k`` is kept divided by its
+    Frobenius norm ``r_k`` (``Ĝ_k``, so ``G_{k+1}`` is formed from ``Ĝ_k``): then
+    ``upper = r_0·∏_{k≥1} r_k^{1/2^k}`` and ``lower = upper·r_t^{1/2^t}``, where every ``r_k`` with
+    ``k ≥ 1`` lies in ``[c^{−1/2}, 1]`` (``c`` the Gram's side): no overflow, no underflow. The first
+    Gram is taken on the smaller side (``AAᴴ`` has ``AᴴA``'s nonzero eigenvalues and norm)."""
+    r0 = torch.linalg.matrix_norm(blocks)
+    nonzero = r0 > 0  # a zero block: both bounds 0, and no 0/0 anywhere (nor in the gradient)
+    one = torch.ones((), dtype=r0.dtype, device=r0.device)
+    H = blocks / torch.where(nonzero, r0, one)[..., None, None].to(blocks.dtype)
+    H = H.mH @ H if H.shape[-1] <= H.shape[-2] else H @ H.mH
+    upper = r0
+    early = tol > 0 and _may_stop_early()
+    for k in range(1, n_iter + 1):
+        if k > 1:
+            H = H.mH @ H
+        r = torch.where(nonzero, torch.linalg.matrix_norm(H), one)
+        H = H / r[..., None, None].to(H.dtype)
+        upper = upper * r ** (0.5 ** k)
+        lower = upper * r ** (0.5 ** k)
+        if early and k < n_iter and bool((_slack(upper, lower) < tol).all()):
+            break
+    return upper, lower
+
+
+def _slack(upper: torch.Tensor, lower: torch.Tensor) -> torch.Tensor:
+    """Per layer ``1 − max lower / max upper`` over its blocks (0 for a zero layer)."""
+    hi, lo = upper.detach().flatten(1).amax(1), lower.detach().flatten(1).amax(1)
+    return torch.where(hi > 0, 1 - lo / hi.clamp_min(torch.finfo(hi.dtype).tiny), torch.zeros_like(hi))
+
+
+def _bound_sigma(W: torch.Tensor, input_size, stride, padding, dilation, groups: int, padding_mode: str,
+                 n_iter: int, tol: float) -> tuple[torch.Tensor, torch.Tensor]:
+    grid = circulant_embedding(input_size, W.shape[3:], stride, padding, dilation, padding_mode)
+    blocks = _frequency_blocks(W, groups, dilation, grid)
+    upper, lower = _gram_bound(blocks, n_iter, tol)
+    m = math.prod([mi for _, _, mi in grid])
+    return math.sqrt(m) * upper.flatten(1).amax(1), _slack(upper, lower)
+
+
+def _spectral_norm_bytes(shape, dtype: torch.dtype, input_size, stride, padding, dilation, groups: int,
+                         padding_mode: str, method: str, n_iter: int, graph: bool) -> tuple[int, str]:
+    """Bytes of the working set of ``L`` layers of ``shape = (L, C_out, C_in/g, *k)`` and what it
+    holds (the ``MAX_WORK_BYTES`` check)."""
+    L, c_out, c_in_g, *kernel = shape
+    itemsize = torch.empty((), dtype=compute_dtype(dtype)).element_size()
+    if method == "power":
+        out = conv_output_size(input_size, kernel, stride, padding, dilation)
+        padded = [n + 2 * p for n, p in zip(input_size, padding)] if padding_mode == "circular" else input_size
+        vec = L * (c_in_g * groups * (math.prod(input_size) + math.prod(padded)) + c_out * math.prod(out))
+        kept = 2 * (n_iter + 1) if graph else 3
+        return kept * vec * itemsize, f"the power iterates ({'every step kept for the backward' if graph else 'three'})"
+    grid = circulant_embedding(input_size, kernel, stride, padding, dilation, padding_mode)
+    steps = [N // g for N, g, _ in grid]
+    freqs = math.prod(steps[:-1]) * (steps[-1] // 2 + 1)
+    a, b = c_out // groups, c_in_g * math.prod([g for _, g, _ in grid])
+    per = a * b + (n_iter + 2 if graph else 3) * min(a, b) ** 2
+    return 2 * itemsize * L * freqs * groups * per, "the per-frequency blocks and their Gram powers"
+
+
+def conv_spectral_norm(weight, input_size: Sequence[int], stride=1, padding=0, dilation=1, groups: int = 1,
+                       padding_mode: str = "zeros", method: str = "power", n_iter: int | None = None,
+                       tol: float | None = None, generator: torch.Generator | None = None) -> ConvSpectralNorm:
+    """σ_max of the conv operator ``T`` of ``conv_to_matrix`` (docs/conv.md#conv_spectral_norm).
+
+    ``weight``: one ``(C_out, C_in/groups, *k)`` tensor, or a list of ``L`` of one shape (sigma and
+    rel_tol then have shape ``(L,)``); the other arguments as ``conv_to_matrix``'s.
+
+    * ``method="power"``: ``n_iter`` (default 100) steps of ``v ← TᵀTv/‖TᵀTv‖`` from a Gaussian start
+      drawn from ``generator`` (float32, ``(L, C_in, *n)``), ``T`` applied as ``F.conv{d}d`` and
+      ``Tᵀ`` as ``F.conv_transpose{d}d`` (plus the fold of circular padding); ``sigma`` is
+      ``‖TᵀTv‖/‖Tv‖``, a lower bound of σ_max that never decreases from step to step. It stops
+      early at the first step ``k`` whose relative gain since step ``⌊k/2⌋`` is below ``tol``
+      (default 1e-6) for every layer.
+      Differentiable: autograd through every step (the exact derivative of the returned value).
+    * ``method="bound"``: ``n_iter`` (default 6) Gram iterations on the frequency blocks of the
+      circulant ``C`` that contains ``T`` (``circulant_embedding``), ``sigma = √m·max ‖G_t‖_F^{1/2^t}``
+      ≥ σ_max(T), for every padding mode, stride, dilation and groups; ``tol`` (default 0, i.e. all
+      ``n_iter`` steps) stops at a certified slack below it.
+
+    The early stop reads a value on the host, so it is skipped under torch.compile and torch.func
+    (all ``n_iter`` steps run). A layer holding NaN/±inf gives NaN (sigma and rel_tol); an empty
+    layer gives 0. float16 / bfloat16 are computed in float32.
+    """
+    op = "conv_spectral_norm"
+    weights = [weight] if isinstance(weight, torch.Tensor) else list(weight)
+    first = weights[0]
+    d = first.dim() - 2
+    stride, padding, dilation = expand(stride, d), expand(padding, d), expand(dilation, d)
+    n_iter, tol = spectral_norm_settings(method, n_iter, tol)
+    graph = torch.is_grad_enabled() and any(w.requires_grad for w in weights)
+    nbytes, what = _spectral_norm_bytes((len(weights), *first.shape), first.dtype, input_size, stride, padding,
+                                        dilation, groups, padding_mode, method, n_iter, graph)
+    if nbytes > MAX_WORK_BYTES:
+        advice = ("call it under torch.no_grad() (no iterate is kept), with fewer n_iter, or on fewer layers"
+                  if method == "power" else "use a smaller input_size, fewer layers or torch.no_grad()")
+        raise ValueError(f"{op}: {what} need {nbytes} bytes ({nbytes / 2**30:.1f} GiB), over MAX_WORK_BYTES="
+                         f"{MAX_WORK_BYTES}; {advice}")
+    W, scale, bad, nan = _stacked_layers(weights)
+    if W.numel() == 0:  # no channels: T maps to or from the zero space, σ_max = 0
+        sigma, rel = W.flatten(1).sum(1), W.new_zeros(W.shape[0])
+    elif method == "power":
+        sigma, rel = _power_sigma(W, input_size, stride, padding, dilation, groups, padding_mode == "circular",
+                                  n_iter, tol, generator)
+    else:
+        sigma, rel = _bound_sigma(W, input_size, stride, padding, dilation, groups, padding_mode, n_iter, tol)
+    sigma = torch.where(bad, nan, sigma * scale)
+    rel = torch.where(bad, nan.detach(), rel)
+    if isinstance(weight, torch.Tensor):
+        sigma, rel = sigma[0], rel[0]
+    return ConvSpectralNorm(sigma.to(first.dtype), rel.to(first.dtype))
