@@ -407,13 +407,7 @@ def conv_orthogonality_penalty_multi(weights: Sequence[torch.Tensor], stride: In
         raise ValueError(f"{op}: weights[0] must have kernel sizes >= 1 {_WEIGHT_FORM}; got shape "
                          f"{tuple(weights[0].shape)}")
     first = weights[0]
-    for i, w in enumerate(weights[1:], 1):
-        for what, a, b in (("shape", tuple(w.shape), tuple(first.shape)), ("dtype", w.dtype, first.dtype),
-                           ("device", w.device, first.device)):
-            if a != b:
-                raise ValueError(f"{op}: all weights must have one shape, dtype and device; got weights[0] with "
-                                 f"{what} {b}, weights[{i}] with {what} {a} (call it once per {what}, or "
-                                 f"conv_orthogonality_penalty per weight)")
+    _check_alike(op, "weights", weights, "all weights must", " or conv_orthogonality_penalty per weight")
     d = first.dim() - 2
     _check_ints(op, "stride", stride, d, 1)
     if padding is not None:
@@ -482,6 +476,19 @@ def clip_conv_singular_values(weight: torch.Tensor, input_size: Sequence[int], l
     return impl(weight, input_size, lo, hi)
 
 
+def _check_alike(op: str, name: str, weights: Sequence[torch.Tensor], subject: str, alternative: str = "") -> None:
+    """The weights of a multi-layer call share one shape, dtype and device; a ValueError names the
+    first that differs and what does."""
+    first = weights[0]
+    for i, w in enumerate(weights[1:], 1):
+        for what, a, b in (("shape", tuple(w.shape), tuple(first.shape)), ("dtype", w.dtype, first.dtype),
+                           ("device", w.device, first.device)):
+            if a != b:
+                raise ValueError(f"{op}: {subject} have one shape, dtype and device; got {name}[0] with {what} {b}, "
+                                 f"{name}[{i}] with {what} {a} (call it once per {what}{',' if alternative else ''}"
+                                 f"{alternative})")
+
+
 _METHODS = ("power", "bound")
 
 
@@ -534,13 +541,7 @@ def conv_spectral_norm(weight: torch.Tensor | Sequence[torch.Tensor], input_size
         for i, w in enumerate(weight):
             check_tensor(op, f"weight[{i}]", w, ndim=(3, 4, 5), form=_WEIGHT_FORM)
         first = weight[0]
-        for i, w in enumerate(weight[1:], 1):
-            for what, a, b in (("shape", tuple(w.shape), tuple(first.shape)), ("dtype", w.dtype, first.dtype),
-                               ("device", w.device, first.device)):
-                if a != b:
-                    raise ValueError(f"{op}: the weights of a list must have one shape, dtype and device; got "
-                                     f"weight[0] with {what} {b}, weight[{i}] with {what} {a} (call it once per "
-                                     f"{what})")
+        _check_alike(op, "weight", weight, "the weights of a list must")
     elif isinstance(weight, torch.Tensor):
         first = weight
     else:
