@@ -28,3 +28,19 @@ def _seed():
     # fresh but reproducible inputs per test
     torch.manual_seed(0x5EED)
     yield
+
+
+@pytest.fixture(scope="module")
+def gloo_world_of_one(tmp_path_factory):
+    """A world of one gloo process (rank 0 of 1) for the module's tests: DTensors whose collectives
+    are local. Skips where torch.distributed or gloo is missing."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path_factory.mktemp('pg')}/init", rank=0,
+                            world_size=1)
+    try:
+        yield dist
+    finally:
+        dist.destroy_process_group()

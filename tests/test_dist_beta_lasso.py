@@ -263,13 +263,8 @@ def test_fsdp2_and_tensor_parallel_match_one_process(tmp_path, world):
 
 # ----------------------------------------------------------------------------- one process, refusals
 @pytest.fixture(scope="module")
-def mesh(tmp_path_factory):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path_factory.mktemp('pg')}/init", rank=0,
-                            world_size=1)
-    try:
-        yield init_device_mesh("cpu", (1,))
-    finally:
-        dist.destroy_process_group()
+def mesh(gloo_world_of_one):
+    return init_device_mesh("cpu", (1,))
 
 
 @pytest.mark.parametrize("backend", [None, "reference"])

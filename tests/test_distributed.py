@@ -349,17 +349,12 @@ def test_gram_route_byte_rule():
 
 # ----------------------------------------------------------------------------- one process
 @pytest.fixture(scope="module")
-def one_rank(tmp_path_factory):
+def one_rank(gloo_world_of_one):
     """A world of one process: DTensors whose collectives are local, for the refusals and for
     the paths that must not communicate."""
     from torch.distributed.tensor import init_device_mesh
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path_factory.mktemp('pg')}/init", rank=0,
-                            world_size=1)
-    try:
-        yield init_device_mesh
-    finally:
-        dist.destroy_process_group()
+    return init_device_mesh
 
 
 def test_plain_tensors_are_not_moved(one_rank):

@@ -293,18 +293,11 @@ def test_peer_factors_of_the_docs_table():
 
 # ----------------------------------------------------------------------------- sharded weights
 @pytest.fixture(scope="module")
-def one_rank(tmp_path_factory):
+def one_rank(gloo_world_of_one):
     """A world of one gloo process: DTensor weights take Regularizer's sharded path."""
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
     from torch.distributed.tensor import init_device_mesh
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path_factory.mktemp('pg')}/init", rank=0,
-                            world_size=1)
-    try:
-        yield init_device_mesh("cpu", (1,))
-    finally:
-        dist.destroy_process_group()
+    return init_device_mesh("cpu", (1,))
 
 
 def _sharded_model(mesh) -> tuple[nn.Module, nn.Module]:

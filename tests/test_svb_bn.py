@@ -386,18 +386,8 @@ def test_bn_needs_a_module():
 # ------------------------------------------------------------------------------ sharded (one process)
 
 @pytest.fixture(scope="module")
-def one_rank(tmp_path_factory):
-    dist = pytest.importorskip("torch.distributed")
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialized in this process")
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path_factory.mktemp('pg')}/init", rank=0,
-                            world_size=1)
-    try:
-        yield dist
-    finally:
-        dist.destroy_process_group()
+def one_rank(gloo_world_of_one):
+    return gloo_world_of_one
 
 
 def test_fsdp2_sharded_batchnorm_equals_one_process(one_rank):
