@@ -145,8 +145,9 @@ def orthogonality_penalty(W: torch.Tensor, side: str = "auto", squared: bool = T
                              [float(squared)])
 
 
-def mhe_penalty(W: torch.Tensor, s: int = 2, half: bool = False, eps: float = 1e-4) -> torch.Tensor:
-    return _gram_penalty_one("mhe_penalty", "mhe", W, 0, [float(s), float(half), float(eps)])
+def mhe_penalty(W: torch.Tensor, s: int = 2, half: bool = False, eps: float = 1e-4,
+                angular: bool = False) -> torch.Tensor:
+    return _gram_penalty_one("mhe_penalty", "mhe", W, 0, [float(s), float(half), float(eps), float(angular)])
 
 
 def penalty_multi(weights: list[torch.Tensor], kind: str, groups: list[int], **args) -> torch.Tensor:

@@ -5,7 +5,7 @@ The kernels compute one penalty over a list of matrices ``mats[i]`` (a single op
 one; ``penalty_multi`` is a whole model) given per matrix a side code, 0 = rows (``W Wᵀ``) or
 1 = cols (``Wᵀ W``), and the kind's scalar params as floats: frame ``[A, B]``, diversity
 ``[tau, inclusive]``, orthogonality ``[squared]`` (the C++ kernel; Triton takes ``[]`` and the
-norm is taken here), mhe ``[s, half, eps]``.
+norm is taken here), mhe ``[s, half, eps, angular]``.
 
 torch.func: the kernels' autograd (C++ for the C++ op, ``register_autograd`` for the Triton
 custom op) cannot run under torch.func transforms, so functorch-wrapped inputs go through a
@@ -45,7 +45,7 @@ def kernel_params(kind: str, args: dict) -> list[float]:
         return [float(args["tau"]), float(args["inclusive"])]
     if kind == "orthogonality":
         return [float(args["squared"])]
-    return [float(args["s"]), float(args["half"]), float(args["eps"])]
+    return [float(args["s"]), float(args["half"]), float(args["eps"]), float(args.get("angular", False))]
 
 
 def check_dense_gram(op: str, what: str, W: torch.Tensor, kind: str, side: int) -> None:

@@ -270,7 +270,7 @@ def o_orthogonality(W, side="auto", squared=True):
     return _per_matrix(W.double(), one)
 
 
-def o_mhe(W, s=2, half=False, eps=1e-4):
+def o_mhe(W, s=2, half=False, eps=1e-4, angular=False):
     def one(M):
         M = M.double()
         if half:
@@ -279,7 +279,12 @@ def o_mhe(W, s=2, half=False, eps=1e-4):
         energies = []
         for i in range(M.shape[0]):
             for j in range(i + 1, M.shape[0]):
-                delta = 2 - 2 * (M[i] @ M[j]) / (nu[i] * nu[j])
+                cos = (M[i] @ M[j]) / (nu[i] * nu[j])
+                if angular:  # the official code's normalised angle, offset by eps
+                    a = torch.acos(cos) / math.pi + eps
+                    energies.append(-torch.log(a) if s == 0 else a ** (-float(s)))
+                    continue
+                delta = 2 - 2 * cos
                 energies.append(-torch.log(delta) if s == 0 else delta ** (-0.5 if s == 1 else -1.0))
         return torch.stack(energies).mean()
     return _per_matrix(W.double(), one)
@@ -337,7 +342,8 @@ _MULTI_ORACLE = {
     "frame": lambda M, kw: o_frame(M, kw["A"], kw["B"], kw.get("side", "auto"))[0],
     "diversity": lambda M, kw: o_diversity(M, kw["tau"], kw.get("inclusive", True))[0],
     "orthogonality": lambda M, kw: o_orthogonality(M, kw.get("side", "auto"), kw.get("squared", True))[0],
-    "mhe": lambda M, kw: o_mhe(M, kw.get("s", 2), kw.get("half", False), kw.get("eps", 1e-4))[0],
+    "mhe": lambda M, kw: o_mhe(M, kw.get("s", 2), kw.get("half", False), kw.get("eps", 1e-4),
+                               kw.get("angular", False))[0],
 }
 
 
@@ -448,12 +454,16 @@ GRAM_CASES = [
                ]),
     _gram_case("mhe_penalty", regkernels.mhe_penalty, R_gram.mhe_penalty, o_mhe,
                [("s0-half", dict(s=0, half=True)), ("s1", dict(s=1)), ("s2-eps0.1", dict(s=2, eps=0.1)),
-                ("s2-half", dict(s=2, half=True))], min_rows=2, bad=[
+                ("s2-half", dict(s=2, half=True)), ("angular-s0", dict(s=0, angular=True)),
+                ("angular-s1-half", dict(s=1, half=True, angular=True)),
+                ("angular-s2-eps0.01", dict(s=2, eps=0.01, angular=True))], min_rows=2, bad=[
                    Bad("s-3", (W0,), dict(s=3), ValueError, r"mhe_penalty: s must be 0 \(log energy\), 1 or 2"),
                    Bad("s-float", (W0,), dict(s=1.5), TypeError, r"mhe_penalty: s must be an integer"),
                    Bad("eps-zero", (W0,), dict(eps=0.0), ValueError, r"mhe_penalty: eps must be > 0; got eps=0.0"),
                    Bad("eps-negative", (W0,), dict(eps=-1e-4), ValueError, r"mhe_penalty: eps must be > 0"),
                    Bad("half-None", (W0,), dict(half=None), TypeError, r"mhe_penalty: half must be True or False"),
+                   Bad("angular-str", (W0,), dict(angular="yes"), TypeError,
+                       r"mhe_penalty: angular must be True or False"),
                    Bad("one-row-not-half", (torch.randn(1, 5),), {}, ValueError,
                        r"mhe_penalty: W needs at least 2 rows .* or half=True"),
                ]),
@@ -524,7 +534,7 @@ MULTI_CASE = OpCase(
         Bad("frame-missing-B", ([W0], "frame"), dict(A=0.0), TypeError,
             r"penalty_multi: kind='frame' takes keyword arguments A, B, side .* missing \['B'\]"),
         Bad("mhe-unknown-tau", ([W0], "mhe"), dict(tau=0.1), TypeError,
-            r"penalty_multi: kind='mhe' takes keyword arguments s, half, eps .* unknown \['tau'\]"),
+            r"penalty_multi: kind='mhe' takes keyword arguments s, half, eps, angular .* unknown \['tau'\]"),
         Bad("A-above-B", ([W0], "frame"), dict(A=2.0, B=1.0), ValueError, r"penalty_multi: need A <= B"),
         Bad("groups-length", ([W0, W0], "frame"), dict(groups=[1], A=0.0, B=1.0), ValueError,
             r"penalty_multi: groups must be one int or one per weight \(2\)"),

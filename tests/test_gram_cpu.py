@@ -39,6 +39,9 @@ KINDS = {
     "mhe_s0_half": (lambda W, b: G.mhe_penalty(W, 0, True, backend=b), lambda W: R.mhe_penalty(W, 0, True)),
     "mhe_s2_half": (lambda W, b: G.mhe_penalty(W, 2, True, eps=0.1, backend=b),
                     lambda W: R.mhe_penalty(W, 2, True, eps=0.1)),
+    "mhe_a0": (lambda W, b: G.mhe_penalty(W, 0, angular=True, backend=b), lambda W: R.mhe_penalty(W, 0, angular=True)),
+    "mhe_a2_half": (lambda W, b: G.mhe_penalty(W, 2, True, angular=True, backend=b),
+                    lambda W: R.mhe_penalty(W, 2, True, angular=True)),
 }
 # m < n, m > n, primes, square, single row / column, batched leading dims
 SHAPES = [(7, 13), (13, 7), (11, 11), (1, 5), (5, 1), (2, 3, 17, 5)]
@@ -191,7 +194,7 @@ def test_grouped_call_equals_per_layer_and_is_one_call(kind, kw):
 
 
 @pytest.mark.parametrize("kind, params, sides", [("frame", [0.5, 1.5], [0, 1]), ("diversity", [0.3, 1.0], [0, 0]),
-                                                 ("orthogonality", [0.0], [1, 0]), ("mhe", [1.0, 1.0, 1e-3], [0, 0])])
+                                                 ("orthogonality", [0.0], [1, 0]), ("mhe", [1.0, 1.0, 1e-3, 0.0], [0, 0])])
 def test_opcheck(kind, params, sides):
     mats = [_weights((2, 5, 8)).requires_grad_(True), _weights((1, 7, 3)).requires_grad_(True)]
     torch.library.opcheck(torch.ops.regkernels.gram_penalty_fwd, (mats, kind, sides, params, True))

@@ -38,11 +38,14 @@ CONFIGS = [
     ("diversity_exclusive", "diversity", 0, [0.25, 0.0]),
     ("orthogonality_rows", "orthogonality", 0, []),
     ("orthogonality_cols", "orthogonality", 1, []),
-    ("mhe_s0", "mhe", 0, [0, 0.0, 1e-4]),
-    ("mhe_s1", "mhe", 0, [1, 0.0, 1e-4]),
-    ("mhe_s2", "mhe", 0, [2, 0.0, 1e-4]),
-    ("mhe_s2_half", "mhe", 0, [2, 1.0, 1e-4]),
-    ("mhe_s0_half", "mhe", 0, [0, 1.0, 1e-3]),
+    ("mhe_s0", "mhe", 0, [0, 0.0, 1e-4, 0.0]),
+    ("mhe_s1", "mhe", 0, [1, 0.0, 1e-4, 0.0]),
+    ("mhe_s2", "mhe", 0, [2, 0.0, 1e-4, 0.0]),
+    ("mhe_s2_half", "mhe", 0, [2, 1.0, 1e-4, 0.0]),
+    ("mhe_s0_half", "mhe", 0, [0, 1.0, 1e-3, 0.0]),
+    ("mhe_a0", "mhe", 0, [0, 0.0, 1e-4, 1.0]),
+    ("mhe_a1_half", "mhe", 0, [1, 1.0, 1e-3, 1.0]),
+    ("mhe_a2_half", "mhe", 0, [2, 1.0, 1e-4, 1.0]),
 ]
 CONFIG_IDS = [c[0] for c in CONFIGS]
 
@@ -79,7 +82,7 @@ def _reference(W: torch.Tensor, kind: str, side: int, params) -> torch.Tensor:
         return R.diversity_penalty(W, params[0], bool(params[1]))
     if kind == "orthogonality":
         return R.orthogonality_penalty(W, sd)
-    return R.mhe_penalty(W, int(params[0]), bool(params[1]), params[2])
+    return R.mhe_penalty(W, int(params[0]), bool(params[1]), params[2], bool(params[3]))
 
 
 def _truth(W: torch.Tensor, kind: str, side: int, params, grad: torch.Tensor):
@@ -172,7 +175,7 @@ def _expected_stats(W: torch.Tensor, kind: str, params) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("kind,params", [("frame", [0.5, 1.5]), ("diversity", [0.2, 1.0]),
-                                         ("orthogonality", []), ("mhe", [2, 0.0, 1e-4])])
+                                         ("orthogonality", []), ("mhe", [2, 0.0, 1e-4, 0.0])])
 def test_stats_layout(kind, params):
     # per matrix: squared row norms, then the kind's row sums (frame: Gershgorin radii;
     # diversity t_i and MHE u_i are the full row sums the backward's diagonal needs); the
@@ -273,7 +276,7 @@ def test_mhe_duplicate_rows_are_infinite():
     # ‖w‖² ≫ eps: cos rounds to 1 in float32, δ = 0, energy = +inf (documented, no clamping)
     W = torch.tensor([[[100.0, 0.0], [100.0, 0.0], [0.0, 1.0]]])
     for s in (0, 2):
-        values, _ = TG.gram_penalty_forward([W], "mhe", [0], [s, 0.0, 1e-4])
+        values, _ = TG.gram_penalty_forward([W], "mhe", [0], [s, 0.0, 1e-4, 0.0])
         assert values.item() == float("inf") == R.mhe_penalty(W, s).item()
 
 
@@ -428,7 +431,7 @@ def test_splits_agree(monkeypatch, cid, kind, side, params, path):
     (lambda: TG.gram_penalty_forward([_randn(1, 3, 4)], "frame", [0, 0], [0.5, 1.0]), "one entry per matrix"),
     (lambda: TG.gram_penalty_forward([_randn(1, 3, 4), _randn(1, 3, 4).double()], "orthogonality", [0, 0], []),
      "share one dtype"),
-    (lambda: TG.gram_penalty_forward([_randn(1, 3, 4)], "mhe", [0], [3, 0.0, 1e-4]), "s must be 0, 1 or 2"),
+    (lambda: TG.gram_penalty_forward([_randn(1, 3, 4)], "mhe", [0], [3, 0.0, 1e-4, 0.0]), "s must be 0, 1 or 2"),
 ])
 def test_bad_arguments(call, match):
     with pytest.raises(ValueError, match=match):
@@ -495,7 +498,7 @@ def test_penalty_multi_triton_resnet_like():
 
 
 @pytest.mark.parametrize("kind, params, sides", [("frame", [0.5, 1.5], [0, 1]), ("orthogonality", [], [1, 0]),
-                                                 ("mhe", [2.0, 1.0, 1e-3], [0, 0])])
+                                                 ("mhe", [2.0, 1.0, 1e-3, 0.0], [0, 0])])
 def test_opcheck(kind, params, sides):
     mats = [_randn(2, 5, 8).requires_grad_(True), _randn(1, 7, 3).requires_grad_(True)]
     torch.library.opcheck(torch.ops.regkernels.gram_penalty_triton, (mats, kind, sides, params))

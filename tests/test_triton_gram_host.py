@@ -289,7 +289,7 @@ def test_plan_follows_the_tile_config(monkeypatch):
 # ----------------------------------------------------------------- the backward's two paths
 
 CASES = [("frame", 0, [0.5, 1.5]), ("frame", 1, [0.3, 1.2]), ("diversity", 0, [0.1, 1.0]),
-         ("orthogonality", 1, []), ("mhe", 0, [2, 0.0, 1e-4]), ("mhe", 0, [1, 1.0, 1e-4])]
+         ("orthogonality", 1, []), ("mhe", 0, [2, 0.0, 1e-4, 0.0]), ("mhe", 0, [1, 1.0, 1e-4, 0.0])]
 
 
 def _reference(W, kind, side, params):
@@ -332,10 +332,10 @@ def test_backward_paths(monkeypatch, kind, side, params, path):
 def test_mhe_half_reads_w_in_place():
     # [W; −W] is never built: W's own Gram (p = m, stats of m rows), W read through the pointer table
     W = _randn(3, 21, 10)
-    plan = TG._plan([W], "mhe", [0], [2, 1.0, 1e-4])
+    plan = TG._plan([W], "mhe", [0], [2, 1.0, 1e-4, 0.0])
     assert plan.max_p == 21 and plan.ptrs.tolist() == [W.data_ptr()]
-    values, stats = TG.gram_penalty_forward([W], "mhe", [0], [2, 1.0, 1e-4])
-    assert stats.numel() == 3 * 21 * 3 == TG.stats_numel([W], "mhe", [0], [2, 1.0, 1e-4])
+    values, stats = TG.gram_penalty_forward([W], "mhe", [0], [2, 1.0, 1e-4, 0.0])
+    assert stats.numel() == 3 * 21 * 3 == TG.stats_numel([W], "mhe", [0], [2, 1.0, 1e-4, 0.0])
     torch.testing.assert_close(values.double(), R.mhe_penalty(W.double(), 2, True, 1e-4), atol=1e-5, rtol=1e-5)
 
 

@@ -85,5 +85,56 @@ RK_HOST_DEVICE PairTerm<T> mhe_pair(T c, int s, bool half) {
           T(2) * (T(-2) * mhe_denergy(dm, s) + T(2) * mhe_denergy(dp, s))};
 }
 
+// Angular MHE (docs/gram.md#angular-energies): the energy of a = arccos(c)/π + eps,
+//   s = 0: −log a,  s = 1: 1/a,  s = 2: 1/a²; and its derivative d(energy)/da.
+template <typename T>
+RK_HOST_DEVICE T mhe_angle_energy(T a, int s) {
+  if (s == 0) return -std::log(a);
+  if (s == 1) return T(1) / a;
+  return T(1) / (a * a);
+}
+
+template <typename T>
+RK_HOST_DEVICE T mhe_angle_denergy(T a, int s) {
+  if (s == 0) return T(-1) / a;
+  if (s == 1) return T(-1) / (a * a);
+  return T(-2) / (a * a * a);
+}
+
+// One angle term e(a(c)) and its derivative in c. c is rounded into [−1, 1] (|c| < 1 in exact
+// arithmetic since eps > 0); da/dc = −1/(π·sqrt((1 − c)(1 + c))) is infinite at ±1, as in the
+// reference (no clamp of the derivative). NaN passes through.
+template <typename T>
+RK_HOST_DEVICE PairTerm<T> mhe_angle_term(T c, int s, T eps) {
+  const T pi = T(3.14159265358979323846);
+  const T cc = c > T(1) ? T(1) : (c < T(-1) ? T(-1) : c);
+  const T a = std::acos(cc) / pi + eps;
+  const T da = T(-1) / (pi * std::sqrt((T(1) - cc) * (T(1) + cc)));
+  return {mhe_angle_energy(a, s), mhe_angle_denergy(a, s) * da};
+}
+
+// Angular pair term of one unordered pair (i, j), as mhe_pair: plain e(a(c)); half=True the four
+// pairs of ±w_i, ±w_j: T(c) = 2·(e(a(c)) + e(a(−c))). Returns T and dT/dc.
+template <typename T>
+RK_HOST_DEVICE PairTerm<T> mhe_angle_pair(T c, int s, bool half, T eps) {
+  const auto p = mhe_angle_term(c, s, eps);
+  if (!half) return p;
+  const auto q = mhe_angle_term(-c, s, eps);
+  return {T(2) * (p.value + q.value), T(2) * (p.dc - q.dc)};
+}
+
+// The antipodal pair (w, −w) of half=True from sq = ‖w‖² (value and d/d sq): 1 + cos = eps/ν²
+// exactly, so a = 1 − (2/π)·asin(z) + eps with z = sqrt(eps/(2ν²)), ν² = sq + eps, and
+// da/dsq = z / (π ν² sqrt(1 − z²)); through cos = −sq/ν² it would be arccos at −1 within rounding.
+template <typename T>
+RK_HOST_DEVICE PairTerm<T> mhe_antipodal(T sq, int s, T eps) {
+  const T pi = T(3.14159265358979323846);
+  const T nu2 = sq + eps;
+  const T z = std::sqrt(eps / (T(2) * nu2));
+  const T a = T(1) - (T(2) / pi) * std::asin(z) + eps;
+  const T da = z / (pi * nu2 * std::sqrt(T(1) - z * z));
+  return {mhe_angle_energy(a, s), mhe_angle_denergy(a, s) * da};
+}
+
 }  // namespace core
 }  // namespace regkernels

@@ -39,8 +39,9 @@ Kind parse_kind(c10::string_view kind) {
               std::string(kind), "'");
 }
 
-// params per kind: frame (A, B); diversity (tau, inclusive); orthogonality (squared); mhe (s, half, eps)
-size_t n_params(Kind kind) { return kind == Kind::Mhe ? 3 : (kind == Kind::Orthogonality ? 1 : 2); }
+// params per kind: frame (A, B); diversity (tau, inclusive); orthogonality (squared); mhe (s, half, eps,
+// angular)
+size_t n_params(Kind kind) { return kind == Kind::Mhe ? 4 : (kind == Kind::Orthogonality ? 1 : 2); }
 
 at::ScalarType math_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
@@ -215,16 +216,18 @@ double orthogonality_epilogue(T* V, int64_t k, const at::ArrayRef<double> params
 template <typename T>
 double mhe_epilogue(T* V, int64_t k, const at::ArrayRef<double> params, bool need_grad) {
   // formula: docs/gram.md#mhe_penalty. ν_i = sqrt(V_ii + eps), c_ij = V_ij / (ν_i ν_j), pair term T(c) of
-  // core::mhe_pair over the unordered pairs, R = (Σ_{i<j} T(c_ij) [+ Σ_i e(2 + 2 c_ii) if half])
-  // / npairs with npairs = p(p − 1)/2 over the p = m (or 2m) rows.
+  // core::mhe_pair (angular: core::mhe_angle_pair) over the unordered pairs, R = (Σ_{i<j} T(c_ij)
+  // [+ Σ_i e(pair (w_i, −w_i)) if half]) / npairs with npairs = p(p − 1)/2 over the p = m (or 2m) rows.
   // S_ij = T'(c_ij) / (npairs ν_i ν_j) for i < j; through ν_i, S_ii = Σ_{j≠i} T'(c_ij)·(−c_ij/2) /
-  // (npairs ν_i²); half adds the pair (w_i, −w_i), whose c_ii = V_ii/(V_ii + eps) has
-  // dc/dV_ii = eps/ν_i⁴.
+  // (npairs ν_i²); half adds the pair (w_i, −w_i): Euclidean through its c_ii = V_ii/(V_ii + eps),
+  // dc/dV_ii = eps/ν_i⁴; angular through core::mhe_antipodal's d/dV_ii (no arccos at −1).
   const int s = static_cast<int>(params[0]);
   const bool half = params[1] != 0.0;
   const T eps = static_cast<T>(params[2]);
+  const bool angular = params[3] != 0.0;
   const double p = half ? 2.0 * k : static_cast<double>(k);
   const T inv_pairs = static_cast<T>(2.0 / (p * (p - 1.0)));
+  const auto pair = [&](T c) { return angular ? core::mhe_angle_pair<T>(c, s, half, eps) : core::mhe_pair<T>(c, s, half); };
   RowVec<T> nu(k), val(k), dsum(k);
   // a squared norm that overflows the math dtype (finite huge rows) makes ν_i NaN, not inf: c_ij =
   // V_ij / (ν_i ν_j) would be a silent finite/inf = 0 against every normal row (as in diversity)
@@ -239,12 +242,17 @@ double mhe_epilogue(T* V, int64_t k, const at::ArrayRef<double> params, bool nee
       for (int64_t j = 0; j < k; ++j) {
         if (j == i) continue;
         const T c = v[j] / (nu[i] * nu[j]);
-        const auto t = core::mhe_pair<T>(c, s, half);
+        const auto t = pair(c);
         if (j > i) vs += t.value;
         ds += t.dc * (T(-0.5) * c);
       }
       ds /= nu[i] * nu[i];
-      if (half) {
+      if (half && angular) {
+        // ν_i² − eps, NaN with ν_i (an overflowed norm)
+        const auto t = core::mhe_antipodal<T>(nu[i] * nu[i] - eps, s, eps);
+        vs += t.value;
+        ds += t.dc;
+      } else if (half) {
         const T ni2 = nu[i] * nu[i];
         const T dp = T(2) + T(2) * (v[i] / ni2);
         vs += core::mhe_energy<T>(dp, s);
@@ -259,7 +267,7 @@ double mhe_epilogue(T* V, int64_t k, const at::ArrayRef<double> params, bool nee
         V, k,
         [&](int64_t i, int64_t j, T x) {
           const T nn = nu[i] * nu[j];
-          return core::mhe_pair<T>(x / nn, s, half).dc * inv_pairs / nn;
+          return pair(x / nn).dc * inv_pairs / nn;
         },
         [&](int64_t i, T) { return T(2) * dsum[i]; });
   }
@@ -336,6 +344,7 @@ void check_params(const char* op, Kind kind, c10::string_view kind_name, at::Arr
     TORCH_CHECK(params[0] == 0 || params[0] == 1 || params[0] == 2, op,
                 ": mhe params[0] (s) must be 0, 1 or 2; got ", params[0]);
     TORCH_CHECK(params[2] > 0, op, ": mhe params[2] (eps) must be > 0; got ", params[2]);
+    TORCH_CHECK(params[3] == 0 || params[3] == 1, op, ": mhe params[3] (angular) must be 0 or 1; got ", params[3]);
   }
 }
 

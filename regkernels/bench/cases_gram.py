@@ -108,6 +108,11 @@ def _register_single_layer() -> None:
                      quick=quick, flops=_gram_flops(m, n, k), params=params))
         register(penalty_case("mhe_penalty", name, R.mhe_penalty, G.mhe_penalty, make,
                      quick=quick, flops=_gram_flops(m, n, m), params=params))
+        # the official code's angular half-space form (docs/gram.md#angular-energies): the same Gram,
+        # an arccos per pair in the epilogue
+        register(penalty_case("mhe_penalty", f"{name}-angular-half", R.mhe_penalty, G.mhe_penalty, make,
+                     kwargs={"s": 2, "half": True, "angular": True}, quick=quick, flops=_gram_flops(m, n, m),
+                     params={**params, "angular": True, "half": True}))
         # M x costs 4·m·n (W x and Wᵀ·, matrix-free); n_iter = 1 means 2 applications; ×2 backward
         register(penalty_case("srip_penalty", name, R.srip_penalty, _srip_public, make_srip,
                      quick=quick, flops=2 * 2 * (4 * m * n), eager_fn=_srip_reference, compile_factory=_srip_compile,

@@ -241,7 +241,8 @@ def triton_workloads() -> list[tuple[str, Callable[[], None]]]:
         singles, resnet18 = _weights_gram(torch, dtype)
         kinds = [("frame", TG.frame_penalty, (0.5, 2.0)), ("diversity", TG.diversity_penalty, (0.3,)),
                  ("orthogonality", TG.orthogonality_penalty, ()), ("mhe", TG.mhe_penalty, ()),
-                 ("mhe-half", lambda W: TG.mhe_penalty(W, 2, True, 1e-4), ())]
+                 ("mhe-half", lambda W: TG.mhe_penalty(W, 2, True, 1e-4), ()),
+                 ("mhe-angular-half", lambda W: TG.mhe_penalty(W, 2, True, 1e-4, True), ())]
         for W in singles:
             shape = "x".join(map(str, W.shape))
             for kname, fn, args in kinds:

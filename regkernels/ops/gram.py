@@ -133,7 +133,7 @@ def _orthogonality_args(op: str, side: str = "auto", squared: bool = True) -> di
     return {"side": side, "squared": squared}
 
 
-def _mhe_args(op: str, s: int = 2, half: bool = False, eps: float = 1e-4) -> dict:
+def _mhe_args(op: str, s: int = 2, half: bool = False, eps: float = 1e-4, angular: bool = False) -> dict:
     check_number(op, "s", s, integer=True)
     if s not in (0, 1, 2):
         raise ValueError(f"{op}: s must be 0 (log energy), 1 or 2 (inverse power); got s={s}")
@@ -141,7 +141,8 @@ def _mhe_args(op: str, s: int = 2, half: bool = False, eps: float = 1e-4) -> dic
     check_number(op, "eps", eps)
     if not eps > 0:
         raise ValueError(f"{op}: eps must be > 0; got eps={eps}")
-    return {"s": s, "half": half, "eps": eps}
+    _check_bool(op, "angular", angular)
+    return {"s": s, "half": half, "eps": eps, "angular": angular}
 
 
 def _check_mhe_rows(op: str, name: str, W: torch.Tensor, half: bool) -> None:
@@ -274,13 +275,15 @@ def orthogonality_penalty(W: torch.Tensor, side: str = "auto", squared: bool = T
 
 
 @accepts_sharded
-def mhe_penalty(W: torch.Tensor, s: int = 2, half: bool = False, eps: float = 1e-4, *,
+def mhe_penalty(W: torch.Tensor, s: int = 2, half: bool = False, eps: float = 1e-4, angular: bool = False, *,
                 backend: str | None = None) -> torch.Tensor:
     """Minimum hyperspherical energy (docs/gram.md): ``W (..., m, n)`` → ``(...)``.
 
     ``δ_ij = 2 − 2·w_i·w_j / (ν_i ν_j)`` with ``ν_i = sqrt(‖w_i‖² + eps)``; the energy
     ``−log δ`` (s=0), ``δ^(−1/2)`` (s=1) or ``δ^(−1)`` (s=2) is averaged over the pairs
-    i < j of the rows (``half=True``: of ``[W; −W]``). Needs ``eps > 0`` and at least
+    i < j of the rows (``half=True``: of ``[W; −W]``). ``angular=True`` uses the official code's
+    angular energies of ``a = arccos(cos)/π + eps``: ``−log a`` (s=0), ``a^(−1)`` (s=1), ``a^(−2)``
+    (s=2) (docs/gram.md#angular-energies). Needs ``eps > 0`` and at least
     2 rows unless ``half``. Duplicate filters give δ that rounds to 0 and an infinite
     energy; this is deliberately not clamped. A matrix with NaN/Inf gives NaN. The reference and
     "cpu" backends refuse (``ValueError``) a dense Gram stack over ``MAX_GRAM_BYTES`` (m×m; the
@@ -288,7 +291,7 @@ def mhe_penalty(W: torch.Tensor, s: int = 2, half: bool = False, eps: float = 1e
     """
     op = "mhe_penalty"
     _check_W(op, W)
-    args = _mhe_args(op, s, half, eps)
+    args = _mhe_args(op, s, half, eps, angular)
     _check_mhe_rows(op, "W", W, half)
     return _dispatch(op, backend, W)(W, **args)
 
@@ -319,7 +322,7 @@ _KINDS: dict[str, tuple[tuple[str, ...], tuple[str, ...], Callable[..., dict]]] 
     "frame": (("A", "B", "side"), ("A", "B"), _frame_args),
     "diversity": (("tau", "inclusive"), ("tau",), _diversity_args),
     "orthogonality": (("side", "squared"), (), _orthogonality_args),
-    "mhe": (("s", "half", "eps"), (), _mhe_args),
+    "mhe": (("s", "half", "eps", "angular"), (), _mhe_args),
     "srip": (("n_iter", "generator"), (), _srip_args),
 }
 
@@ -375,7 +378,7 @@ def penalty_multi(weights: Sequence[torch.Tensor], kind: str, *, backend: str | 
     one device → ``(len(weights),)``, entry i = the ``kind`` penalty of
     ``as_matrix(weights[i], groups[i])`` (the mean over groups for a grouped conv).
     ``kind``: "frame" (A, B, side), "diversity" (tau, inclusive), "orthogonality"
-    (side, squared), "mhe" (s, half, eps) or "srip" (n_iter, generator: one start vector
+    (side, squared), "mhe" (s, half, eps, angular) or "srip" (n_iter, generator: one start vector
     per weight, drawn in list order); ``groups``: one int or one per weight (default 1).
     A layer with NaN/Inf gives a non-finite entry; the other entries are unaffected. Dense
     backends check each layer's Gram stack against ``MAX_GRAM_BYTES``; the C++ and Triton

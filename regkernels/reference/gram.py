@@ -272,7 +272,8 @@ def orthogonality_penalty(W: torch.Tensor, side: str = "auto", squared: bool = T
     return (E.square().sum((-2, -1)) if squared else frobenius0(E)).to(W.dtype)
 
 
-def mhe_penalty(W: torch.Tensor, s: int = 2, half: bool = False, eps: float = 1e-4) -> torch.Tensor:
+def mhe_penalty(W: torch.Tensor, s: int = 2, half: bool = False, eps: float = 1e-4,
+                angular: bool = False) -> torch.Tensor:
     """Minimum hyperspherical energy (docs/gram.md#mhe_penalty): ``(..., m, n)`` → ``(...)``.
 
     Rows ``w_i`` (``half=True``: the 2m rows ``[W; −W]``), ``ν_i = sqrt(‖w_i‖² + eps)``::
@@ -281,19 +282,21 @@ def mhe_penalty(W: torch.Tensor, s: int = 2, half: bool = False, eps: float = 1e
         e_ij   = −log δ_ij (s=0),  δ_ij^(−1/2) (s=1),  δ_ij^(−1) (s=2)
         R(W)   = mean of e_ij over the unordered pairs i < j
 
+    ``angular=True`` (docs/gram.md#angular-energies): ``a_ij = arccos(cos_ij)/π + eps`` and
+    ``e_ij = −log a_ij (s=0), a_ij^(−1) (s=1), a_ij^(−2) (s=2)``.
+
     Duplicate filters have ``δ = 2·eps / (‖w‖² + eps)``, which rounds to exactly 0 once
     ``‖w‖² ≫ eps``; the energy is then ``+inf`` (s = 0: ``-log 0``). This is not clamped.
     """
     # formula: docs/gram.md#mhe_penalty
     _gram_guard("mhe_penalty", W, 2 * W.shape[-2] if half else W.shape[-2], ADVICE_ROWS)
+    if angular:
+        return _mhe_angular(W, s, half, eps)
     X = upcast(W)
     if half:
         X = torch.cat([X, -X], dim=-2)
     p = X.shape[-2]
-    nu = (X.square().sum(-1) + eps).sqrt()
-    # a row whose squared norm overflows (finite huge entries) would have cos = finite/inf = 0
-    # against every normal row, silently: its ν is NaN (as the kernels do)
-    nu = torch.where(nu.isinf(), torch.nan, nu)
+    nu = _mhe_nu(X, eps)
     cos = (X @ X.mT) / (nu[..., :, None] * nu[..., None, :])
     i, j = torch.triu_indices(p, p, offset=1, device=X.device)
     delta = 2 - 2 * cos[..., i, j]  # (..., p(p−1)/2), the pairs i < j
@@ -304,6 +307,65 @@ def mhe_penalty(W: torch.Tensor, s: int = 2, half: bool = False, eps: float = 1e
     else:
         energy = torch.reciprocal(delta)
     return energy.mean(-1).to(W.dtype)
+
+
+def _mhe_nu(X: torch.Tensor, eps: float) -> torch.Tensor:
+    """``ν_i = sqrt(‖x_i‖² + eps)`` of the rows of X; NaN where it overflows."""
+    nu = (X.square().sum(-1) + eps).sqrt()
+    # a row whose squared norm overflows (finite huge entries) would have cos = finite/inf = 0
+    # against every normal row, silently: its ν is NaN (as the kernels do)
+    return torch.where(nu.isinf(), torch.nan, nu)
+
+
+def mhe_angle_energy(a: torch.Tensor, s: int) -> torch.Tensor:
+    """The angular energy of the offset normalised angle ``a``: −log a, 1/a, 1/a² (s = 0, 1, 2)."""
+    return -torch.log(a) if s == 0 else torch.reciprocal(a) if s == 1 else torch.reciprocal(a * a)
+
+
+def mhe_normalised_angle(cos: torch.Tensor) -> torch.Tensor:
+    """``arccos(cos)/π`` with cos rounded into [−1, 1] in value only: the derivative stays
+    ``−1/(π·sqrt(1 − cos²))`` of the clamped cos (infinite at ±1), not the clamp's 0
+    (docs/gram.md#angular-energies)."""
+    clamped = cos - (cos - cos.clamp(-1.0, 1.0)).detach()
+    return torch.acos(clamped) / math.pi
+
+
+def mhe_antipodal_angle(sq: torch.Tensor, eps: float) -> torch.Tensor:
+    """``arccos(−‖w‖²/ν²)/π`` of the pair ``(w, −w)`` from ``sq = ‖w‖²`` without cancellation:
+    ``1 + cos = eps/ν²``, so the angle is ``1 − (2/π)·asin(sqrt(eps / (2ν²)))``."""
+    z = torch.sqrt(eps / (2 * (sq + eps)))
+    return 1 - (2 / math.pi) * torch.asin(z)
+
+
+def _mhe_angular(W: torch.Tensor, s: int, half: bool, eps: float) -> torch.Tensor:
+    X = upcast(W)
+    return mhe_angular_from_gram(X @ X.mT, s, half, eps).to(W.dtype)
+
+
+def mhe_angular_from_gram(G: torch.Tensor, s: int, half: bool, eps: float) -> torch.Tensor:
+    """Angular MHE from the m×m rows Gram ``G = W Wᵀ`` (docs/gram.md#angular-energies).
+
+    Plain: the mean over ``i < j`` of ``e(a(cos_ij))``. ``half``: the 2m rows ``[W; −W]`` have
+    ``m(2m − 1)`` pairs: for ``i < j`` two at ``cos_ij`` and two at ``−cos_ij``, and the m pairs
+    ``(w_i, −w_i)``, whose angle comes from ``‖w_i‖²`` alone (``mhe_antipodal_angle``): through
+    ``cos = −‖w‖²/ν²`` it would be arccos at −1 within rounding, whose derivative is infinite.
+    """
+    m = G.shape[-1]
+    sq = G.diagonal(dim1=-2, dim2=-1)
+    nu = (sq + eps).sqrt()
+    # a row whose squared norm overflows (finite huge entries) would have cos = finite/inf = 0
+    # against every normal row, and its antipodal angle 1: NaN instead, as the kernels do
+    nu = torch.where(nu.isinf(), torch.nan, nu)
+    cos = G / (nu[..., :, None] * nu[..., None, :])
+    i, j = torch.triu_indices(m, m, offset=1, device=G.device)
+    c = cos[..., i, j]
+    total = mhe_angle_energy(mhe_normalised_angle(c) + eps, s).sum(-1)
+    if not half:
+        return total / (m * (m - 1) / 2)
+    total = 2 * total + 2 * mhe_angle_energy(mhe_normalised_angle(-c) + eps, s).sum(-1)
+    self_a = mhe_antipodal_angle(torch.where(nu.isnan(), torch.nan, sq), eps) + eps
+    total = total + mhe_angle_energy(self_a, s).sum(-1)
+    return total / (m * (2 * m - 1))
 
 
 def _gram_minus_identity_times(W: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -382,6 +444,8 @@ def penalty_from_gram(kind: str, G: torch.Tensor, **kw) -> torch.Tensor:
         a = C.detach().abs()
         over = a >= kw["tau"] if kw.get("inclusive", True) else a > kw["tau"]
         return 0.5 * (C.square() * (over & ~eye)).sum((-2, -1))
+    if kw.get("angular", False):
+        return mhe_angular_from_gram(G, kw.get("s", 2), kw.get("half", False), kw.get("eps", 1e-4))
     # mhe: the rows [W; −W] (half) have the Gram [[G, −G], [−G, G]]
     if kw.get("half", False):
         G = torch.cat([torch.cat([G, -G], -1), torch.cat([-G, G], -1)], -2)

@@ -114,7 +114,7 @@ _DIVERSITY = tl.constexpr(1)
 _ORTHOGONALITY = tl.constexpr(2)
 _MHE = tl.constexpr(3)
 _KIND_ID = {"frame": 0, "diversity": 1, "orthogonality": 2, "mhe": 3}
-_N_PARAMS = {"frame": 2, "diversity": 2, "orthogonality": 0, "mhe": 3}
+_N_PARAMS = {"frame": 2, "diversity": 2, "orthogonality": 0, "mhe": 4}
 
 # Tile shapes, shared by all problems of a launch (tl.dot needs every dim ≥ 16). On a GPU the
 # Gram tile is 64 × 64 (one warpgroup MMA per 64 rows) over 8 warps, the inner chunk 16.
@@ -506,7 +506,7 @@ def _mhe_pairs(p, HALF: tl.constexpr):
 
 
 @triton.jit
-def _mhe_terms(V, nu_i, nu_j, valid, ii, jj, inv_pairs, MHE_S: tl.constexpr, HALF: tl.constexpr):
+def _mhe_terms(V, nu_i, nu_j, valid, ii, jj, inv_pairs, eps, MHE_S: tl.constexpr, HALF: tl.constexpr):
     """MHE per entry of a Gram tile: (energy, u term, coefficient of ``P = S + Sᵀ``).
 
     cos = V_ij / (ν_i ν_j), δ = 2 − 2cos, h = ∂e/∂cos / #pairs (docs/gram.md#mhe_penalty).
@@ -518,18 +518,123 @@ def _mhe_terms(V, nu_i, nu_j, valid, ii, jj, inv_pairs, MHE_S: tl.constexpr, HAL
     (h − h₋)·cos, and the gradient ``dW = dX[:m] − dX[m:]`` has P_ij = 2(h − h₋)/(ν_i ν_j), its
     diagonal included. This costs an m×m Gram instead of 2m×2m and reads W in place.
     Masked entries get δ = 1 so no log or division of 0 happens there.
+    ``MHE_S`` ≥ 3 is the angular energy of s = MHE_S − 3 (``_mhe_angle_terms``).
     """
+    if MHE_S >= 3:
+        e, u, coef = _mhe_angle_terms(V, nu_i, nu_j, valid, ii, jj, inv_pairs, eps, MHE_S, HALF)
+    else:
+        cos, nn = _mhe_cosine(V, nu_i, nu_j)
+        off = valid & (ii != jj)
+        delta = _mhe_delta(cos, off)
+        e = tl.where(off, _mhe_energy(delta, MHE_S), 0.0)
+        h = tl.where(off, _mhe_denergy_dcos(delta, MHE_S) * inv_pairs, 0.0)
+        if HALF:
+            delta_m = _mhe_delta(-cos, valid)
+            e += tl.where(valid, _mhe_energy(delta_m, MHE_S), 0.0)
+            h = h - tl.where(valid, _mhe_denergy_dcos(delta_m, MHE_S) * inv_pairs, 0.0)
+            coef = _div(2.0 * h, nn)
+        else:
+            coef = _div(h, nn)
+        u = h * cos
+    return e, u, coef
+
+
+# asin(x) = x + x·z·Q(z), z = x², on |x| ≤ √½: Q is our degree-7 least-squares fit of
+# (asin(√z) − √z)/z^{3/2} at 600 Chebyshev nodes of [0, ½] (float64); evaluated in float32 it is
+# within 0.84 ulp of asin (checked on 4·10⁵ points). Triton has no arcsin/arccos that also runs in
+# the interpreter (libdevice's do not), so the angular MHE builds them from it and sqrt_rn.
+_ASIN_Q0 = tl.constexpr(0.16666665508969986)
+_ASIN_Q1 = tl.constexpr(0.07500286501987112)
+_ASIN_Q2 = tl.constexpr(0.04452752583008384)
+_ASIN_Q3 = tl.constexpr(0.03212865583901611)
+_ASIN_Q4 = tl.constexpr(0.009630247127991853)
+_ASIN_Q5 = tl.constexpr(0.06619364170838671)
+_ASIN_Q6 = tl.constexpr(-0.08325054045995343)
+_ASIN_Q7 = tl.constexpr(0.09673605547762548)
+_INV_PI = tl.constexpr(0.3183098861837907)
+
+
+@triton.jit
+def _asin(x):
+    """asin(x) for 0 ≤ x ≤ √½."""
+    z = x * x
+    q = z * _ASIN_Q7 + _ASIN_Q6
+    q = q * z + _ASIN_Q5
+    q = q * z + _ASIN_Q4
+    q = q * z + _ASIN_Q3
+    q = q * z + _ASIN_Q2
+    q = q * z + _ASIN_Q1
+    q = q * z + _ASIN_Q0
+    return x + x * z * q
+
+
+@triton.jit
+def _mhe_angles(c):
+    """``(arccos(c)/π, arccos(−c)/π, 1/(π·sqrt((1 − c)(1 + c))))`` for c in [−1, 1] from one asin:
+    with ``t₋ = sqrt((1 − c)/2)``, ``t₊ = sqrt((1 + c)/2)`` (``t₋² + t₊² = 1``), the smaller of the two
+    angles is ``2·asin(min(t₋, t₊))`` (its argument ≤ √½) and the other is π minus it, so both keep
+    their relative accuracy; ``sqrt(1 − c²) = 2·t₋·t₊``. NaN passes."""
+    t_minus = tl.sqrt_rn(0.5 * (1.0 - c))
+    t_plus = tl.sqrt_rn(0.5 * (1.0 + c))
+    small = _asin(tl.minimum(t_minus, t_plus)) * (2.0 * _INV_PI)
+    pos = c >= 0.0
+    a = tl.where(pos, small, 1.0 - small)
+    a_neg = tl.where(pos, 1.0 - small, small)
+    return a, a_neg, _div(0.5 * _INV_PI, t_minus * t_plus)
+
+
+@triton.jit
+def _mhe_angle_energy(a, MHE_S: tl.constexpr):
+    """``(e(a), de/da)``: ``−log a`` (s=0), ``1/a`` (s=1), ``1/a²`` (s=2), s = MHE_S − 3
+    (docs/gram.md#angular-energies)."""
+    inv = _div(1.0, a)
+    if MHE_S == 3:
+        e = -tl.log(a)
+        de = -inv
+    elif MHE_S == 4:
+        e = inv
+        de = -(inv * inv)
+    else:
+        e = inv * inv
+        de = -2.0 * (inv * inv * inv)
+    return e, de
+
+
+@triton.jit
+def _mhe_antipodal(nu, eps, MHE_S: tl.constexpr):
+    """The pair ``(w, −w)`` of half MHE, angular, per row: ``(e, ∂e/∂‖w‖²)``. ``1 + cos = eps/ν²``
+    exactly, so ``a = 1 − (2/π)·asin(z) + eps`` with ``z = sqrt(eps/(2ν²))`` ≤ √½, and
+    ``da/d‖w‖² = z / (π ν² sqrt(1 − z²))`` (through cos it would be arccos at −1 within rounding)."""
+    nu2 = nu * nu
+    z = tl.sqrt_rn(_div(eps, 2.0 * nu2))
+    a = 1.0 - _asin(z) * (2.0 * _INV_PI) + eps
+    e, de = _mhe_angle_energy(a, MHE_S)
+    return e, de * _div(z * _INV_PI, nu2 * tl.sqrt_rn(1.0 - z * z))
+
+
+@triton.jit
+def _mhe_angle_terms(V, nu_i, nu_j, valid, ii, jj, inv_pairs, eps, MHE_S: tl.constexpr, HALF: tl.constexpr):
+    """``_mhe_terms`` for the angular energies (docs/gram.md#angular-energies): the pairs off the
+    diagonal as there, with ``e(a(±cos))``, ``a(c) = arccos(c)/π + eps`` (cos rounded into
+    [−1, 1]; ``da/dcos = −1/(π sqrt(1 − cos²))``, infinite at ±1 as the reference's); with half the
+    diagonal holds the antipodal pair ``(w_i, −w_i)`` from ν_i alone (``_mhe_antipodal``): energy e
+    once in row i's sum, no u term, and ``P_ii = 2·∂R/∂V_ii``."""
     cos, nn = _mhe_cosine(V, nu_i, nu_j)
     off = valid & (ii != jj)
-    delta = _mhe_delta(cos, off)
-    e = tl.where(off, _mhe_energy(delta, MHE_S), 0.0)
-    h = tl.where(off, _mhe_denergy_dcos(delta, MHE_S) * inv_pairs, 0.0)
+    c = tl.minimum(tl.maximum(tl.where(off, cos, 0.0), -1.0), 1.0)
+    a, a_neg, k = _mhe_angles(c)
+    e, de = _mhe_angle_energy(a + eps, MHE_S)
     if HALF:
-        delta_m = _mhe_delta(-cos, valid)
-        e += tl.where(valid, _mhe_energy(delta_m, MHE_S), 0.0)
-        h = h - tl.where(valid, _mhe_denergy_dcos(delta_m, MHE_S) * inv_pairs, 0.0)
-        coef = _div(2.0 * h, nn)
+        e_neg, de_neg = _mhe_angle_energy(a_neg + eps, MHE_S)
+        e += e_neg
+        h = tl.where(off, (de_neg - de) * k * inv_pairs, 0.0)
+        e_self, g_self = _mhe_antipodal(nu_i, eps, MHE_S)
+        on_diag = valid & (ii == jj)
+        e = tl.where(on_diag, e_self[:, None], tl.where(off, e, 0.0))
+        coef = tl.where(on_diag, 2.0 * (g_self * inv_pairs)[:, None], _div(2.0 * h, nn))
     else:
+        h = tl.where(off, -de * k * inv_pairs, 0.0)
+        e = tl.where(off, e, 0.0)
         coef = _div(h, nn)
     return e, h * cos, coef
 
@@ -592,7 +697,8 @@ def _gram_fwd_kernel(PTRS, X, GROUPS, TILES, STATS, PART, PART_STRIDE, JPS, A, B
             # formula: docs/gram.md#mhe_penalty — full rows: E_i = Σ_{j≠i} e_ij (R = ½ Σ_i E_i / #pairs) and,
             # for the backward's diagonal, u_i = Σ_{j≠i} h_ij cos_ij, the same expression as in the backward
             sq_j = tl.load(st + rows_j, mask=mask_j, other=1.0)
-            contrib, u, _coef = _mhe_terms(V, nu_i, _mhe_nu(sq_j, eps), valid, ii, jj, inv_pairs, MHE_S, HALF)
+            contrib, u, _coef = _mhe_terms(V, nu_i, _mhe_nu(sq_j, eps), valid, ii, jj, inv_pairs, eps, MHE_S,
+                                          HALF)
             acc2 += tl.sum(u, axis=1)
         acc += tl.sum(contrib, axis=1)
     part = PART + s.to(tl.int64) * PART_STRIDE + st_rel
@@ -755,7 +861,7 @@ def _coefficient_tile(V, rows_i, rows_j, mask_j, valid, st, p, c1_i, c2_i, inv_p
         P = 4.0 * (V - tl.where(ii == jj, 1.0, 0.0))
     else:
         sq_j = tl.load(st + rows_j, mask=mask_j, other=1.0)
-        _e, _u, P = _mhe_terms(V, c1_i, _mhe_nu(sq_j, eps), valid, ii, jj, inv_pairs, MHE_S, HALF)
+        _e, _u, P = _mhe_terms(V, c1_i, _mhe_nu(sq_j, eps), valid, ii, jj, inv_pairs, eps, MHE_S, HALF)
     return tl.where(valid, P, 0.0)
 
 
@@ -1138,6 +1244,8 @@ def _plan(mats, kind: str, sides, params) -> _Plan:
         raise ValueError(f"gram_penalty: {kind} takes {_N_PARAMS[kind]} params; got {list(params)}")
     if kind == "mhe" and params[0] not in (0, 1, 2):
         raise ValueError(f"gram_penalty: mhe s must be 0, 1 or 2; got {params[0]!r}")
+    if kind == "mhe" and params[3] not in (0, 1):
+        raise ValueError(f"gram_penalty: mhe angular must be 0 or 1; got {params[3]!r}")
     # (the tile config: its blocks shape the tables, its precision is what the plan launches with;
     # it changes with TRITON_INTERPRET, FP32_DOT and the GPU_* / interpreter block constants)
     cfg = tile_config(mats[0].dtype if mats else torch.float32, _ext.triton_interpreted())
@@ -1159,6 +1267,8 @@ def _plan(mats, kind: str, sides, params) -> _Plan:
 def _scalars_and_meta(kind: str, params) -> tuple[tuple[float, ...], dict]:
     """The kind's runtime scalars ``(A, B, tau, eps)`` and constexprs (not part of the plan)."""
     s_pow, half, eps = (int(params[0]), bool(params[1]), float(params[2])) if kind == "mhe" else (2, False, 0.0)
+    if kind == "mhe" and params[3]:
+        s_pow += 3  # the angular energies (_mhe_angle_terms)
     tau, inclusive = (float(params[0]), bool(params[1])) if kind == "diversity" else (0.0, True)
     A, Bf = (float(params[0]), float(params[1])) if kind == "frame" else (0.0, 0.0)
     return (A, Bf, tau, eps), dict(KIND=_KIND_ID[kind], INCLUSIVE=inclusive, MHE_S=s_pow, HALF=half,
@@ -1185,7 +1295,7 @@ def gram_penalty_forward(mats: list[torch.Tensor], kind: str, sides: list[int],
     and ``stats`` (flat float32, ``2·p`` per matrix, ``3·p`` for MHE, layout in the module
     docstring) for ``gram_penalty_backward``. ``sides[i]``: 0 = rows (``W Wᵀ``), 1 = cols
     (``Wᵀ W``); ``params``: frame ``[A, B]``, diversity ``[tau, inclusive]``, orthogonality
-    ``[]``, mhe ``[s, half, eps]``. Launches per layout class: row norms (grid tiles), Gram
+    ``[]``, mhe ``[s, half, eps, angular]``. Launches per layout class: row norms (grid tiles), Gram
     partials (grid tiles × splits); then the finalize (grid matrices).
     """
     plan = _plan(mats, kind, sides, params)
@@ -1460,8 +1570,9 @@ def orthogonality_penalty(W: torch.Tensor, side: str = "auto", squared: bool = T
     return _gram_penalty_one("orthogonality", W, GK.side_code(W, "orthogonality", side), [float(squared)])
 
 
-def mhe_penalty(W: torch.Tensor, s: int = 2, half: bool = False, eps: float = 1e-4) -> torch.Tensor:
-    return _gram_penalty_one("mhe", W, 0, [float(s), float(half), float(eps)])
+def mhe_penalty(W: torch.Tensor, s: int = 2, half: bool = False, eps: float = 1e-4,
+                angular: bool = False) -> torch.Tensor:
+    return _gram_penalty_one("mhe", W, 0, [float(s), float(half), float(eps), float(angular)])
 
 
 def penalty_multi(weights: list[torch.Tensor], kind: str, groups: list[int], **args) -> torch.Tensor:
