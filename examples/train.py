@@ -24,7 +24,10 @@ discriminator step), and the layers' singular value range and Gershgorin bounds 
 matrices (from ``Regularizer(model, "frame", A=0.5, B=2.0).stats()``, whatever ``--reg`` is). The
 last column carries what is particular to the regularizer (β-LASSO's non-zero fraction, the
 discriminator's mean outputs). ``main(argv)`` returns the per-epoch records; ``--json PATH``
-writes them with the run's configuration and summary.
+writes them with the run's configuration and summary. ``--report`` prints, after training, the
+table of ``regkernels.nn.spectrum(model, (1, 8, 8))`` (every layer's operator σ_max / σ_min, its
+bound for every input size, Gershgorin bounds, frame penalty, zero fraction, and the network's
+Lipschitz bound; docs/nn.md#spectrum), and ``--json`` then holds it under ``"spectrum"``.
 
 How the split is measured, per step: (a) task forward + ``backward()``; (b) penalty forward +
 its own ``backward()`` (gradients accumulate into the same ``.grad``); (c) ``optimizer.step()``;
@@ -112,6 +115,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="regkernels backend: auto = the fastest for the device, reference = pure torch")
     p.add_argument("--steps-per-epoch", type=int, default=None, help="cap on training steps per epoch")
     p.add_argument("--json", default=None, metavar="PATH", help="write the per-epoch records as JSON")
+    p.add_argument("--report", action="store_true",
+                   help="after training, print every layer's operator spectrum and bounds and the network's "
+                        "Lipschitz bound (regkernels.nn.spectrum; in the --json output as 'spectrum')")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--quiet", action="store_true", help="print nothing (main still returns the records)")
@@ -324,9 +330,17 @@ def _train(args: argparse.Namespace, rank: int, world: int) -> list[dict]:
                "reg_ms": r_ms, "reg_share_pct": share}
     say(f"summary: reg {reg_name} (lam {lam:g}) | final test acc {records[-1]['test_acc']:.4f} | "
         f"ms/step model {m_ms:.2f}, regularizer {r_ms:.2f} | regularizer share {share:.1f}%")
+    report = None
+    if args.report:  # --fsdp: every rank runs it (the forward pass and the weight gathers are collective)
+        report = regkernels.nn.spectrum(model, tuple(x_train.shape[1:]))
+        say(f"\nspectrum of the trained model (input {'x'.join(map(str, x_train.shape[1:]))}):")
+        say(report.to_markdown())
     if args.json and rank == 0:  # --fsdp: one writer
+        out = {"config": vars(args), "summary": summary, "epochs": records}
+        if report is not None:
+            out["spectrum"] = report.as_dict()
         with open(args.json, "w") as f:
-            json.dump({"config": vars(args), "summary": summary, "epochs": records}, f, indent=2)
+            json.dump(out, f, indent=2)
     return records
 
 

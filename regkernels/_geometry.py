@@ -56,6 +56,18 @@ def conv_output_size(input_size: Sequence[int], kernel: Sequence[int], stride, p
                  for n, k, si, pi, di in zip(input_size, kernel, s, p, dl))
 
 
+def conv_transpose_output_size(input_size: Sequence[int], kernel: Sequence[int], stride, padding, output_padding,
+                               dilation) -> tuple[int, ...]:
+    """Spatial output size of a transposed convolution, per dim
+    ``(n − 1)·s − 2p + dil·(k − 1) + output_padding + 1`` (the formula of ``nn.ConvTranspose2d``).
+    It is the input size of the convolution whose adjoint the transposed conv is (docs/conv.md#transposed-convolutions).
+    May be < 1 for impossible configurations; callers validate."""
+    d = len(input_size)
+    s, p, op, dl = expand(stride, d), expand(padding, d), expand(output_padding, d), expand(dilation, d)
+    return tuple((n - 1) * si - 2 * pi + di * (k - 1) + oi + 1
+                 for n, k, si, pi, oi, di in zip(input_size, kernel, s, p, op, dl))
+
+
 def matrix_shape(weight: torch.Tensor, input_size, stride, padding, dilation, groups: int) -> tuple[int, int]:
     """``(C_out·∏out_size, C_in·∏input_size)``, the shape of T."""
     out_size = conv_output_size(input_size, weight.shape[2:], stride, padding, dilation)

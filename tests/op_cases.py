@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
@@ -606,8 +607,32 @@ def o_conv_gershgorin(weight, input_size, side="auto", **kw):
     return (d - r).min(), (d + r).max()
 
 
-def o_conv_orthogonality(weight, stride=1, padding=None):
-    """OCNN penalty with the 2-D correlation written out as loops (1-D weights as (k, 1) kernels)."""
+def o_conv_input_orthogonality(weight, stride=1):
+    """OCNN input side (docs/conv.md#input-side) from T's impulse responses: on an unpadded input
+    wide enough, one pixel per phase r ∈ [0, S)^d away from the edges (every tap reading it has its
+    output, every column it reaches is inside), its rows of TᵀT for every input channel against the
+    identity rows, summed over the phases."""
+    o, c, kernel = weight.shape[0], weight.shape[1], tuple(weight.shape[2:])
+    S = _expand(stride, len(kernel))
+    first = [-(-(k - 1) // s) * s for k, s in zip(kernel, S)]  # a multiple of S, ≥ k − 1
+    size = [f + 2 * s + 2 * k for f, s, k in zip(first, S, kernel)]
+    T = impulse_matrix(weight, size, stride=S)  # (o·∏m, c·∏size)
+    V = (T.T @ T).reshape(c, *size, c, *size)
+    total = torch.zeros((), dtype=D64)
+    for r in itertools.product(*[range(s) for s in S]):
+        u = tuple(f + ri for f, ri in zip(first, r))
+        rows = V[(slice(None),) + u].clone()  # (c, c', *size)
+        for ch in range(c):
+            rows[(ch, ch) + u] -= 1.0
+        total = total + (rows ** 2).sum()
+    return total
+
+
+def o_conv_orthogonality(weight, stride=1, padding=None, side="rows"):
+    """OCNN penalty with the 2-D correlation written out as loops (1-D weights as (k, 1) kernels);
+    side="cols": ``o_conv_input_orthogonality``."""
+    if side == "cols":
+        return (o_conv_input_orthogonality(weight, stride),)
     K = weight.detach().double().cpu()
     if K.dim() == 3:
         K = K[..., None]
@@ -859,7 +884,10 @@ def _ocnn_samples(device, dtype, rg):
     out = []
     for sid, shape, kw in [("3x2x3x3-s1", (3, 2, 3, 3), dict(stride=1)), ("4x3x2x2-s2", (4, 3, 2, 2), dict(stride=2)),
                            ("2x1x5x5-s2-p1", (2, 1, 5, 5), dict(stride=2, padding=1)),
-                           ("3x2x5-s1-1d", (3, 2, 5), dict(stride=(1,)))]:
+                           ("3x2x5-s1-1d", (3, 2, 5), dict(stride=(1,))),
+                           # input side: a dead phase (stride 3 > k = 2), c > o; 1-D, c < o
+                           ("2x3x2x3-s3x1-cols", (2, 3, 2, 3), dict(stride=(3, 1), side="cols")),
+                           ("3x2x4-s2-1d-cols", (3, 2, 4), dict(stride=(2,), side="cols"))]:
         w = _leaf(_det("ocnn" + sid, shape, 0.5), device, dtype, rg)
         out.append(Sample(sid, (w,), lambda w, kw=kw: ((w,), dict(kw))))
     s = _leaf(_det("ocnn-strided", (6, 2, 3, 3), 0.5), device, dtype, rg)
@@ -871,8 +899,8 @@ def _ocnn_samples(device, dtype, rg):
     return out
 
 
-def o_conv_orthogonality_multi(weights, stride=1, padding=None):
-    return (torch.stack([o_conv_orthogonality(w, stride, padding)[0] for w in weights]),)
+def o_conv_orthogonality_multi(weights, stride=1, padding=None, side="rows"):
+    return (torch.stack([o_conv_orthogonality(w, stride, padding, side)[0] for w in weights]),)
 
 
 def _ocnn_multi_samples(device, dtype, rg):
@@ -880,7 +908,9 @@ def _ocnn_multi_samples(device, dtype, rg):
     for sid, shape, n, kw in [("3x3x2x3x3-s1", (3, 2, 3, 3), 3, dict(stride=1)),
                               ("2x4x3x2x2-s2", (4, 3, 2, 2), 2, dict(stride=2)),
                               ("2x2x3x3x3-s2-p1", (2, 3, 3, 3), 2, dict(stride=2, padding=1)),
-                              ("1x3x2x5-1d", (3, 2, 5), 1, dict(stride=(1,)))]:
+                              ("1x3x2x5-1d", (3, 2, 5), 1, dict(stride=(1,))),
+                              ("2x3x2x3x3-s2-cols", (3, 2, 3, 3), 2, dict(stride=2, side="cols")),
+                              ("2x2x3x2x2-s1-cols", (2, 3, 2, 2), 2, dict(stride=1, side="cols"))]:
         leaves = tuple(_leaf(_det(f"ocnn-multi{sid}{i}", shape, 0.5), device, dtype, rg) for i in range(n))
         out.append(Sample(sid, leaves, lambda *ws, kw=kw: ((list(ws),), dict(kw))))
     # views: a transposed (non-contiguous) weight next to a contiguous one of the same shape
@@ -909,6 +939,11 @@ CONV_CASES += [
                Bad("weight-int32", (CW.int(),), {}, TypeError, r"conv_orthogonality_penalty: weight must have a"),
                Bad("stride-zero", (CW,), dict(stride=0), ValueError, r"conv_orthogonality_penalty: stride must be"),
                Bad("padding-negative", (CW,), dict(padding=(-1, 0)), ValueError, r"padding must be .* each >= 0"),
+               Bad("side-auto", (CW,), dict(side="auto"), ValueError,
+                   r"conv_orthogonality_penalty: side must be 'rows' \(output side.*\) or 'cols' .*; got 'auto'"),
+               Bad("side-cols-padding", (CW,), dict(side="cols", padding=1), ValueError,
+                   r"conv_orthogonality_penalty: padding selects the output side's shifts \(side='rows'\); .* "
+                   r"pass padding=None; got padding=1"),
            ]),
     OpCase("conv_orthogonality_penalty_multi", "conv", regkernels.conv_orthogonality_penalty_multi,
            R_conv.conv_orthogonality_penalty_multi, o_conv_orthogonality_multi, _ocnn_multi_samples, rtol64=1e-10,
@@ -936,6 +971,10 @@ CONV_CASES += [
                    r"conv_orthogonality_penalty_multi: stride must be"),
                Bad("padding-negative", ([CW],), dict(padding=(-1, 0)), ValueError,
                    r"conv_orthogonality_penalty_multi: padding must be .* each >= 0"),
+               Bad("side-int", ([CW],), dict(side=1), ValueError,
+                   r"conv_orthogonality_penalty_multi: side must be 'rows' .* or 'cols' .*; got 1"),
+               Bad("side-cols-padding", ([CW],), dict(side="cols", padding=0), ValueError,
+                   r"conv_orthogonality_penalty_multi: padding selects the output side's shifts"),
            ]),
     OpCase("conv_singular_values", "conv", regkernels.conv_singular_values,
            lambda w, size, **kw: R_conv.conv_singular_values(w, size), o_conv_singular_values,
@@ -1156,6 +1195,26 @@ CONV_CASES += [
     OpCase("conv_spectral_norm_bound", "conv", regkernels.conv_spectral_norm, R_conv.conv_spectral_norm,
            o_spectral_norm_bound, _spectral_samples("bound"), normalize=_sigma_and_tol, oracle_view=_sigma_only,
            grad_outputs=(0,), rtol64=1e-9, table_ops=("conv_spectral_norm",)),
+    # input_size=None: the bound for every input size (docs/conv.md#a-bound-for-every-input-size). No
+    # closed form to compare with; tests/test_conv_spectral_bound.py checks it against dense operators
+    # of many sizes. Here the generated gradcheck, compile, torch.func and bad-input checks.
+    OpCase("conv_spectral_norm_any_size", "conv", regkernels.conv_spectral_norm, R_conv.conv_spectral_norm,
+           None, _conv_samples([
+               ("3x4x3x3-p1", (3, 4, 3, 3), None, dict(padding=1)),
+               ("4x3x4x4-s2-p1", (4, 3, 4, 4), None, dict(stride=2, padding=1)),
+               ("3x2x3-d2", (3, 2, 3), None, dict(dilation=2)),
+               ("4x2x3x3-g2", (4, 2, 3, 3), None, dict(groups=2, padding=1)),
+               ("3x2x1x1-circular", (3, 2, 1, 1), None, dict(padding_mode="circular")),
+           ], extra_kw=dict(method="bound"), empty=False, tag="anysize"),
+           normalize=_sigma_and_tol, grad_outputs=(0,), rtol64=1e-9, table_ops=("conv_spectral_norm",), bad=[
+               Bad("power", (SW, None), {}, ValueError,
+                   r"conv_spectral_norm: input_size=None \(a bound for every input size\) needs method='bound'"),
+               Bad("circular-repeats-rows", (SW, None), dict(method="bound", padding=2, padding_mode="circular"),
+                   ValueError, r"conv_spectral_norm: input_size=None with padding_mode='circular' needs "
+                               r"2·padding <= dilation·\(kernel − 1\)"),
+               Bad("grid-too-coarse", (SW, None), dict(method="bound", grid=(1, 1)), ValueError,
+                   r"conv_spectral_norm: grid \(1, 1\) is too coarse for kernel"),
+           ]),
 ]
 
 

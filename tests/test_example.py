@@ -75,6 +75,26 @@ def test_reference_backend_and_json(train, tmp_path):
     assert {"final_test_acc", "model_ms", "reg_ms", "reg_share_pct"} <= set(data["summary"])
 
 
+def test_report_prints_the_spectrum_and_writes_it(train, tmp_path, capsys):
+    path = tmp_path / "run.json"
+    train.main(["--reg", "conv_frame", "--epochs", "1", "--steps-per-epoch", "2", "--report", "--json", str(path)])
+    out = capsys.readouterr().out
+    assert "spectrum of the trained model (input 1x8x8):" in out and "| layer | kind | input | σ_max" in out
+    assert "| 0 | conv2d | 8×8 |" in out and "| 4 | conv2d | 4×4 |" in out and "| 9 | linear | — |" in out
+    assert "Lipschitz bound" in out
+    data = json.loads(path.read_text())
+    layers = data["spectrum"]["layers"]
+    assert [r["name"] for r in layers] == ["0", "2", "4", "7", "9"]
+    assert [r["input_size"] for r in layers] == [[8, 8], [8, 8], [4, 4], None, None]
+    for r in layers:
+        assert 0 < r["sigma_max"] <= r["bound"] and math.isfinite(r["bound"]) and r["gershgorin_lo"] <= r["gershgorin_hi"]
+    assert data["spectrum"]["lipschitz_bound"] == pytest.approx(math.prod(r["bound"] for r in layers))
+    assert data["spectrum"]["lipschitz_estimate"] <= data["spectrum"]["lipschitz_bound"]
+    # without --report the record structure is as before
+    train.main(["--epochs", "1", "--steps-per-epoch", "1", "--json", str(path), "--quiet"])
+    assert "spectrum" not in json.loads(path.read_text())
+
+
 def test_bad_flags(train):
     with pytest.raises(SystemExit):
         train.main(["--reg", "nope"])

@@ -161,7 +161,7 @@ def test_conv_frame_input_sizes():
     (lambda m: Regularizer(m, "frame"), TypeError, r"kind='frame' takes keyword arguments A, B, side"),
     (lambda m: Regularizer(m, "frame", A=2.0, B=1.0), ValueError, r"need A <= B"),
     (lambda m: Regularizer(m, "conv_frame", A=0.5), TypeError, r"kind='conv_frame' takes A, B .* missing \['B'\]"),
-    (lambda m: Regularizer(m, "ocnn", stride=2), TypeError, r"kind='ocnn' takes padding only"),
+    (lambda m: Regularizer(m, "ocnn", stride=2), TypeError, r"kind='ocnn' takes padding and side only"),
     (lambda m: Regularizer(m, "frame", exclude=["9"], A=0.5, B=1.0), ValueError, r"exclude names a module .* '9'"),
     (lambda m: Regularizer(m, "frame", include=nn.LSTM, A=0.5, B=1.0), ValueError, r"no layer selected"),
     (lambda m: Regularizer(m, "frame", include=3, A=0.5, B=1.0), TypeError, r"include must be an nn.Module"),

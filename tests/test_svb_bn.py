@@ -164,9 +164,10 @@ def test_auto_selection_follows_module_order():
     # the next module counts, containers included
     assert svb_bn_layers(nn.Sequential(nn.Sequential(nn.Conv2d(2, 3, 1)), nn.BatchNorm2d(3))) == ["1"]
     assert svb_bn_layers(nn.Sequential(nn.Sequential(nn.Conv2d(2, 3, 1)), nn.Sequential(nn.BatchNorm2d(3)))) == []
-    # num_features must match the layer's outputs; a ConvTranspose is not a bounded layer
+    # num_features must match the layer's outputs; a ConvTranspose is a bounded layer like a conv
     assert svb_bn_layers(nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(4))) == []
-    assert svb_bn_layers(nn.Sequential(nn.ConvTranspose2d(2, 3, 1), nn.BatchNorm2d(3))) == []
+    assert svb_bn_layers(nn.Sequential(nn.ConvTranspose2d(2, 3, 1), nn.BatchNorm2d(3))) == ["1"]
+    assert svb_bn_layers(nn.Sequential(nn.ConvTranspose2d(3, 2, 1), nn.BatchNorm2d(3))) == []
     assert svb_bn_layers(nn.Conv2d(2, 3, 1)) == [] and svb_bn_layers(nn.BatchNorm2d(3)) == []
     # affine=False: left alone by bn=True
     assert svb_bn_layers(nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3, affine=False))) == []

@@ -773,16 +773,121 @@ def ocnn_stack(W: torch.Tensor, stride, padding) -> torch.Tensor:
     return _OcnnPenalty.apply(W, *tables, centre)[0]
 
 
-def conv_orthogonality_penalty(weight: torch.Tensor, stride=1, padding=None) -> torch.Tensor:
-    """OCNN penalty (docs/conv.md#conv_orthogonality_penalty) through the kernel's DFT; float16 / bfloat16
-    computed in float32, the result in the weight's dtype."""
-    check_ocnn_work("conv_orthogonality_penalty", 1, tuple(weight.shape), stride, padding, weight.dtype)
+# ----------------------------------------------------------------------------- OCNN input side: the tap Gram
+#
+# side="cols" (docs/conv.md#input-side): the rows of TᵀT for T the stride-S conv on an
+# unbounded input. Row (c, u) has the entries
+#   V_r[c, c', q] = Σ_{t ≡ r (mod S), 0 ≤ t < k, 0 ≤ t + q < k} X[(c, t), (c', t + q)],
+#   X = Zᵀ Z the tap Gram, Z = K as (o, c·∏k),
+# which depend on u only through its phase r = u mod S (per dim): the taps t reading u are those
+# with t ≡ u, each through its own output. So V over all phases and shifts q ∈ (−k, k) is an index
+# sum of the tap Gram X: every tap pair (t, t') lands in exactly one slot (r, q) = (t mod S, t' − t).
+# That map is a Kronecker product over the dims of 0/1 tables A_i (min(S_i, k_i)·(2k_i − 1), k_i²),
+# applied one dim at a time (d table GEMMs over the L·c² channel pairs). A phase with r_i ≥ k_i is read
+# by no tap: its rows are 0 and add c each, c·(∏S − ∏min(S, k)) in all. Autograd differentiates the
+# GEMMs (exact to any order; torch.func and torch.compile trace them).
+
+@functools.lru_cache(maxsize=256)
+def _cols_table_rows(kernel: tuple[int, ...], stride: tuple[int, ...]):
+    """Per dim ``A_i`` (nested lists, ``(min(S, k)·(2k − 1), k²)``, row ``r·(2k − 1) + q + k − 1``,
+    column ``t·k + t'``), and the 0/1 mask over the flattened slots of the entries at ``q = 0``."""
+    tables, masks = [], []
+    for k, s in zip(kernel, stride):
+        w = 2 * k - 1
+        A = [[0.0] * (k * k) for _ in range(min(s, k) * w)]
+        for t in range(k):
+            for t2 in range(k):
+                A[(t % s) * w + t2 - t + k - 1][t * k + t2] = 1.0
+        tables.append(A)
+        masks.append([1.0 if j % w == k - 1 else 0.0 for j in range(min(s, k) * w)])
+    mask = [1.0]
+    for m in masks:  # row-major over the dims, as the slots after the table GEMMs
+        mask = [a * b for a in mask for b in m]
+    return tables, mask
+
+
+@functools.lru_cache(maxsize=256)
+def _cols_tables(kernel: tuple[int, ...], stride: tuple[int, ...], dtype: torch.dtype,
+                 device: torch.device) -> tuple[list[torch.Tensor], torch.Tensor]:
+    rows = _cols_table_rows.__wrapped__ if torch.compiler.is_compiling() else _cols_table_rows
+    tables, mask = rows(kernel, stride)
+    return ([torch.tensor(A, dtype=dtype, device=device) for A in tables],
+            torch.tensor(mask, dtype=dtype, device=device))
+
+
+def cols_tables(kernel, stride, dtype: torch.dtype, device: torch.device) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """``([A_1 … A_d], mask)`` of the comment above, cached per (geometry, dtype, device) as
+    ``ocnn_tables`` (built afresh while torch.compile traces). Read-only."""
+    make = _cols_tables.__wrapped__ if torch.compiler.is_compiling() else _cols_tables
+    return make(tuple(kernel), tuple(stride), dtype, torch.device(device))
+
+
+def check_cols_work(op: str, L: int, shape: tuple[int, ...], stride, dtype: torch.dtype) -> None:
+    """Refuse (ValueError naming the size, before allocating) a stack whose tap Gram ``(L, c·∏k, c·∏k)``,
+    the intermediates of the table GEMMs, the phase rows and their distance to the target exceed
+    ``MAX_WORK_BYTES`` in the compute dtype."""
+    o, c, kernel = shape[0], shape[1], tuple(shape[2:])
+    S = CG.expand(stride, len(kernel))
+    slots = [min(s, k) * (2 * k - 1) for s, k in zip(S, kernel)]
+    pairs = [k * k for k in kernel]
+    # the Gram as (∏k²) pairs, each table GEMM's output (the first i dims as slots), the rows and V − target
+    per_pair = sum([math.prod(slots[:i]) * math.prod(pairs[i:]) for i in range(len(kernel) + 1)]) \
+        + 2 * math.prod(slots)
+    layer = (c * c * (per_pair + math.prod(pairs)) + o * c * math.prod(kernel)) \
+        * torch.empty((), dtype=compute_dtype(dtype)).element_size()
+    nbytes = L * layer
+    if nbytes > R.MAX_WORK_BYTES:
+        fit = R.MAX_WORK_BYTES // layer
+        advice = (f"use at most {fit} layers per call" if fit else
+                  "one layer alone is over it: backend='reference' needs the one-hot images of its phases instead")
+        raise ValueError(f"{op}: side='cols': the tap Grams of {L} layer(s) of shape {tuple(shape)} "
+                         f"({c * math.prod(kernel)}² each) and their phase rows need {nbytes} bytes "
+                         f"({nbytes / 2**30:.1f} GiB), over MAX_WORK_BYTES={R.MAX_WORK_BYTES} "
+                         f"(regkernels.reference.conv), {layer} bytes per layer; {advice}")
+
+
+def cols_stack(W: torch.Tensor, stride) -> torch.Tensor:
+    """The input-side penalties ``(L,)`` of a stack ``W (L, o, c, *k)`` in the compute dtype (no checks)."""
+    W = W.to(compute_dtype(W.dtype))
+    L, o, c = W.shape[:3]
+    kernel = tuple(W.shape[3:])
+    d = len(kernel)
+    S = CG.expand(stride, d)
+    tables, mask = cols_tables(kernel, S, W.dtype, W.device)
+    Z = W.reshape(L, o, c * math.prod(kernel))
+    X = torch.bmm(Z.mT, Z)  # the tap Gram, one GEMM per layer; layers never mix (a NaN stays in its entry)
+    # (L, c, t_1…t_d, c', t'_1…t'_d) → (t_1, t'_1, …, t_d, t'_d, L, c, c'): dim i's tap pair leads
+    X = X.view(L, c, *kernel, c, *kernel)
+    X = X.permute(*[j for i in range(d) for j in (2 + i, 3 + d + i)], 0, 1, 2 + d)
+    X = X.reshape(*[k * k for k in kernel], L * c * c)
+    for A in tables:  # contract the leading tap pair, its slots appended last: (…, L·c·c, n_1, …, n_i)
+        X = torch.tensordot(X, A, dims=([0], [1]))
+    V = X.reshape(L, c, c, mask.shape[0])
+    target = torch.eye(c, dtype=V.dtype, device=V.device)[:, :, None] * mask  # I_c at every phase's q = 0
+    dead = c * (math.prod(S) - math.prod([min(s, k) for s, k in zip(S, kernel)]))
+    return (V - target).square().sum((1, 2, 3)) + float(dead)
+
+
+def conv_orthogonality_penalty(weight: torch.Tensor, stride=1, padding=None, side: str = "rows") -> torch.Tensor:
+    """OCNN penalty (docs/conv.md#conv_orthogonality_penalty): ``side="rows"`` through the kernel's DFT,
+    ``side="cols"`` through the tap Gram; float16 / bfloat16 computed in float32, the result in the
+    weight's dtype."""
+    op = "conv_orthogonality_penalty"
+    if side == "cols":
+        check_cols_work(op, 1, tuple(weight.shape), stride, weight.dtype)
+        return cols_stack(weight[None], stride)[0].to(weight.dtype)
+    check_ocnn_work(op, 1, tuple(weight.shape), stride, padding, weight.dtype)
     return ocnn_stack(weight[None], stride, padding)[0].to(weight.dtype)
 
 
-def conv_orthogonality_penalty_multi(weights: list[torch.Tensor], stride=1, padding=None) -> torch.Tensor:
+def conv_orthogonality_penalty_multi(weights: list[torch.Tensor], stride=1, padding=None,
+                                     side: str = "rows") -> torch.Tensor:
     """``(L,)``: the OCNN penalty of each weight (all of one shape, dtype and device) in one batched
     evaluation (docs/conv.md#conv_orthogonality_penalty_multi)."""
+    op = "conv_orthogonality_penalty_multi"
     w = weights[0]
-    check_ocnn_work("conv_orthogonality_penalty_multi", len(weights), tuple(w.shape), stride, padding, w.dtype)
+    if side == "cols":
+        check_cols_work(op, len(weights), tuple(w.shape), stride, w.dtype)
+        return cols_stack(torch.stack(list(weights)), stride).to(w.dtype)
+    check_ocnn_work(op, len(weights), tuple(w.shape), stride, padding, w.dtype)
     return ocnn_stack(torch.stack(list(weights)), stride, padding).to(w.dtype)

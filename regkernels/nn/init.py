@@ -19,24 +19,39 @@ from regkernels import distributed as _dist
 from regkernels._dtypes import compute_dtype
 from regkernels.ops import svd as _svd
 from regkernels.ops._common import check_number, check_tensor
+from regkernels.reference.gram import conv_as_transposed
 
 __all__ = ["orthogonal_", "delta_orthogonal_", "INIT_LAYERS"]
 
-# The layers whose weight ``orthogonal_`` initialises when given a module; as for svb_,
-# ConvTranspose is left out: its weight is (in, out/g, *k), its as-matrix rows are not filters.
-INIT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# The layers whose weight ``orthogonal_`` initialises when given a module. A ConvTranspose's weight is
+# (in, out/g, *k); its matrix is as_matrix(W, groups, transposed=True), one row per output channel.
+TRANSPOSED_LAYERS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+INIT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d) + TRANSPOSED_LAYERS
 
 # orthogonal_ returns its argument, whatever it was
 _Weights = TypeVar("_Weights", bound=Union[torch.Tensor, nn.Module, Iterable[torch.Tensor]])
 
 
 class _Target(NamedTuple):
-    """One weight to initialise: the tensor, its conv ``groups`` (1 for a tensor given directly)
-    and how messages name it."""
+    """One weight to initialise: the tensor, its conv ``groups`` (1 for a tensor given directly),
+    how messages name it and whether it is a ConvTranspose weight ``(in, out/g, *k)``."""
 
     weight: torch.Tensor
     groups: int
     name: str
+    transposed: bool = False
+
+    def shape(self) -> tuple[int, int, int]:
+        """``(groups, rows, cols)`` of its matrices: ``as_matrix(weight, groups[, transposed=True])``."""
+        rows = self.weight.shape[1] if self.transposed else self.weight.shape[0] // self.groups
+        return self.groups, rows, self.weight.numel() // (self.groups * rows)
+
+    def from_matrices(self, Q: torch.Tensor) -> torch.Tensor:
+        """Matrices ``(groups, rows, cols)`` back into the weight's shape and layout."""
+        if not self.transposed:
+            return Q.reshape(self.weight.shape)
+        cin, per, *kernel = self.weight.shape
+        return conv_as_transposed(Q.reshape(per * self.groups, cin // self.groups, *kernel), self.groups)
 
 
 def _refuse_sharded(op: str, name: str, w: torch.Tensor) -> None:
@@ -66,20 +81,21 @@ def _module_targets(op: str, module: nn.Module) -> list[_Target]:
                 "and an in-place write would be lost; initialise the underlying parameter instead (e.g. "
                 "layer.parametrizations.weight.original)")
         _refuse_sharded(op, f"the weight of layer {layer!r}", w)
+        transposed = isinstance(mod, TRANSPOSED_LAYERS)
         check_tensor(op, f"the weight of layer {layer!r}", w, min_ndim=2,
-                     form="(out, in) or (out, in/groups, *kernel)")
+                     form="(in, out/groups, *kernel)" if transposed else "(out, in) or (out, in/groups, *kernel)")
         if id(w) not in seen:
             seen.add(id(w))
-            found.append(_Target(w, getattr(mod, "groups", 1), layer))
+            found.append(_Target(w, getattr(mod, "groups", 1), layer, transposed))
     if not found:
-        raise ValueError(f"{op}: weight_or_weights (a {type(module).__name__}) has no nn.Linear or nn.Conv1d/2d/3d "
-                         "layer to initialise")
+        raise ValueError(f"{op}: weight_or_weights (a {type(module).__name__}) has no nn.Linear, nn.Conv1d/2d/3d or "
+                         "nn.ConvTranspose1d/2d/3d layer to initialise")
     return found
 
 
 def _targets(op: str, weight_or_weights) -> list[_Target]:
-    """The weights ``orthogonal_`` writes, checked: a module's Linear/Conv weights (with their
-    groups), one tensor, or an iterable of tensors (groups = 1)."""
+    """The weights ``orthogonal_`` writes, checked: a module's Linear/Conv/ConvTranspose weights (with
+    their groups), one tensor, or an iterable of tensors (groups = 1)."""
     if isinstance(weight_or_weights, nn.Module):
         return _module_targets(op, weight_or_weights)
     form = "(out, in) or (out, in/groups, *kernel)"
@@ -140,7 +156,9 @@ def orthogonal_(weight_or_weights: _Weights, gain: float = 1.0, *,
     """Random (semi-)orthogonal initialisation, in place (docs/nn.md#orthogonal-initialization).
 
     Each weight is viewed as the matrix ``M (out, in·∏kernel)`` (a grouped conv layer given as a
-    module: one matrix ``(out/g, in/g·∏kernel)`` per group) and set to ``gain · Q`` with ``Q``
+    module: one matrix ``(out/g, in/g·∏kernel)`` per group; a ConvTranspose layer's weight
+    ``(in, out/g, *kernel)`` as ``as_matrix(W, groups, transposed=True)``, the same shapes with one row
+    per output channel) and set to ``gain · Q`` with ``Q``
     the polar factor ``U Vh`` of a standard Gaussian matrix ``A = U diag(S) Vh`` of that shape:
 
     - ``out ≤ in``: orthonormal rows, ``M Mᵀ = gain² I``;
@@ -156,8 +174,8 @@ def orthogonal_(weight_or_weights: _Weights, gain: float = 1.0, *,
 
     ``weight_or_weights``: a weight tensor ``(out, in)`` or ``(out, in/groups, *kernel)`` (taken
     with groups = 1), an iterable of them, or an ``nn.Module`` (the weight of every
-    ``nn.Linear`` and ``nn.Conv1d/2d/3d`` in it, grouped convs per group, a tied weight once;
-    ConvTranspose layers and biases are not touched; a weight that is not an ``nn.Parameter``,
+    ``nn.Linear``, ``nn.Conv1d/2d/3d`` and ``nn.ConvTranspose1d/2d/3d`` in it, grouped convs per group, a
+    tied weight once; biases are not touched; a weight that is not an ``nn.Parameter``,
     e.g. of a parametrized layer, is refused). All matrices of one shape, compute dtype and
     device go through one ``batched_svd`` call.
 
@@ -183,16 +201,15 @@ def orthogonal_(weight_or_weights: _Weights, gain: float = 1.0, *,
     todo = [t for t in targets if t.weight.numel() > 0]
     with torch.no_grad():
         # one draw per weight, in the weights' order, each in its compute dtype on its device
-        draws = [torch.randn(t.groups, t.weight.shape[0] // t.groups, t.weight.numel() // t.weight.shape[0],
-                             generator=generator, dtype=compute_dtype(t.weight.dtype), device=t.weight.device)
-                 for t in todo]
+        draws = [torch.randn(*t.shape(), generator=generator, dtype=compute_dtype(t.weight.dtype),
+                             device=t.weight.device) for t in todo]
         matrices = _orthogonal_matrices(draws)
         for t, Q in zip(todo, matrices):
-            t.weight.copy_((Q * gain).reshape(t.weight.shape))
+            t.weight.copy_(t.from_matrices(Q * gain))
     return weight_or_weights
 
 
-def delta_orthogonal_(weight: torch.Tensor, gain: float = 1.0, *,
+def delta_orthogonal_(weight: torch.Tensor, gain: float = 1.0, *, transposed: bool = False,
                       generator: torch.Generator | None = None) -> torch.Tensor:
     """Delta-orthogonal initialisation of a conv weight, in place (Xiao et al. 2018, "Dynamical
     Isometry and a Mean Field Theory of CNNs"; docs/nn.md#orthogonal-initialization).
@@ -210,6 +227,13 @@ def delta_orthogonal_(weight: torch.Tensor, gain: float = 1.0, *,
     with groups = 1; for a grouped conv, initialise each group's slice
     ``weight[i·out/g:(i+1)·out/g]`` (needs ``out/g ≥ in/g``).
 
+    ``transposed=True``: ``weight (in, out, *k)`` of a ConvTranspose1d/2d/3d, ``out ≥ in``, every
+    ``k_i`` odd: the centre tap becomes ``gain · Qᵀ`` with ``Q (out, in)`` as above. The transposed
+    conv is the adjoint of the conv with this weight, which maps ``y`` to ``gain · Qᵀ y`` per position,
+    so it maps ``x`` to ``gain · Q x`` at every position: with stride 1, padding ``dilation·(k//2)``
+    and output_padding 0 (output size = input size) its operator is ``gain · (Q ⊗ I)``, all singular
+    values ``gain``. Groups as above (slices ``weight[i·in/g:(i+1)·in/g]``).
+
     Draw: one ``torch.randn(1, out, in)`` in the compute dtype on the weight's device from
     ``generator``; float16 / bfloat16 are computed in float32 and rounded on write. Runs under
     ``torch.no_grad()``, writes through ``copy_``; all arguments are checked first. Returns
@@ -217,11 +241,20 @@ def delta_orthogonal_(weight: torch.Tensor, gain: float = 1.0, *,
     """
     op = "delta_orthogonal_"
     _refuse_sharded(op, "weight", weight)
-    check_tensor(op, "weight", weight, ndim=(3, 4, 5), form="(a Conv1d/2d/3d weight (out, in, *kernel))")
-    out, cin, *kernel = weight.shape
+    if not isinstance(transposed, bool):
+        raise TypeError(f"{op}: transposed must be True or False; got {transposed!r}")
+    if transposed:
+        check_tensor(op, "weight", weight, ndim=(3, 4, 5),
+                     form="(a ConvTranspose1d/2d/3d weight (in, out, *kernel), with transposed=True)")
+        cin, out, *kernel = weight.shape
+    else:
+        check_tensor(op, "weight", weight, ndim=(3, 4, 5), form="(a Conv1d/2d/3d weight (out, in, *kernel))")
+        out, cin, *kernel = weight.shape
     if out < cin:
+        layout = "(in, out, *kernel) of a transposed conv" if transposed else "(out, in, *kernel)"
         raise ValueError(f"{op}: needs out >= in (the centre tap is an (out, in) matrix with orthonormal columns, "
-                         f"Xiao et al. 2018); got weight of shape {tuple(weight.shape)} with out={out} < in={cin}")
+                         f"Xiao et al. 2018); got weight of shape {tuple(weight.shape)}, read as {layout}, with "
+                         f"out={out} < in={cin}")
     if any(k % 2 == 0 for k in kernel):
         raise ValueError(f"{op}: needs an odd kernel size in every spatial dim (an even kernel has no centre tap); "
                          f"got weight of shape {tuple(weight.shape)}, kernel {tuple(kernel)}")
@@ -233,6 +266,7 @@ def delta_orthogonal_(weight: torch.Tensor, gain: float = 1.0, *,
         A = torch.randn(1, out, cin, generator=generator, dtype=compute_dtype(weight.dtype), device=weight.device)
         (Q,) = _orthogonal_matrices([A])
         new = torch.zeros(weight.shape, dtype=Q.dtype, device=weight.device)
-        new[(slice(None), slice(None), *(k // 2 for k in kernel))] = Q[0] * gain
+        # a ConvTranspose's tap is (in, out): the adjoint conv's, Qᵀ
+        new[(slice(None), slice(None), *(k // 2 for k in kernel))] = (Q[0].mT if transposed else Q[0]) * gain
         weight.copy_(new)
     return weight

@@ -22,10 +22,16 @@ kind                per-layer penalty (docs/gram.md, docs/conv.md) and how the m
 
 A ``nn.Linear`` is the 1×1 convolution of a 1-point input, so the conv kinds take it as the
 operator ``W`` itself (``conv_frame`` of a Linear is ``frame_penalty(W)``, ``ocnn`` is
-``‖W Wᵀ − I‖²``). Penalties of grouped convs are the mean over groups (docs/gram.md#as_matrix);
+``‖W Wᵀ − I‖²``, with ``side="cols"`` ``‖Wᵀ W − I‖²``). Penalties of grouped convs are the mean over groups (docs/gram.md#as_matrix);
 for the Gram kinds ``group_mode="whole"`` takes a grouped conv's weight ``(out, in/g, *k)`` as ONE
 matrix ``(out, in/g·∏k)`` instead (DiReAL's and the SVB code's convention). ``values()`` is one
 entry per selected layer whatever the groups, and ``reduction`` combines those entries.
+
+``nn.ConvTranspose1d/2d/3d`` layers (when ``include`` names them) are taken in their own orientation
+(docs/nn.md#transposed-convolutions): the Gram kinds use ``as_matrix(W, g, transposed=True)`` (one row
+per output channel), ``conv_frame`` the layer's operator ``Tᵀ`` (the conv ops' ``transposed=True``, its
+own input size), ``ocnn`` OCNN's penalty of ``W`` as ``T``'s kernel with the side swapped (the layer's
+output side is ``T``'s input side).
 
 ``stats()`` returns per layer, as plain floats for a logger: the Gershgorin bounds of the Gram
 the penalty acts on (eigenvalues of that Gram are squared singular values) and the exact
@@ -59,14 +65,18 @@ from regkernels.ops._table import BACKENDS
 from regkernels.reference import gram as _ref_gram
 from regkernels.reference.svd import BNChoice, InputSize
 
-__all__ = ["Regularizer", "SVBProjector", "KINDS"]
+__all__ = ["Regularizer", "SVBProjector", "KINDS", "NETWORK_KEY"]
 
 MATRIX_KINDS = ("frame", "diversity", "orthogonality", "mhe", "srip")
 CONV_KINDS = ("conv_frame", "ocnn")
 KINDS = MATRIX_KINDS + CONV_KINDS
 GROUP_MODES = ("per_group", "whole")
 REDUCTIONS = ("mean", "sum")
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# ConvTranspose layers are taken in their own orientation (docs/nn.md#transposed-convolutions): the
+# Gram kinds act on as_matrix(W, groups, transposed=True) (one row per output channel), the conv kinds
+# on the transposed conv's operator, the adjoint of the conv whose weight W is
+_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d) + _TRANSPOSED
 
 
 def _select(op: str, model: nn.Module, include, exclude) -> list[tuple[str, nn.Module]]:
@@ -96,18 +106,36 @@ def _select(op: str, model: nn.Module, include, exclude) -> list[tuple[str, nn.M
 
 
 class _InputSizes:
-    """Spatial input size of each conv, recorded by forward pre-hooks (overridable by name)."""
+    """Spatial input size of each conv, recorded by forward pre-hooks (overridable by name).
+
+    A ConvTranspose's hook also records the output_padding its call used: ``layer(x, output_size=…)``
+    picks one per call, which may differ from ``layer.output_padding``."""
 
     def __init__(self, layers: Sequence[tuple[str, nn.Module]], given: dict | None):
         self._given = dict(given or {})
         self._seen: dict[int, tuple[int, ...]] = {}
-        self._handles = [m.register_forward_pre_hook(self._record) for _, m in layers if isinstance(m, _CONVS)]
+        self._pads: dict[int, tuple[int, ...]] = {}
+        self._handles = [m.register_forward_pre_hook(self._record_transposed, with_kwargs=True)
+                         if isinstance(m, _TRANSPOSED) else m.register_forward_pre_hook(self._record)
+                         for _, m in layers if isinstance(m, _CONVS)]
 
     def _record(self, module: nn.Module, args: tuple) -> None:
         d = module.weight.dim() - 2
         self._seen[id(module)] = tuple(int(n) for n in args[0].shape[-d:])
 
-    def get(self, op: str, name: str, module: nn.Module) -> tuple[int, ...]:
+    def _record_transposed(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._record(module, args)
+        output_size = args[1] if len(args) > 1 else kwargs.get("output_size")
+        if output_size is None:
+            self._pads[id(module)] = tuple(module.output_padding)
+            return
+        # the output_padding torch derives from output_size: its excess over the least output size
+        d = module.weight.dim() - 2
+        least = CG.conv_transpose_output_size(self._seen[id(module)], module.kernel_size, module.stride,
+                                              module.padding, 0, module.dilation)
+        self._pads[id(module)] = tuple(int(o) - n for o, n in zip(list(output_size)[-d:], least))
+
+    def _input(self, op: str, name: str, module: nn.Module) -> tuple[int, ...]:
         if name in self._given:
             size = self._given[name]
             return (size,) * (module.weight.dim() - 2) if isinstance(size, int) else tuple(size)
@@ -116,6 +144,31 @@ class _InputSizes:
                              f"records it) or pass input_sizes={{{name!r}: (H, W)}}")
         return self._seen[id(module)]
 
+    def get(self, op: str, name: str, module: nn.Module) -> tuple[int, ...]:
+        """The input size of layer ``name``; for a ConvTranspose whose last call chose another
+        output_padding (``output_size=``) than the module's, a ValueError (its operator is another one)."""
+        size = self._input(op, name, module)
+        pad = self._pads.get(id(module)) if name not in self._given else None
+        if pad is not None and pad != tuple(module.output_padding):
+            raise ValueError(f"{op}: layer {name!r} was last called with output_size=, which made its output_padding "
+                             f"{pad}, not the module's {tuple(module.output_padding)}: its operator is not the one "
+                             f"the module describes; set layer.output_padding = {pad} (and call it without "
+                             f"output_size), or exclude the layer")
+        return size
+
+    def operator_size(self, op: str, name: str, module: nn.Module) -> tuple[int, ...]:
+        """The input size of the conv whose operator the layer is or is the adjoint of: a conv's own input
+        size; a ConvTranspose's OUTPUT size, computed from its recorded input size with its stride,
+        padding, dilation, kernel and the output_padding of its last call (the circular model's grid of
+        svb_'s operator mode)."""
+        size = self._input(op, name, module)
+        if not isinstance(module, _TRANSPOSED):
+            return size
+        pad = self._pads.get(id(module), tuple(module.output_padding)) if name not in self._given \
+            else tuple(module.output_padding)
+        return CG.conv_transpose_output_size(size, module.kernel_size, module.stride, module.padding, pad,
+                                             module.dilation)
+
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
@@ -123,9 +176,17 @@ class _InputSizes:
 
 
 def _conv_geometry(op: str, name: str, module: nn.Module) -> dict[str, Any]:
-    """The operator arguments of a conv layer (docs/conv.md#conv_to_matrix); a Linear is a 1×1 conv."""
+    """The operator arguments of a conv layer (docs/conv.md#conv_to_matrix); a Linear is a 1×1 conv.
+    ``transposed`` / ``output_padding`` are the conv ops' keywords: a ConvTranspose passes its own
+    geometry with ``transposed=True`` (docs/conv.md#transposed-convolutions)."""
     if isinstance(module, nn.Linear):
-        return dict(stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros")
+        return dict(stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros", transposed=False,
+                    output_padding=0)
+    if isinstance(module, _TRANSPOSED):
+        # nn.ConvTranspose has neither string paddings nor padding modes other than "zeros"
+        return dict(stride=tuple(module.stride), padding=tuple(module.padding), dilation=tuple(module.dilation),
+                    groups=module.groups, padding_mode=module.padding_mode, transposed=True,
+                    output_padding=tuple(module.output_padding))
     padding = module.padding
     if isinstance(padding, str):  # nn.ConvNd(padding="valid" / "same")
         if padding == "valid":
@@ -140,7 +201,27 @@ def _conv_geometry(op: str, name: str, module: nn.Module) -> dict[str, Any]:
         raise ValueError(f"{op}: layer {name!r} has padding_mode={module.padding_mode!r}; the conv operator "
                          f"kinds take 'zeros' or 'circular'")
     return dict(stride=tuple(module.stride), padding=tuple(padding) if not isinstance(padding, int) else padding,
-                dilation=tuple(module.dilation), groups=module.groups, padding_mode=module.padding_mode)
+                dilation=tuple(module.dilation), groups=module.groups, padding_mode=module.padding_mode,
+                transposed=False, output_padding=0)
+
+
+def _matrix_weight(module: nn.Module, w: torch.Tensor) -> torch.Tensor:
+    """``w`` (the layer's full weight) in the layout ``as_matrix(·, groups)`` takes: a ConvTranspose's
+    ``(in, out/g, *k)`` as ``(out, in/g, *k)`` (``regkernels.reference.gram.transposed_as_conv``), so that
+    ``as_matrix(·, g)`` is ``as_matrix(w, g, transposed=True)`` and ``as_matrix(·, 1)`` the whole
+    ``(out, in/g·∏k)`` matrix (``group_mode="whole"``); every other weight unchanged."""
+    if isinstance(module, _TRANSPOSED):
+        return _ref_gram.transposed_as_conv(w, module.groups)
+    return w
+
+
+def _matrix_stand_in(module: nn.Module) -> torch.Tensor:
+    """``_matrix_weight``'s shape, dtype and device for argument checks, without reading or copying the weight."""
+    w = _dist.stand_in(module.weight)
+    if isinstance(module, _TRANSPOSED):
+        g = module.groups
+        return w.new_zeros(1).expand(w.shape[1] * g, w.shape[0] // g, *w.shape[2:])
+    return w
 
 
 def _float32_if_half(w: torch.Tensor) -> torch.Tensor:
@@ -151,7 +232,10 @@ def _float32_if_half(w: torch.Tensor) -> torch.Tensor:
 
 
 def _as_conv_weight(module: nn.Module, w: torch.Tensor | None = None) -> torch.Tensor:
-    """The weight of ``module`` (or ``w``, its full value) as a conv weight: a Linear's gets a 1-point kernel dim."""
+    """The weight of ``module`` (or ``w``, its full value) as a conv weight: a Linear's gets a 1-point kernel dim.
+    A ConvTranspose's ``(in, out/g, *k)`` is unchanged: it is the conv weight of the conv ``T`` whose
+    adjoint the layer is (the conv ops take it with ``transposed=True``; ``ocnn`` penalises ``T``'s
+    kernel as it stands, docs/nn.md#transposed-convolutions)."""
     w = module.weight if w is None else w
     return w.unsqueeze(-1) if isinstance(module, nn.Linear) else w
 
@@ -174,6 +258,7 @@ class Regularizer:
         kind: one of ``KINDS`` (module docstring).
         weight: the factor λ ≥ 0 of the returned value.
         include: layer types selected (default Conv2d and Linear); layers need a ``weight``.
+            ConvTranspose1d/2d/3d are taken when named (module docstring).
         exclude: names (as in ``named_modules``), modules or types to leave out.
         input_sizes: ``conv_frame`` only: ``{layer name: spatial input size}``, else recorded by a
             forward pre-hook on each conv (run one forward pass before the first call).
@@ -190,7 +275,8 @@ class Regularizer:
             entry per selected layer, a grouped conv included).
         **kw: the kind's arguments: ``frame`` / ``conv_frame`` ``A, B`` (required), ``side``;
             ``diversity`` ``tau`` (required), ``inclusive``; ``orthogonality`` ``side, squared``;
-            ``mhe`` ``s, half, eps``; ``srip`` ``n_iter, generator``; ``ocnn`` ``padding``.
+            ``mhe`` ``s, half, eps, angular``; ``srip`` ``n_iter, generator``; ``ocnn`` ``padding``, ``side``
+            (``"rows"``: output side, default; ``"cols"``: input side, without padding).
 
     Calling it returns a 0-dim tensor (float32 for float16/bfloat16 weights, every kind: the
     layers are evaluated in float32) with gradients to every selected weight. Every argument
@@ -219,7 +305,7 @@ class Regularizer:
         self.layers = _select(op, model, include, exclude)
         if kind in MATRIX_KINDS:
             # validates kind's arguments once, on the selected weights
-            _gram._check_weights(op, [_dist.stand_in(m.weight) for _, m in self.layers], self._groups(), kind,
+            _gram._check_weights(op, [_matrix_stand_in(m) for _, m in self.layers], self._groups(), kind,
                                  _gram._multi_args(op, kind, dict(kw)),
                                  names=[f"layer {name!r}.weight" for name in self.names])
         elif kind == "conv_frame":
@@ -230,8 +316,16 @@ class Regularizer:
                                 f"missing {missing}")
             check_bounds(op, "A", kw["A"], "B", kw["B"])
             check_side(op, kw.get("side", "auto"))
-        elif kind == "ocnn" and any(a != "padding" for a in kw):
-            raise TypeError(f"{op}: kind='ocnn' takes padding only; got {sorted(kw)}")
+            for name, m in self.layers:
+                if isinstance(m, _TRANSPOSED) and any(o >= s for o, s in zip(m.output_padding, m.stride)):
+                    raise ValueError(f"{op}: kind='conv_frame' needs output_padding < stride per dim for a "
+                                     f"ConvTranspose (then its operator is exactly the adjoint of a conv); layer "
+                                     f"{name!r} has output_padding={tuple(m.output_padding)}, stride="
+                                     f"{tuple(m.stride)}: exclude it or use a Gram kind")
+        elif kind == "ocnn":
+            if any(a not in ("padding", "side") for a in kw):
+                raise TypeError(f"{op}: kind='ocnn' takes padding and side only; got {sorted(kw)}")
+            _conv.check_ocnn_side(op, kw.get("side", "rows"), kw.get("padding"))
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"{op}: backend must be one of None, {', '.join(map(repr, BACKENDS))}; got {backend!r}")
         if kind in CONV_KINDS:
@@ -239,6 +333,11 @@ class Regularizer:
         if kind == "ocnn" and kw.get("padding") is not None:
             for name, m in self.layers:
                 _conv._check_ints(f"{op} (layer {name!r})", "padding", kw["padding"], _as_conv_weight(m).dim() - 2, 0)
+                if isinstance(m, _TRANSPOSED):
+                    raise ValueError(f"{op}: kind='ocnn' with padding cannot take ConvTranspose layer {name!r}: "
+                                     f"padding picks the output-side shifts of a conv, and a ConvTranspose's output "
+                                     f"side is the input side (side='cols') of the conv whose adjoint it is, which has "
+                                     f"no padding; pass padding=None or exclude the layer")
         if input_sizes is not None:
             if kind != "conv_frame":
                 raise TypeError(f"{op}: input_sizes is for kind='conv_frame' only; got kind={kind!r}")
@@ -258,8 +357,13 @@ class Regularizer:
                                  f"convs: {[n for n, m in self.layers if isinstance(m, _CONVS)]}")
             m, geo = layers[name], self._geometry[name]
             size = (size,) * (m.weight.dim() - 2) if isinstance(size, int) and not isinstance(size, bool) else size
-            _conv._check_geometry(f"{op} (layer {name!r})", _dist.stand_in(m.weight.detach()), size, geo["stride"], geo["padding"],
-                                  geo["dilation"], geo["groups"], geo["padding_mode"])
+            where, w = f"{op} (layer {name!r})", _dist.stand_in(m.weight.detach())
+            if geo["transposed"]:  # a ConvTranspose's own input size, checked as the conv ops check it
+                _conv._check_transposed(where, w, size, geo["stride"], geo["padding"], geo["output_padding"],
+                                        geo["dilation"], geo["groups"], geo["padding_mode"], True)
+            else:
+                _conv._check_geometry(where, w, size, geo["stride"], geo["padding"], geo["dilation"], geo["groups"],
+                                      geo["padding_mode"])
 
     def _groups(self) -> list[int]:
         """The ``groups`` of ``as_matrix`` per layer: each conv's own, or 1 for every layer with
@@ -283,7 +387,8 @@ class Regularizer:
         """0-dim penalties of the layers ``idx`` whose (full) weights are ``weights``."""
         if self.kind in MATRIX_KINDS:
             groups = self._groups()
-            return list(_gram.penalty_multi([_float32_if_half(w) for w in weights], self.kind, backend=self.backend,
+            mats = [_float32_if_half(_matrix_weight(self.layers[i][1], w)) for i, w in zip(idx, weights)]
+            return list(_gram.penalty_multi(mats, self.kind, backend=self.backend,
                                             groups=[groups[i] for i in idx], **self.kw).unbind(0))
         if self.kind == "ocnn":
             return self._ocnn_values(weights)
@@ -302,7 +407,9 @@ class Regularizer:
         if self.kind in _ref_gram.GRAM_KINDS:
             for i, (w, g) in enumerate(zip(weights, self._groups())):
                 side = _ref_gram.gram_side(self.kind, w.shape[0], math.prod(w.shape[1:]), self.kw.get("side", "auto"))
-                lay = _dist.gram_route(w, side) if g == 1 else None
+                # a ConvTranspose's matrix rows are not its dim 0, whose pieces the shards hold: gathered
+                transposed = isinstance(self.layers[i][1], _TRANSPOSED)
+                lay = _dist.gram_route(w, side) if g == 1 and not transposed else None
                 if lay is not None:
                     local = _float32_if_half(w.to_local())
                     partial = _ref_gram.gram(local.reshape(local.shape[0], -1), side)
@@ -342,30 +449,36 @@ class Regularizer:
             # int and tuple spellings of one padding are one geometry
             key = (tuple(w.shape), w.dtype, w.device, tuple(self._sizes.get(op, name, m)),
                    *(CG.expand(geo[a], d) for a in ("stride", "padding", "dilation")), geo["groups"],
-                   geo["padding_mode"])
+                   geo["padding_mode"], geo["transposed"], CG.expand(geo["output_padding"], d))
             sets.setdefault(key, []).append((i, w))
-        for (_, _, _, size, stride, padding, dilation, groups, mode), members in sets.items():
+        for (_, _, _, size, stride, padding, dilation, groups, mode, transposed, out_pad), members in sets.items():
+            # a ConvTranspose: its own input size and geometry, the op takes its operator Tᵀ (side on Tᵀ)
             values = _conv.conv_frame_penalty_multi([w for _, w in members], size, A, B, stride, padding, dilation,
-                                                    groups, mode, side, backend=self.backend)
+                                                    groups, mode, side, transposed=transposed,
+                                                    output_padding=out_pad, backend=self.backend)
             for (i, _), v in zip(members, values):
                 out[i] = v
         return out
 
     def _ocnn_values(self, weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Per layer (0-dim): the mean over its group chunks of ``conv_orthogonality_penalty`` at its
-        stride. Every chunk of equal (shape, stride, dtype, device), across layers, goes through one
-        ``conv_orthogonality_penalty_multi`` call."""
+        stride (with the ``padding`` / ``side`` given). Every chunk of equal (shape, stride, dtype,
+        device), across layers, goes through one ``conv_orthogonality_penalty_multi`` call."""
         buckets: dict[tuple, list[tuple[int, torch.Tensor]]] = {}
         for i, (name, m) in enumerate(self.layers):
             w, geo = _float32_if_half(_as_conv_weight(m, weights[i])), self._geometry[name]
             stride = tuple(geo["stride"]) if not isinstance(geo["stride"], int) else (geo["stride"],) * (w.dim() - 2)
+            # a ConvTranspose is the adjoint Tᵀ of the conv T its weight is the kernel of: its output
+            # side (M Mᵀ = Tᵀ T) is T's input side, so the side swaps (docs/nn.md#transposed-convolutions)
+            side = self.kw.get("side", "rows")
+            side = {"rows": "cols", "cols": "rows"}[side] if geo["transposed"] else side
             chunks = w.chunk(geo["groups"], dim=0)
             for wg in chunks:
-                buckets.setdefault((tuple(wg.shape), stride, wg.dtype, wg.device), []).append((i, wg))
+                buckets.setdefault((tuple(wg.shape), stride, side, wg.dtype, wg.device), []).append((i, wg))
         per_layer: list[list[torch.Tensor]] = [[] for _ in self.layers]
-        for (_, stride, _, _), items in buckets.items():
+        for (_, stride, side, _, _), items in buckets.items():
             values = _conv.conv_orthogonality_penalty_multi([wg for _, wg in items], stride, self.kw.get("padding"),
-                                                           backend=self.backend)
+                                                           side, backend=self.backend)
             for (i, _), v in zip(items, values.unbind(0)):
                 per_layer[i].append(v)
         # grouped: the mean over groups (docs/gram.md#as_matrix)
@@ -376,26 +489,45 @@ class Regularizer:
         return self.weight * (values.sum() if self.reduction == "sum" else values.mean())
 
     @torch.no_grad()
-    def stats(self) -> dict[str, dict[str, float]]:
+    def stats(self, operator: bool = False) -> dict[str, dict[str, float]]:
         """Per layer: ``gershgorin_lo`` / ``gershgorin_hi`` (bounds on the eigenvalues of the Gram
         the penalty acts on: the operator's for ``conv_frame``, else ``Gram(as_matrix(W))`` on the
         kind's side) and ``sigma_min`` / ``sigma_max`` (exact, of ``as_matrix(W, groups)``; with
         ``group_mode="whole"`` groups is 1, the one matrix the penalty acts on). A layer holding
         NaN/Inf gets NaN entries; the other layers are unaffected and nothing raises. No combined
-        value, so ``reduction`` does not enter."""
+        value, so ``reduction`` does not enter.
+
+        ``operator=True`` (docs/nn.md#regularizerstats) adds per layer ``operator_sigma_max``,
+        ``operator_sigma_min`` and ``operator_rel_tol``: the singular values of the layer's operator
+        on its recorded input size (a Linear: W; a ConvTranspose: the conv of its weight on its
+        output size, whose adjoint it is, the same singular values; a circular stride-1 conv whose outputs are its
+        inputs' positions once: exact, Sedghi; any other conv: ``σ_max`` by power iteration with
+        its ``rel_tol``, a heuristic, and ``σ_min`` NaN), and under the key ``NETWORK_KEY``
+        (``".network"``, which no module name can be) ``{"sigma_max_product", "rel_tol"}``: the
+        product of those ``σ_max`` — for a plain feed-forward chain of exactly the selected layers
+        with 1-Lipschitz activations between them (no residual connections, normalisation or other
+        layers with gain), an upper bound on its Lipschitz constant in ℓ² where every entry is
+        exact; a power estimate is at most its true ``σ_max``, and ``rel_tol = 1 − ∏(1 − rel_tol_l)``
+        says how far the product may be below. Conv layers need their input sizes: recorded only
+        for ``kind="conv_frame"`` (after one forward pass); other kinds raise ``ValueError`` for a
+        conv layer (use ``regkernels.nn.spectrum``)."""
+        if not isinstance(operator, bool):
+            raise TypeError(f"Regularizer.stats: operator must be True or False; got {operator!r}")
+        sizes = self._operator_sizes() if operator else None
         out = {}
         side = self.kw.get("side", "auto")
         # sharded weights: gathered once, bucketed (docs/distributed.md)
         weights = _dist.gather([m.weight for _, m in self.layers])
         for (name, m), g, w in zip(self.layers, self._groups(), weights):
-            M = _gram.as_matrix(w, g)
+            M = _gram.as_matrix(_matrix_weight(m, w), g)
             M = M if M.dtype == torch.float64 else M.float()
             if self.kind == "conv_frame":
                 geo = self._geometry[name]
                 size = (1,) if isinstance(m, nn.Linear) else self._sizes.get("Regularizer.stats", name, m)
                 lo, hi = _conv.conv_gershgorin_bounds(_as_conv_weight(m, w), size, geo["stride"], geo["padding"],
                                                       geo["dilation"], geo["groups"], geo["padding_mode"], side,
-                                                      backend=self.backend)
+                                                      transposed=geo["transposed"],
+                                                      output_padding=geo["output_padding"], backend=self.backend)
             else:
                 matrix_side = side if self.kind in ("frame", "orthogonality") else "rows" \
                     if self.kind in ("diversity", "mhe", "ocnn") else "auto"
@@ -409,7 +541,44 @@ class Regularizer:
                 s_min = s_max = math.nan
             out[name] = {"gershgorin_lo": float(lo.amin()), "gershgorin_hi": float(hi.amax()),
                          "sigma_min": s_min, "sigma_max": s_max}
+        if operator:
+            product, kept = 1.0, 1.0
+            for (name, m), w in zip(self.layers, weights):
+                # the conv kinds keep each layer's geometry; the others read it here
+                geo = None if isinstance(m, nn.Linear) else getattr(self, "_geometry", {}).get(name) \
+                    or _conv_geometry("Regularizer.stats(operator=True)", name, m)
+                top, bottom, rel, _ = operator_singular_values(m, w, sizes[name], geo)
+                out[name].update(operator_sigma_max=top, operator_sigma_min=bottom, operator_rel_tol=rel)
+                product, kept = product * top, kept * (1 - rel)
+            out[NETWORK_KEY] = {"sigma_max_product": product, "rel_tol": 1 - kept}
         return out
+
+    def _operator_sizes(self) -> dict[str, tuple[int, ...] | None]:
+        """Each selected layer's input size for ``stats(operator=True)`` (None for a Linear), or the
+        ValueError that says which layer has none and what to do."""
+        op = "Regularizer.stats(operator=True)"
+        sizes = {}
+        for name, m in self.layers:
+            if isinstance(m, nn.Linear):
+                sizes[name] = None
+            elif self._sizes is None:
+                raise ValueError(f"{op}: no input size for conv layer {name!r}: a Regularizer of kind={self.kind!r} "
+                                 f"does not record input sizes (only kind='conv_frame' does, after one forward "
+                                 f"pass); call regkernels.nn.spectrum(model, input_size), which records them "
+                                 f"itself")
+            else:
+                # a ConvTranspose: its output size, the input size of the conv T whose adjoint it is
+                # (the same singular values, docs/conv.md#transposed-convolutions) when output_padding < stride
+                sizes[name] = self._sizes.operator_size(op, name, m)
+                if isinstance(m, _TRANSPOSED):
+                    least = CG.conv_transpose_output_size(self._sizes._input(op, name, m), m.kernel_size, m.stride,
+                                                          m.padding, 0, m.dilation)
+                    pad = tuple(n - q for n, q in zip(sizes[name], least))
+                    if any(p >= st for p, st in zip(pad, m.stride)):
+                        raise ValueError(f"{op}: layer {name!r} ({type(m).__name__}) runs with output_padding {pad}, "
+                                         f"not < its stride {tuple(m.stride)}: its operator is then not the adjoint of "
+                                         f"a conv; exclude it")
+        return sizes
 
     def remove_hooks(self) -> None:
         """Remove the input-size pre-hooks (``conv_frame``)."""
@@ -421,14 +590,59 @@ class Regularizer:
                 f"group_mode={self.group_mode!r}, reduction={self.reduction!r}, kw={self.kw})")
 
 
+# the key of the model-level entry of Regularizer.stats(operator=True): a module name never starts
+# with "." (named_modules joins non-empty names with "."; the root is "")
+NETWORK_KEY = ".network"
+
+
+def operator_singular_values(module: nn.Module, w: torch.Tensor, size: tuple[int, ...] | None,
+                             geo: dict | None) -> tuple[float, float, float, bool]:
+    """``(σ_max, σ_min, rel_tol, exact)`` of a Linear's matrix or a conv's operator on inputs of ``size``
+    (``geo``: ``_conv_geometry``'s stride, padding, dilation, groups, padding_mode), for monitoring
+    (docs/nn.md#regularizerstats): exact (``rel_tol`` 0) for a Linear and for a circular stride-1
+    conv whose every output is one input position once (``2·padding = dilation·(k − 1)``, the
+    dilated kernel within the input: ``T`` is then the periodic conv with its rows permuted, whose
+    singular values are Sedghi's, one group at a time); otherwise ``σ_max`` by
+    ``conv_spectral_norm(method="power")`` (seeded, a lower bound with its heuristic ``rel_tol``)
+    and ``σ_min`` NaN. Half precision is computed in float32; a non-finite weight gives NaN; a
+    layer without channels gives ``σ_max = 0``, ``σ_min`` NaN. The ops run on their default backend."""
+    w = w.detach()
+    w = w if w.dtype == torch.float64 else w.float()
+    if isinstance(module, nn.Linear):
+        if min(w.shape) == 0:
+            return 0.0, math.nan, 0.0, True
+        s2_min, s2_max = _gram.frame_bounds(w)
+        return float(s2_max.sqrt()), float(s2_min.sqrt()), 0.0, True
+    groups = geo["groups"]
+    if min(w.shape[0] // groups, w.shape[1]) == 0:
+        return 0.0, math.nan, 0.0, True
+    d = w.dim() - 2
+    kernel = w.shape[2:]
+    stride, padding, dilation = (CG.expand(geo[a], d) for a in ("stride", "padding", "dilation"))
+    span = [dl * (k - 1) for dl, k in zip(dilation, kernel)]
+    if (geo["padding_mode"] == "circular" and all(s == 1 for s in stride)
+            and all(2 * p == e and e < n for p, e, n in zip(padding, span, size))):
+        # the dilated kernel: the taps at dil·t, zeros between
+        wd = w.new_zeros(*w.shape[:2], *[e + 1 for e in span])
+        wd[(slice(None), slice(None)) + tuple(slice(None, None, dl) for dl in dilation)] = w
+        sv = torch.cat([_conv.conv_singular_values(part, size).flatten() for part in wd.chunk(groups, dim=0)])
+        return float(sv.max()), float(sv.min()), 0.0, True
+    gen = torch.Generator(device=w.device).manual_seed(0)
+    sigma, rel = _conv.conv_spectral_norm(w, size, stride, padding, dilation, groups, geo["padding_mode"],
+                                          method="power", generator=gen)
+    return float(sigma), math.nan, float(rel), False
+
+
 class SVBProjector:
     """Hard singular value bounding on a schedule (docs/nn.md#svbprojector): after every ``every``-th
-    ``step()`` (call it after ``optimizer.step()``) every Linear / Conv weight of ``model`` gets
-    ``W ← U clamp(S, 1/(1+eps), 1+eps) Vh`` in place.
+    ``step()`` (call it after ``optimizer.step()``) every Linear / Conv / ConvTranspose weight of ``model``
+    gets ``W ← U clamp(S, 1/(1+eps), 1+eps) Vh`` in place (a ConvTranspose's matrix:
+    ``as_matrix(W, groups, transposed=True)``).
 
     ``operator=True`` bounds each conv's operator instead (docs/conv.md#conv_singular_values; circular, stride-1 model):
     the input sizes are recorded by forward pre-hooks, or given as ``input_size`` (int, tuple or
-    ``{weight or conv module: size}``, as ``svb_`` takes them). ``step()`` returns the number of
+    ``{weight or conv module: size}``, as ``svb_`` takes them; for a ConvTranspose its output size,
+    which the hooks compute from its input size). ``step()`` returns the number of
     matrices projected (0 on the steps in between). Every argument is checked here as ``svb_``
     checks it (eps finite and > 0, operator a bool, input_size, a backend with the SVD on the
     model's devices), and so are the layers (parametrized weights: see ``svb_``).
@@ -464,8 +678,9 @@ class SVBProjector:
             return 0
         size = self.input_size
         if self._sizes is not None:
-            # keyed by module: a parametrized conv's weight is a new tensor at every access
-            size = {m: self._sizes.get("SVBProjector", n, m) for n, m in self._convs}
+            # keyed by module: a parametrized conv's weight is a new tensor at every access; a
+            # ConvTranspose's operator is bounded on its output size (svb_'s input_size for it)
+            size = {m: self._sizes.operator_size("SVBProjector", n, m) for n, m in self._convs}
         return _svd.svb_(self.model, self.eps, operator=self.operator, input_size=size, backend=self.backend,
                          bn=self.bn)
 

@@ -184,14 +184,29 @@ def _dispatch(op: str, backend, W: torch.Tensor) -> Callable:
 
 
 @accepts_sharded
-def as_matrix(weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
-    """A layer weight as the matrix the penalties act on (docs/gram.md); a reshape, no kernel.
+def as_matrix(weight: torch.Tensor, groups: int = 1, *, transposed: bool = False) -> torch.Tensor:
+    """A layer weight as the matrix the penalties act on (docs/gram.md#as_matrix); a reshape, no kernel.
 
     Linear ``(out, in)`` → unchanged. Conv ``(out, in/g, *kernel)`` →
     ``(g, out/g, in/g · prod(kernel))``, one matrix per group, filters as rows; for
     ``groups == 1`` the group dim is dropped: ``(out, in · prod(kernel))``.
+
+    ``transposed=True``: ``weight`` is an ``nn.ConvTranspose1d/2d/3d`` weight ``(in, out/g, *kernel)``
+    and the result is ``(g, out/g, in/g · prod(kernel))`` (``(out, in · prod(kernel))`` for
+    ``groups == 1``), one row per output channel of the transposed conv: the filter that channel
+    reads from its group's inputs (a copy, not a view). Same shapes and meaning as a conv's, so
+    every row-wise penalty acts on the transposed conv's filters.
     """
     op = "as_matrix"
+    _check_bool(op, "transposed", transposed)
+    if transposed:
+        check_tensor(op, "weight", weight, ndim=(3, 4, 5),
+                     form="(in, out/groups, *kernel), an nn.ConvTranspose1d/2d/3d weight, with transposed=True")
+        check_number(op, "groups", groups, lo=1, integer=True)
+        if weight.shape[0] % groups:
+            raise ValueError(f"{op}: groups must divide the input channels of a transposed conv weight (dim 0 of "
+                             f"(in, out/groups, *kernel), shape {tuple(weight.shape)}); got groups={groups}")
+        return R.as_matrix(weight, groups, transposed=True)
     check_tensor(op, "weight", weight, min_ndim=2, form="(out, in) or (out, in/groups, *kernel)")
     _check_groups(op, "weight", weight, groups)
     return R.as_matrix(weight, groups)

@@ -174,7 +174,7 @@ def _svb_bn(weights_or_module, bn: _ref.BNChoice, op: str = "svb_") -> bool | li
 def svb_bn_layers(model: nn.Module, bn: _ref.BNChoice = True) -> list[str]:
     """The names of the BatchNorm layers ``svb_(model, eps, bn=bn)`` bounds, in model order
     (docs/svd.md#batchnorm-scales-bn); raises as svb_ would for a ``bn`` it refuses. With
-    ``bn=True``: the BatchNorms that directly follow a Linear / Conv in ``model.named_modules()``
+    ``bn=True``: the BatchNorms that directly follow a Linear / Conv / ConvTranspose in ``model.named_modules()``
     order (with γ; ``affine=False`` ones are left alone)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"svb_bn_layers: model must be an nn.Module; got {type(model).__name__}")
@@ -186,16 +186,17 @@ def svb_(weights_or_module: nn.Module | torch.Tensor | Iterable[torch.Tensor], e
          bn: _ref.BNChoice = False) -> int:
     """Hard singular value bounding in place: ``W ← U clamp(S, 1/(1+eps), 1+eps) Vh`` (docs/svd.md).
 
-    ``weights_or_module``: an ``nn.Module`` (every Linear and Conv1d/2d/3d weight, grouped
-    convs per group), a weight tensor, or an iterable of weight tensors (groups = 1).
+    ``weights_or_module``: an ``nn.Module`` (every Linear, Conv1d/2d/3d and ConvTranspose1d/2d/3d
+    weight, grouped convs per group; a ConvTranspose's matrices are ``as_matrix(W, groups,
+    transposed=True)``), a weight tensor, or an iterable of weight tensors (groups = 1).
     Runs under ``torch.no_grad()``, never touches biases, and sends all matrices of one
     (m, n, dtype, device) through one ``batched_svd`` call. ``operator=True`` bounds each
     conv operator (docs/conv.md) and needs ``input_size`` (int, tuple, or dict weight / conv
-    module → size). Parametrized layers (``torch.nn.utils.parametrize`` with a
-    ``right_inverse``, hook-based ``weight_norm``) are bounded through the parametrization;
+    module → size; for a ConvTranspose its output size, docs/svd.md#svb_). Parametrized layers
+    (``torch.nn.utils.parametrize`` with a ``right_inverse``, hook-based ``weight_norm``) are bounded through the parametrization;
     weights that cannot be written back are refused naming the layer. ``bn=True`` also bounds
     the scale γ_c/sqrt(running_var_c + eps_bn) of each BatchNorm that directly follows a
-    Linear / Conv in module order into ``[m/(1+eps), m·(1+eps)]``, m the layer's mean |scale|
+    Linear / Conv / ConvTranspose in module order into ``[m/(1+eps), m·(1+eps)]``, m the layer's mean |scale|
     (γ rewritten, β and the statistics kept); ``bn=[names or modules]`` names the BatchNorms
     instead (docs/svd.md#batchnorm-scales-bn). All arguments and all new values are settled
     before the first weight changes: an error changes nothing. Returns the number of matrices

@@ -9,7 +9,8 @@ for reading rather than speed:
   computed EXPLICITLY from the dense matrix (docs/conv.md#conv_frame_penalty). Memory grows with
   ``(C·H·W)²``, so a size guard refuses large layers with a ``ValueError``;
   ``conv_frame_penalty_multi`` is the same for a list of layers, one at a time.
-* ``conv_orthogonality_penalty`` — the OCNN kernel orthogonality penalty (docs/conv.md#conv_orthogonality_penalty).
+* ``conv_orthogonality_penalty`` — the OCNN kernel orthogonality penalty (docs/conv.md#conv_orthogonality_penalty),
+  output side (``side="rows"``) or input side (``side="cols"``, ``conv_input_orthogonality``).
 * ``conv_singular_values`` / ``clip_conv_singular_values`` — the singular values of a
   circular, stride-1 convolution through the FFT (Sedghi et al., docs/conv.md#conv_singular_values).
 * ``conv_spectral_norm`` — the largest singular value of ``T``: power iteration through the conv
@@ -25,6 +26,7 @@ weights and keep their dtype.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Callable, NamedTuple, Sequence
 
@@ -47,6 +49,7 @@ __all__ = [
     "conv_frame_penalty_multi",
     "conv_orthogonality_penalty",
     "conv_orthogonality_penalty_multi",
+    "conv_input_orthogonality",
     "conv_singular_values",
     "clip_conv_singular_values",
     "ConvSpectralNorm",
@@ -285,10 +288,11 @@ def conv_frame_penalty_multi(weights: Sequence[torch.Tensor], input_size: Sequen
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
-def conv_orthogonality_penalty(weight: torch.Tensor, stride=1, padding=None) -> torch.Tensor:
+def conv_orthogonality_penalty(weight: torch.Tensor, stride=1, padding=None, side: str = "rows") -> torch.Tensor:
     """OCNN kernel orthogonality penalty (Wang et al., "Orthogonal Convolutional Neural Networks").
 
-    formula: docs/conv.md#conv_orthogonality_penalty — ``P = ⌊(k−1)/S⌋·S`` per dim unless given,
+    ``side="cols"``: the input side, ``conv_input_orthogonality`` below. ``side="rows"`` (the
+    output side), formula: docs/conv.md#conv_orthogonality_penalty — ``P = ⌊(k−1)/S⌋·S`` per dim unless given,
     ``O = conv(K, K, stride=S, padding=P)`` of shape ``(o, o, *s)`` (the filters used as a
     batch of o inputs, ``s = ⌊2P/S⌋ + 1``), target ``T`` = ``I_o`` at the spatial centre
     ``⌊s/2⌋`` and 0 elsewhere, ``R = ‖O − T‖_F²``.
@@ -302,6 +306,8 @@ def conv_orthogonality_penalty(weight: torch.Tensor, stride=1, padding=None) -> 
     Returns:
         A 0-dim tensor in the weight's dtype (float16/bfloat16 computed in float32).
     """
+    if side == "cols":
+        return conv_input_orthogonality(weight, stride)
     d = weight.dim() - 2
     if weight.shape[0] == 0:
         return weight.sum()  # no filters: an empty sum, 0, still attached to the graph
@@ -327,10 +333,66 @@ def conv_orthogonality_penalty(weight: torch.Tensor, stride=1, padding=None) -> 
     return ((O - target) ** 2).sum().to(weight.dtype)
 
 
-def conv_orthogonality_penalty_multi(weights: Sequence[torch.Tensor], stride=1, padding=None) -> torch.Tensor:
-    """``(L,)``: ``conv_orthogonality_penalty`` of each weight, one conv each
+def conv_orthogonality_penalty_multi(weights: Sequence[torch.Tensor], stride=1, padding=None,
+                                     side: str = "rows") -> torch.Tensor:
+    """``(L,)``: ``conv_orthogonality_penalty`` of each weight, one at a time
     (docs/conv.md#conv_orthogonality_penalty_multi)."""
-    return torch.stack([conv_orthogonality_penalty(w, stride, padding) for w in weights])
+    return torch.stack([conv_orthogonality_penalty(w, stride, padding, side) for w in weights])
+
+
+_CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+def conv_input_orthogonality(weight: torch.Tensor, stride=1) -> torch.Tensor:
+    """OCNN input-side orthogonality, ``conv_orthogonality_penalty(side="cols")``
+    (docs/conv.md#input-side): ``R = Σ_r ‖row block r of TᵀT − [I_c at shift 0]‖_F²``.
+
+    ``T`` is the stride-``S`` convolution on an unbounded input; ``TᵀT`` is periodic with period
+    ``S`` per dim, so its rows fall into ``∏S`` phases ``r`` (the input pixel's position mod ``S``),
+    and the rows ``(·, u)`` of one phase are all alike. Here each phase's rows are formed as
+    ``TᵀT e_(ch, u)`` for every input channel ``ch`` at one pixel ``u`` of that phase: one-hot
+    images through the conv and its adjoint (``conv_transpose``), on an unpadded grid large enough
+    that every tap reading ``u`` has its output and every column reached lies inside. A phase with
+    ``r_i ≥ k_i`` in some dim is read by no tap: its rows are 0 and add ``‖−I_c‖² = c`` each.
+
+    Returns a 0-dim tensor in the weight's dtype (float16/bfloat16 computed in float32).
+    """
+    op = "conv_orthogonality_penalty"
+    d = weight.dim() - 2
+    o, c, kernel = weight.shape[0], weight.shape[1], tuple(weight.shape[2:])
+    S = expand(stride, d)
+    phases = [min(s, k) for s, k in zip(S, kernel)]  # the phases some tap reads, per dim
+    # dead phases (some r_i ≥ k_i): rows of TᵀT equal to 0, each adding c
+    dead = c * (math.prod(S) - math.prod(phases))
+    K = upcast(weight)
+    if o == 0 or c == 0:  # T has no rows or no columns: TᵀT = 0 (conv refuses a weight without filters)
+        return (K.sum() + float(c * math.prod(S))).to(weight.dtype)
+    # the pixel of phase r sits at u = base + r, base = S·⌊(k − 1)/S⌋ (a multiple of S; u ≥ every tap
+    # t ≡ r, t < k), on a grid of n = base + min(S, k) + k − 1 points: the outputs (u − t)/S ∈ [0, base/S]
+    # of its taps exist (n − k ≥ base) and its widest column, u + k − 1, is inside
+    base = [s * ((k - 1) // s) for s, k in zip(S, kernel)]
+    n = [b + p + k - 1 for b, p, k in zip(base, phases, kernel)]
+    m = [(ni - k) // s + 1 for ni, k, s in zip(n, kernel, S)]
+    B = c * math.prod(phases)
+    itemsize = torch.empty((), dtype=K.dtype).element_size()
+    nbytes = B * (2 * c * math.prod(n) + o * math.prod(m)) * itemsize
+    if nbytes > MAX_WORK_BYTES:
+        raise ValueError(f"{op}: side='cols': the {B} basis images of shape {(c, *n)} and their convs need {nbytes} "
+                         f"bytes ({nbytes / 2**30:.1f} GiB), over MAX_WORK_BYTES={MAX_WORK_BYTES}; the 'torch' "
+                         f"backend (the tap Gram path) needs about c²·(∏k)² entries instead")
+    # X[(r, ch)] = e_(ch, u_r): the one-hot pixel u_r = base + r of each phase times I_c over the channels
+    pixels = [0] * math.prod(phases)
+    for j, r in enumerate(itertools.product(*[range(p) for p in phases])):
+        for ni, b, ri in zip(n, base, r):
+            pixels[j] = pixels[j] * ni + b + ri  # row-major flat index of u_r on the n grid
+    onehot = torch.zeros(len(pixels), math.prod(n), dtype=K.dtype, device=K.device)
+    onehot[torch.arange(len(pixels), device=K.device), torch.tensor(pixels, device=K.device)] = 1.0
+    eye = torch.eye(c, dtype=K.dtype, device=K.device)
+    X = (eye[None, :, :, None] * onehot[:, None, None, :]).reshape(B, c, *n)
+    Y = _CONV[d](X, K, stride=S)  # T e_(ch, u): (B, o, *m)
+    pad = tuple(ni - ((mi - 1) * s + k) for ni, mi, s, k in zip(n, m, S, kernel))  # < S: the adjoint's size n
+    Z = _CONV_TRANSPOSE[d](Y, K, stride=S, output_padding=pad)  # TᵀT e_(ch, u): row (ch, u) of TᵀT
+    return (((Z - X) ** 2).sum() + float(dead)).to(weight.dtype)
 
 
 def _check_fits(op: str, weight: torch.Tensor, input_size: Sequence[int]) -> None:
@@ -745,6 +807,80 @@ def _bound_sigma(W: torch.Tensor, input_size, stride, padding, dilation, groups:
     return math.sqrt(m) * upper.flatten(1).amax(1), _slack(upper, lower)
 
 
+# ---- method="bound" without an input size (docs/conv.md#a-bound-for-every-input-size)
+
+# default grid: M_j = KERNEL_GRID_OVERSAMPLING · d · A_j frequencies along axis j (1 where A_j = 0),
+# so Σ_j (A_j/2)·π/M_j = π/(2·KERNEL_GRID_OVERSAMPLING) whatever d and the kernel, and the grid
+# factor is 1/(1 − π²/512) ≈ 1.0197
+KERNEL_GRID_OVERSAMPLING = 8
+
+
+def kernel_bound_axes(kernel: Sequence[int], stride, dilation, padding_mode: str) -> list[tuple[int, int, int]]:
+    """Per axis ``(dil, g, A)`` of the operator whose norm bounds ``T`` for every input size: the
+    stride-``g`` conv on ``ℓ²(ℤ)`` with taps at ``dil·t``, whose symbol's entries have frequencies
+    ``a_t = ⌊dil·t/g⌋ ∈ [0, A]``. Zero padding with stride ``s > 1``: ``(dil, s, ⌊dil·(k − 1)/s⌋)``
+    (``T`` is a restriction of the strided conv itself). Stride 1, and circular padding (whose rows
+    are rows of a stride-1 periodic conv): ``(1, 1, k − 1)`` — the stride-1 response ``K̂(dil⊙ω)``
+    has the supremum of ``K̂(ω)``, as ``ω ↦ dil⊙ω`` maps the torus onto itself."""
+    out = []
+    for k, s, dl in zip(kernel, stride, dilation):
+        if padding_mode == "zeros" and s > 1:
+            out.append((dl, s, dl * (k - 1) // s))
+        else:
+            out.append((1, 1, k - 1))
+    return out
+
+
+def kernel_bound_grid(axes: Sequence[tuple[int, int, int]], grid=None) -> tuple[int, ...]:
+    """The frequencies per axis ``M_j`` of the input-size-free bound: ``grid`` or the default."""
+    if grid is not None:
+        return tuple(grid)
+    d = len(axes)
+    return tuple(1 if A == 0 else KERNEL_GRID_OVERSAMPLING * d * A for _, _, A in axes)
+
+
+def kernel_grid_excess(axes: Sequence[tuple[int, int, int]], grid: Sequence[int]) -> float:
+    """``S = Σ_j σ_j·h_j`` with ``σ_j = A_j/2`` (the exponential type along axis j of the symbol's
+    entries once centred) and ``h_j = π/M_j`` (the farthest any frequency lies from the grid along
+    axis j). The grid factor is ``1/(1 − S²/2)``, valid for ``S² < 2``."""
+    return sum(A / 2 * math.pi / M for (_, _, A), M in zip(axes, grid))
+
+
+def _kernel_bound_sigma(W: torch.Tensor, groups: int, axes, grid: Sequence[int], n_iter: int,
+                        tol: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``B = sup_ω ‖A(ω)‖₂`` bounded from above, ``A(ω)`` the symbol (per group) of the conv on
+    ``ℓ²(ℤ^d)`` of ``kernel_bound_axes`` — ``σ_max`` of ``T`` for every input size
+    (docs/conv.md#a-bound-for-every-input-size). ``A(ω)`` is ``_frequency_blocks``' block at the
+    frequencies of a grid of ``M_j`` points per axis (a periodic grid of ``M_j·g_j`` points, stride
+    ``g_j``); Bernstein's inequality gives ``B ≤ max_grid ‖A‖₂ / (1 − S²/2)``
+    (``S = kernel_grid_excess``), and each grid block's ``‖A‖₂`` is bounded by Gram iteration
+    (``_gram_bound``). So ``sigma = factor · max upper``, and since every grid block's norm is at most
+    ``B``, ``B ≥ max lower``: ``rel_tol = 1 − max lower / sigma`` (neither more Gram steps nor a finer
+    grid can certify less than ``sigma·(1 − rel_tol)``). ``tol`` is compared with that ``rel_tol``:
+    the Gram loop stops when its own slack is below ``1 − factor·(1 − tol)`` (never, when that is ≤ 0)."""
+    factor = 1 / (1 - kernel_grid_excess(axes, grid) ** 2 / 2)
+    blocks = _frequency_blocks(W, groups, [dl for dl, _, _ in axes], [(M * g, g, 1) for (_, g, _), M in zip(axes, grid)])
+    gram_tol = max(0.0, 1 - factor * (1 - tol)) if tol > 0 else 0.0
+    upper, lower = _gram_bound(blocks, n_iter, gram_tol)
+    hi = upper.flatten(1).amax(1)
+    lo = lower.detach().flatten(1).amax(1)
+    sigma = factor * hi
+    top = sigma.detach()
+    rel = torch.where(top > 0, 1 - lo / top.clamp_min(torch.finfo(top.dtype).tiny), torch.zeros_like(top))
+    return sigma, rel
+
+
+def _kernel_bound_bytes(shape, dtype: torch.dtype, groups: int, axes, grid: Sequence[int], n_iter: int,
+                        graph: bool) -> int:
+    """Bytes of the input-size-free bound's frequency blocks and Gram powers (``MAX_WORK_BYTES``)."""
+    L, c_out, c_in_g = shape[:3]
+    itemsize = torch.empty((), dtype=compute_dtype(dtype)).element_size()
+    freqs = math.prod(grid[:-1]) * (grid[-1] // 2 + 1)
+    a, b = c_out // groups, c_in_g * math.prod([g for _, g, _ in axes])
+    per = a * b + (n_iter + 2 if graph else 3) * min(a, b) ** 2
+    return 2 * itemsize * L * freqs * groups * per
+
+
 def _spectral_norm_bytes(shape, dtype: torch.dtype, input_size, stride, padding, dilation, groups: int,
                          padding_mode: str, method: str, n_iter: int, graph: bool) -> tuple[int, str]:
     """Bytes of the working set of ``L`` layers of ``shape = (L, C_out, C_in/g, *k)`` and what it
@@ -765,9 +901,10 @@ def _spectral_norm_bytes(shape, dtype: torch.dtype, input_size, stride, padding,
     return 2 * itemsize * L * freqs * groups * per, "the per-frequency blocks and their Gram powers"
 
 
-def conv_spectral_norm(weight, input_size: Sequence[int], stride=1, padding=0, dilation=1, groups: int = 1,
+def conv_spectral_norm(weight, input_size: Sequence[int] | None, stride=1, padding=0, dilation=1, groups: int = 1,
                        padding_mode: str = "zeros", method: str = "power", n_iter: int | None = None,
-                       tol: float | None = None, generator: torch.Generator | None = None) -> ConvSpectralNorm:
+                       tol: float | None = None, generator: torch.Generator | None = None,
+                       grid: Sequence[int] | None = None) -> ConvSpectralNorm:
     """σ_max of the conv operator ``T`` of ``conv_to_matrix`` (docs/conv.md#conv_spectral_norm).
 
     ``weight``: one ``(C_out, C_in/groups, *k)`` tensor, or a list of ``L`` of one shape (sigma and
@@ -784,6 +921,10 @@ def conv_spectral_norm(weight, input_size: Sequence[int], stride=1, padding=0, d
       circulant ``C`` that contains ``T`` (``circulant_embedding``), ``sigma = √m·max ‖G_t‖_F^{1/2^t}``
       ≥ σ_max(T), for every padding mode, stride, dilation and groups; ``tol`` (default 0, i.e. all
       ``n_iter`` steps) stops at a certified slack below it.
+    * ``input_size=None`` (``method="bound"`` only): a bound for EVERY input size and zero padding
+      (and circular padding that repeats no output row): the supremum of the symbol of the conv on
+      ``ℓ²(ℤ^d)`` (strided for zero padding) certified from a grid of ``grid`` frequencies per axis
+      (``_kernel_bound_sigma``; docs/conv.md#a-bound-for-every-input-size).
 
     The early stop reads a value on the host, so it is skipped under torch.compile and torch.func
     (all ``n_iter`` steps run). A layer holding NaN/±inf gives NaN (sigma and rel_tol); an empty
@@ -796,16 +937,25 @@ def conv_spectral_norm(weight, input_size: Sequence[int], stride=1, padding=0, d
     stride, padding, dilation = expand(stride, d), expand(padding, d), expand(dilation, d)
     n_iter, tol = spectral_norm_settings(method, n_iter, tol)
     graph = torch.is_grad_enabled() and any(w.requires_grad for w in weights)
-    nbytes, what = _spectral_norm_bytes((len(weights), *first.shape), first.dtype, input_size, stride, padding,
-                                        dilation, groups, padding_mode, method, n_iter, graph)
+    if input_size is None:
+        axes = kernel_bound_axes(first.shape[2:], stride, dilation, padding_mode)
+        grid = kernel_bound_grid(axes, grid)
+        nbytes = _kernel_bound_bytes((len(weights), *first.shape), first.dtype, groups, axes, grid, n_iter, graph)
+        what = "the per-frequency blocks of the grid and their Gram powers"
+    else:
+        nbytes, what = _spectral_norm_bytes((len(weights), *first.shape), first.dtype, input_size, stride, padding,
+                                            dilation, groups, padding_mode, method, n_iter, graph)
     if nbytes > MAX_WORK_BYTES:
         advice = ("call it under torch.no_grad() (no iterate is kept), with fewer n_iter, or on fewer layers"
-                  if method == "power" else "use a smaller input_size, fewer layers or torch.no_grad()")
+                  if method == "power" else "a coarser grid, fewer layers or torch.no_grad()" if input_size is None
+                  else "use a smaller input_size, fewer layers or torch.no_grad()")
         raise ValueError(f"{op}: {what} need {nbytes} bytes ({nbytes / 2**30:.1f} GiB), over MAX_WORK_BYTES="
                          f"{MAX_WORK_BYTES}; {advice}")
     W, scale, bad, nan = _stacked_layers(weights)
     if W.numel() == 0:  # no channels: T maps to or from the zero space, σ_max = 0
         sigma, rel = W.flatten(1).sum(1), W.new_zeros(W.shape[0])
+    elif input_size is None:
+        sigma, rel = _kernel_bound_sigma(W, groups, axes, grid, n_iter, tol)
     elif method == "power":
         sigma, rel = _power_sigma(W, input_size, stride, padding, dilation, groups, padding_mode == "circular",
                                   n_iter, tol, generator)

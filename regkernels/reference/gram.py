@@ -37,7 +37,8 @@ from regkernels._numerics import pow2_scale
 
 __all__ = [
     "MAX_GRAM_BYTES", "check_gram_bytes", "sqrt0",
-    "as_matrix", "gram", "frame_penalty", "gershgorin_bounds", "frame_bounds", "diversity_penalty",
+    "as_matrix", "transposed_as_conv", "conv_as_transposed", "gram", "frame_penalty", "gershgorin_bounds",
+    "frame_bounds", "diversity_penalty",
     "orthogonality_penalty", "mhe_penalty", "srip_penalty", "penalty_multi", "PENALTY_KINDS",
     "GRAM_KINDS", "gram_side", "penalty_from_gram",
 ]
@@ -138,14 +139,20 @@ def resolve_side(W: torch.Tensor, side: str) -> str:
     return "cols" if m >= n else "rows"
 
 
-def as_matrix(weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
+def as_matrix(weight: torch.Tensor, groups: int = 1, transposed: bool = False) -> torch.Tensor:
     """A layer weight as the matrix (or per-group matrices) the penalties act on (docs/gram.md#as_matrix).
 
     Linear ``(out, in)`` is returned unchanged. Conv ``(out, in/g, *kernel)`` becomes
     ``(g, out/g, in/g · prod(kernel))``, one matrix per group with the filters as rows;
     for ``groups == 1`` the group dim is dropped: ``(out, in · prod(kernel))``.
     The result is a view of ``weight`` whenever ``reshape`` can make one.
+
+    ``transposed=True``: ``weight`` is a ConvTranspose weight ``(in, out/g, *kernel)``; the
+    result is ``as_matrix(transposed_as_conv(weight, groups), groups)``, rows = the transposed
+    conv's output channels (a copy: the channel dims are swapped).
     """
+    if transposed:
+        return as_matrix(transposed_as_conv(weight, groups), groups)
     if weight.dim() <= 2:
         return weight
     out = weight.shape[0]
@@ -153,6 +160,31 @@ def as_matrix(weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
         return weight.reshape(out, -1)
     # torch convs store output channels group-major: group i owns out/g consecutive filters
     return weight.reshape(groups, out // groups, -1)
+
+
+def transposed_as_conv(weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """A ConvTranspose weight ``(in, out/g, *k)`` in conv layout ``(out, in/g, *k)`` (docs/gram.md#as_matrix).
+
+    ``result[i·out/g + o, c] = weight[i·in/g + c, o]`` for group ``i``: row ``o`` of group ``i``
+    holds what output channel ``o`` of the transposed conv reads from group ``i``'s ``in/g`` input
+    channels, over the taps in their stored order. The equivalent stride-1 conv of the transposed
+    conv has these filters with every tap flipped; a flip permutes the columns of the
+    as-matrix, which leaves its singular values, row Gram and every penalty of docs/gram.md unchanged,
+    so no flip is made. Inverse: ``conv_as_transposed``.
+    """
+    cin, per = weight.shape[0], weight.shape[1]
+    kernel = weight.shape[2:]
+    return (weight.reshape(groups, cin // groups, per, *kernel).transpose(1, 2)
+            .reshape(groups * per, cin // groups, *kernel))
+
+
+def conv_as_transposed(weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """The inverse of ``transposed_as_conv``: ``(out, in/g, *k)`` back to the ConvTranspose layout
+    ``(in, out/g, *k)``."""
+    out, per = weight.shape[0], weight.shape[1]
+    kernel = weight.shape[2:]
+    return (weight.reshape(groups, out // groups, per, *kernel).transpose(1, 2)
+            .reshape(groups * per, out // groups, *kernel))
 
 
 def gram(W: torch.Tensor, side: str = "auto") -> torch.Tensor:

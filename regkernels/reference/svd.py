@@ -17,17 +17,18 @@ from regkernels import distributed as _dist
 from regkernels._dtypes import compute_dtype, upcast
 from regkernels._numerics import functorch_wrapped
 from regkernels.reference.conv import clip_conv_singular_values
-from regkernels.reference.gram import as_matrix
+from regkernels.reference.gram import as_matrix, conv_as_transposed
 
 __all__ = ["batched_svd", "clamp_singular_values", "svb_", "collect_svb_weights", "SVBTarget", "SVB_LAYERS",
-           "BN_LAYERS", "following_bn_layers", "select_bn_layers"]
+           "BN_LAYERS", "TRANSPOSED_LAYERS", "following_bn_layers", "select_bn_layers"]
 
 SVDFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 InputSize = Union[int, Sequence[int], Mapping[torch.Tensor, Union[int, Sequence[int]]]]
 
-# Layers whose weight svb_ projects when given a module. ConvTranspose is left out on
-# purpose: its weight is (in, out/g, *k), so the as_matrix rows would not be filters.
-SVB_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# Layers whose weight svb_ projects when given a module. A ConvTranspose's weight is (in, out/g, *k):
+# its matrix is as_matrix(W, groups, transposed=True), one row per output channel (docs/svd.md#svb_).
+TRANSPOSED_LAYERS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+SVB_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d) + TRANSPOSED_LAYERS
 
 def _svd(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD of ``X (..., m, n)`` in X's own (float32/float64) dtype.
@@ -243,14 +244,16 @@ def clamp_singular_values(X: torch.Tensor, lo: float, hi: float, *, svd: SVDFn |
 
 class SVBTarget(NamedTuple):
     """One weight ``svb_`` bounds: its current value, conv ``groups``, the layer named in errors
-    (``weights_or_module[i]`` for a tensor) and ``write(new)``, which makes ``new`` the layer's
-    effective weight (in place, through its parametrization or weight-norm hook if it has one)."""
+    (``weights_or_module[i]`` for a tensor), ``write(new)``, which makes ``new`` the layer's
+    effective weight (in place, through its parametrization or weight-norm hook if it has one), and
+    whether it is a ConvTranspose weight ``(in, out/g, *k)`` (``transposed``)."""
 
     weight: torch.Tensor
     groups: int
     layer: str
     module: nn.Module | None
     write: Callable[[torch.Tensor], None]
+    transposed: bool = False
 
 
 def _refuse(op: str, layer: str, why: str) -> None:
@@ -270,6 +273,7 @@ def _module_target(name: str, mod: nn.Module, op: str) -> tuple[object, SVBTarge
     """
     layer = name or type(mod).__name__
     groups = getattr(mod, "groups", 1)
+    transposed = isinstance(mod, TRANSPOSED_LAYERS)
     if parametrize.is_parametrized(mod, "weight"):
         plist = mod.parametrizations["weight"]
         missing = [type(p).__name__ for p in plist if not hasattr(p, "right_inverse")]
@@ -283,7 +287,7 @@ def _module_target(name: str, mod: nn.Module, op: str) -> tuple[object, SVBTarge
         def write(new: torch.Tensor) -> None:
             mod.weight = new  # parametrize: right_inverse of the chain, stored in .original(s)
 
-        return id(plist), SVBTarget(value, groups, layer, mod, write)
+        return id(plist), SVBTarget(value, groups, layer, mod, write, transposed)
     for hook in mod._forward_pre_hooks.values():
         kind = type(hook).__name__
         if getattr(hook, "name", None) != "weight" or kind not in ("WeightNorm", "SpectralNorm"):
@@ -301,20 +305,21 @@ def _module_target(name: str, mod: nn.Module, op: str) -> tuple[object, SVBTarge
             g.copy_(torch.norm_except_dim(new, 2, hook.dim))
             setattr(mod, "weight", hook.compute_weight(mod))  # the cached weight the hook set last
 
-        return id(v), SVBTarget(value, groups, layer, mod, write)
+        return id(v), SVBTarget(value, groups, layer, mod, write, transposed)
     w = mod.weight
     if not isinstance(w, nn.Parameter):
         _refuse(op, layer, f"its weight is a {type(w).__name__}, not an nn.Parameter, so it is computed from "
                            "something else (a hook, torch.nn.utils.prune, ...) and an in-place write may be thrown "
                            "away; pass the tensor itself if writing it is what you want")
-    return id(w), SVBTarget(w, groups, layer, mod, w.copy_)
+    return id(w), SVBTarget(w, groups, layer, mod, w.copy_, transposed)
 
 
 def collect_svb_weights(weights_or_module, op: str = "svb_") -> list[SVBTarget]:
     """The targets ``svb_`` bounds, each parameter once (tied weights are bounded once).
 
     A module contributes the weight of every ``SVB_LAYERS`` submodule (with its conv
-    ``groups``; see ``_module_target`` for parametrized layers); a single tensor or an iterable
+    ``groups``, ConvTranspose weights marked ``transposed``; see ``_module_target`` for
+    parametrized layers); a single tensor or an iterable
     of tensors is taken as ungrouped weights written in place. Raises ValueError naming the
     layer (and ``op``) for a weight that cannot be written back.
     """
@@ -358,6 +363,20 @@ def _bound(X: torch.Tensor, lo: float, hi: float, svd: SVDFn) -> tuple[torch.Ten
     return torch.where(inside[:, None, None], X, (U * S.clamp(lo, hi)[..., None, :]) @ Vh), inside
 
 
+def _matrices(t: SVBTarget) -> torch.Tensor:
+    """The matrices svb_ bounds for one weight: ``as_matrix(W, groups)``, for a ConvTranspose
+    ``as_matrix(W, groups, transposed=True)`` (a copy)."""
+    return as_matrix(t.weight, t.groups, transposed=t.transposed)
+
+
+def _from_matrices(t: SVBTarget, mats: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``_matrices``: bounded matrices back into the weight's shape and layout."""
+    if not t.transposed:
+        return mats.reshape(t.weight.shape)
+    cin, per, *kernel = t.weight.shape
+    return conv_as_transposed(mats.reshape(per * t.groups, cin // t.groups, *kernel), t.groups)
+
+
 def _svb_matrices(items: list[SVBTarget], lo: float, hi: float,
                   svd: SVDFn) -> tuple[int, list[tuple[SVBTarget, torch.Tensor]]]:
     """Bounded values of every ``as_matrix`` of the weights, one ``svd`` call per (m, n, dtype,
@@ -370,12 +389,12 @@ def _svb_matrices(items: list[SVBTarget], lo: float, hi: float,
     """
     groups: dict[tuple, list[SVBTarget]] = {}
     for t in items:
-        mats = as_matrix(t.weight, t.groups)
+        mats = _matrices(t)
         key = (tuple(mats.shape[-2:]), t.weight.dtype, t.weight.device)
         groups.setdefault(key, []).append(t)
     count, updates = 0, []
     for key, members in groups.items():
-        stacks = [as_matrix(t.weight, t.groups).reshape(-1, *key[0]) for t in members]
+        stacks = [_matrices(t).reshape(-1, *key[0]) for t in members]
         X = torch.cat(stacks).to(compute_dtype(key[1]))
         Y, inside = _bound(X, lo, hi, svd)
         sizes = [s.shape[0] for s in stacks]
@@ -385,7 +404,7 @@ def _svb_matrices(items: list[SVBTarget], lo: float, hi: float,
         changed = torch.stack([~kept.all() for kept in inside.split(sizes)]).tolist()
         for t, part, change in zip(members, Y.to(key[1]).split(sizes), changed):
             if change:
-                updates.append((t, part.reshape(t.weight.shape)))
+                updates.append((t, _from_matrices(t, part)))
         count += X.shape[0]
     return count, updates
 
@@ -397,8 +416,9 @@ def _size_for(target: SVBTarget, input_size: InputSize | None) -> tuple[int, ...
     weight = target.weight
     if input_size is None:
         raise ValueError(
-            f"svb_: operator=True needs input_size= (the spatial size of the conv's input: an int, a tuple "
-            f"of {weight.dim() - 2} ints, or a dict weight or module -> size) for the conv weight of layer "
+            f"svb_: operator=True needs input_size= (the spatial size of the conv's input, a ConvTranspose's "
+            f"output: an int, a tuple of {weight.dim() - 2} ints, or a dict weight or module -> size) for the conv "
+            f"weight of layer "
             f"{target.layer!r}, shape {tuple(weight.shape)}")
     if isinstance(input_size, Mapping):
         key = weight if weight in input_size else target.module
@@ -420,6 +440,12 @@ def _svb_operators(convs: list[tuple[SVBTarget, tuple[int, ...]]], lo: float, hi
     groups, so each group's kernel slice ``(out/g, in/g, *k)`` is clipped on its own.
     Exact for circular padding and stride 1; the truncation to the kernel support makes the
     result an approximate projection.
+
+    A ConvTranspose weight ``(in, out/g, *k)`` is clipped as it stands, as the conv weight of the
+    conv ``T`` whose adjoint the layer is (its groups are the chunks of dim 0 too), on ``T``'s input
+    size (the transposed conv's output size): the circular ``Tᵀ`` has ``T``'s singular values, and
+    ``T' = U clamp(S) Vᴴ`` per frequency gives ``T'ᵀ = V clamp(S) Uᴴ``, so clipping ``T`` is
+    clipping ``Tᵀ`` (docs/svd.md#svb_).
     """
     if clip is None:
         clip = clip_conv_singular_values
@@ -492,8 +518,9 @@ def following_bn_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``(name, module)`` of every BatchNorm (``BN_LAYERS``) that directly follows a layer svb_
     bounds, found from the module order (docs/svd.md#batchnorm-scales-bn):
 
-    for each ``nn.Linear`` / ``nn.Conv1d/2d/3d`` in ``model.named_modules()``, the next module in
-    that order that is not one of the layer's own submodules (a parametrization) is taken if it
+    for each ``nn.Linear`` / ``nn.Conv1d/2d/3d`` / ``nn.ConvTranspose1d/2d/3d`` in
+    ``model.named_modules()``, the next module in that order that is not one of the layer's own
+    submodules (a parametrization) is taken if it
     is a BatchNorm whose ``num_features`` equals the layer's ``out_features`` / ``out_channels``.
     Containers count as modules, so a conv that ends one ``nn.Sequential`` is followed by the next
     container, not by that container's first child. Module order is registration order, not data
@@ -664,8 +691,9 @@ def svb_(weights_or_module: nn.Module | torch.Tensor | Iterable[torch.Tensor], e
     ``W ← U · clamp(S, 1/(1+eps), 1+eps) · Vh`` for ``as_matrix(W) = U diag(S) Vh``,
     reshaped back into W, under ``torch.no_grad()`` (biases are never touched).
 
-    ``weights_or_module``: an ``nn.Module`` (every ``nn.Linear`` and ``nn.Conv1d/2d/3d``
-    weight in it, grouped convs per group, tied weights once), a single weight tensor, or
+    ``weights_or_module``: an ``nn.Module`` (every ``nn.Linear``, ``nn.Conv1d/2d/3d`` and
+    ``nn.ConvTranspose1d/2d/3d`` weight in it, grouped convs per group, tied weights once; a
+    ConvTranspose's matrices are ``as_matrix(W, groups, transposed=True)``), a single weight tensor, or
     an iterable of weight tensors (taken with groups = 1). Matrices of the same
     (m, n, dtype, device) go through ONE call of ``svd`` (default: ``batched_svd`` of this
     module); fp16/bf16 weights are decomposed in float32. Matrices already inside the band
@@ -682,7 +710,8 @@ def svb_(weights_or_module: nn.Module | torch.Tensor | Iterable[torch.Tensor], e
 
     ``operator=True`` bounds each conv weight's operator instead (docs/conv.md#conv_singular_values), which needs
     ``input_size``: an int or tuple of spatial sizes used for every conv, or a dict from
-    weight tensor or conv module to its size; Linear weights are bounded as matrices either
+    weight tensor or conv module to its size (for a ConvTranspose: its OUTPUT size, the input
+    size of the conv whose adjoint it is, ``_svb_operators``); Linear weights are bounded as matrices either
     way. ``clip`` is the ``clip_conv_singular_values(weight, size, lo, hi)`` to use (default:
     the reference).
 
