@@ -155,11 +155,14 @@ def _frame_case(name: str, quick: bool = False, tags: dict | None = None) -> Cas
                 params=_params(name) | {"padding": 1, "padding_mode": mode}, passes=SPLIT)
 
 
-def _ocnn_case(name: str, quick: bool = False) -> Case:
+def _ocnn_case(name: str, quick: bool = False, side: str = "rows") -> Case:
+    """OCNN at stride 1; ``side="cols"`` (the input side, docs/conv.md#input-side) is the case
+    ``<shape>-cols``."""
     shape = tuple(map(int, name.split("x")))
-    return register(penalty_case("conv_orthogonality_penalty", name, R.conv_orthogonality_penalty,
+    case_name, kwargs = (name, {}) if side == "rows" else (f"{name}-cols", {"side": side})
+    return register(penalty_case("conv_orthogonality_penalty", case_name, R.conv_orthogonality_penalty,
                         C.conv_orthogonality_penalty, lambda device, dtype: (_weight(shape, device, dtype),),
-                        quick=quick, params=_params(name)))
+                        kwargs=kwargs, quick=quick, params=_params(name) | {"side": side}))
 
 
 def _sedghi_case(op: str, name: str, extra: tuple = (), quick: bool = False) -> Case:
@@ -368,6 +371,8 @@ register(_resnet_case("conv_frame_penalty", "conv_frame", tags=ISSUE16))
 
 _ocnn_case("64x64x3x3", quick=True)
 _ocnn_case("512x512x3x3")
+_ocnn_case("64x64x3x3", quick=True, side="cols")
+_ocnn_case("512x512x3x3", side="cols")
 register(_resnet_case("conv_orthogonality_penalty", "ocnn", tags=ISSUE16))
 
 # 1024 frequencies, one 64×64 complex matrix each
