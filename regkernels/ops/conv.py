@@ -180,10 +180,9 @@ def _check_ints(op: str, name: str, value, d: int, lo: int) -> tuple[int, ...]:
     return tuple(items) * d if isinstance(value, int) else tuple(value)
 
 
-def _check_geometry(op: str, weight, input_size, stride, padding, dilation, groups, padding_mode) -> None:
-    """Everything that defines the operator T (docs/conv.md)."""
+def _check_kernel_geometry(op: str, weight, stride, padding, dilation, groups, padding_mode):
+    """The geometry of T without its input size: ``(d, stride, padding, dilation)`` as tuples."""
     d = _check_weight(op, weight)
-    size = _check_input_size(op, input_size, d)
     s = _check_ints(op, "stride", stride, d, 1)
     p = _check_ints(op, "padding", padding, d, 0)
     dl = _check_ints(op, "dilation", dilation, d, 1)
@@ -193,6 +192,13 @@ def _check_geometry(op: str, weight, input_size, stride, padding, dilation, grou
                          f"{weight.shape[0]}; got groups={groups}")
     if padding_mode not in ("zeros", "circular"):
         raise ValueError(f"{op}: padding_mode must be 'zeros' or 'circular'; got {padding_mode!r}")
+    return d, s, p, dl
+
+
+def _check_geometry(op: str, weight, input_size, stride, padding, dilation, groups, padding_mode) -> None:
+    """Everything that defines the operator T (docs/conv.md)."""
+    d, s, p, dl = _check_kernel_geometry(op, weight, stride, padding, dilation, groups, padding_mode)
+    size = _check_input_size(op, input_size, d)
     if padding_mode == "circular" and any(pi > n for pi, n in zip(p, size)):
         raise ValueError(f"{op}: padding must be <= input_size per dim for padding_mode='circular' (circular "
                          f"padding wraps at most once, as torch's); got padding={p}, input_size={size}")
@@ -654,16 +660,7 @@ _METHODS = ("power", "bound")
 def _check_kernel_only(op: str, weight, stride, padding, dilation, groups, padding_mode, method, grid) -> None:
     """``conv_spectral_norm(input_size=None)``: the geometry without an input size, the method, the
     grid (docs/conv.md#a-bound-for-every-input-size)."""
-    d = _check_weight(op, weight)
-    s = _check_ints(op, "stride", stride, d, 1)
-    p = _check_ints(op, "padding", padding, d, 0)
-    dl = _check_ints(op, "dilation", dilation, d, 1)
-    check_number(op, "groups", groups, lo=1, integer=True)
-    if weight.shape[0] % groups:
-        raise ValueError(f"{op}: groups must divide the output channels C_out = weight.shape[0] = "
-                         f"{weight.shape[0]}; got groups={groups}")
-    if padding_mode not in ("zeros", "circular"):
-        raise ValueError(f"{op}: padding_mode must be 'zeros' or 'circular'; got {padding_mode!r}")
+    d, s, p, dl = _check_kernel_geometry(op, weight, stride, padding, dilation, groups, padding_mode)
     if isinstance(method, str) and method == "power":
         raise ValueError(f"{op}: input_size=None (a bound for every input size) needs method='bound'; "
                          f"method='power' iterates on the operator of one input size: pass input_size")
