@@ -726,7 +726,7 @@ BAD = [
     (lambda: G.penalty_multi([W0], "frame", A=0.0),
      TypeError, r"penalty_multi: kind='frame' takes keyword arguments A, B, side .* missing \['B'\]"),
     (lambda: G.penalty_multi([W0], "mhe", tau=0.1),
-     TypeError, r"penalty_multi: kind='mhe' takes keyword arguments s, half, eps .* unknown \['tau'\]"),
+     TypeError, r"penalty_multi: kind='mhe' takes keyword arguments s, half, eps, angular .* unknown \['tau'\]"),
     (lambda: G.penalty_multi([W0], "frame", A=2.0, B=1.0), ValueError, r"penalty_multi: need A <= B"),
     (lambda: G.penalty_multi([W0, W0], "frame", groups=[1], A=0.0, B=1.0),
      ValueError, r"penalty_multi: groups must be one int or one per weight \(2\)"),

@@ -303,13 +303,15 @@ def _raw_fwd(mats, kind="frame", sides=(1,), params=(0.5, 2.0), need_grad=True):
 
 RAW_FWD_BAD = [
     (dict(params=(0.5, math.inf)), r"gram_penalty_fwd: params must be finite; got params\[1\] = inf"),
-    (dict(kind="mhe", sides=(0,), params=(3.0, 0.0, 1e-4)), r"mhe params\[0\] \(s\) must be 0, 1 or 2; got 3"),
-    (dict(kind="mhe", sides=(0,), params=(2.0, 0.0, 0.0)), r"mhe params\[2\] \(eps\) must be > 0; got 0"),
+    (dict(kind="mhe", sides=(0,), params=(3.0, 0.0, 1e-4, 0.0)), r"mhe params\[0\] \(s\) must be 0, 1 or 2; got 3"),
+    (dict(kind="mhe", sides=(0,), params=(2.0, 0.0, 0.0, 0.0)), r"mhe params\[2\] \(eps\) must be > 0; got 0"),
+    (dict(kind="mhe", sides=(0,), params=(2.0, 0.0, 1e-4, 2.0)), r"mhe params\[3\] \(angular\) must be 0 or 1; got 2"),
+    (dict(kind="mhe", sides=(0,), params=(2.0, 0.0, 1e-4)), r"kind 'mhe' takes 4 params; got 3"),
 ]
 
 
 @needs_c
-@pytest.mark.parametrize("kw, match", RAW_FWD_BAD, ids=["nonfinite", "mhe_s", "mhe_eps"])
+@pytest.mark.parametrize("kw, match", RAW_FWD_BAD, ids=["nonfinite", "mhe_s", "mhe_eps", "mhe_angular", "mhe_count"])
 def test_raw_gram_penalty_fwd_checks_params(kw, match):
     with pytest.raises(RuntimeError, match=match):
         _raw_fwd([torch.randn(2, 4, 3)], **kw)

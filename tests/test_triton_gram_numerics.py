@@ -439,8 +439,10 @@ def real_kernels_report() -> list[dict]:
 
     driver.set_active(GS._StubDriver.make())
     gen = torch.Generator().manual_seed(0)
-    calls = [("frame", (0.5, 2.0)), ("diversity", (0.3, 1.0)), ("orthogonality", ()), ("mhe", (2, 0.0, 1e-4)),
-             ("mhe", (1, 1.0, 1e-4)), ("mhe", (0, 0.0, 1e-4))]
+    # mhe params (s, half, eps, angular): the angular variants too (arccos built from sqrt_rn and _div)
+    calls = [("frame", (0.5, 2.0)), ("diversity", (0.3, 1.0)), ("orthogonality", ()), ("mhe", (2, 0.0, 1e-4, 0.0)),
+             ("mhe", (1, 1.0, 1e-4, 0.0)), ("mhe", (0, 0.0, 1e-4, 0.0)), ("mhe", (2, 1.0, 1e-4, 1.0)),
+             ("mhe", (0, 0.0, 1e-4, 1.0))]
     for dtype, shape in ((torch.bfloat16, (96, 80)), (torch.float32, (40, 72))):
         for p_max in (TG.P_MAX_SIDE, 0):
             old, TG.P_MAX_SIDE = TG.P_MAX_SIDE, p_max
