@@ -135,7 +135,7 @@ class _InputSizes:
                                               module.padding, 0, module.dilation)
         self._pads[id(module)] = tuple(int(o) - n for o, n in zip(list(output_size)[-d:], least))
 
-    def _input(self, op: str, name: str, module: nn.Module) -> tuple[int, ...]:
+    def input_size(self, op: str, name: str, module: nn.Module) -> tuple[int, ...]:
         if name in self._given:
             size = self._given[name]
             return (size,) * (module.weight.dim() - 2) if isinstance(size, int) else tuple(size)
@@ -144,10 +144,21 @@ class _InputSizes:
                              f"records it) or pass input_sizes={{{name!r}: (H, W)}}")
         return self._seen[id(module)]
 
+    def recorded(self, module: nn.Module) -> bool:
+        """Whether a forward pass called ``module`` since the hooks were registered."""
+        return id(module) in self._seen
+
+    def output_padding(self, name: str, module: nn.Module) -> tuple[int, ...]:
+        """A ConvTranspose's output_padding as its last call used it (the module's when given by name
+        or not yet called)."""
+        if name in self._given:
+            return tuple(module.output_padding)
+        return self._pads.get(id(module), tuple(module.output_padding))
+
     def get(self, op: str, name: str, module: nn.Module) -> tuple[int, ...]:
         """The input size of layer ``name``; for a ConvTranspose whose last call chose another
         output_padding (``output_size=``) than the module's, a ValueError (its operator is another one)."""
-        size = self._input(op, name, module)
+        size = self.input_size(op, name, module)
         pad = self._pads.get(id(module)) if name not in self._given else None
         if pad is not None and pad != tuple(module.output_padding):
             raise ValueError(f"{op}: layer {name!r} was last called with output_size=, which made its output_padding "
@@ -161,13 +172,11 @@ class _InputSizes:
         size; a ConvTranspose's OUTPUT size, computed from its recorded input size with its stride,
         padding, dilation, kernel and the output_padding of its last call (the circular model's grid of
         svb_'s operator mode)."""
-        size = self._input(op, name, module)
+        size = self.input_size(op, name, module)
         if not isinstance(module, _TRANSPOSED):
             return size
-        pad = self._pads.get(id(module), tuple(module.output_padding)) if name not in self._given \
-            else tuple(module.output_padding)
-        return CG.conv_transpose_output_size(size, module.kernel_size, module.stride, module.padding, pad,
-                                             module.dilation)
+        return CG.conv_transpose_output_size(size, module.kernel_size, module.stride, module.padding,
+                                             self.output_padding(name, module), module.dilation)
 
     def remove(self) -> None:
         for h in self._handles:
@@ -570,14 +579,11 @@ class Regularizer:
                 # a ConvTranspose: its output size, the input size of the conv T whose adjoint it is
                 # (the same singular values, docs/conv.md#transposed-convolutions) when output_padding < stride
                 sizes[name] = self._sizes.operator_size(op, name, m)
-                if isinstance(m, _TRANSPOSED):
-                    least = CG.conv_transpose_output_size(self._sizes._input(op, name, m), m.kernel_size, m.stride,
-                                                          m.padding, 0, m.dilation)
-                    pad = tuple(n - q for n, q in zip(sizes[name], least))
-                    if any(p >= st for p, st in zip(pad, m.stride)):
-                        raise ValueError(f"{op}: layer {name!r} ({type(m).__name__}) runs with output_padding {pad}, "
-                                         f"not < its stride {tuple(m.stride)}: its operator is then not the adjoint of "
-                                         f"a conv; exclude it")
+                pad = self._sizes.output_padding(name, m) if isinstance(m, _TRANSPOSED) else ()
+                if any(p >= st for p, st in zip(pad, m.stride)):
+                    raise ValueError(f"{op}: layer {name!r} ({type(m).__name__}) runs with output_padding {pad}, "
+                                     f"not < its stride {tuple(m.stride)}: its operator is then not the adjoint of "
+                                     f"a conv; exclude it")
         return sizes
 
     def remove_hooks(self) -> None:

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from regkernels import distributed as _dist
-from regkernels._geometry import conv_transpose_output_size, expand
-from regkernels.nn.regularizer import _conv_geometry, operator_singular_values
+from regkernels._geometry import expand
+from regkernels.nn.regularizer import _CONVS, _TRANSPOSED, _conv_geometry, _InputSizes, operator_singular_values
 from regkernels.ops import conv as _conv
 from regkernels.ops import gram as _gram
 from regkernels.ops._common import check_bounds
@@ -28,11 +28,8 @@ __all__ = ["spectrum", "Spectrum", "SPECTRUM_A", "SPECTRUM_B"]
 # the frame penalty's default band [A, B] for the squared singular values (examples/train.py's logger)
 SPECTRUM_A, SPECTRUM_B = 0.5, 2.0
 
-_PLAIN_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-# ConvTranspose is not a subclass of Conv (both derive from _ConvNd). Its operator is Tᵀ, T the conv
-# of its weight on its OUTPUT size (docs/conv.md#transposed-convolutions): the same singular values
-_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-_CONVS = _PLAIN_CONVS + _TRANSPOSED
+# ConvTranspose (_TRANSPOSED, not a subclass of Conv) has the operator Tᵀ, T the conv of its weight
+# on its OUTPUT size (docs/conv.md#transposed-convolutions): the same singular values
 _KIND = {nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Conv3d: "conv3d",
          nn.ConvTranspose1d: "conv_transpose1d", nn.ConvTranspose2d: "conv_transpose2d",
          nn.ConvTranspose3d: "conv_transpose3d"}
@@ -110,22 +107,11 @@ def _check_input_size(op: str, input_size) -> tuple[int, ...]:
     return tuple(input_size)
 
 
-def _record_sizes(op: str, model: nn.Module, layers, input_size, dtype, device) -> dict[int, tuple]:
-    """Each conv's spatial input size (a ConvTranspose's: input and output sizes), from hooks on one
-    no-grad forward pass of zeros. The modules' train/eval flags are restored and the hooks
-    removed, also when the forward raises."""
-    seen: dict[int, tuple] = {}
-
-    def record(module, args):
-        d = module.weight.dim() - 2
-        seen[id(module)] = tuple(int(n) for n in args[0].shape[-d:])
-
-    def record_output(module, args, output):
-        d = module.weight.dim() - 2
-        seen[id(module)] = (seen[id(module)], tuple(int(n) for n in output.shape[-d:]))
-
-    handles = [m.register_forward_pre_hook(record) for _, m in layers if isinstance(m, _CONVS)]
-    handles += [m.register_forward_hook(record_output) for _, m in layers if isinstance(m, _TRANSPOSED)]
+def _record_sizes(op: str, model: nn.Module, layers, input_size, dtype, device) -> _InputSizes:
+    """Each conv's spatial input size (and a ConvTranspose's output_padding as called), recorded by
+    the Regularizer's pre-hooks (``_InputSizes``) on one no-grad forward pass of zeros. The modules'
+    train/eval flags are restored and the hooks removed, also when the forward raises."""
+    sizes = _InputSizes(layers, None)
     modes = [(m, m.training) for m in model.modules()]
     try:
         model.eval()  # BatchNorm / dropout: no running-statistics update, no randomness
@@ -135,11 +121,10 @@ def _record_sizes(op: str, model: nn.Module, layers, input_size, dtype, device) 
         raise RuntimeError(f"{op}: the forward pass of zeros of shape (1, {', '.join(map(str, input_size))}) "
                            f"that records the conv input sizes failed: {type(e).__name__}: {e}") from e
     finally:
-        for h in handles:
-            h.remove()
+        sizes.remove()
         for m, mode in modes:
             m.training = mode
-    return seen
+    return sizes
 
 
 @torch.no_grad()
@@ -181,7 +166,7 @@ def spectrum(model: nn.Module, input_size: Sequence[int], *, A: float = SPECTRUM
     geometry = {name: _conv_geometry(op, name, m) for name, m in layers if isinstance(m, _CONVS)}
     first = _dist.stand_in(layers[0][1].weight)
     # no conv, no size to record: no forward pass (a model with DTensor weights outside FSDP2 could not run one)
-    seen = _record_sizes(op, model, layers, size, first.dtype, first.device) if geometry else {}
+    sizes = _record_sizes(op, model, layers, size, first.dtype, first.device) if geometry else None
     weights = _dist.gather([m.weight for _, m in layers])
     rows = []
     for (name, m), w in zip(layers, weights):
@@ -195,14 +180,14 @@ def spectrum(model: nn.Module, input_size: Sequence[int], *, A: float = SPECTRUM
             lo, hi = _gram.gershgorin_bounds(w, "auto")
             frame = _gram.frame_penalty(w, A, B)
         else:
-            if id(m) not in seen:
+            if not sizes.recorded(m):
                 raise ValueError(f"{op}: layer {name!r} was not called by the forward pass of zeros of shape "
                                  f"(1, {', '.join(map(str, size))}); spectrum reports the layers a forward "
                                  f"pass runs")
-            in_size, geo = seen[id(m)], geometry[name]
+            in_size, geo = sizes.input_size(op, name, m), geometry[name]
             if isinstance(m, _TRANSPOSED):
-                (in_size, op_size), extra = seen[id(m)], {"transposed": True}
-                extra["output_padding"] = _call_output_padding(op, name, m, in_size, op_size)
+                op_size = sizes.operator_size(op, name, m)
+                extra = {"transposed": True, "output_padding": _call_output_padding(op, name, m, sizes)}
             args = (geo["stride"], geo["padding"], geo["dilation"], geo["groups"], geo["padding_mode"])
             # a circular conv that repeats output rows has no bound for every size: its own size's
             any_size = geo["padding_mode"] == "zeros" or _no_repeated_rows(w, geo)
@@ -224,12 +209,11 @@ def spectrum(model: nn.Module, input_size: Sequence[int], *, A: float = SPECTRUM
                     B=float(B))
 
 
-def _call_output_padding(op: str, name: str, m: nn.Module, in_size, out_size) -> tuple[int, ...]:
-    """The output_padding a ConvTranspose's call used (``output_size=`` may choose it), from its input
-    and output sizes; ValueError unless < stride per dim (then its operator is exactly the adjoint
-    of a conv, docs/conv.md#transposed-convolutions)."""
-    least = conv_transpose_output_size(in_size, m.kernel_size, m.stride, m.padding, 0, m.dilation)
-    pad = tuple(o - n for o, n in zip(out_size, least))
+def _call_output_padding(op: str, name: str, m: nn.Module, sizes: _InputSizes) -> tuple[int, ...]:
+    """The output_padding a ConvTranspose's call used (``output_size=`` may choose it); ValueError
+    unless < stride per dim (then its operator is exactly the adjoint of a conv,
+    docs/conv.md#transposed-convolutions)."""
+    pad = sizes.output_padding(name, m)
     if any(p >= s for p, s in zip(pad, m.stride)):
         raise ValueError(f"{op}: layer {name!r} ({type(m).__name__}) ran with output_padding {pad}, not < its stride "
                          f"{tuple(m.stride)}: its operator is then not the adjoint of a conv; exclude it (run "
