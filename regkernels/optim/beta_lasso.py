@@ -246,6 +246,7 @@ def _sum_over_mesh(mesh, values: list[int]) -> list[int]:
         groups = [mesh.get_group(d) for d in range(mesh.ndim) if mesh.size(d) > 1]
     for group in groups:
         torch.distributed.all_reduce(total, group=group)
+        _dist._settled(group, total)
     return total.tolist()
 
 
