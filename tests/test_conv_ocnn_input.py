@@ -410,3 +410,26 @@ def test_regularizer_bad_side_and_padding():
         Regularizer(net, "ocnn", side="cols", padding=1)
     with pytest.raises(TypeError, match=r"Regularizer: kind='ocnn' takes padding and side only; got \['A', 'side'\]"):
         Regularizer(net, "ocnn", side="cols", A=1.0)
+
+
+def test_regularizer_stats_bounds_follow_side():
+    """stats() bounds the Gram on the penalty's side: WᵀW's (in·k² columns) for side="cols",
+    W Wᵀ's for the default; checked against an explicit float64 Gershgorin on each matrix."""
+    net = _Net().double()
+
+    def gershgorin(G):
+        d = G.diagonal()
+        r = G.abs().sum(1) - d.abs()
+        return float((d - r).min()), float((d + r).max())
+
+    for side in ("rows", "cols"):
+        stats = Regularizer(net, "ocnn", side=side).stats()
+        for name, m in net.named_modules():
+            if name not in stats:
+                continue
+            got = stats[name]
+            Ms = m.weight.detach().reshape(m.weight.shape[0], -1)
+            Ms = Ms.chunk(getattr(m, "groups", 1), dim=0)
+            bounds = [gershgorin(M.T @ M if side == "cols" else M @ M.T) for M in Ms]
+            assert got["gershgorin_lo"] == pytest.approx(min(b[0] for b in bounds), rel=1e-12, abs=1e-12), (side, name)
+            assert got["gershgorin_hi"] == pytest.approx(max(b[1] for b in bounds), rel=1e-12, abs=1e-12), (side, name)

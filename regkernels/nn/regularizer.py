@@ -538,8 +538,10 @@ class Regularizer:
                                                       transposed=geo["transposed"],
                                                       output_padding=geo["output_padding"], backend=self.backend)
             else:
-                matrix_side = side if self.kind in ("frame", "orthogonality") else "rows" \
-                    if self.kind in ("diversity", "mhe", "ocnn") else "auto"
+                # ocnn: its side (the output channels' rows, or side="cols" the input taps')
+                matrix_side = side if self.kind in ("frame", "orthogonality") else \
+                    ("cols" if side == "cols" else "rows") if self.kind == "ocnn" else \
+                    "rows" if self.kind in ("diversity", "mhe") else "auto"
                 lo, hi = _gram.gershgorin_bounds(M, matrix_side)
             if min(M.shape[-2:]) > 0:
                 # frame_bounds gives NaN for a non-finite matrix (LAPACK's svdvals would raise for
