@@ -153,30 +153,38 @@ def layout(w) -> _Layout | None:
 # gathering full weights (differentiable)
 # ----------------------------------------------------------------------------------------
 
-# How long ``_settled`` waits for a gloo worker thread to let go of a finished collective's
+# How long ``_collective`` waits for gloo's worker thread to let go of a finished collective's
 # tensors (it takes microseconds; the bound only keeps a wedged backend from hanging a call).
 SETTLE_S = 5.0
 
 
-def _settled(group, *tensors: torch.Tensor) -> None:
-    """Return once the backend holds none of ``tensors`` (a collective issued on them returned).
+def _gloo_runs(group, tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether gloo carries a collective on ``tensors`` in ``group`` ("gloo", or "cpu:gloo" of a
+    mixed backend such as "cpu:gloo,cuda:nccl" for CPU tensors)."""
+    import torch.distributed as dist
 
-    gloo's worker thread drops its reference to a finished collective's tensors a moment AFTER
-    the caller's ``wait()`` returns. When that drop is the last C++ reference of a tensor with a
-    Python object, the thread takes the GIL to release it; if the interpreter is already
-    finalizing (the collective was a script's last), the thread is killed inside a destructor
-    and the process aborts ("terminate called without an active exception", SIGABRT). Measured
-    on this module's all-to-all: about 1 exit in 8 crashed. Waiting until only our references
-    remain (``_use_count() == 1``) makes every exit clean; the wait is microseconds. NCCL's work
+    name = str(dist.get_backend(group))
+    return bool(tensors) and (name == "gloo" or f"{tensors[0].device.type}:gloo" in name.split(","))
+
+
+def _collective(group, call: Callable[[], object], *tensors: torch.Tensor) -> None:
+    """``call()``, a blocking collective on ``tensors``; returns once the backend holds none of them.
+
+    gloo's worker thread drops its references to a finished collective's tensors a moment AFTER
+    the caller's wait returns. When that is the last C++ reference of a tensor with a Python
+    object, the thread takes the GIL to release it; if the interpreter is already finalizing (the
+    collective was a script's last), the thread is killed inside a destructor and the process
+    aborts ("terminate called without an active exception", SIGABRT). Measured on ``svb_``'s
+    all-to-all: about 1 exit in 8 crashed. Waiting until each tensor's reference count is back
+    to what it was before the call makes every exit clean; the wait is microseconds. NCCL's work
     objects are released by its watchdog, on CUDA tensors, and are not waited for here."""
     import time
 
-    import torch.distributed as dist
-
-    if not tensors or dist.get_backend(group) != "gloo":
-        return
+    gloo = _gloo_runs(group, tensors)
+    before = [t._use_count() for t in tensors] if gloo else []
+    call()
     deadline = time.monotonic() + SETTLE_S
-    while any(t._use_count() > 1 for t in tensors) and time.monotonic() < deadline:
+    while any(t._use_count() > n for t, n in zip(tensors, before)) and time.monotonic() < deadline:
         time.sleep(0)  # releases the GIL, which the worker may need to drop its references
 
 
@@ -184,8 +192,8 @@ def _all_gather_single(out: torch.Tensor, buf: torch.Tensor, group) -> None:
     import torch.distributed as dist
 
     # all_gather_single is all_gather_into_tensor's newer name (the old one warns since torch 2.10)
-    (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, buf, group=group)
-    _settled(group, out, buf)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    _collective(group, lambda: gather(out, buf, group=group), out, buf)
 
 
 class _GatherBucket(torch.autograd.Function):
@@ -282,8 +290,7 @@ class _AllReduceBucket(torch.autograd.Function):
         import torch.distributed as dist
 
         flat = torch.cat([p.reshape(-1) for p in parts])
-        dist.all_reduce(flat, group=group)
-        _settled(group, flat)
+        _collective(group, lambda: dist.all_reduce(flat, group=group), flat)
         _count(flat.numel() * flat.element_size() * 2 * (world - 1) / world)
         return tuple(v.view_as(p) for v, p in zip(flat.split([p.numel() for p in parts]), parts))
 
@@ -393,8 +400,8 @@ def _exchange(group, send: list[list[torch.Tensor]], recv_numels: list[int], lik
     flat = [torch.cat([t.reshape(-1) for t in ts]) if ts else like.new_empty(0) for ts in send]
     inp = torch.cat(flat)
     out = like.new_empty(sum(recv_numels))
-    dist.all_to_all_single(out, inp, recv_numels, [f.numel() for f in flat], group=group)
-    _settled(group, out, inp)
+    _collective(group, lambda: dist.all_to_all_single(out, inp, recv_numels, [f.numel() for f in flat], group=group),
+                out, inp)
     _count((out.numel() - recv_numels[dist.get_rank(group)]) * out.element_size())
     return list(out.split(recv_numels))
 

@@ -161,24 +161,22 @@ def _ops_on(weights: dict) -> dict:
 
 def _held_after_collectives(n: int = 48) -> list[int]:
     """The most references to a collective's tensors right after each of ``n`` rounds of the
-    collectives regkernels issues, each followed by ``D._settled`` (inside ``_all_gather_single``).
+    collectives regkernels issues, each through ``D._collective`` (as ``_all_gather_single`` does).
     Without the wait gloo's worker still holds some of them (count 2 or more) in a few rounds per
-    hundred, and a process that exits then can abort (``D._settled``'s docstring)."""
+    hundred, and a process that exits then can abort (``D._collective``'s docstring)."""
     world = dist.get_world_size()
     held = []
     for i in range(n):
         inp = torch.full((1024 * world,), float(i))
         out = torch.empty_like(inp)
-        dist.all_to_all_single(out, inp)
-        D._settled(None, out, inp)
+        D._collective(None, lambda: dist.all_to_all_single(out, inp), out, inp)
         held.append(max(out._use_count(), inp._use_count()))
         buf = torch.full((1024,), float(i))
         full = buf.new_empty(1024 * world)
         D._all_gather_single(full, buf, None)
         held.append(max(full._use_count(), buf._use_count()))
         flat = torch.full((1024,), float(i))
-        dist.all_reduce(flat)
-        D._settled(None, flat)
+        D._collective(None, lambda: dist.all_reduce(flat), flat)
         held.append(flat._use_count())
     return held
 
@@ -528,3 +526,44 @@ def test_two_dim_mesh_weights_penalties_and_svb(ranks):
         assert got_n == n
         for a, b in zip(params, model.parameters()):
             assert torch.equal(a, b.detach())
+
+
+
+@pytest.mark.parametrize("backend, device, waits", [
+    ("gloo", "cpu", True), ("gloo", "meta", True), ("cpu:gloo,cuda:nccl", "cpu", True),
+    ("cpu:gloo,cuda:nccl", "meta", False), ("nccl", "meta", False), ("mpi", "cpu", False)])
+def test_collective_waits_only_where_gloo_carries_the_tensors(monkeypatch, backend, device, waits):
+    """The wait applies where gloo moves the tensors (a mixed backend's "cpu:gloo" for CPU
+    tensors); NCCL's work objects are released later by its watchdog and are not waited for."""
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: backend)
+    assert D._gloo_runs(None, [torch.zeros(2, device=device)]) is waits
+    assert D._gloo_runs(None, []) is False
+
+
+def test_collective_returns_after_the_late_release_and_ignores_older_references(monkeypatch):
+    """A stand-in worker keeps a reference to the tensor for 50 ms after the call returned:
+    ``_collective`` returns only after it is dropped; a reference the caller held before the call
+    (a view's) is not waited for."""
+    import threading
+    import time
+
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
+    x = torch.zeros(4)
+    view = x[1:]  # the caller's own reference, before the call: count 2
+    dropped = threading.Event()
+
+    def call():
+        held = [x[:2]]  # the "worker's" reference: count 3 until it drops it
+
+        def worker():
+            time.sleep(0.05)
+            held.clear()
+            dropped.set()
+
+        threading.Thread(target=worker).start()
+
+    start = time.monotonic()
+    D._collective(None, call, x)
+    assert dropped.is_set() and x._use_count() == 2
+    assert time.monotonic() - start < D.SETTLE_S / 2
+    del view

@@ -245,8 +245,7 @@ def _sum_over_mesh(mesh, values: list[int]) -> list[int]:
     else:
         groups = [mesh.get_group(d) for d in range(mesh.ndim) if mesh.size(d) > 1]
     for group in groups:
-        torch.distributed.all_reduce(total, group=group)
-        _dist._settled(group, total)
+        _dist._collective(group, lambda g=group: torch.distributed.all_reduce(total, group=g), total)
     return total.tolist()
 
 
