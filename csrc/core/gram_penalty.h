@@ -105,12 +105,23 @@ RK_HOST_DEVICE T mhe_angle_denergy(T a, int s) {
 // arithmetic since eps > 0); da/dc = −1/(π·sqrt((1 − c)(1 + c))) is infinite at ±1, as in the
 // reference (no clamp of the derivative). NaN passes through.
 template <typename T>
-RK_HOST_DEVICE PairTerm<T> mhe_angle_term(T c, int s, T eps) {
+struct Angle {
+  T t;   // arccos(c)/π
+  T da;  // d t/dc = −1/(π·sqrt((1 − c)(1 + c))), even in c
+};
+
+template <typename T>
+RK_HOST_DEVICE Angle<T> mhe_angle(T c) {
   const T pi = T(3.14159265358979323846);
   const T cc = c > T(1) ? T(1) : (c < T(-1) ? T(-1) : c);
-  const T a = std::acos(cc) / pi + eps;
-  const T da = T(-1) / (pi * std::sqrt((T(1) - cc) * (T(1) + cc)));
-  return {mhe_angle_energy(a, s), mhe_angle_denergy(a, s) * da};
+  return {std::acos(cc) / pi, T(-1) / (pi * std::sqrt((T(1) - cc) * (T(1) + cc)))};
+}
+
+template <typename T>
+RK_HOST_DEVICE PairTerm<T> mhe_angle_term(T c, int s, T eps) {
+  const Angle<T> g = mhe_angle(c);
+  const T a = g.t + eps;
+  return {mhe_angle_energy(a, s), mhe_angle_denergy(a, s) * g.da};
 }
 
 // Angular pair term of one unordered pair (i, j), as mhe_pair: plain e(a(c)); half=True the four
@@ -122,14 +133,11 @@ RK_HOST_DEVICE PairTerm<T> mhe_angle_term(T c, int s, T eps) {
 template <typename T>
 RK_HOST_DEVICE PairTerm<T> mhe_angle_pair(T c, int s, bool half, T eps) {
   if (!half) return mhe_angle_term(c, s, eps);
-  const T pi = T(3.14159265358979323846);
-  const T cc = c > T(1) ? T(1) : (c < T(-1) ? T(-1) : c);
-  const T t = std::acos(cc) / pi;
-  const T ap = t + eps, am = (T(1) - t) + eps;  // a(c), a(−c)
-  const T da = T(-1) / (pi * std::sqrt((T(1) - cc) * (T(1) + cc)));
-  // d a(−c)/dc = −da: T'(c) = 2·(e'(a(c))·da − e'(a(−c))·da)
+  const Angle<T> g = mhe_angle(c);
+  const T ap = g.t + eps, am = (T(1) - g.t) + eps;  // a(c), a(−c)
+  // d a(−c)/dc = −da: T'(c) = 2·(e'(a(c)) − e'(a(−c)))·da
   return {T(2) * (mhe_angle_energy(ap, s) + mhe_angle_energy(am, s)),
-          T(2) * (mhe_angle_denergy(ap, s) - mhe_angle_denergy(am, s)) * da};
+          T(2) * (mhe_angle_denergy(ap, s) - mhe_angle_denergy(am, s)) * g.da};
 }
 
 // The antipodal pair (w, −w) of half=True from sq = ‖w‖² (value and d/d sq): 1 + cos = eps/ν²

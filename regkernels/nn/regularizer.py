@@ -525,6 +525,9 @@ class Regularizer:
         sizes = self._operator_sizes() if operator else None
         out = {}
         side = self.kw.get("side", "auto")
+        # the Gram side of the non-operator kinds; ocnn's is rows unless side="cols" (the input taps')
+        matrix_side = side if self.kind in ("frame", "orthogonality") or (self.kind, side) == ("ocnn", "cols") \
+            else "rows" if self.kind in ("diversity", "mhe", "ocnn") else "auto"
         # sharded weights: gathered once, bucketed (docs/distributed.md)
         weights = _dist.gather([m.weight for _, m in self.layers])
         for (name, m), g, w in zip(self.layers, self._groups(), weights):
@@ -538,10 +541,6 @@ class Regularizer:
                                                       transposed=geo["transposed"],
                                                       output_padding=geo["output_padding"], backend=self.backend)
             else:
-                # ocnn: its side (the output channels' rows, or side="cols" the input taps')
-                matrix_side = side if self.kind in ("frame", "orthogonality") else \
-                    ("cols" if side == "cols" else "rows") if self.kind == "ocnn" else \
-                    "rows" if self.kind in ("diversity", "mhe") else "auto"
                 lo, hi = _gram.gershgorin_bounds(M, matrix_side)
             if min(M.shape[-2:]) > 0:
                 # frame_bounds gives NaN for a non-finite matrix (LAPACK's svdvals would raise for
